@@ -1,0 +1,323 @@
+//! The server config (`config/toolgate.yaml`, a platform team's file): raw serde types, validated
+//! into [`ServerConfig`] at load. Unknown keys are errors; every value has a default.
+//!
+//! Relative paths (policies, audit file) are taken from the working directory, as the contract's
+//! defaults (`config/toolgate.yaml` next to `policies/`) assume.
+
+pub mod error;
+pub mod yaml;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use error::{ConfigError, Problem, Problems};
+use yaml::{Document, KeyPath};
+
+/// The deepest JSON nesting a config may allow: serde_json refuses deeper input on its own.
+const MAX_JSON_DEPTH_CEILING: usize = 128;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerConfigRaw {
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    #[serde(default)]
+    admin: AdminConfig,
+    #[serde(default = "default_policies")]
+    policies: PathBuf,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default = "default_state")]
+    state: String,
+    #[serde(default)]
+    audit: AuditConfig,
+    #[serde(default)]
+    aws: Option<AwsConfig>,
+}
+
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:8080".parse().unwrap()
+}
+fn default_policies() -> PathBuf {
+    PathBuf::from("policies/")
+}
+fn default_state() -> String {
+    "memory".to_owned()
+}
+
+/// The admin plane: health, metrics, reload. Never served on the data-plane port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where the admin plane listens (default `127.0.0.1:9090`).
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// Environment variable holding the bearer token for `/admin/*` (default `TOOLGATE_ADMIN_TOKEN`).
+    #[serde(default = "default_token_env")]
+    pub token_env: String,
+    /// Alternatively, a file holding the token (first line). The environment variable wins.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    "127.0.0.1:9090".parse().unwrap()
+}
+fn default_token_env() -> String {
+    "TOOLGATE_ADMIN_TOKEN".to_owned()
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            token_env: default_token_env(),
+            token_file: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The admin token, if one is configured. `None` means every `/admin/*` call is refused.
+    pub fn token(&self) -> Option<String> {
+        if let Ok(t) = std::env::var(&self.token_env) {
+            let t = t.trim().to_owned();
+            if !t.is_empty() {
+                return Some(t);
+            }
+        }
+        let file = self.token_file.as_ref()?;
+        let text = std::fs::read_to_string(file).ok()?;
+        let t = text.lines().next()?.trim().to_owned();
+        (!t.is_empty()).then_some(t)
+    }
+}
+
+/// Bounds on everything a caller or a tool can send.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body accepted (default 1 MiB); larger gets 413 `payload_too_large`.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Deepest JSON nesting accepted in arguments (default 64, at most 128).
+    #[serde(default = "default_max_depth")]
+    pub max_json_depth: usize,
+    /// Default upstream timeout; a tool's own `timeout_ms` overrides it (default 10 000).
+    #[serde(default = "default_upstream_timeout")]
+    pub upstream_timeout_ms: u64,
+    /// Largest tool response relayed (default 8 MiB); larger gets 502 `upstream_error`.
+    #[serde(default = "default_max_response")]
+    pub max_response_bytes: usize,
+    /// Time allowed to receive a request's headers and body (default 10 000).
+    #[serde(default = "default_request_read_timeout")]
+    pub request_read_timeout_ms: u64,
+    /// Calls in flight at once; more get 503 `unavailable` at once rather than queueing (default 4096).
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent_requests: usize,
+}
+
+fn default_max_body() -> usize {
+    1024 * 1024
+}
+fn default_max_depth() -> usize {
+    64
+}
+fn default_upstream_timeout() -> u64 {
+    10_000
+}
+fn default_max_response() -> usize {
+    8 * 1024 * 1024
+}
+fn default_request_read_timeout() -> u64 {
+    10_000
+}
+fn default_max_concurrent() -> usize {
+    4096
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: default_max_body(),
+            max_json_depth: default_max_depth(),
+            upstream_timeout_ms: default_upstream_timeout(),
+            max_response_bytes: default_max_response(),
+            request_read_timeout_ms: default_request_read_timeout(),
+            max_concurrent_requests: default_max_concurrent(),
+        }
+    }
+}
+
+/// Where audit events go. The file is the durable record; stdout is a convenience copy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Also print every event to stdout (default false).
+    #[serde(default)]
+    pub stdout: bool,
+    /// Append-only JSON-lines file (default `var/audit.jsonl`); written before each response.
+    #[serde(default = "default_audit_file")]
+    pub file: Option<PathBuf>,
+    /// What an event records of the arguments: `redacted` (default: the forwarded arguments with
+    /// every built-in PII/secret detector applied) or `shape` (keys and value types only).
+    #[serde(default)]
+    pub arguments: AuditArguments,
+    /// Reserved for the CloudWatch Logs sink; refused until that sink is built, so a config
+    /// never believes it ships events it does not.
+    #[serde(default)]
+    pub cloudwatch: Option<serde_json::Value>,
+}
+
+fn default_audit_file() -> Option<PathBuf> {
+    Some(PathBuf::from("var/audit.jsonl"))
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            stdout: false,
+            file: default_audit_file(),
+            arguments: AuditArguments::default(),
+            cloudwatch: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditArguments {
+    #[default]
+    Redacted,
+    Shape,
+}
+
+/// AWS settings; endpoints come from the standard AWS environment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    pub region: Option<String>,
+}
+
+/// Where shared state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateBackend {
+    Memory,
+}
+
+/// The validated server config.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin: AdminConfig,
+    pub policies: PathBuf,
+    pub limits: Limits,
+    pub state: StateBackend,
+    pub audit: AuditConfig,
+    pub aws: Option<AwsConfig>,
+}
+
+impl ServerConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::file(&file, format!("cannot read the config file: {e}")))?;
+        Self::parse(&file, &text)
+    }
+
+    /// Validates config text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let doc = Document::parse(file, text)?;
+        let root = KeyPath::root();
+        let raw: ServerConfigRaw = doc.decode(&root, &doc.value).map_err(ConfigError::one)?;
+        let mut problems = Problems::default();
+        let l = &raw.limits;
+        let limits = root.key("limits");
+        if l.max_json_depth == 0 || l.max_json_depth > MAX_JSON_DEPTH_CEILING {
+            problems.push(doc.problem(
+                &limits.key("max_json_depth"),
+                format!("must be between 1 and {MAX_JSON_DEPTH_CEILING}"),
+            ));
+        }
+        for (key, value) in [
+            ("max_body_bytes", l.max_body_bytes as u64),
+            ("upstream_timeout_ms", l.upstream_timeout_ms),
+            ("max_response_bytes", l.max_response_bytes as u64),
+            ("request_read_timeout_ms", l.request_read_timeout_ms),
+            ("max_concurrent_requests", l.max_concurrent_requests as u64),
+        ] {
+            if value == 0 {
+                problems.push(doc.problem(&limits.key(key), "must be greater than 0"));
+            }
+        }
+        let state = match raw.state.as_str() {
+            "memory" => StateBackend::Memory,
+            s if s.starts_with("redis://") => {
+                problems.push(doc.problem(
+                    &root.key("state"),
+                    "the redis state backend is not available in this build; use `memory`",
+                ));
+                StateBackend::Memory
+            }
+            _ => {
+                problems.push(doc.problem(&root.key("state"), "must be `memory` or `redis://HOST:PORT`"));
+                StateBackend::Memory
+            }
+        };
+        if raw.audit.cloudwatch.is_some() {
+            problems.push(doc.problem(
+                &root.key("audit").key("cloudwatch"),
+                "the CloudWatch audit sink is not available in this build; remove it or use `file`",
+            ));
+        }
+        if raw.listen == raw.admin.listen {
+            problems.push(doc.problem(
+                &root.key("admin").key("listen"),
+                "the admin plane must not share the data plane's address",
+            ));
+        }
+        if raw.admin.token_env.is_empty() {
+            problems.push(doc.problem(&root.key("admin").key("token_env"), "must name an environment variable"));
+        }
+        problems.finish(ServerConfig {
+            listen: raw.listen,
+            admin: raw.admin,
+            policies: raw.policies,
+            limits: raw.limits,
+            state,
+            audit: raw.audit,
+            aws: raw.aws,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_takes_every_default() {
+        let c = ServerConfig::parse("c.yaml", "").unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.limits.max_body_bytes, 1024 * 1024);
+        assert_eq!(c.audit.file.as_deref(), Some(Path::new("var/audit.jsonl")));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_location() {
+        let err = ServerConfig::parse("c.yaml", "listen: 127.0.0.1:1\nlimitz: {}\n").unwrap_err();
+        assert_eq!(err.to_string().lines().count(), 1);
+        assert!(err.to_string().starts_with("c.yaml:2:1: limitz: unknown field `limitz`"), "{err}");
+    }
+
+    #[test]
+    fn reports_every_semantic_problem_at_once() {
+        let text = "limits: { max_json_depth: 500, max_body_bytes: 0 }\nstate: redis://x:1\n";
+        let err = ServerConfig::parse("c.yaml", text).unwrap_err();
+        assert_eq!(err.problems.len(), 3, "{err}");
+    }
+}

@@ -1,0 +1,181 @@
+//! `toolgate demo`: the bundled config and policies, real demo tools on loopback, a scripted set
+//! of calls printed as a table of decisions, then the gateway keeps serving for `curl`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::Path;
+use axum::routing::{delete, get, post};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+
+use crate::audit::AuditLog;
+use crate::config::{ConfigError, ServerConfig};
+use crate::gateway::Gateway;
+use crate::policy::Policy;
+use crate::server::{self, Running};
+
+/// The bundled files, embedded so the demo runs from any directory.
+const CONFIG: &str = include_str!("../config/toolgate.yaml");
+const POLICIES: [(&str, &str); 3] = [
+    ("policies/agents.yaml", include_str!("../policies/agents.yaml")),
+    ("policies/filters.yaml", include_str!("../policies/filters.yaml")),
+    ("policies/tools.yaml", include_str!("../policies/tools.yaml")),
+];
+/// Where the bundled policies expect the demo tools.
+const TOOLS_ADDR: &str = "127.0.0.1:9001";
+pub const SUPPORT_KEY: &str = "demo-support-key";
+pub const ANALYST_KEY: &str = "demo-analyst-key";
+pub const ADMIN_TOKEN: &str = "demo-admin-token";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("the bundled policy does not load:\n{0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source} (is another demo running? pick other ports with --listen, --admin-listen and --tools-listen)")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+/// Where the demo listens.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub tools_listen: SocketAddr,
+    pub audit_file: PathBuf,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            admin_listen: None,
+            tools_listen: TOOLS_ADDR.parse().unwrap(),
+            audit_file: PathBuf::from("var/demo-audit.jsonl"),
+        }
+    }
+}
+
+/// The demo tools: small JSON services that answer like real ones.
+pub fn tools_router() -> Router {
+    Router::new()
+        .route(
+            "/tickets/{id}",
+            get(|Path(id): Path<String>| async move {
+                Json(json!({"id": id, "subject": "Cannot log in", "status": "open",
+                    "customer": {"name": "Ada Lovelace", "email": "ada@example.com", "phone": "+14155550123"}}))
+            }),
+        )
+        .route(
+            "/tickets/{id}/replies",
+            post(|Path(id): Path<String>, Json(body): Json<Value>| async move {
+                Json(json!({"ticket_id": id, "posted": true, "received": body}))
+            }),
+        )
+        .route(
+            "/kb/search",
+            post(|Json(body): Json<Value>| async move {
+                Json(json!({"query": body["query"], "results": [
+                    {"title": "Resetting a password", "url": "https://kb.example/reset"},
+                    {"title": "Two-factor login problems", "url": "https://kb.example/2fa"}]}))
+            }),
+        )
+        .route(
+            "/refunds/{order_id}",
+            post(|Path(order): Path<String>, Json(body): Json<Value>| async move {
+                Json(json!({"order_id": order, "refunded": body["amount"], "status": "refunded"}))
+            }),
+        )
+        .route("/accounts/{id}", delete(|| async { Json(json!({"deleted": true})) }))
+}
+
+/// Starts demo tools and the gateway on the bundled config, plays the script, prints the table.
+pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
+    let tools = tokio::net::TcpListener::bind(opts.tools_listen)
+        .await
+        .map_err(|source| DemoError::Bind { addr: opts.tools_listen, source })?;
+    let tools_addr = tools.local_addr().map_err(|source| DemoError::Bind { addr: opts.tools_listen, source })?;
+    tokio::spawn(async move {
+        let _ = axum::serve(tools, tools_router()).await;
+    });
+
+    let mut config = ServerConfig::parse("config/toolgate.yaml (bundled)", CONFIG)?;
+    if let Some(a) = opts.listen {
+        config.listen = a;
+    }
+    if let Some(a) = opts.admin_listen {
+        config.admin.listen = a;
+    }
+    config.audit.file = Some(opts.audit_file.clone());
+    let sources: Vec<(String, String)> = POLICIES
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.replace(&format!("http://{TOOLS_ADDR}"), &format!("http://{tools_addr}"))))
+        .collect();
+    let policy = Policy::compile(&sources, |p| std::fs::read_to_string(p))?;
+    let audit = AuditLog::open(&config.audit)?;
+    let gateway = Arc::new(Gateway::new(config.clone(), policy, None, audit).with_admin_token(ADMIN_TOKEN));
+    let running = server::start(gateway).await.map_err(|source| DemoError::Bind { addr: config.listen, source })?;
+
+    let base = format!("http://{}", running.data_addr);
+    println!("toolgate demo: gateway on {base}, admin on http://{}, demo tools on http://{tools_addr}", running.admin_addr);
+    println!("audit events: {}\n", opts.audit_file.display());
+    let script: Vec<(&str, Option<&str>, &str, Value)> = vec![
+        ("read a ticket (tool output PII redacted)", Some(SUPPORT_KEY), "tickets.read", json!({"ticket_id": "T-1001"})),
+        ("search the knowledge base", Some(SUPPORT_KEY), "kb.search", json!({"query": "reset password", "limit": 2})),
+        ("reply with a customer email (redacted)", Some(SUPPORT_KEY), "tickets.reply", json!({"ticket_id": "T-1001", "body": "We wrote to ada@example.com"})),
+        ("refund a small order", Some(SUPPORT_KEY), "billing.refund", json!({"order_id": "O-17", "amount": 20})),
+        ("tool not on the allowlist", Some(SUPPORT_KEY), "billing.delete_account", json!({"account_id": "A-1"})),
+        ("tool that does not exist", Some(SUPPORT_KEY), "admin.shell", json!({"cmd": "id"})),
+        ("another agent, narrower allowlist", Some(ANALYST_KEY), "tickets.read", json!({"ticket_id": "T-1001"})),
+        ("arguments that break the schema", Some(SUPPORT_KEY), "billing.refund", json!({"order_id": "17; DROP", "amount": -5})),
+        ("blocked content (internal term)", Some(SUPPORT_KEY), "kb.search", json!({"query": "status of Ｐroject\u{200B} FALCON"})),
+        ("no credentials", None, "kb.search", json!({"query": "hello"})),
+    ];
+    println!("{:<2}  {:<40}  {:<11}  {:<22}  {:<6}  {:<26}  detail", "#", "call", "agent", "tool", "status", "decision / code");
+    println!("{}", "-".repeat(150));
+    for (i, (what, key, tool, args)) in script.iter().enumerate() {
+        let (status, decision, body) = post_json(&base, tool, *key, args).await;
+        let agent = match *key {
+            Some(SUPPORT_KEY) => "support-bot",
+            Some(_) => "analyst-bot",
+            None => "(none)",
+        };
+        let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let (code, detail) = match parsed.get("error") {
+            Some(e) => (e["code"].as_str().unwrap_or("").to_owned(), e["message"].as_str().unwrap_or("").to_owned()),
+            None => (String::new(), String::from_utf8_lossy(&body).chars().take(60).collect()),
+        };
+        let verdict = if code.is_empty() { decision.clone() } else { format!("{decision} / {code}") };
+        println!("{:<2}  {:<40}  {:<11}  {:<22}  {:<6}  {:<26}  {}", i + 1, what, agent, tool, status, verdict, detail);
+    }
+    println!(
+        "\nTry it yourself:\n  curl -s -X POST {base}/v1/tools/kb.search -H 'Authorization: Bearer {SUPPORT_KEY}' -d '{{\"query\":\"2fa\"}}'\n  curl -s http://{admin}/admin/policy -H 'Authorization: Bearer {ADMIN_TOKEN}'\n  curl -s http://{admin}/metrics | grep toolgate_calls_total\n\nServing until Ctrl-C.",
+        admin = running.admin_addr
+    );
+    Ok(running)
+}
+
+/// One call over real HTTP: (status, x-toolgate-decision, body).
+pub async fn post_json(base: &str, tool: &str, key: Option<&str>, args: &Value) -> (u16, String, Bytes) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut req = http::Request::post(format!("{base}/v1/tools/{tool}")).header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let req = req.body(Full::new(Bytes::from(args.to_string()))).expect("valid request");
+    match client.request(req).await {
+        Ok(res) => {
+            let status = res.status().as_u16();
+            let decision = res.headers().get("x-toolgate-decision").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let body = res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            (status, decision, body)
+        }
+        Err(e) => (0, "error".to_owned(), Bytes::from(e.to_string())),
+    }
+}

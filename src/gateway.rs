@@ -1,0 +1,380 @@
+//! The gateway: one tool call from credential to audited response, independent of the transport.
+//! The HTTP handler (and later MCP) builds a [`CallRequest`] and sends back the [`CallResponse`].
+//!
+//! `call` always audits (pingora's logging phase): `process` decides and forwards using `?`
+//! freely, and whatever it returns — allow, deny or failure — becomes exactly one event, written
+//! before the response exists. If the event cannot be written the caller gets `unavailable`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::HeaderValue;
+use serde_json::{Value, json};
+
+use crate::audit::{AuditLog, PolicyEvent, ToolCallEvent, UpstreamInfo};
+use crate::config::{AuditArguments, ConfigError, ServerConfig};
+use crate::policy::content::Filter;
+use crate::policy::{Code, Decision, ParseLimits, Policy, Reason, Stage, ToolCall, arguments};
+use crate::upstream::{Inbound, Outbound, Upstream, UpstreamError};
+
+/// A tool call as received, before anything is checked.
+#[derive(Debug)]
+pub struct CallRequest<'a> {
+    pub request_id: &'a str,
+    pub authorization: Option<&'a str>,
+    pub tool: &'a str,
+    /// The body, or why the transport could not read it (too large, too slow).
+    pub body: Result<Bytes, Reason>,
+    pub session: Option<&'a str>,
+    pub traceparent: Option<&'a HeaderValue>,
+    pub tracestate: Option<&'a HeaderValue>,
+}
+
+/// What to send back.
+#[derive(Debug)]
+pub struct CallResponse {
+    pub status: u16,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+    pub decision: &'static str,
+}
+
+/// An error body, as every block answers: `{"error": {code, message, request_id, rule}}`.
+pub fn error_body(reason: &Reason, request_id: &str) -> Bytes {
+    let mut error = json!({
+        "code": reason.code.as_str(),
+        "message": reason.message,
+        "request_id": request_id,
+    });
+    if !reason.rule.is_empty() {
+        error["rule"] = Value::from(reason.rule.as_str());
+    }
+    Bytes::from(serde_json::to_vec(&json!({ "error": error })).expect("JSON serialises"))
+}
+
+/// What `process` learned, for the audit event, whatever the outcome.
+#[derive(Default)]
+struct Record {
+    agent: Option<Arc<str>>,
+    known_tool: bool,
+    arguments: Option<Value>,
+    arguments_sha256: String,
+    notes: Vec<Reason>,
+    upstream: Option<UpstreamInfo>,
+    decided_at: Option<Instant>,
+}
+
+/// Shared state of a running gateway.
+pub struct Gateway {
+    policy: ArcSwap<Policy>,
+    policy_dir: Option<PathBuf>,
+    pub config: ServerConfig,
+    pub audit: AuditLog,
+    upstream: Upstream,
+    audit_redactor: Filter,
+    reload_lock: tokio::sync::Mutex<()>,
+    /// Set by the demo only; `serve` reads the token from the environment or a file.
+    admin_token: Option<String>,
+}
+
+impl Gateway {
+    pub fn new(config: ServerConfig, policy: Policy, policy_dir: Option<PathBuf>, audit: AuditLog) -> Self {
+        Self {
+            policy: ArcSwap::from_pointee(policy),
+            policy_dir,
+            config,
+            audit,
+            upstream: Upstream::new(),
+            audit_redactor: Filter::audit_redactor(),
+            reload_lock: tokio::sync::Mutex::new(()),
+            admin_token: None,
+        }
+    }
+
+    /// Uses a fixed admin token (the demo's), instead of the configured source.
+    pub fn with_admin_token(mut self, token: &str) -> Self {
+        self.admin_token = Some(token.to_owned());
+        self
+    }
+
+    /// The admin token in force, if any.
+    pub fn admin_token(&self) -> Option<String> {
+        self.admin_token.clone().or_else(|| self.config.admin.token())
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    pub fn parse_limits(&self) -> ParseLimits {
+        ParseLimits {
+            max_json_depth: self.config.limits.max_json_depth,
+        }
+    }
+
+    /// A cheap summary of the policy directory (names, sizes, modification times): the watcher
+    /// reloads when it changes.
+    pub fn policy_fingerprint(&self) -> Vec<(std::ffi::OsString, u64, Option<std::time::SystemTime>)> {
+        let Some(dir) = &self.policy_dir else { return Vec::new() };
+        let mut out: Vec<_> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                Some((e.file_name(), m.len(), m.modified().ok()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Reloads policies from disk. On failure the last good policy stays in force; either way
+    /// the outcome is audited.
+    pub async fn reload(&self, trigger: &str) -> Result<String, ConfigError> {
+        let _guard = self.reload_lock.lock().await;
+        let Some(dir) = self.policy_dir.clone() else {
+            return Ok(self.policy().version.clone());
+        };
+        let loaded = tokio::task::spawn_blocking(move || Policy::load(&dir))
+            .await
+            .expect("policy loading does not panic");
+        let previous = self.policy();
+        match loaded {
+            Ok(policy) => {
+                let version = policy.version.clone();
+                let changed = version != previous.version;
+                if changed {
+                    self.policy.store(Arc::new(policy));
+                    tracing::info!(version = %version, previous = %previous.version, trigger, "policy reloaded");
+                    metrics::counter!("toolgate_policy_reloads_total", "result" => "ok").increment(1);
+                    let _ = self.audit.emit(&PolicyEvent {
+                        ts: crate::audit::now(),
+                        event: "policy_reloaded",
+                        policy_version: &version,
+                        previous_version: Some(&previous.version),
+                        errors: &[],
+                        trigger,
+                    });
+                }
+                Ok(version)
+            }
+            Err(err) => {
+                let errors: Vec<String> = err.problems.iter().map(ToString::to_string).collect();
+                tracing::error!(kept = %previous.version, trigger, "policy reload failed, keeping the last good policy:\n{err}");
+                metrics::counter!("toolgate_policy_reloads_total", "result" => "error").increment(1);
+                let _ = self.audit.emit(&PolicyEvent {
+                    ts: crate::audit::now(),
+                    event: "policy_reload_failed",
+                    policy_version: &previous.version,
+                    previous_version: None,
+                    errors: &errors,
+                    trigger,
+                });
+                Err(err)
+            }
+        }
+    }
+
+    /// Handles one call end to end. Never fails: every outcome is a response and an event.
+    pub async fn call(&self, req: CallRequest<'_>) -> CallResponse {
+        let started = Instant::now();
+        let policy = self.policy();
+        let mut rec = Record::default();
+        let result = self.process(&policy, &req, &mut rec).await;
+
+        let (status, content_type, body, decision, reasons) = match result {
+            Ok((inbound, body)) => (inbound.status, inbound.content_type, body, Decision::Allow, rec.notes.clone()),
+            Err(reason) => {
+                let body = error_body(&reason, req.request_id);
+                let mut reasons = rec.notes.clone();
+                reasons.push(reason.clone());
+                let ct = Some(HeaderValue::from_static("application/json"));
+                (reason.code.http_status(), ct, body, Decision::Deny(reason), reasons)
+            }
+        };
+        let code = match &decision {
+            Decision::Deny(r) => Some(r.code),
+            Decision::Allow => None,
+        };
+        // Failures after an allow (upstream down) keep the decision `allow`: the policy admitted
+        // the call; the code says what went wrong.
+        let decision_str = match (&decision, rec.upstream.is_some(), code) {
+            (Decision::Deny(_), true, Some(Code::UpstreamError | Code::UpstreamTimeout)) => "allow",
+            (d, _, _) => d.as_str(),
+        };
+        let event = ToolCallEvent {
+            ts: crate::audit::now(),
+            event: "tool_call",
+            request_id: req.request_id,
+            session: req.session.filter(|s| is_valid_session(s)),
+            agent: rec.agent.as_deref(),
+            tool: Some(truncate(req.tool, 256)),
+            decision: decision_str,
+            code: code.map(Code::as_str),
+            reasons: &reasons,
+            arguments: rec.arguments.take(),
+            arguments_sha256: &rec.arguments_sha256,
+            upstream: rec.upstream.clone(),
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            policy_version: &policy.version,
+        };
+        if let Err(e) = self.audit.emit(&event) {
+            tracing::error!(request_id = req.request_id, "audit write failed, refusing the call: {e}");
+            let reason = Reason::new(Code::Unavailable, Stage::Audit, "audit", "The call could not be recorded in the audit log, so it was refused. Try again later.");
+            return CallResponse {
+                status: 503,
+                content_type: Some(HeaderValue::from_static("application/json")),
+                body: error_body(&reason, req.request_id),
+                decision: "deny",
+            };
+        }
+
+        let agent_label = rec.agent.as_deref().unwrap_or("(unauthenticated)").to_owned();
+        let tool_label = if rec.known_tool { req.tool.to_owned() } else { "(unknown)".to_owned() };
+        metrics::counter!("toolgate_calls_total",
+            "agent" => agent_label, "tool" => tool_label, "decision" => decision_str, "code" => code.map_or("ok", Code::as_str))
+        .increment(1);
+        if let Some(at) = rec.decided_at {
+            metrics::histogram!("toolgate_decision_duration_seconds").record(at.duration_since(started).as_secs_f64());
+        }
+        CallResponse {
+            status,
+            content_type,
+            body,
+            decision: decision_str,
+        }
+    }
+
+    async fn process(&self, policy: &Policy, req: &CallRequest<'_>, rec: &mut Record) -> Result<(Inbound, Bytes), Reason> {
+        if let Ok(body) = &req.body {
+            rec.arguments_sha256 = arguments::sha256_hex(body);
+        }
+        let agent = policy.auth.authenticate(req.authorization)?;
+        rec.agent = Some(agent.clone());
+        if req.session.is_some_and(|s| !is_valid_session(s)) {
+            return Err(Reason::new(Code::InvalidRequest, Stage::Request, "session",
+                "X-Toolgate-Session must be 1 to 128 characters: letters, digits, `-`, `_`, `.`, `:`."));
+        }
+        if !self.audit.is_healthy() {
+            // The last write failed: refuse before forwarding anything that might go unrecorded.
+            // This call's own event is the probe that heals the sink.
+            return Err(Reason::new(Code::Unavailable, Stage::Audit, "audit", "The audit log is unavailable, so calls are refused. Try again later."));
+        }
+        let body = req.body.clone()?;
+        let call = ToolCall {
+            agent: &agent,
+            tool: req.tool,
+            body: &body,
+        };
+        let eval = policy.evaluate(&call, self.parse_limits());
+        rec.decided_at = Some(Instant::now());
+        rec.known_tool = eval.tool.is_some();
+        rec.arguments_sha256 = eval.arguments_sha256;
+        rec.notes = eval.notes;
+        let mut audit_args = eval.arguments.clone();
+        if let (Some(args), AuditArguments::Redacted) = (&mut audit_args, self.config.audit.arguments) {
+            crate::policy::content::apply(&[&self.audit_redactor], args);
+        }
+        rec.arguments = match self.config.audit.arguments {
+            AuditArguments::Shape => eval.arguments.as_ref().map(arguments::shape),
+            AuditArguments::Redacted => audit_args,
+        };
+        if let Decision::Deny(reason) = eval.decision {
+            return Err(reason);
+        }
+        let tool = eval.tool.expect("an allowed call has a tool");
+        let url = eval.url.as_deref().expect("an allowed call has a URL");
+        let args = eval.arguments.as_ref().and_then(Value::as_object).expect("allowed arguments are an object");
+
+        let timeout = tool.timeout.unwrap_or(Duration::from_millis(self.config.limits.upstream_timeout_ms));
+        let out = Outbound {
+            method: tool.method,
+            url,
+            arguments: args,
+            request_id: req.request_id,
+            agent: &agent,
+            traceparent: req.traceparent,
+            tracestate: req.tracestate,
+            timeout,
+            max_response_bytes: self.config.limits.max_response_bytes,
+        };
+        let started = Instant::now();
+        let result = self.upstream.forward(&out).await;
+        let elapsed = started.elapsed();
+        metrics::histogram!("toolgate_upstream_duration_seconds", "tool" => tool.name.clone()).record(elapsed.as_secs_f64());
+        rec.upstream = Some(UpstreamInfo {
+            status: result.as_ref().ok().map(|r| r.status),
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            role_arn: None,
+        });
+        let inbound = result.map_err(|e| {
+            tracing::warn!(request_id = req.request_id, tool = %tool.name, "upstream failed: {e}");
+            match e {
+                UpstreamError::Timeout(d) => Reason::new(Code::UpstreamTimeout, Stage::Upstream, "upstream",
+                    format!("The tool '{}' did not answer within {} ms. The call may or may not have taken effect; it was not retried.", tool.name, d.as_millis())),
+                UpstreamError::Unreachable(_) => Reason::new(Code::UpstreamError, Stage::Upstream, "upstream",
+                    format!("The tool '{}' could not be reached.", tool.name)),
+                UpstreamError::TooLarge(n) => Reason::new(Code::UpstreamError, Stage::Upstream, "upstream",
+                    format!("The tool '{}' answered with more than {n} bytes.", tool.name)),
+                UpstreamError::Protocol(_) => Reason::new(Code::UpstreamError, Stage::Upstream, "upstream",
+                    format!("The tool '{}' sent a malformed response.", tool.name)),
+            }
+        })?;
+        let body = self.filter_output(policy, tool, &inbound, rec)?;
+        Ok((inbound, body))
+    }
+
+    /// Output filters over the response: JSON at any depth, text line by line. A response the
+    /// filters cannot read is blocked, never passed through unseen.
+    fn filter_output(&self, policy: &Policy, tool: &crate::policy::tool::Tool, inbound: &Inbound, rec: &mut Record) -> Result<Bytes, Reason> {
+        if !policy.has_output_filters(tool) {
+            return Ok(inbound.body.clone());
+        }
+        let unreadable = || Reason::new(Code::ContentBlocked, Stage::Output, "output",
+            format!("The response of tool '{}' could not be read by its output filters, so it was withheld.", tool.name));
+        let is_json = inbound.content_type.as_ref().and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.contains("json"));
+        let (mut value, as_text) = if is_json {
+            let v = arguments::parse_value(&inbound.body, self.config.limits.max_json_depth).map_err(|_| unreadable())?;
+            (v, false)
+        } else {
+            let text = std::str::from_utf8(&inbound.body).map_err(|_| unreadable())?;
+            (Value::Array(text.split('\n').map(Value::from).collect()), true)
+        };
+        let outcome = policy.filter_output(tool, &mut value);
+        for (filter, kind) in &outcome.redacted {
+            rec.notes.push(Reason::new(Code::ContentBlocked, Stage::Output, filter.as_str(), format!("Redacted {kind} in the response (filter '{filter}').")));
+        }
+        if let Some((filter, kind)) = outcome.blocked {
+            return Err(Reason::new(Code::ContentBlocked, Stage::Output, filter.clone(),
+                format!("The response of tool '{}' was blocked by content filter '{filter}' ({kind}).", tool.name)));
+        }
+        if outcome.redacted.is_empty() {
+            return Ok(inbound.body.clone());
+        }
+        if as_text {
+            let lines: Vec<&str> = value.as_array().expect("text is split into lines").iter().filter_map(Value::as_str).collect();
+            return Ok(Bytes::from(lines.join("\n")));
+        }
+        Ok(Bytes::from(serde_json::to_vec(&value).expect("JSON serialises")))
+    }
+}
+
+fn is_valid_session(s: &str) -> bool {
+    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

@@ -1,0 +1,21 @@
+//! toolgate: a reverse proxy between AI agents and their tools.
+//!
+//! A call's path through the proxy, and the module that owns each step:
+//!
+//! 1. `server`    — accept on the data plane; request id, body and concurrency limits.
+//! 2. `gateway`   — authenticate the agent (`policy::identity`), then evaluate the call.
+//! 3. `policy`    — pure decision pipeline: allowlist → arguments (JSON Schema) → content filters.
+//! 4. `upstream`  — forward an allowed call: URL template, method, timeout, bounded response.
+//! 5. `policy`    — output filters over the tool's response.
+//! 6. `audit`     — one event per decision, written before the response is sent.
+//!
+//! `config` loads and validates the files people edit; the admin plane (`server::admin`) serves
+//! health, metrics and reload on its own listener.
+
+pub mod audit;
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod policy;
+pub mod server;
+pub mod upstream;

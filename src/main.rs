@@ -1,0 +1,210 @@
+//! The `toolgate` command line: serve, demo, check, explain. The only place `anyhow` appears.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use toolgate::audit::AuditLog;
+use toolgate::config::{ConfigError, ServerConfig};
+use toolgate::gateway::Gateway;
+use toolgate::policy::{Decision, Policy, ToolCall};
+
+#[derive(Parser)]
+#[command(name = "toolgate", version, about = "A reverse proxy that checks every AI agent tool call.")]
+struct Cli {
+    /// Log format on stderr (filter with RUST_LOG, default `info`).
+    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy: data plane and admin plane.
+    Serve {
+        #[arg(short, long, env = "TOOLGATE_CONFIG", default_value = "config/toolgate.yaml")]
+        config: PathBuf,
+    },
+    /// Run the embedded demo: bundled policies, demo tools, a scripted set of calls.
+    Demo {
+        /// Data-plane address (default from the bundled config, 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Admin-plane address (default 127.0.0.1:9090).
+        #[arg(long)]
+        admin_listen: Option<std::net::SocketAddr>,
+        /// Where the demo tools listen (the bundled policies point at 127.0.0.1:9001).
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        tools_listen: std::net::SocketAddr,
+        /// Play the script, print the table and exit instead of serving.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Validate the config and every policy file; print each error as FILE:LINE:COL: message.
+    Check {
+        #[arg(short, long, env = "TOOLGATE_CONFIG", default_value = "config/toolgate.yaml")]
+        config: PathBuf,
+    },
+    /// Print the decision the proxy would take for a call, as JSON, without calling anything.
+    Explain {
+        #[arg(short, long, env = "TOOLGATE_CONFIG", default_value = "config/toolgate.yaml")]
+        config: PathBuf,
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        tool: String,
+        /// The arguments, a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Demo { listen, admin_listen, tools_listen, once } => demo(listen, admin_listen, tools_listen, once),
+        Command::Check { config } => return check(&config),
+        Command::Explain { config, agent, tool, args } => explain(&config, &agent, &tool, &args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("toolgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+fn load(config: &Path) -> Result<(ServerConfig, Policy), ConfigError> {
+    let cfg = ServerConfig::load(config)?;
+    let policy = Policy::load(&cfg.policies)?;
+    Ok((cfg, policy))
+}
+
+fn serve(config_path: &Path) -> anyhow::Result<()> {
+    let (config, policy) = load(config_path).map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
+    let audit = AuditLog::open(&config.audit)?;
+    if config.admin.token().is_none() {
+        tracing::warn!(env = %config.admin.token_env, "no admin token configured: /admin/* will refuse every request");
+    }
+    let dir = config.policies.clone();
+    let version = policy.version.clone();
+    let gateway = Arc::new(Gateway::new(config, policy, Some(dir), audit));
+    runtime()?.block_on(async move {
+        let running = toolgate::server::start(gateway).await.context("cannot bind the listeners")?;
+        eprintln!("toolgate: data plane listening on http://{}", running.data_addr);
+        eprintln!("toolgate: admin plane listening on http://{}", running.admin_addr);
+        tracing::info!(policy_version = %version, "serving");
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing calls in flight");
+        running.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn demo(listen: Option<std::net::SocketAddr>, admin_listen: Option<std::net::SocketAddr>, tools_listen: std::net::SocketAddr, once: bool) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let opts = toolgate::demo::DemoOptions { listen, admin_listen, tools_listen, ..Default::default() };
+        let running = toolgate::demo::run(opts).await?;
+        if !once {
+            shutdown_signal().await;
+        }
+        running.shutdown().await;
+        Ok(())
+    })
+}
+
+fn check(config_path: &Path) -> ExitCode {
+    match load(config_path) {
+        Ok((cfg, policy)) => {
+            println!(
+                "ok: {} and {} (policy version {}: {} agents, {} tools, {} filters)",
+                config_path.display(),
+                cfg.policies.display(),
+                policy.version,
+                policy.agents.len(),
+                policy.tools.len(),
+                policy.filters.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for p in &e.problems {
+                println!("{p}");
+            }
+            eprintln!("{} error(s)", e.problems.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain(config_path: &Path, agent: &str, tool: &str, args: &str) -> anyhow::Result<()> {
+    let (cfg, policy) = load(config_path).map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
+    let limits = toolgate::policy::ParseLimits { max_json_depth: cfg.limits.max_json_depth };
+    let eval = policy.evaluate(&ToolCall { agent, tool, body: args.as_bytes() }, limits);
+    let mut reasons = eval.notes.clone();
+    let code = match &eval.decision {
+        Decision::Deny(r) => {
+            reasons.push(r.clone());
+            Some(r.code.as_str())
+        }
+        Decision::Allow => None,
+    };
+    let mut out = json!({
+        "agent": agent,
+        "tool": tool,
+        "decision": eval.decision.as_str(),
+        "code": code,
+        "reasons": reasons,
+        "arguments_sha256": eval.arguments_sha256,
+        "policy_version": policy.version,
+    });
+    if let (Some(t), Some(url)) = (eval.tool, &eval.url)
+        && eval.decision.is_allow()
+    {
+        out["upstream"] = json!({"method": t.method.as_str(), "url": url});
+        out["arguments"] = eval.arguments.clone().unwrap_or_default();
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}

@@ -1,0 +1,358 @@
+//! Tool arguments: strict JSON parsing (depth limit, duplicate keys refused) and validation
+//! against the tool's JSON Schema, with messages that never echo the caller's values.
+//!
+//! The value parsed here is the only form of the arguments the rest of the gateway sees; the
+//! upstream receives its re-serialisation, never the caller's original bytes, so a parser
+//! differential (duplicate keys, odd escapes) cannot show one thing to the checks and another to
+//! the tool.
+
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// Why a body is not acceptable arguments.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgumentsError {
+    #[error("The body is not valid JSON (line {line}, column {column}).")]
+    NotJson { line: usize, column: usize },
+    #[error("The body must be a JSON object of arguments.")]
+    NotObject,
+    #[error("The arguments are nested deeper than the limit of {0} levels.")]
+    TooDeep(usize),
+    #[error("The arguments contain the same key twice in one object.")]
+    DuplicateKey,
+}
+
+const DUPLICATE: &str = "duplicate key";
+const TOO_DEEP: &str = "too deep";
+
+/// Parses a body into a JSON object, refusing duplicate keys and nesting deeper than `max_depth`.
+/// An empty body is an empty object.
+pub fn parse(body: &[u8], max_depth: usize) -> Result<Map<String, Value>, ArgumentsError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    match parse_value(body, max_depth)? {
+        Value::Object(map) => Ok(map),
+        _ => Err(ArgumentsError::NotObject),
+    }
+}
+
+/// Parses any JSON value with the same strictness (for tool responses).
+pub fn parse_value(body: &[u8], max_depth: usize) -> Result<Value, ArgumentsError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = Strict { depth_left: max_depth }
+        .deserialize(&mut de)
+        .and_then(|v| de.end().map(|()| v))
+        .map_err(|e| match e.classify() {
+            serde_json::error::Category::Data if e.to_string().starts_with(DUPLICATE) => ArgumentsError::DuplicateKey,
+            serde_json::error::Category::Data if e.to_string().starts_with(TOO_DEEP) => {
+                ArgumentsError::TooDeep(max_depth)
+            }
+            _ => ArgumentsError::NotJson {
+                line: e.line(),
+                column: e.column(),
+            },
+        })?;
+    Ok(value)
+}
+
+/// A `serde_json::Value` seed that counts depth and refuses duplicate keys.
+struct Strict {
+    depth_left: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Strict {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Strict {
+    fn nested<E: serde::de::Error>(&self) -> Result<Strict, E> {
+        if self.depth_left == 0 {
+            return Err(E::custom(TOO_DEEP));
+        }
+        Ok(Strict {
+            depth_left: self.depth_left - 1,
+        })
+    }
+}
+
+impl<'de> Visitor<'de> for Strict {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let inner = self.nested()?;
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(Strict {
+            depth_left: inner.depth_left,
+        })? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let inner = self.nested()?;
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let v = map.next_value_seed(Strict {
+                depth_left: inner.depth_left,
+            })?;
+            if out.insert(key, v).is_some() {
+                return Err(A::Error::custom(DUPLICATE));
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// The canonical form of arguments: keys sorted, no whitespace. This is what is forwarded and hashed.
+pub fn canonical(args: &Map<String, Value>) -> Vec<u8> {
+    // serde_json's map is a BTreeMap (no `preserve_order`), so keys serialise sorted.
+    serde_json::to_vec(args).expect("a JSON map always serialises")
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The arguments' shape, keys with the type of each value, for audit events that must not carry
+/// values (`{"order_id": "string", "items": ["object"]}`).
+pub fn shape(value: &Value) -> Value {
+    match value {
+        Value::Null => Value::from("null"),
+        Value::Bool(_) => Value::from("boolean"),
+        Value::Number(n) if n.is_f64() => Value::from("number"),
+        Value::Number(_) => Value::from("integer"),
+        Value::String(_) => Value::from("string"),
+        Value::Array(items) => {
+            // Types once each, in first-seen order: the shape of a list, not its length.
+            let mut kinds: Vec<Value> = Vec::new();
+            for item in items {
+                let s = shape(item);
+                if !kinds.contains(&s) {
+                    kinds.push(s);
+                }
+            }
+            Value::Array(kinds)
+        }
+        Value::Object(map) => Value::Object(map.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
+    }
+}
+
+/// A tool's compiled argument schema.
+pub struct ArgumentSchema {
+    validator: jsonschema::Validator,
+    /// Property names the schema declares, to tell an agent what it may send.
+    declared: Vec<String>,
+}
+
+impl fmt::Debug for ArgumentSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ArgumentSchema").field("declared", &self.declared).finish()
+    }
+}
+
+impl ArgumentSchema {
+    /// Compiles a JSON Schema; remote `$ref`s are never fetched.
+    pub fn compile(schema: &Value) -> Result<Self, String> {
+        if !schema.is_object() {
+            return Err("an arguments schema must be a JSON Schema object".to_owned());
+        }
+        if schema.get("type").and_then(Value::as_str).is_some_and(|t| t != "object") {
+            return Err("an arguments schema must describe an object (`type: object`)".to_owned());
+        }
+        let validator = jsonschema::options()
+            .should_validate_formats(true)
+            .build(schema)
+            .map_err(|e| format!("invalid JSON Schema: {e}"))?;
+        let declared = schema
+            .get("properties")
+            .and_then(Value::as_object)
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
+        Ok(Self { validator, declared })
+    }
+
+    /// `Ok` or a message for the agent naming where and what, never the offending value.
+    pub fn validate(&self, args: &Value) -> Result<(), String> {
+        let Some(err) = self.validator.iter_errors(args).next() else {
+            return Ok(());
+        };
+        let at = safe_pointer(&err.instance_path().to_string());
+        use jsonschema::error::ValidationErrorKind as K;
+        let what = match err.kind() {
+            K::Required { property } => {
+                let name = property.as_str().unwrap_or("?");
+                return Err(format!("Missing required argument '{}'.", join_pointer(&at, name)));
+            }
+            K::AdditionalProperties { .. } | K::UnevaluatedProperties { .. } => {
+                return Err(format!(
+                    "Unexpected argument at '{at}': this tool accepts only {}.",
+                    if self.declared.is_empty() {
+                        "the arguments its schema declares".to_owned()
+                    } else {
+                        self.declared.join(", ")
+                    }
+                ));
+            }
+            K::Type { kind } => format!("must be of type {}", type_name(kind)),
+            K::Pattern { .. } => "does not match the required format".to_owned(),
+            K::Format { format } => format!("must be a valid {format}"),
+            K::Enum { .. } | K::Constant { .. } => "is not one of the allowed values".to_owned(),
+            K::Minimum { limit } => format!("must be at least {limit}"),
+            K::Maximum { limit } => format!("must be at most {limit}"),
+            K::ExclusiveMinimum { limit } => format!("must be greater than {limit}"),
+            K::ExclusiveMaximum { limit } => format!("must be less than {limit}"),
+            K::MinLength { limit } => format!("must be at least {limit} characters long"),
+            K::MaxLength { limit } => format!("must be at most {limit} characters long"),
+            K::MinItems { limit } => format!("must have at least {limit} items"),
+            K::MaxItems { limit } => format!("must have at most {limit} items"),
+            K::MinProperties { limit } => format!("must have at least {limit} properties"),
+            K::MaxProperties { limit } => format!("must have at most {limit} properties"),
+            K::UniqueItems => "must not contain duplicate items".to_owned(),
+            K::MultipleOf { .. } => "is not an allowed multiple".to_owned(),
+            _ => "does not match the tool's argument schema".to_owned(),
+        };
+        Err(format!("Argument '{at}' {what}."))
+    }
+}
+
+fn type_name(kind: &jsonschema::error::TypeKind) -> String {
+    match kind {
+        jsonschema::error::TypeKind::Single(t) => t.to_string(),
+        jsonschema::error::TypeKind::Multiple(ts) => {
+            let names: Vec<String> = ts.iter().map(|t| t.to_string()).collect();
+            names.join(" or ")
+        }
+    }
+}
+
+/// An instance path, shown only when every segment is identifier-like: a caller-chosen key could
+/// otherwise carry a secret into the error message and the logs.
+fn safe_pointer(pointer: &str) -> String {
+    let is_safe = pointer
+        .split('/')
+        .skip(1)
+        .all(|s| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+    if pointer.is_empty() {
+        "/".to_owned()
+    } else if is_safe {
+        pointer.to_owned()
+    } else {
+        "(a nested value)".to_owned()
+    }
+}
+
+fn join_pointer(at: &str, name: &str) -> String {
+    if at == "/" { format!("/{name}") } else { format!("{at}/{name}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_objects_and_treats_an_empty_body_as_no_arguments() {
+        assert_eq!(parse(br#"{"a": 1}"#, 8).unwrap()["a"], 1);
+        assert!(parse(b"  ", 8).unwrap().is_empty());
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_json_object() {
+        assert_eq!(parse(b"[1]", 8), Err(ArgumentsError::NotObject));
+        assert_eq!(parse(b"\"x\"", 8), Err(ArgumentsError::NotObject));
+        assert!(matches!(parse(b"{\"a\":", 8), Err(ArgumentsError::NotJson { .. })));
+        assert!(matches!(parse(b"{} {}", 8), Err(ArgumentsError::NotJson { .. })));
+    }
+
+    #[test]
+    fn refuses_duplicate_keys_at_any_depth() {
+        assert_eq!(parse(br#"{"a":1,"a":2}"#, 8), Err(ArgumentsError::DuplicateKey));
+        assert_eq!(parse(br#"{"x":[{"a":1,"a":1}]}"#, 8), Err(ArgumentsError::DuplicateKey));
+        // Escapes decode before comparison: "\u0061" is "a".
+        assert_eq!(parse(br#"{"a":1,"\u0061":2}"#, 8), Err(ArgumentsError::DuplicateKey));
+    }
+
+    #[test]
+    fn enforces_the_depth_limit_exactly() {
+        let nest = |n: usize| format!("{}{}", "{\"a\":".repeat(n), format!("1{}", "}".repeat(n)));
+        assert!(parse(nest(4).as_bytes(), 4).is_ok());
+        assert_eq!(parse(nest(5).as_bytes(), 4), Err(ArgumentsError::TooDeep(4)));
+        let arrays = format!("{{\"a\":{}1{}}}", "[".repeat(10), "]".repeat(10));
+        assert_eq!(parse(arrays.as_bytes(), 8), Err(ArgumentsError::TooDeep(8)));
+    }
+
+    #[test]
+    fn canonical_form_sorts_keys() {
+        let a = parse(br#"{"b": 1, "a": {"d": 2, "c": 3}}"#, 8).unwrap();
+        assert_eq!(canonical(&a), br#"{"a":{"c":3,"d":2},"b":1}"#);
+    }
+
+    #[test]
+    fn shape_keeps_keys_and_types_but_no_values() {
+        let v = json!({"email": "a@b.c", "n": 3, "x": 1.5, "items": [{"id": "s"}, {"id": "t"}], "z": null});
+        assert_eq!(
+            shape(&v),
+            json!({"email": "string", "n": "integer", "x": "number", "items": [{"id": "string"}], "z": "null"})
+        );
+    }
+
+    fn refund_schema() -> ArgumentSchema {
+        ArgumentSchema::compile(&json!({
+            "type": "object", "required": ["order_id", "amount"], "additionalProperties": false,
+            "properties": {"order_id": {"type": "string", "pattern": "^O-[0-9]+$"}, "amount": {"type": "integer", "minimum": 1}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn schema_messages_name_the_argument_but_never_its_value() {
+        let s = refund_schema();
+        assert!(s.validate(&json!({"order_id": "O-1", "amount": 5})).is_ok());
+        let m = s.validate(&json!({"order_id": "secret-value", "amount": 5})).unwrap_err();
+        assert_eq!(m, "Argument '/order_id' does not match the required format.");
+        let m = s.validate(&json!({"order_id": "O-1"})).unwrap_err();
+        assert_eq!(m, "Missing required argument '/amount'.");
+        let m = s.validate(&json!({"order_id": "O-1", "amount": 5, "hunter2": 1})).unwrap_err();
+        assert!(!m.contains("hunter2") && m.contains("order_id"), "{m}");
+        let m = s.validate(&json!({"order_id": "O-1", "amount": 0})).unwrap_err();
+        assert_eq!(m, "Argument '/amount' must be at least 1.");
+    }
+
+    #[test]
+    fn refuses_schemas_that_are_not_for_objects() {
+        assert!(ArgumentSchema::compile(&json!({"type": "string"})).is_err());
+        assert!(ArgumentSchema::compile(&json!({"type": "object", "properties": {"a": {"type": 5}}})).is_err());
+    }
+}

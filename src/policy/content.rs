@@ -1,0 +1,440 @@
+//! Content filters: deny terms, deny patterns and PII/secret detectors over every string value
+//! and key of the arguments (input) or the tool's response (output).
+//!
+//! Text is normalised before matching — NFKC, lowercase, invisible characters dropped, every run
+//! of whitespace one space — so full-width letters, ligatures, zero-width joiners, non-breaking
+//! spaces and JSON escapes (decoded by the parser first) cannot slip a term past. Deny terms are
+//! one Aho-Corasick automaton and deny patterns one `RegexSet` per filter: linear time.
+
+use std::borrow::Cow;
+use std::sync::LazyLock;
+
+use aho_corasick::AhoCorasick;
+use regex::{Regex, RegexSet};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use unicode_normalization::UnicodeNormalization;
+
+/// `filters.<name>` in a policy file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Literal phrases, matched after normalisation.
+    #[serde(default)]
+    pub deny_terms: Vec<String>,
+    /// Regular expressions (`regex` crate syntax, linear time), matched against normalised text.
+    #[serde(default)]
+    pub deny_patterns: Vec<String>,
+    /// Built-in detectors.
+    #[serde(default)]
+    pub detect: Vec<Detector>,
+    /// What a match does.
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Refuse the call with `content_blocked`.
+    Block,
+    /// Replace the whole string value with `[REDACTED:<kind>]` and go on.
+    Redact,
+}
+
+/// A built-in PII or secret detector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Detector {
+    Email,
+    Phone,
+    Ssn,
+    CreditCard,
+    Iban,
+    AwsAccessKey,
+    AwsSecretKey,
+    PrivateKey,
+    BearerToken,
+}
+
+impl Detector {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Detector::Email => "email",
+            Detector::Phone => "phone",
+            Detector::Ssn => "ssn",
+            Detector::CreditCard => "credit_card",
+            Detector::Iban => "iban",
+            Detector::AwsAccessKey => "aws_access_key",
+            Detector::AwsSecretKey => "aws_secret_key",
+            Detector::PrivateKey => "private_key",
+            Detector::BearerToken => "bearer_token",
+        }
+    }
+
+    /// The regex, written for normalised (lowercased) text.
+    fn regex(self) -> &'static Regex {
+        static RES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
+            [
+                r"[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}",
+                r"\+[1-9][0-9]{7,14}\b|\+[1-9][0-9]{0,2}[ .-]?\(?[0-9]{2,4}\)?(?:[ .-]?[0-9]{2,4}){2,3}\b|\(?\b[2-9][0-9]{2}\)?[ .-][0-9]{3}[ .-][0-9]{4}\b|\b0[1-9][0-9]{2,3} [0-9]{3} ?[0-9]{3,4}\b",
+                r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b",
+                r"\b(?:[0-9][ -]?){12,18}[0-9]\b",
+                r"\b[a-z]{2}[0-9]{2}(?: ?[a-z0-9]){11,30}\b",
+                r"\b(?:akia|asia|abia|acca)[a-z0-9]{16}\b",
+                r"secret[a-z_ ]{0,20}[\x22']?\s?[:=]\s?[\x22']?[a-z0-9/+]{40}(?:[^a-z0-9/+]|$)",
+                r"-----begin [a-z ]*private key-----",
+                r"\beyj[a-z0-9_-]{5,}\.[a-z0-9_-]{5,}\.[a-z0-9_-]{5,}|\bbearer [a-z0-9._~+/=-]{16,}",
+            ]
+            .iter()
+            .map(|p| Regex::new(p).expect("built-in detector regexes compile"))
+            .collect()
+        });
+        &RES[self as usize]
+    }
+
+    /// Whether `text` holds a real instance: checksums rule out look-alikes (a 16-digit order
+    /// reference that fails Luhn is not a card).
+    fn is_found_in(self, text: &str) -> bool {
+        let re = self.regex();
+        match self {
+            Detector::CreditCard => re.find_iter(text).any(|m| is_luhn_valid(m.as_str())),
+            Detector::Iban => re.find_iter(text).any(|m| is_iban_valid(m.as_str())),
+            Detector::Ssn => re.find_iter(text).any(|m| is_ssn_plausible(m.as_str())),
+            _ => re.is_match(text),
+        }
+    }
+}
+
+fn is_luhn_valid(s: &str) -> bool {
+    let digits: Vec<u32> = s.chars().filter_map(|c| c.to_digit(10)).collect();
+    if !(13..=19).contains(&digits.len()) {
+        return false;
+    }
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d })
+        .sum();
+    sum % 10 == 0
+}
+
+fn is_iban_valid(s: &str) -> bool {
+    let compact: Vec<char> = s.chars().filter(|c| !c.is_whitespace()).map(|c| c.to_ascii_uppercase()).collect();
+    if !(15..=34).contains(&compact.len()) {
+        return false;
+    }
+    let rearranged = compact[4..].iter().chain(&compact[..4]);
+    let mut rem: u32 = 0;
+    for c in rearranged {
+        let v = match c.to_digit(36) {
+            Some(v) => v,
+            None => return false,
+        };
+        rem = if v >= 10 { (rem * 100 + v) % 97 } else { (rem * 10 + v) % 97 };
+    }
+    rem == 1
+}
+
+fn is_ssn_plausible(s: &str) -> bool {
+    let area = &s[0..3];
+    let group = &s[4..6];
+    let serial = &s[7..11];
+    area != "000" && area != "666" && !area.starts_with('9') && group != "00" && serial != "0000"
+}
+
+/// Characters that render as nothing and could split a term: format controls, joiners, variation
+/// selectors, tags, the soft hyphen.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}'
+        | '\u{1BCA0}'..='\u{1BCA3}' | '\u{E0000}'..='\u{E0FFF}')
+}
+
+/// NFKC, lowercase, invisible characters removed, whitespace runs collapsed to one space.
+pub fn normalize(s: &str) -> Cow<'_, str> {
+    let is_plain = s.bytes().all(|b| (b.is_ascii_graphic() && !b.is_ascii_uppercase()) || b == b' ')
+        && !s.contains("  ");
+    if is_plain {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut in_space = false;
+    let mut push = |c: char, out: &mut String| {
+        if c.is_whitespace() {
+            if !in_space {
+                out.push(' ');
+            }
+            in_space = true;
+        } else if !is_invisible(c) {
+            in_space = false;
+            out.extend(c.to_lowercase());
+        }
+    };
+    if s.is_ascii() {
+        s.chars().for_each(|c| push(c, &mut out));
+    } else {
+        // Invisible characters go before NFKC too, so they cannot keep a ligature apart.
+        s.chars().filter(|c| !is_invisible(*c)).nfkc().for_each(|c| push(c, &mut out));
+    }
+    Cow::Owned(out)
+}
+
+/// What a filter found (never the matched text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finding {
+    Term,
+    Pattern,
+    Detector(Detector),
+}
+
+impl Finding {
+    pub fn kind(self) -> &'static str {
+        match self {
+            Finding::Term => "deny_term",
+            Finding::Pattern => "deny_pattern",
+            Finding::Detector(d) => d.as_str(),
+        }
+    }
+}
+
+/// A compiled filter.
+#[derive(Debug)]
+pub struct Filter {
+    pub name: String,
+    pub action: Action,
+    terms: Option<AhoCorasick>,
+    patterns: Option<RegexSet>,
+    detectors: Vec<Detector>,
+}
+
+impl Filter {
+    /// Compiles a filter; errors name the offending entry.
+    pub fn compile(name: &str, c: &FilterConfig) -> Result<Self, Vec<(String, String)>> {
+        let mut errors = Vec::new();
+        let terms: Vec<String> = c.deny_terms.iter().map(|t| normalize(t).trim().to_owned()).collect();
+        for (i, t) in terms.iter().enumerate() {
+            if t.is_empty() {
+                errors.push((format!("deny_terms[{i}]"), "must not be empty".to_owned()));
+            }
+        }
+        let patterns: Vec<&str> = c.deny_patterns.iter().map(String::as_str).collect();
+        let set = if patterns.is_empty() {
+            None
+        } else {
+            for (i, p) in patterns.iter().enumerate() {
+                if let Err(e) = Regex::new(p) {
+                    errors.push((format!("deny_patterns[{i}]"), format!("invalid regex: {e}")));
+                }
+            }
+            RegexSet::new(patterns.iter().map(|p| format!("(?i){p}"))).ok()
+        };
+        if c.deny_terms.is_empty() && c.deny_patterns.is_empty() && c.detect.is_empty() {
+            errors.push((String::new(), "a filter needs deny_terms, deny_patterns or detect".to_owned()));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let terms = if terms.is_empty() {
+            None
+        } else {
+            Some(AhoCorasick::new(&terms).map_err(|e| vec![("deny_terms".to_owned(), e.to_string())])?)
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            action: c.action,
+            terms,
+            patterns: set,
+            detectors: c.detect.clone(),
+        })
+    }
+
+    /// A redacting filter with every built-in detector: what audit events pass arguments through.
+    pub fn audit_redactor() -> Self {
+        use Detector::*;
+        Self {
+            name: "audit".to_owned(),
+            action: Action::Redact,
+            terms: None,
+            patterns: None,
+            detectors: vec![Email, Phone, Ssn, CreditCard, Iban, AwsAccessKey, AwsSecretKey, PrivateKey, BearerToken],
+        }
+    }
+
+    /// The first thing this filter finds in `text`.
+    pub fn scan(&self, text: &str) -> Option<Finding> {
+        let n = normalize(text);
+        if self.terms.as_ref().is_some_and(|ac| ac.is_match(n.as_ref())) {
+            return Some(Finding::Term);
+        }
+        if self.patterns.as_ref().is_some_and(|set| set.is_match(&n)) {
+            return Some(Finding::Pattern);
+        }
+        self.detectors.iter().copied().find(|d| d.is_found_in(&n)).map(Finding::Detector)
+    }
+}
+
+/// What running filters over a value did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The first blocking finding: (filter name, kind).
+    pub blocked: Option<(String, &'static str)>,
+    /// Every redaction: (filter name, kind), once per pair.
+    pub redacted: Vec<(String, &'static str)>,
+}
+
+/// Runs `filters` over every string value and key of `value`, in place: redacting filters
+/// rewrite, the first blocking finding stops the walk.
+pub fn apply(filters: &[&Filter], value: &mut Value) -> Outcome {
+    let mut out = Outcome::default();
+    walk(filters, value, &mut out);
+    out
+}
+
+fn walk(filters: &[&Filter], value: &mut Value, out: &mut Outcome) {
+    if out.blocked.is_some() {
+        return;
+    }
+    match value {
+        Value::String(s) => {
+            if let Some(replacement) = check(filters, s, out) {
+                *s = replacement;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| walk(filters, v, out)),
+        Value::Object(map) => {
+            let old = std::mem::take(map);
+            let mut new = Map::new();
+            for (k, mut v) in old {
+                let key = match check(filters, &k, out) {
+                    Some(r) => unique_key(&new, r),
+                    None => k,
+                };
+                walk(filters, &mut v, out);
+                new.insert(key, v);
+            }
+            *map = new;
+        }
+        _ => {}
+    }
+}
+
+/// `Some(replacement)` if a redacting filter matched; records blocks and redactions.
+fn check(filters: &[&Filter], text: &str, out: &mut Outcome) -> Option<String> {
+    let mut replacement = None;
+    for f in filters {
+        if let Some(found) = f.scan(text) {
+            match f.action {
+                Action::Block => {
+                    out.blocked = Some((f.name.clone(), found.kind()));
+                    return None;
+                }
+                Action::Redact => {
+                    let entry = (f.name.clone(), found.kind());
+                    if !out.redacted.contains(&entry) {
+                        out.redacted.push(entry);
+                    }
+                    replacement.get_or_insert_with(|| format!("[REDACTED:{}]", found.kind()));
+                }
+            }
+        }
+    }
+    replacement
+}
+
+fn unique_key(map: &Map<String, Value>, base: String) -> String {
+    if !map.contains_key(&base) {
+        return base;
+    }
+    (2..).map(|i| format!("{base}#{i}")).find(|k| !map.contains_key(k)).unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn filter(yaml_like: Value) -> Filter {
+        let c: FilterConfig = serde_json::from_value(yaml_like).unwrap();
+        Filter::compile("f", &c).unwrap()
+    }
+
+    #[test]
+    fn deny_terms_survive_case_width_invisible_and_space_tricks() {
+        let f = filter(json!({"deny_terms": ["project falcon"], "action": "block"}));
+        for evasive in [
+            "about Project Falcon",
+            "PROJECT\u{00A0}FALCON",
+            "project   \t falcon",
+            "proj\u{200B}ect fal\u{200D}con",
+            "ｐｒｏｊｅｃｔ ｆａｌｃｏｎ",
+            "project\u{2003}\u{2003}falcon",
+        ] {
+            assert_eq!(f.scan(evasive), Some(Finding::Term), "{evasive:?}");
+        }
+        assert_eq!(f.scan("project eagle"), None);
+    }
+
+    #[test]
+    fn ligatures_are_folded_by_nfkc() {
+        let f = filter(json!({"deny_terms": ["office"], "action": "block"}));
+        assert_eq!(f.scan("the o\u{FB03}ce"), Some(Finding::Term));
+    }
+
+    #[test]
+    fn cards_need_a_valid_luhn_checksum() {
+        let f = filter(json!({"detect": ["credit_card"], "action": "block"}));
+        assert!(f.scan("card 4111 1111 1111 1111").is_some());
+        assert!(f.scan("ref 4111111111111112").is_none());
+    }
+
+    #[test]
+    fn detects_common_pii_and_secrets() {
+        let f = filter(json!({"detect": ["email", "phone", "ssn", "iban", "aws_access_key", "private_key", "bearer_token"], "action": "block"}));
+        for (text, kind) in [
+            ("mail ada@example.com", "email"),
+            ("call +14155550123", "phone"),
+            ("call (415) 555-0123", "phone"),
+            ("ssn 123-45-6789", "ssn"),
+            ("iban GB82 WEST 1234 5698 7654 32", "iban"),
+            ("key AKIAIOSFODNN7EXAMPLE", "aws_access_key"),
+            ("-----BEGIN RSA PRIVATE KEY-----", "private_key"),
+            ("Authorization: Bearer abcdefghijklmnopqrstu", "bearer_token"),
+        ] {
+            assert_eq!(f.scan(text).map(Finding::kind), Some(kind), "{text}");
+        }
+        for clean in ["order O-17", "ssn 000-12-3456", "GB00 WEST 1234 5698 7654 32", "version 1.2.3"] {
+            assert_eq!(f.scan(clean), None, "{clean}");
+        }
+    }
+
+    #[test]
+    fn redaction_replaces_values_and_keys_at_any_depth() {
+        let f = filter(json!({"detect": ["email"], "action": "redact"}));
+        let mut v = json!({"note": "write to ada@example.com", "nested": [{"x": "b@c.io"}], "ok": "fine", "e@x.io": 1});
+        let out = apply(&[&f], &mut v);
+        assert!(out.blocked.is_none());
+        assert_eq!(out.redacted, vec![("f".to_owned(), "email")]);
+        assert_eq!(
+            v,
+            json!({"note": "[REDACTED:email]", "nested": [{"x": "[REDACTED:email]"}], "ok": "fine", "[REDACTED:email]": 1})
+        );
+    }
+
+    #[test]
+    fn a_block_names_the_filter_and_kind_only() {
+        let f = filter(json!({"deny_patterns": ["falc[o0]n"], "action": "block"}));
+        let mut v = json!({"a": {"b": ["FALC0N"]}});
+        assert_eq!(apply(&[&f], &mut v).blocked, Some(("f".to_owned(), "deny_pattern")));
+    }
+
+    #[test]
+    fn refuses_broken_filters() {
+        let c: FilterConfig = serde_json::from_value(json!({"deny_patterns": ["("], "action": "block"})).unwrap();
+        assert!(Filter::compile("f", &c).is_err());
+        let c: FilterConfig = serde_json::from_value(json!({"action": "block"})).unwrap();
+        assert!(Filter::compile("f", &c).is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! Who is calling: the agent identity comes only from a verified credential — an API key whose
+//! SHA-256 is in the policy, or a JWT signed by a key in the configured JWKS — never from a header
+//! the caller sets.
+//!
+//! API keys are looked up by their SHA-256 digest and the digest is then compared in constant
+//! time. The lookup's timing depends only on the digest of what the caller sent, which the caller
+//! already knows; it reveals nothing about stored keys.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::decision::{Code, Reason, Stage};
+
+/// Seconds of clock skew tolerated on `exp` and `nbf`.
+const JWT_LEEWAY_SECS: u64 = 30;
+
+/// `auth.jwt` in a policy file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Required `iss` claim.
+    pub issuer: String,
+    /// Required `aud` claim.
+    pub audience: String,
+    /// JSON Web Key Set with the issuer's public keys (RSA or EC; symmetric keys are refused).
+    pub jwks_file: std::path::PathBuf,
+}
+
+/// Verifies JWTs against a fixed set of public keys.
+pub struct JwtVerifier {
+    keys: Vec<(Option<String>, Algorithm, DecodingKey)>,
+    issuer: String,
+    audience: String,
+}
+
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtVerifier").field("issuer", &self.issuer).field("keys", &self.keys.len()).finish()
+    }
+}
+
+impl JwtVerifier {
+    /// Builds a verifier from a JWKS document. Every key must be RSA or EC with a usable algorithm.
+    pub fn new(config: &JwtConfig, jwks_json: &str) -> Result<Self, String> {
+        let set: JwkSet = serde_json::from_str(jwks_json).map_err(|e| format!("the JWKS file is not a valid JWK set: {e}"))?;
+        let mut keys = Vec::new();
+        for (i, jwk) in set.keys.iter().enumerate() {
+            let alg = key_algorithm(jwk).map_err(|e| format!("key {i} in the JWKS file: {e}"))?;
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {i} in the JWKS file: {e}"))?;
+            keys.push((jwk.common.key_id.clone(), alg, key));
+        }
+        if keys.is_empty() {
+            return Err("the JWKS file holds no keys".to_owned());
+        }
+        Ok(Self {
+            keys,
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+        })
+    }
+
+    /// Verifies a token and returns its subject.
+    fn verify(&self, token: &str) -> Result<String, &'static str> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| "The token is malformed or uses an unsupported algorithm.")?;
+        // Only the algorithm bound to the key is accepted: a token cannot choose HS256 and have an
+        // RSA public key used as an HMAC secret, and `none` never parses.
+        let candidates: Vec<_> = self
+            .keys
+            .iter()
+            .filter(|(kid, alg, _)| *alg == header.alg && (header.kid.is_none() || kid.as_deref() == header.kid.as_deref()))
+            .collect();
+        let [(_, alg, key)] = candidates.as_slice() else {
+            return Err("The token was not signed by a key this gateway trusts.");
+        };
+        let mut v = Validation::new(*alg);
+        v.leeway = JWT_LEEWAY_SECS;
+        v.validate_nbf = true;
+        v.set_issuer(&[&self.issuer]);
+        v.set_audience(&[&self.audience]);
+        v.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        #[derive(Deserialize)]
+        struct Claims {
+            sub: String,
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as E;
+            match e.kind() {
+                E::ExpiredSignature => "The token has expired.",
+                E::ImmatureSignature => "The token is not valid yet.",
+                E::InvalidIssuer | E::InvalidAudience => "The token was not issued for this gateway.",
+                E::MissingRequiredClaim(_) => "The token lacks a required claim (exp, sub, iss, aud).",
+                _ => "The token could not be verified.",
+            }
+        })?;
+        Ok(data.claims.sub)
+    }
+}
+
+fn key_algorithm(jwk: &Jwk) -> Result<Algorithm, String> {
+    use jsonwebtoken::jwk::{AlgorithmParameters as P, EllipticCurve, KeyAlgorithm as KA};
+    let declared = jwk.common.key_algorithm;
+    let alg = match (&jwk.algorithm, declared) {
+        (P::RSA(_), None | Some(KA::RS256)) => Algorithm::RS256,
+        (P::RSA(_), Some(KA::RS384)) => Algorithm::RS384,
+        (P::RSA(_), Some(KA::RS512)) => Algorithm::RS512,
+        (P::RSA(_), Some(KA::PS256)) => Algorithm::PS256,
+        (P::EllipticCurve(ec), None | Some(KA::ES256)) if ec.curve == EllipticCurve::P256 => Algorithm::ES256,
+        (P::EllipticCurve(ec), None | Some(KA::ES384)) if ec.curve == EllipticCurve::P384 => Algorithm::ES384,
+        (P::OctetKey(_), _) => return Err("symmetric (oct) keys are not accepted".to_owned()),
+        _ => return Err("unsupported key type or algorithm (use RSA RS256/RS384/RS512/PS256 or EC ES256/ES384)".to_owned()),
+    };
+    Ok(alg)
+}
+
+/// Maps credentials to agent ids. Built at policy load.
+#[derive(Debug, Default)]
+pub struct Authenticator {
+    api_keys: HashMap<[u8; 32], Arc<str>>,
+    jwt: Option<JwtVerifier>,
+    jwt_subjects: HashMap<String, Arc<str>>,
+}
+
+impl Authenticator {
+    pub fn new(jwt: Option<JwtVerifier>) -> Self {
+        Self {
+            jwt,
+            ..Self::default()
+        }
+    }
+
+    /// Registers an API key digest; `Err` names the agent that already holds it.
+    pub fn add_api_key(&mut self, digest: [u8; 32], agent: Arc<str>) -> Result<(), Arc<str>> {
+        match self.api_keys.insert(digest, agent) {
+            Some(prev) => Err(prev),
+            None => Ok(()),
+        }
+    }
+
+    /// Registers a JWT subject; `Err` names the agent that already holds it.
+    pub fn add_jwt_subject(&mut self, subject: String, agent: Arc<str>) -> Result<(), Arc<str>> {
+        match self.jwt_subjects.insert(subject, agent) {
+            Some(prev) => Err(prev),
+            None => Ok(()),
+        }
+    }
+
+    pub fn has_jwt(&self) -> bool {
+        self.jwt.is_some()
+    }
+
+    /// The agent behind an `Authorization` header value, or why not.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<str>, Reason> {
+        let deny = |m: &str| Reason::new(Code::Unauthenticated, Stage::Authentication, "authentication", m);
+        let Some(value) = authorization else {
+            return Err(deny("Missing credentials: send `Authorization: Bearer <API key or JWT>`."));
+        };
+        let token = match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => token.trim(),
+            _ => return Err(deny("The Authorization header must be `Bearer <API key or JWT>`.")),
+        };
+        if let Some(jwt) = &self.jwt
+            && looks_like_jwt(token)
+        {
+            let subject = jwt.verify(token).map_err(deny)?;
+            return self
+                .jwt_subjects
+                .get(&subject)
+                .cloned()
+                .ok_or_else(|| deny("The token's subject is not a known agent."));
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        match self.api_keys.get_key_value(&digest) {
+            Some((stored, agent)) if bool::from(stored.ct_eq(&digest)) => Ok(agent.clone()),
+            _ => Err(deny("The API key is not recognised.")),
+        }
+    }
+}
+
+fn looks_like_jwt(token: &str) -> bool {
+    token.starts_with("eyJ") && token.bytes().filter(|&b| b == b'.').count() == 2
+}
+
+/// Parses a stored `api_key_sha256` entry (64 hex digits).
+pub fn parse_key_digest(hex_digest: &str) -> Result<[u8; 32], String> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_digest.trim(), &mut out)
+        .map_err(|_| "must be the 64-hex-digit SHA-256 of the key (e.g. `printf %s KEY | sha256sum`)".to_owned())?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth_with_key(key: &str, agent: &str) -> Authenticator {
+        let mut a = Authenticator::new(None);
+        a.add_api_key(Sha256::digest(key.as_bytes()).into(), agent.into()).unwrap();
+        a
+    }
+
+    #[test]
+    fn resolves_a_known_api_key_to_its_agent() {
+        let a = auth_with_key("k-123", "support-bot");
+        assert_eq!(&*a.authenticate(Some("Bearer k-123")).unwrap(), "support-bot");
+        assert_eq!(&*a.authenticate(Some("bearer k-123")).unwrap(), "support-bot");
+    }
+
+    #[test]
+    fn refuses_missing_malformed_and_unknown_credentials() {
+        let a = auth_with_key("k-123", "support-bot");
+        for h in [None, Some("k-123"), Some("Basic k-123"), Some("Bearer "), Some("Bearer k-124")] {
+            let r = a.authenticate(h).unwrap_err();
+            assert_eq!(r.code, Code::Unauthenticated, "{h:?}");
+            assert!(!r.message.contains("k-12"), "message echoes the key: {}", r.message);
+        }
+    }
+
+    #[test]
+    fn parses_stored_digests_strictly() {
+        assert!(parse_key_digest(&"ab".repeat(32)).is_ok());
+        assert!(parse_key_digest("abc").is_err());
+        assert!(parse_key_digest(&"zz".repeat(32)).is_err());
+    }
+}

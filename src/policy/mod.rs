@@ -1,0 +1,534 @@
+//! The decision engine: policy files (agents, tools, filters, auth) compiled into a [`Policy`],
+//! and [`Policy::evaluate`], a pure function from a [`ToolCall`] to an [`Evaluation`].
+//!
+//! Nothing here imports the HTTP stack, tokio or AWS: the HTTP handler, `explain`, `demo` and
+//! benchmarks all call the same `evaluate`.
+
+pub mod allowlist;
+pub mod arguments;
+pub mod content;
+pub mod decision;
+pub mod identity;
+pub mod tool;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::yaml::{Document, KeyPath};
+use crate::config::{ConfigError, Problem, Problems};
+use allowlist::{Allowlist, ToolPattern, is_valid_tool_name};
+use arguments::ArgumentSchema;
+use content::{Filter, FilterConfig};
+pub use decision::{Code, Decision, Reason, Stage};
+use identity::{Authenticator, JwtConfig, JwtVerifier, parse_key_digest};
+use tool::{Method, Tool, ToolConfig, UrlTemplate};
+
+/// One policy file as written. Each entry is decoded on its own so one mistake hides no other.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFileRaw {
+    #[serde(default)]
+    agents: Map<String, Value>,
+    #[serde(default)]
+    tools: Map<String, Value>,
+    #[serde(default)]
+    filters: Map<String, Value>,
+    #[serde(default)]
+    auth: Option<Value>,
+}
+
+/// `agents.<id>` in a policy file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub credentials: CredentialsConfig,
+    /// Exact tool names or trailing `.*` globs. Empty: the agent may call nothing.
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Reserved for rate limits and token budgets; refused until they are enforced.
+    #[serde(default)]
+    pub limits: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsConfig {
+    /// SHA-256 (hex) of each API key the agent may present. The key itself is never stored.
+    #[serde(default)]
+    pub api_key_sha256: Vec<String>,
+    /// The JWT `sub` that identifies this agent (with `auth.jwt`).
+    #[serde(default)]
+    pub jwt_subject: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthConfig {
+    #[serde(default)]
+    jwt: Option<JwtConfig>,
+}
+
+/// A compiled agent.
+#[derive(Debug)]
+pub struct Agent {
+    pub id: Arc<str>,
+    pub description: String,
+    pub allowlist: Allowlist,
+}
+
+/// Limits the pipeline applies while parsing arguments.
+#[derive(Debug, Clone, Copy)]
+pub struct ParseLimits {
+    pub max_json_depth: usize,
+}
+
+/// One tool call, as the pipeline sees it: the authenticated agent, the tool name as requested,
+/// and the raw body (parsed here, not by the transport, so every entry point parses the same way).
+#[derive(Debug, Clone, Copy)]
+pub struct ToolCall<'a> {
+    pub agent: &'a str,
+    pub tool: &'a str,
+    pub body: &'a [u8],
+}
+
+/// What the pipeline decided, plus what forwarding and audit need.
+#[derive(Debug)]
+pub struct Evaluation<'p> {
+    pub decision: Decision,
+    /// The tool, once the allowlist has passed.
+    pub tool: Option<&'p Tool>,
+    /// The parsed arguments, after input filters when they ran. Forwarded only on `Allow`; on a
+    /// deny they are what the audit event records (redacted again there).
+    pub arguments: Option<Value>,
+    /// SHA-256 of the arguments as received (canonical form; the raw bytes if unparseable).
+    pub arguments_sha256: String,
+    /// The upstream URL with placeholders filled.
+    pub url: Option<String>,
+    /// Non-blocking findings (redactions), for the audit event.
+    pub notes: Vec<Reason>,
+}
+
+/// The loaded, compiled policy. Immutable: a reload builds a new one and swaps it in.
+#[derive(Debug)]
+pub struct Policy {
+    /// A hash of every loaded file (names and contents).
+    pub version: String,
+    pub files: Vec<String>,
+    pub auth: Authenticator,
+    pub agents: HashMap<String, Agent>,
+    pub tools: BTreeMap<String, Tool>,
+    pub filters: Vec<Filter>,
+}
+
+impl Policy {
+    /// Loads every `*.yaml`/`*.yml` file in `dir`. Rule files (`*.cedar`) are refused until rules
+    /// are enforced: a forbid that is silently ignored would open a hole.
+    pub fn load(dir: &Path) -> Result<Policy, ConfigError> {
+        let shown = dir.display().to_string();
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| ConfigError::file(&shown, format!("cannot read the policy directory: {e}")))?;
+        let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        let mut sources = Vec::new();
+        let mut problems = Problems::default();
+        for path in paths {
+            let name = path.display().to_string();
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("yaml" | "yml") => match std::fs::read_to_string(&path) {
+                    Ok(text) => sources.push((name, text)),
+                    Err(e) => problems.push(ConfigError::file(&name, format!("cannot read: {e}")).problems.remove(0)),
+                },
+                Some("cedar") => problems.push(
+                    ConfigError::file(&name, "rule files are not enforced by this build; remove the file rather than rely on it")
+                        .problems
+                        .remove(0),
+                ),
+                _ => {}
+            }
+        }
+        if sources.is_empty() && problems.is_empty() {
+            problems.push(ConfigError::file(&shown, "no policy files (*.yaml) found").problems.remove(0));
+        }
+        match Self::compile(&sources, |p| std::fs::read_to_string(p)) {
+            Ok(policy) => problems.finish(policy),
+            Err(e) => {
+                problems.extend(e);
+                problems.finish(Self::empty())
+            }
+        }
+    }
+
+    fn empty() -> Policy {
+        Policy {
+            version: String::new(),
+            files: Vec::new(),
+            auth: Authenticator::default(),
+            agents: HashMap::new(),
+            tools: BTreeMap::new(),
+            filters: Vec::new(),
+        }
+    }
+
+    /// Compiles policy sources `(file name, text)`; `read` loads files they reference (JWKS).
+    pub fn compile(
+        sources: &[(String, String)],
+        read: impl Fn(&Path) -> std::io::Result<String>,
+    ) -> Result<Policy, ConfigError> {
+        let mut problems = Problems::default();
+        let mut hasher = Sha256::new();
+        let mut docs = Vec::new();
+        for (name, text) in sources {
+            hasher.update(name.as_bytes());
+            hasher.update([0]);
+            hasher.update(text.as_bytes());
+            hasher.update([0]);
+            match Document::parse(name, text) {
+                Ok(doc) => docs.push(doc),
+                Err(e) => problems.extend(e),
+            }
+        }
+        let mut raw_files = Vec::new();
+        for doc in &docs {
+            match doc.decode::<PolicyFileRaw>(&KeyPath::root(), &doc.value) {
+                Ok(raw) => raw_files.push((doc, raw)),
+                Err(p) => problems.push(p),
+            }
+        }
+
+        // Filters and tools first: agents and tools refer to them.
+        let mut filter_index: HashMap<String, usize> = HashMap::new();
+        let mut filters = Vec::new();
+        let mut seen: HashMap<(&str, String), Problem> = HashMap::new();
+        let mut first_definition = |section: &'static str, name: &str, doc: &Document, path: &KeyPath, problems: &mut Problems| {
+            let here = doc.problem(path, "");
+            if let Some(prev) = seen.get(&(section, name.to_owned())) {
+                problems.push(doc.problem(
+                    path,
+                    format!("`{name}` is already defined at {}:{}:{}", prev.file, prev.line, prev.col),
+                ));
+                return false;
+            }
+            seen.insert((section, name.to_owned()), here);
+            true
+        };
+        for (doc, raw) in &raw_files {
+            for (name, value) in &raw.filters {
+                let path = KeyPath::root().key("filters").key(name);
+                if !first_definition("filters", name, doc, &path, &mut problems) {
+                    continue;
+                }
+                let Ok(config) = doc.decode::<FilterConfig>(&path, value).map_err(|p| problems.push(p)) else {
+                    continue;
+                };
+                match Filter::compile(name, &config) {
+                    Ok(f) => {
+                        filter_index.insert(name.clone(), filters.len());
+                        filters.push(f);
+                    }
+                    Err(errs) => {
+                        for (sub, msg) in errs {
+                            let at = sub.split(['[', ']']).filter(|s| !s.is_empty()).fold(path.clone(), |p, s| match s.parse() {
+                                Ok(i) => p.index(i),
+                                Err(_) => p.key(s),
+                            });
+                            problems.push(doc.problem(&at, msg));
+                        }
+                    }
+                }
+            }
+        }
+
+        let mut tools = BTreeMap::new();
+        for (doc, raw) in &raw_files {
+            for (name, value) in &raw.tools {
+                let path = KeyPath::root().key("tools").key(name);
+                if !is_valid_tool_name(name) {
+                    problems.push(doc.problem(&path, "tool names must match ^[A-Za-z0-9_.-]{1,128}$"));
+                    continue;
+                }
+                if !first_definition("tools", name, doc, &path, &mut problems) {
+                    continue;
+                }
+                match doc.decode::<ToolConfig>(&path, value) {
+                    Ok(config) => {
+                        if let Some(tool) = compile_tool(name, config, doc, &path, &filter_index, &mut problems) {
+                            tools.insert(name.clone(), tool);
+                        }
+                    }
+                    Err(p) => problems.push(p),
+                }
+            }
+        }
+
+        let mut jwt = None;
+        for (doc, raw) in &raw_files {
+            let Some(auth) = &raw.auth else { continue };
+            let path = KeyPath::root().key("auth");
+            if !first_definition("auth", "auth", doc, &path, &mut problems) {
+                continue;
+            }
+            let Ok(auth) = doc.decode::<AuthConfig>(&path, auth).map_err(|p| problems.push(p)) else {
+                continue;
+            };
+            if let Some(cfg) = auth.jwt {
+                let at = path.key("jwt").key("jwks_file");
+                match read(&cfg.jwks_file) {
+                    Ok(text) => {
+                        hasher.update(text.as_bytes());
+                        match JwtVerifier::new(&cfg, &text) {
+                            Ok(v) => jwt = Some(v),
+                            Err(e) => problems.push(doc.problem(&at, e)),
+                        }
+                    }
+                    Err(e) => problems.push(doc.problem(&at, format!("cannot read {}: {e}", cfg.jwks_file.display()))),
+                }
+            }
+        }
+
+        let mut auth = Authenticator::new(jwt);
+        let mut agents = HashMap::new();
+        for (doc, raw) in &raw_files {
+            for (id, value) in &raw.agents {
+                let path = KeyPath::root().key("agents").key(id);
+                if !is_valid_tool_name(id) {
+                    problems.push(doc.problem(&path, "agent ids must match ^[A-Za-z0-9_.-]{1,128}$"));
+                    continue;
+                }
+                if !first_definition("agents", id, doc, &path, &mut problems) {
+                    continue;
+                }
+                let Ok(config) = doc.decode::<AgentConfig>(&path, value).map_err(|p| problems.push(p)) else {
+                    continue;
+                };
+                let agent_id: Arc<str> = id.as_str().into();
+                let mut patterns = Vec::new();
+                for (i, entry) in config.tools.iter().enumerate() {
+                    let at = path.key("tools").index(i);
+                    match ToolPattern::parse(entry) {
+                        Ok(ToolPattern::Exact(name)) if !tools.contains_key(&name) => {
+                            problems.push(doc.problem(&at, format!("no tool named `{name}` is defined")));
+                        }
+                        Ok(p) => patterns.push(p),
+                        Err(e) => problems.push(doc.problem(&at, e)),
+                    }
+                }
+                if config.limits.is_some() {
+                    problems.push(doc.problem(
+                        &path.key("limits"),
+                        "rate limits and token budgets are not enforced by this build; remove `limits`",
+                    ));
+                }
+                let creds = path.key("credentials");
+                for (i, digest) in config.credentials.api_key_sha256.iter().enumerate() {
+                    let at = creds.key("api_key_sha256").index(i);
+                    match parse_key_digest(digest) {
+                        Ok(d) => {
+                            if let Err(other) = auth.add_api_key(d, agent_id.clone()) {
+                                problems.push(doc.problem(&at, format!("this key is already agent `{other}`'s")));
+                            }
+                        }
+                        Err(e) => problems.push(doc.problem(&at, e)),
+                    }
+                }
+                if let Some(sub) = &config.credentials.jwt_subject {
+                    let at = creds.key("jwt_subject");
+                    if !auth.has_jwt() {
+                        problems.push(doc.problem(&at, "needs `auth.jwt` in a policy file"));
+                    } else if let Err(other) = auth.add_jwt_subject(sub.clone(), agent_id.clone()) {
+                        problems.push(doc.problem(&at, format!("this subject is already agent `{other}`'s")));
+                    }
+                }
+                agents.insert(
+                    id.clone(),
+                    Agent {
+                        id: agent_id,
+                        description: config.description,
+                        allowlist: Allowlist::new(patterns),
+                    },
+                );
+            }
+        }
+
+        let digest = hex::encode(hasher.finalize());
+        problems.finish(Policy {
+            version: digest[..16].to_owned(),
+            files: sources.iter().map(|(n, _)| n.clone()).collect(),
+            auth,
+            agents,
+            tools,
+            filters,
+        })
+    }
+
+    /// Whether `agent` may call `tool`: the tool exists and the allowlist names it.
+    pub fn is_allowed(&self, agent: &str, tool: &str) -> bool {
+        self.tools.contains_key(tool) && self.agents.get(agent).is_some_and(|a| a.allowlist.allows(tool))
+    }
+
+    /// Runs the pipeline. The order is fixed and cheap-to-expensive, and each stage only sees
+    /// calls the previous ones admitted:
+    /// 1. agent — known (the caller authenticated it; `explain` names it);
+    /// 2. allowlist — before the body is even parsed, so a caller learns nothing about tools it
+    ///    may not call (unknown and not-allowed tools get the same answer);
+    /// 3. arguments — strict JSON, the tool's schema, URL placeholders;
+    /// 4. content — input filters over every string value and key; redactions rewrite the
+    ///    arguments that are forwarded.
+    pub fn evaluate<'p>(&'p self, call: &ToolCall<'_>, limits: ParseLimits) -> Evaluation<'p> {
+        let mut eval = Evaluation {
+            decision: Decision::Allow,
+            tool: None,
+            arguments: None,
+            arguments_sha256: String::new(),
+            url: None,
+            notes: Vec::new(),
+        };
+        let deny = |mut eval: Evaluation<'p>, reason: Reason| {
+            eval.decision = Decision::Deny(reason);
+            eval
+        };
+
+        let Some(agent) = self.agents.get(call.agent) else {
+            eval.arguments_sha256 = arguments::sha256_hex(call.body);
+            let r = Reason::new(Code::Unauthenticated, Stage::Authentication, "authentication", format!("Unknown agent '{}'.", call.agent));
+            return deny(eval, r);
+        };
+        let tool = self.tools.get(call.tool).filter(|_| agent.allowlist.allows(call.tool));
+        let Some(tool) = tool else {
+            eval.arguments_sha256 = arguments::sha256_hex(call.body);
+            let message = if is_valid_tool_name(call.tool) {
+                format!("Agent '{}' may not call '{}'.", agent.id, call.tool)
+            } else {
+                format!("Agent '{}' may not call this tool: the name is not a valid tool name.", agent.id)
+            };
+            return deny(eval, Reason::new(Code::ToolNotAllowed, Stage::Allowlist, "allowlist", message));
+        };
+        eval.tool = Some(tool);
+
+        let args = match arguments::parse(call.body, limits.max_json_depth) {
+            Ok(args) => args,
+            Err(e) => {
+                eval.arguments_sha256 = arguments::sha256_hex(call.body);
+                return deny(eval, Reason::new(Code::InvalidArguments, Stage::Arguments, "json", e.to_string()));
+            }
+        };
+        eval.arguments_sha256 = arguments::sha256_hex(&arguments::canonical(&args));
+        let args = eval.arguments.insert(Value::Object(args));
+        if let Some(schema) = &tool.schema
+            && let Err(message) = schema.validate(args)
+        {
+            return deny(eval, Reason::new(Code::InvalidArguments, Stage::Arguments, "schema", message));
+        }
+        // Placeholders are filled from the arguments as validated, before any redaction.
+        match tool.url.fill(args.as_object().expect("parsed as an object")) {
+            Ok(url) => eval.url = Some(url),
+            Err(message) => return deny(eval, Reason::new(Code::InvalidArguments, Stage::Arguments, "url", message)),
+        }
+
+        if !tool.input_filters.is_empty() {
+            let filters: Vec<&Filter> = tool.input_filters.iter().map(|&i| &self.filters[i]).collect();
+            let outcome = content::apply(&filters, args);
+            for (filter, kind) in outcome.redacted {
+                let msg = format!("Redacted {kind} found by filter '{filter}'.");
+                eval.notes.push(Reason::new(Code::ContentBlocked, Stage::Content, filter, msg));
+            }
+            if let Some((filter, kind)) = outcome.blocked {
+                let msg = format!("The arguments were blocked by content filter '{filter}' ({kind}).");
+                return deny(eval, Reason::new(Code::ContentBlocked, Stage::Content, filter, msg));
+            }
+        }
+        eval
+    }
+
+    /// Runs a tool's output filters over its response, in place.
+    pub fn filter_output(&self, tool: &Tool, response: &mut Value) -> content::Outcome {
+        let filters: Vec<&Filter> = tool.output_filters.iter().map(|&i| &self.filters[i]).collect();
+        content::apply(&filters, response)
+    }
+
+    /// Whether a tool has output filters (so a response must be parsed at all).
+    pub fn has_output_filters(&self, tool: &Tool) -> bool {
+        !tool.output_filters.is_empty()
+    }
+}
+
+fn compile_tool(
+    name: &str,
+    c: ToolConfig,
+    doc: &Document,
+    path: &KeyPath,
+    filter_index: &HashMap<String, usize>,
+    problems: &mut Problems,
+) -> Option<Tool> {
+    let before = problems.len();
+    let up = path.key("upstream");
+    let url = UrlTemplate::parse(&c.upstream.url).map_err(|e| problems.push(doc.problem(&up.key("url"), e))).ok();
+    let method = Method::parse(&c.upstream.method);
+    if method.is_none() {
+        problems.push(doc.problem(&up.key("method"), "must be one of GET, POST, PUT, PATCH, DELETE"));
+    }
+    if c.upstream.timeout_ms == Some(0) {
+        problems.push(doc.problem(&up.key("timeout_ms"), "must be greater than 0"));
+    }
+    if c.aws_role.is_some() {
+        problems.push(doc.problem(
+            &path.key("aws_role"),
+            "AWS roles are not available in this build; remove `aws_role` rather than forward unsigned",
+        ));
+    }
+    let schema = c.arguments.as_ref().and_then(|s| {
+        ArgumentSchema::compile(s).map_err(|e| problems.push(doc.problem(&path.key("arguments"), e))).ok()
+    });
+    if let Some(url) = &url {
+        let required: Vec<&str> = c
+            .arguments
+            .as_ref()
+            .and_then(|s| s.get("required"))
+            .and_then(Value::as_array)
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        for p in url.placeholders() {
+            if !required.contains(&p) {
+                problems.push(doc.problem(
+                    &up.key("url"),
+                    format!("placeholder `{{{p}}}` must be a required argument in `arguments.required`"),
+                ));
+            }
+        }
+    }
+    let mut resolve = |list: &[String], key: &str| -> Vec<usize> {
+        list.iter()
+            .enumerate()
+            .filter_map(|(i, f)| {
+                let idx = filter_index.get(f).copied();
+                if idx.is_none() {
+                    problems.push(doc.problem(&path.key("filters").key(key).index(i), format!("no filter named `{f}` is defined")));
+                }
+                idx
+            })
+            .collect()
+    };
+    let input_filters = resolve(&c.filters.input, "input");
+    let output_filters = resolve(&c.filters.output, "output");
+    if problems.len() != before {
+        return None;
+    }
+    Some(Tool {
+        name: name.to_owned(),
+        description: c.description,
+        url: url?,
+        method: method?,
+        timeout: c.upstream.timeout_ms.map(std::time::Duration::from_millis),
+        schema,
+        schema_source: c.arguments,
+        input_filters,
+        output_filters,
+    })
+}

@@ -1,0 +1,250 @@
+//! A tool as the security team declares it (`tools:` in a policy file) and as the gateway runs
+//! it: upstream URL template, method, timeout, argument schema and filters, compiled at load.
+
+use std::time::Duration;
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::arguments::ArgumentSchema;
+
+/// `tools.<name>` in a policy file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolConfig {
+    /// Shown to agents (MCP `tools/list`) and in `explain`.
+    #[serde(default)]
+    pub description: String,
+    pub upstream: UpstreamConfig,
+    /// Reserved for per-tool AWS roles; refused until they are built, so a policy never believes
+    /// a tool runs under a role it does not.
+    #[serde(default)]
+    pub aws_role: Option<Value>,
+    /// JSON Schema for the arguments object. Without one, any JSON object is accepted.
+    #[serde(default)]
+    pub arguments: Option<Value>,
+    #[serde(default)]
+    pub filters: FilterRefs,
+}
+
+/// `tools.<name>.upstream`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `http://host:port/path/{placeholder}`; placeholders only in the path, filled from arguments.
+    pub url: String,
+    /// HTTP method (default POST).
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Overrides `limits.upstream_timeout_ms` for this tool.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+fn default_method() -> String {
+    "POST".to_owned()
+}
+
+/// `tools.<name>.filters`: names from the `filters:` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterRefs {
+    #[serde(default)]
+    pub input: Vec<String>,
+    #[serde(default)]
+    pub output: Vec<String>,
+}
+
+/// The upstream HTTP method. Arguments travel as a JSON body for methods with a body, and as a
+/// query string (scalars; other values JSON-encoded) for the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "GET" => Method::Get,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "PATCH" => Method::Patch,
+            "DELETE" => Method::Delete,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Patch => "PATCH",
+            Method::Delete => "DELETE",
+        }
+    }
+
+    pub fn has_body(self) -> bool {
+        matches!(self, Method::Post | Method::Put | Method::Patch)
+    }
+}
+
+/// Characters left as they are in a path segment: RFC 3986 unreserved. Everything else, `/`, `?`,
+/// `#`, `%` and `.` included, is percent-encoded, so a value can never add a segment or a query.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'~');
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Placeholder(String),
+}
+
+/// An upstream URL with `{name}` placeholders in its path.
+#[derive(Debug, Clone)]
+pub struct UrlTemplate {
+    parts: Vec<Part>,
+}
+
+impl UrlTemplate {
+    /// Parses and checks a template: `http://` only, a host, placeholders only in the path.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = if let Some(rest) = url.strip_prefix("http://") {
+            rest
+        } else if url.starts_with("https://") {
+            return Err("https upstreams are not supported by this build yet; use http:// (e.g. through a local TLS sidecar)".to_owned());
+        } else {
+            return Err("must start with http://".to_owned());
+        };
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        if authority.is_empty() || authority.contains(['{', '}', '@']) {
+            return Err("must name a host (no placeholders or user info in the host)".to_owned());
+        }
+        if url.contains('#') {
+            return Err("must not have a fragment".to_owned());
+        }
+        let query_start = url.find('?').unwrap_or(url.len());
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut chars = url.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '{' => {
+                    if i > query_start {
+                        return Err("placeholders are allowed only in the path".to_owned());
+                    }
+                    let close = url[i..].find('}').ok_or("has an unclosed `{`")? + i;
+                    let name = &url[i + 1..close];
+                    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                        return Err(format!("placeholder `{{{name}}}` must be a plain argument name"));
+                    }
+                    if !literal.is_empty() {
+                        parts.push(Part::Literal(std::mem::take(&mut literal)));
+                    }
+                    parts.push(Part::Placeholder(name.to_owned()));
+                    while chars.peek().is_some_and(|(j, _)| *j <= close) {
+                        chars.next();
+                    }
+                }
+                '}' => return Err("has a `}` without `{`".to_owned()),
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(Part::Literal(literal));
+        }
+        Ok(Self { parts })
+    }
+
+    /// The argument names the template needs.
+    pub fn placeholders(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Placeholder(n) => Some(n.as_str()),
+            Part::Literal(_) => None,
+        })
+    }
+
+    /// The URL with placeholders filled, each value percent-encoded as one path segment.
+    pub fn fill(&self, args: &Map<String, Value>) -> Result<String, String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => out.push_str(s),
+                Part::Placeholder(name) => {
+                    let value = match args.get(name) {
+                        Some(Value::String(s)) => s.clone(),
+                        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+                        Some(_) => return Err(format!("Argument '/{name}' must be a string or an integer.")),
+                        None => return Err(format!("Missing required argument '/{name}'.")),
+                    };
+                    // A segment that is empty or a dot segment would change the path's shape once
+                    // the upstream normalises it, whatever its encoding.
+                    if value.is_empty() || value == "." || value == ".." {
+                        return Err(format!("Argument '/{name}' must not be empty, '.' or '..'."));
+                    }
+                    out.extend(utf8_percent_encode(&value, SEGMENT));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A compiled tool.
+#[derive(Debug)]
+pub struct Tool {
+    pub name: String,
+    pub description: String,
+    pub url: UrlTemplate,
+    pub method: Method,
+    pub timeout: Option<Duration>,
+    pub schema: Option<ArgumentSchema>,
+    /// The schema as written, for `tools/list` and `explain`.
+    pub schema_source: Option<Value>,
+    pub input_filters: Vec<usize>,
+    pub output_filters: Vec<usize>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fill(t: &str, args: Value) -> Result<String, String> {
+        UrlTemplate::parse(t).unwrap().fill(args.as_object().unwrap())
+    }
+
+    #[test]
+    fn fills_placeholders_as_single_encoded_segments() {
+        let t = "http://127.0.0.1:9001/refunds/{order_id}/x";
+        assert_eq!(fill(t, json!({"order_id": "O-17"})).unwrap(), "http://127.0.0.1:9001/refunds/O-17/x");
+        assert_eq!(fill(t, json!({"order_id": 17})).unwrap(), "http://127.0.0.1:9001/refunds/17/x");
+        assert_eq!(
+            fill(t, json!({"order_id": "../admin?x=1#f"})).unwrap(),
+            "http://127.0.0.1:9001/refunds/%2E%2E%2Fadmin%3Fx%3D1%23f/x"
+        );
+        assert_eq!(fill(t, json!({"order_id": "a b%2F"})).unwrap(), "http://127.0.0.1:9001/refunds/a%20b%252F/x");
+    }
+
+    #[test]
+    fn refuses_dot_segments_empty_values_and_non_scalars() {
+        let t = "http://h/r/{id}";
+        for bad in [json!({"id": ".."}), json!({"id": "."}), json!({"id": ""}), json!({"id": {"a": 1}}), json!({"id": true}), json!({})] {
+            assert!(fill(t, bad.clone()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn refuses_templates_that_could_move_the_host() {
+        for bad in ["http://{host}/x", "ftp://h/x", "http:///x", "http://h/x?q={v}", "http://h/{a", "http://u@h/x", "http://h/{a-b}"] {
+            assert!(UrlTemplate::parse(bad).is_err(), "{bad}");
+        }
+        let t = UrlTemplate::parse("http://h:1/a/{x}/b/{y}?q=1").unwrap();
+        assert_eq!(t.placeholders().collect::<Vec<_>>(), ["x", "y"]);
+    }
+}

@@ -1,0 +1,138 @@
+//! The admin plane, on its own listener: health, readiness and metrics without a token;
+//! `/admin/*` (reload, policy summary) behind a bearer token compared in constant time.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::{RequestId, error_response};
+use crate::gateway::Gateway;
+use crate::policy::Code;
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("duration_seconds".to_owned()), &buckets)
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests, embedding): then ours only renders.
+            let _ = metrics::set_global_recorder(recorder);
+            metrics::describe_counter!("toolgate_calls_total", "Tool calls by agent, tool, decision and code.");
+            metrics::describe_histogram!("toolgate_decision_duration_seconds", "Time to decide a call, before forwarding.");
+            metrics::describe_histogram!("toolgate_upstream_duration_seconds", "Time the tool took to answer, by tool.");
+            metrics::describe_counter!("toolgate_policy_reloads_total", "Policy reloads by result.");
+            metrics::describe_counter!("toolgate_audit_write_failures_total", "Audit events that could not be written.");
+            handle
+        })
+        .clone()
+}
+
+pub fn routes(gateway: Arc<Gateway>) -> Router {
+    let token: Option<[u8; 32]> = gateway.admin_token().map(|t| Sha256::digest(t.as_bytes()).into());
+    let protected = Router::new()
+        .route("/admin/reload", post(reload))
+        .route("/admin/policy", get(policy))
+        .route_layer(middleware::from_fn(move |req: Request, next: Next| {
+            let token = token;
+            async move { check_token(token.as_ref().map(|t| &t[..]), req, next).await }
+        }));
+    Router::new()
+        .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(render_metrics))
+        .merge(protected)
+        .fallback(|req: Request| async move { error_response(Code::NotFound, "No such admin endpoint.", &request_id(&req)) })
+        .with_state(gateway)
+}
+
+fn request_id(req: &Request) -> Arc<str> {
+    req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default()
+}
+
+async fn check_token(expected: Option<&[u8]>, req: Request, next: Next) -> Response {
+    let id = request_id(&req);
+    let Some(expected) = expected else {
+        return error_response(Code::Unauthenticated, "No admin token is configured: set the variable named by `admin.token_env`.", &id);
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() });
+    // Digests, not tokens, are compared, so neither the length nor the content leaks by timing.
+    match presented {
+        Some(p) if bool::from(p[..].ct_eq(expected)) => next.run(req).await,
+        _ => error_response(Code::Unauthenticated, "A valid admin bearer token is required.", &id),
+    }
+}
+
+async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
+    let audit_ok = gw.audit.is_healthy();
+    let body = json!({"ready": audit_ok, "policy_version": gw.policy().version, "audit": if audit_ok { "ok" } else { "failing" }});
+    let status = if audit_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn render_metrics() -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics_handle().render()).into_response()
+}
+
+async fn reload(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let id = request_id(&req);
+    let before = gw.policy().version.clone();
+    match gw.reload("admin").await {
+        Ok(version) => axum::Json(json!({
+            "status": if version == before { "unchanged" } else { "reloaded" },
+            "policy_version": version,
+            "previous_version": before,
+        }))
+        .into_response(),
+        Err(err) => {
+            let errors: Vec<Value> = err.problems.iter().map(|p| json!({"file": p.file, "line": p.line, "col": p.col, "path": p.path, "message": p.message, "text": p.to_string()})).collect();
+            let body = json!({"error": {
+                "code": "policy_invalid",
+                "message": format!("The new policy has {} error(s); the last good policy ({before}) stays in force.", errors.len()),
+                "request_id": &*id,
+                "policy_version": before,
+                "errors": errors,
+            }});
+            (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(body)).into_response()
+        }
+    }
+}
+
+async fn policy(State(gw): State<Arc<Gateway>>) -> Response {
+    let p = gw.policy();
+    let mut agents: Vec<Value> = p
+        .agents
+        .values()
+        .map(|a| {
+            let tools: Vec<&str> = p.tools.keys().filter(|t| a.allowlist.allows(t)).map(String::as_str).collect();
+            json!({"id": &*a.id, "description": a.description, "tools": tools})
+        })
+        .collect();
+    agents.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    let tools: Vec<Value> = p
+        .tools
+        .values()
+        .map(|t| json!({"name": t.name, "description": t.description, "method": t.method.as_str(), "has_schema": t.schema.is_some(),
+            "input_filters": t.input_filters.iter().map(|&i| &p.filters[i].name).collect::<Vec<_>>(),
+            "output_filters": t.output_filters.iter().map(|&i| &p.filters[i].name).collect::<Vec<_>>()}))
+        .collect();
+    axum::Json(json!({"version": p.version, "files": p.files, "agents": agents, "tools": tools, "filters": p.filters.iter().map(|f| &f.name).collect::<Vec<_>>()})).into_response()
+}

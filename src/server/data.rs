@@ -1,0 +1,91 @@
+//! Data-plane routes: `POST /v1/tools/{tool}`. Reads the body within its limits and hands the
+//! call to the gateway; everything else answers a JSON 404 or 405.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use http_body_util::{BodyExt, Limited};
+
+use super::{RequestId, error_response};
+use crate::gateway::{CallRequest, Gateway};
+use crate::policy::{Code, Reason, Stage};
+
+pub fn routes(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/tools/{tool}", post(call_tool))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(gateway)
+}
+
+async fn not_found(req: Request) -> Response {
+    let id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+    error_response(Code::NotFound, "No such endpoint. Tool calls are `POST /v1/tools/{tool}`.", &id)
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    let id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+    error_response(Code::MethodNotAllowed, "Tool calls use POST.", &id)
+}
+
+async fn call_tool(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let id = parts.extensions.get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+    // The raw path segment, not a percent-decoded one: tool names match exactly, and `%2E` is
+    // not a dot.
+    let tool = parts.uri.path().strip_prefix("/v1/tools/").unwrap_or_default();
+    let body = read_body(&gw, &parts.headers, body).await;
+    let header = |name: &str| parts.headers.get(name);
+    let resp = gw
+        .call(CallRequest {
+            request_id: &id,
+            authorization: header("authorization").and_then(|v| v.to_str().ok()),
+            tool,
+            body,
+            session: header("x-toolgate-session").map(|v| v.to_str().unwrap_or("\u{fffd}")),
+            traceparent: header("traceparent").filter(|v| is_traceparent(v)),
+            tracestate: header("tracestate").filter(|v| v.len() <= 512),
+        })
+        .await;
+    let mut out = Response::new(Body::from(resp.body));
+    *out.status_mut() = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if let Some(ct) = resp.content_type {
+        out.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    out.headers_mut().insert("x-toolgate-decision", HeaderValue::from_static(resp.decision));
+    out.into_response()
+}
+
+async fn read_body(gw: &Gateway, headers: &axum::http::HeaderMap, body: Body) -> Result<bytes::Bytes, Reason> {
+    let limit = gw.config.limits.max_body_bytes;
+    let too_large = || {
+        Reason::new(Code::PayloadTooLarge, Stage::Request, "limits", format!("The body is larger than the limit of {limit} bytes."))
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let timeout = Duration::from_millis(gw.config.limits.request_read_timeout_ms);
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(Reason::new(Code::InvalidRequest, Stage::Request, "transport", "The request body could not be read.")),
+        Err(_) => Err(Reason::new(Code::RequestTimeout, Stage::Request, "limits", "The request body was not received in time.")),
+    }
+}
+
+/// W3C `traceparent`: `vv-<32 hex>-<16 hex>-ff`. Anything else is dropped, not forwarded.
+fn is_traceparent(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    b.len() == 55
+        && b.iter().enumerate().all(|(i, c)| match i {
+            2 | 35 | 52 => *c == b'-',
+            _ => c.is_ascii_hexdigit() && !c.is_ascii_uppercase(),
+        })
+}

@@ -1,0 +1,177 @@
+//! The two listeners: the data plane (agents) and the admin plane (operators), each an axum
+//! router served by hyper with bounded headers and read timeouts. Every transport concern is a
+//! layer, listed in order in [`data_plane`].
+
+pub mod admin;
+pub mod data;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::gateway::{Gateway, error_body};
+use crate::policy::{Code, Reason, Stage};
+
+/// The request id of the call being served: the caller's `X-Request-Id` if it is sane, else a
+/// fresh UUID. Set by the outermost layer, read by handlers, echoed on every response.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub Arc<str>);
+
+/// A JSON error response with the contract's body.
+pub fn error_response(code: Code, message: impl Into<String>, request_id: &str) -> Response {
+    let reason = Reason::new(code, Stage::Request, "", message);
+    let status = axum::http::StatusCode::from_u16(code.http_status()).expect("contract statuses are valid");
+    (status, [(axum::http::header::CONTENT_TYPE, "application/json")], error_body(&reason, request_id)).into_response()
+}
+
+fn is_sane_request_id(v: &str) -> bool {
+    (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id: Arc<str> = match req.headers().get("x-request-id").and_then(|v| v.to_str().ok()) {
+        Some(v) if is_sane_request_id(v) => v.into(),
+        _ => uuid::Uuid::new_v4().to_string().into(),
+    };
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut res = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    res
+}
+
+/// Sheds load instead of queueing: a call over the limit is answered at once with 503.
+async fn concurrency_limit(limit: Arc<Semaphore>, req: Request, next: Next) -> Response {
+    match limit.try_acquire() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => {
+            let id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_else(|| "".into());
+            metrics::counter!("toolgate_shed_total").increment(1);
+            error_response(Code::Unavailable, "The gateway is at its concurrency limit. Retry shortly.", &id)
+        }
+    }
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    error_response(Code::Internal, "The gateway hit an internal error; the call was not forwarded.", "")
+}
+
+/// The data-plane router with its layers, outermost first:
+/// 1. catch-panic — a bug answers 500 with a JSON body instead of dropping the connection;
+/// 2. request id — before anything that may answer, so every response carries it;
+/// 3. concurrency limit — after the id, so a shed call's 503 has one too.
+pub fn data_plane(gateway: Arc<Gateway>) -> Router {
+    let limit = Arc::new(Semaphore::new(gateway.config.limits.max_concurrent_requests));
+    data::routes(gateway)
+        .layer(middleware::from_fn(move |req, next| concurrency_limit(limit.clone(), req, next)))
+        .layer(middleware::from_fn(request_id))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+}
+
+/// The admin-plane router: the same request-id and panic layers; its own token check.
+pub fn admin_plane(gateway: Arc<Gateway>) -> Router {
+    admin::routes(gateway)
+        .layer(middleware::from_fn(request_id))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+}
+
+/// A running gateway: its addresses, and a handle to stop it.
+pub struct Running {
+    pub data_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight calls finish (up to 10 s), and returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Binds both listeners and starts serving, the policy watcher and metrics upkeep.
+pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
+    let data = TcpListener::bind(gateway.config.listen).await?;
+    let admin = TcpListener::bind(gateway.config.admin.listen).await?;
+    let (data_addr, admin_addr) = (data.local_addr()?, admin.local_addr()?);
+    let (stop, stopped) = watch::channel(false);
+    let read_timeout = Duration::from_millis(gateway.config.limits.request_read_timeout_ms);
+    let metrics = admin::metrics_handle();
+    let mut tasks = vec![
+        tokio::spawn(serve(data, data_plane(gateway.clone()), read_timeout, wait(stopped.clone()))),
+        tokio::spawn(serve(admin, admin_plane(gateway.clone()), read_timeout, wait(stopped.clone()))),
+    ];
+    let gw = gateway.clone();
+    let mut stop_watch = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut last = gw.policy_fingerprint();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop_watch.changed() => return,
+            }
+            metrics.run_upkeep();
+            let now = gw.policy_fingerprint();
+            if now != last {
+                last = now;
+                let _ = gw.reload("file_change").await;
+            }
+        }
+    }));
+    Ok(Running {
+        data_addr,
+        admin_addr,
+        gateway,
+        stop,
+        tasks,
+    })
+}
+
+async fn wait(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
+async fn serve(listener: TcpListener, app: Router, read_timeout: Duration, shutdown: impl Future<Output = ()>) {
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Bounded headers: at most 64 KiB buffered and 100 headers; slow senders are cut off.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .max_buf_size(64 * 1024)
+        .max_headers(100);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+}

@@ -1,0 +1,206 @@
+//! Forwarding an allowed call to its tool: one pooled HTTP/1.1 client, a per-call deadline over
+//! the whole exchange, a bounded response, and only the headers toolgate chooses.
+//!
+//! No retries of a call that may have acted: the only retry is hyper's, for a request that never
+//! started on a pooled connection the upstream had already closed — nothing was sent, so nothing
+//! can have happened twice.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Request, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Map, Value};
+
+use crate::policy::tool::Method;
+
+/// Why a forward failed. The call was allowed; the tool did not answer usefully.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the tool did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the tool could not be reached: {0}")]
+    Unreachable(String),
+    #[error("the tool's response is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("the tool's response was malformed: {0}")]
+    Protocol(String),
+}
+
+/// What toolgate sends upstream.
+#[derive(Debug)]
+pub struct Outbound<'a> {
+    pub method: Method,
+    pub url: &'a str,
+    pub arguments: &'a Map<String, Value>,
+    pub request_id: &'a str,
+    pub agent: &'a str,
+    pub traceparent: Option<&'a HeaderValue>,
+    pub tracestate: Option<&'a HeaderValue>,
+    pub timeout: Duration,
+    pub max_response_bytes: usize,
+}
+
+/// What the tool answered.
+#[derive(Debug)]
+pub struct Inbound {
+    pub status: u16,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+    pub duration: Duration,
+}
+
+/// The shared upstream client (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Upstream {
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(512)
+            .retry_canceled_requests(true)
+            .build(connector);
+        Self { client }
+    }
+
+    /// Sends one call and reads the whole response, all within `out.timeout`.
+    pub async fn forward(&self, out: &Outbound<'_>) -> Result<Inbound, UpstreamError> {
+        let started = Instant::now();
+        let request = build_request(out)?;
+        let exchange = async {
+            let response = self.client.request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    UpstreamError::Unreachable(source_chain(&e))
+                } else {
+                    UpstreamError::Protocol(source_chain(&e))
+                }
+            })?;
+            let status = response.status().as_u16();
+            let content_type = response.headers().get(CONTENT_TYPE).cloned();
+            let body = Limited::new(response.into_body(), out.max_response_bytes)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        UpstreamError::TooLarge(out.max_response_bytes)
+                    } else {
+                        UpstreamError::Protocol(e.to_string())
+                    }
+                })?
+                .to_bytes();
+            Ok::<_, UpstreamError>((status, content_type, body))
+        };
+        let (status, content_type, body) = tokio::time::timeout(out.timeout, exchange)
+            .await
+            .map_err(|_| UpstreamError::Timeout(out.timeout))??;
+        Ok(Inbound {
+            status,
+            content_type,
+            body,
+            duration: started.elapsed(),
+        })
+    }
+}
+
+fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamError> {
+    let (uri, body) = if out.method.has_body() {
+        let body = serde_json::to_vec(out.arguments).expect("a JSON map always serialises");
+        (out.url.to_owned(), Bytes::from(body))
+    } else {
+        (with_query(out.url, out.arguments), Bytes::new())
+    };
+    let uri: Uri = uri.parse().map_err(|e| UpstreamError::Protocol(format!("bad upstream URL: {e}")))?;
+    let mut b = Request::builder()
+        .method(out.method.as_str())
+        .uri(uri)
+        .header("x-request-id", out.request_id)
+        .header("x-toolgate-agent", out.agent)
+        .header("user-agent", concat!("toolgate/", env!("CARGO_PKG_VERSION")));
+    if out.method.has_body() {
+        b = b.header(CONTENT_TYPE, "application/json");
+    }
+    if let Some(tp) = out.traceparent {
+        b = b.header("traceparent", tp);
+    }
+    if let Some(ts) = out.tracestate {
+        b = b.header("tracestate", ts);
+    }
+    b.body(Full::new(body)).map_err(|e| UpstreamError::Protocol(e.to_string()))
+}
+
+/// Appends arguments as a query string (for methods without a body): scalars as text, anything
+/// else as compact JSON.
+fn with_query(url: &str, args: &Map<String, Value>) -> String {
+    if args.is_empty() {
+        return url.to_owned();
+    }
+    let mut ser = form_urlencoded_pairs(args);
+    let sep = if url.contains('?') { '&' } else { '?' };
+    ser.insert(0, sep);
+    format!("{url}{ser}")
+}
+
+fn form_urlencoded_pairs(args: &Map<String, Value>) -> String {
+    use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+    const QUERY: &percent_encoding::AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+    let mut out = String::new();
+    for (k, v) in args {
+        if !out.is_empty() {
+            out.push('&');
+        }
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Null => String::new(),
+            Value::Bool(_) | Value::Number(_) => v.to_string(),
+            _ => serde_json::to_string(v).expect("JSON serialises"),
+        };
+        out.extend(utf8_percent_encode(k, QUERY));
+        out.push('=');
+        out.extend(utf8_percent_encode(&text, QUERY));
+    }
+    out
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn query_strings_encode_keys_and_values() {
+        let args = json!({"q": "a b&c", "n": 3, "tags": ["x"]});
+        assert_eq!(
+            with_query("http://h/s", args.as_object().unwrap()),
+            "http://h/s?n=3&q=a%20b%26c&tags=%5B%22x%22%5D"
+        );
+        assert_eq!(with_query("http://h/s?v=1", json!({"a": 1}).as_object().unwrap()), "http://h/s?v=1&a=1");
+    }
+}
