@@ -273,7 +273,7 @@ impl ServerConfig {
                 "the CloudWatch audit sink is not available in this build; remove it or use `file`",
             ));
         }
-        if raw.listen == raw.admin.listen {
+        if raw.listen == raw.admin.listen && raw.listen.port() != 0 {
             problems.push(doc.problem(
                 &root.key("admin").key("listen"),
                 "the admin plane must not share the data plane's address",

@@ -1,0 +1,341 @@
+//! End to end over real HTTP: the gateway in front of a real upstream, every row of the error
+//! table this issue owns, and the audit event each call leaves.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::{ANALYST_KEY, Harness, SUPPORT_KEY, send};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_an_allowed_call_with_only_the_headers_toolgate_chooses() {
+    let h = Harness::start().await;
+    let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let headers = vec![
+        ("authorization", format!("Bearer {SUPPORT_KEY}")),
+        ("content-type", "application/json".to_owned()),
+        ("x-request-id", "req-abc-123".to_owned()),
+        ("traceparent", trace.to_owned()),
+        ("cookie", "session=secret".to_owned()),
+        ("x-toolgate-agent", "admin-bot".to_owned()),
+        ("connection", "keep-alive, x-custom".to_owned()),
+        ("x-custom", "hop".to_owned()),
+    ];
+    let body = br#"{ "order_id": "O-17",   "amount": 5 }"#.to_vec();
+    let r = send("POST", &format!("{}/v1/tools/billing.refund", h.data), &headers, body).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.header("x-toolgate-decision"), Some("allow"));
+    assert_eq!(r.request_id(), "req-abc-123");
+    assert_eq!(r.json()["path"], "/refunds/O-17");
+
+    let seen = h.upstream.requests();
+    assert_eq!(seen.len(), 1);
+    let s = &seen[0];
+    assert_eq!(s.method, "POST");
+    // The re-serialised, validated JSON, not the caller's bytes.
+    assert_eq!(&s.body[..], br#"{"amount":5,"order_id":"O-17"}"#);
+    assert_eq!(s.headers.get("x-request-id").unwrap(), "req-abc-123");
+    assert_eq!(s.headers.get("traceparent").unwrap(), trace);
+    // Identity comes from the credential, never from the caller's headers.
+    assert_eq!(s.headers.get("x-toolgate-agent").unwrap(), "support-bot");
+    for never in ["authorization", "cookie", "x-custom"] {
+        assert!(s.headers.get(never).is_none(), "{never} was forwarded");
+    }
+
+    let e = h.event_for(&r);
+    assert_eq!(e["event"], "tool_call");
+    assert_eq!(e["decision"], "allow");
+    assert_eq!(e["agent"], "support-bot");
+    assert_eq!(e["tool"], "billing.refund");
+    assert_eq!(e["upstream"]["status"], 200);
+    assert_eq!(e["arguments"], json!({"amount": 5, "order_id": "O-17"}));
+    assert_eq!(e["arguments_sha256"], support::sha256_hex(r#"{"amount":5,"order_id":"O-17"}"#));
+    assert_eq!(e["policy_version"].as_str().unwrap().len(), 16);
+    assert!(e["ts"].as_str().unwrap().ends_with('Z'));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_tools_receive_arguments_as_a_query_string() {
+    let h = Harness::start().await;
+    let r = h.call("echo.get", Some(SUPPORT_KEY), r#"{"q": "a b&c", "n": 2}"#).await;
+    assert_eq!(r.status, 200);
+    let s = &h.upstream.requests()[0];
+    assert_eq!(s.method, "GET");
+    assert_eq!(s.uri, "/echo?n=2&q=a%20b%26c");
+    assert!(s.body.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_missing_wrong_and_malformed_credentials() {
+    let h = Harness::start().await;
+    for (auth, what) in [
+        (None, "no header"),
+        (Some("Bearer wrong-key".to_owned()), "unknown key"),
+        (Some(SUPPORT_KEY.to_owned()), "no scheme"),
+        (Some(format!("Basic {SUPPORT_KEY}")), "wrong scheme"),
+        (Some(format!("Bearer {SUPPORT_KEY}x")), "key with a suffix"),
+    ] {
+        let mut headers = vec![("x-toolgate-agent", "support-bot".to_owned()), ("x-agent-id", "support-bot".to_owned())];
+        if let Some(a) = auth {
+            headers.push(("authorization", a));
+        }
+        let r = send("POST", &format!("{}/v1/tools/kb.search", h.data), &headers, b"{}".to_vec()).await;
+        let body = r.assert_error(401, "unauthenticated");
+        assert!(!body.to_string().contains(SUPPORT_KEY), "{what}: the key is echoed");
+        let e = h.event_for(&r);
+        assert_eq!(e["decision"], "deny", "{what}");
+        assert_eq!(e["code"], "unauthenticated");
+        assert_eq!(e["agent"], Value::Null, "{what}: a spoofed identity header was believed");
+    }
+    assert_eq!(h.upstream.requests().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_agents_key_gets_that_agents_allowlist() {
+    let h = Harness::start().await;
+    let r = h.call("tickets.read", Some(ANALYST_KEY), r#"{"ticket_id": "T-1"}"#).await;
+    r.assert_error(403, "tool_not_allowed");
+    assert_eq!(h.event_for(&r)["agent"], "analyst-bot");
+    let r = h.call("kb.search", Some(ANALYST_KEY), r#"{"query": "x"}"#).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_not_allowed_tools_get_the_same_answer() {
+    let h = Harness::start().await;
+    let not_allowed = h.call("billing.delete_account", Some(SUPPORT_KEY), r#"{"account_id": "A"}"#).await;
+    let unknown = h.call("billing.delete_everything", Some(SUPPORT_KEY), r#"{"account_id": "A"}"#).await;
+    let a = not_allowed.assert_error(403, "tool_not_allowed");
+    let b = unknown.assert_error(403, "tool_not_allowed");
+    assert_eq!(a["error"]["rule"], b["error"]["rule"]);
+    assert_eq!(
+        a["error"]["message"].as_str().unwrap().replace("delete_account", "X"),
+        b["error"]["message"].as_str().unwrap().replace("delete_everything", "X")
+    );
+    // The allowlist runs before the body is read: a bad body on a forbidden tool says nothing more.
+    let r = h.call("billing.delete_account", Some(SUPPORT_KEY), "not json").await;
+    r.assert_error(403, "tool_not_allowed");
+    assert_eq!(h.event_for(&r)["reasons"][0]["stage"], "allowlist");
+    assert_eq!(h.upstream.requests().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_names_match_exactly_without_decoding_or_case_folding() {
+    let h = Harness::start().await;
+    for tool in ["KB.search", "kb.Search", "kb%2Esearch", "kb.search%00", "kb.search%20", "kb%2esearch", "%6bb.search", "kb.search."] {
+        let r = h.call(tool, Some(SUPPORT_KEY), r#"{"query": "x"}"#).await;
+        r.assert_error(403, "tool_not_allowed");
+        assert_eq!(h.event_for(&r)["code"], "tool_not_allowed", "{tool}");
+    }
+    // A glob does not match its own prefix.
+    let r = h.call("kb", Some(SUPPORT_KEY), "{}").await;
+    r.assert_error(403, "tool_not_allowed");
+    assert_eq!(h.upstream.requests().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_and_extra_path_never_reach_another_route() {
+    let h = Harness::start().await;
+    let auth = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
+    for path in ["/v1/tools/../../admin/reload", "/v1/tools/kb.search/../billing.delete_account", "/v1/tools/kb.search/extra", "/admin/reload", "/admin/policy", "/metrics"] {
+        let r = send("POST", &format!("{}{path}", h.data), &auth, b"{}".to_vec()).await;
+        r.assert_error(404, "not_found");
+    }
+    let r = send("POST", &format!("{}/v1/tools/..", h.data), &auth, b"{}".to_vec()).await;
+    r.assert_error(403, "tool_not_allowed");
+    let r = send("GET", &format!("{}/v1/tools/kb.search", h.data), &auth, Vec::new()).await;
+    r.assert_error(405, "method_not_allowed");
+    assert_eq!(h.upstream.requests().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placeholder_values_cannot_traverse_the_upstream_path() {
+    let h = Harness::start().await;
+    let r = h.call("billing.refund", Some(SUPPORT_KEY), r#"{"order_id": "../admin", "amount": 1}"#).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(h.upstream.requests()[0].uri, "/refunds/%2E%2E%2Fadmin");
+    let r = h.call("billing.refund", Some(SUPPORT_KEY), r#"{"order_id": "O-1/../../admin?x=1#y", "amount": 1}"#).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(h.upstream.requests()[1].uri, "/refunds/O-1%2F%2E%2E%2F%2E%2E%2Fadmin%3Fx%3D1%23y");
+    for dots in ["..", "."] {
+        let r = h.call("billing.refund", Some(SUPPORT_KEY), &json!({"order_id": dots, "amount": 1}).to_string()).await;
+        r.assert_error(422, "invalid_arguments");
+        assert_eq!(h.event_for(&r)["reasons"][0]["rule"], "url");
+    }
+    assert_eq!(h.upstream.requests().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_arguments_are_refused_with_a_reason_and_never_forwarded() {
+    let h = Harness::start().await;
+    let deep = format!("{{\"query\":{}1{}}}", "[".repeat(20), "]".repeat(20));
+    for (body, rule, needle) in [
+        ("not json", "json", "not valid JSON"),
+        ("[1,2]", "json", "JSON object"),
+        (r#"{"order_id": "O-1", "amount": 1, "amount": 1000}"#, "json", "same key twice"),
+        (r#"{"order_id": "O-1"}"#, "schema", "Missing required argument '/amount'"),
+        (r#"{"order_id": "O-1", "amount": 0}"#, "schema", "must be at least 1"),
+        (r#"{"order_id": "O-1", "amount": "5"}"#, "schema", "must be of type integer"),
+        (r#"{"order_id": "O-1", "amount": 5, "card_4111111111111111": 1}"#, "schema", "accepts only"),
+    ] {
+        let r = h.call("billing.refund", Some(SUPPORT_KEY), body).await;
+        let err = r.assert_error(422, "invalid_arguments");
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{body}: {message}");
+        assert!(!message.contains("4111"), "the message echoes input: {message}");
+        let e = h.event_for(&r);
+        assert_eq!(e["reasons"][0]["rule"], rule, "{body}");
+        assert_eq!(e["code"], "invalid_arguments");
+    }
+    let r = h.call("kb.search", Some(SUPPORT_KEY), &deep).await;
+    let err = r.assert_error(422, "invalid_arguments");
+    assert!(err["error"]["message"].as_str().unwrap().contains("nested deeper"));
+    assert_eq!(h.upstream.requests().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_413_whether_declared_or_streamed() {
+    let h = Harness::start().await;
+    let big = format!("{{\"query\": \"{}\"}}", "a".repeat(5000));
+    let r = h.call("kb.search", Some(SUPPORT_KEY), &big).await;
+    r.assert_error(413, "payload_too_large");
+    assert_eq!(h.event_for(&r)["code"], "payload_too_large");
+    // Unauthenticated callers learn nothing about limits.
+    let r = h.call("kb.search", None, &big).await;
+    r.assert_error(401, "unauthenticated");
+    assert_eq!(h.upstream.requests().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_tool_times_out_once_and_is_never_retried() {
+    let h = Harness::start().await;
+    let r = h.call("slow.create", Some(SUPPORT_KEY), r#"{"x": 1}"#).await;
+    let err = r.assert_error(504, "upstream_timeout");
+    assert!(err["error"]["message"].as_str().unwrap().contains("not retried"));
+    let e = h.event_for(&r);
+    assert_eq!(e["decision"], "allow");
+    assert_eq!(e["code"], "upstream_timeout");
+    assert!(e["upstream"]["duration_ms"].as_f64().unwrap() >= 300.0);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(h.upstream.count("/slow"), 1, "a POST that timed out was sent again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_an_upstream_error() {
+    let h = Harness::start().await;
+    let r = h.call("down.read", Some(SUPPORT_KEY), "{}").await;
+    r.assert_error(502, "upstream_error");
+    let e = h.event_for(&r);
+    assert_eq!(e["code"], "upstream_error");
+    assert_eq!(e["upstream"]["status"], Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_larger_than_the_limit_are_not_relayed() {
+    let h = Harness::start().await;
+    let r = h.call("big.read", Some(SUPPORT_KEY), "{}").await;
+    r.assert_error(502, "upstream_error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_pass_through_with_their_status() {
+    let h = Harness::start().await;
+    let r = h.call("flaky.create", Some(SUPPORT_KEY), "{}").await;
+    assert_eq!(r.status, 500);
+    assert_eq!(r.json()["err"], "boom");
+    assert_eq!(r.header("x-toolgate-decision"), Some("allow"));
+    assert_eq!(h.event_for(&r)["upstream"]["status"], 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_content_names_the_filter_but_not_the_text() {
+    let h = Harness::start().await;
+    let r = h.call("kb.search", Some(SUPPORT_KEY), r#"{"query": "news on \u0050roject\u00a0FALCON?"}"#).await;
+    let err = r.assert_error(403, "content_blocked");
+    let m = err["error"]["message"].as_str().unwrap();
+    assert!(m.contains("internal-terms") && !m.to_lowercase().contains("falcon"), "{m}");
+    assert_eq!(h.event_for(&r)["reasons"][0]["rule"], "internal-terms");
+    assert_eq!(h.upstream.requests().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pii_is_redacted_before_the_tool_sees_it_and_in_the_audit_event() {
+    let h = Harness::start().await;
+    let r = h
+        .call("tickets.reply", Some(SUPPORT_KEY), r#"{"ticket_id": "T-1", "body": "mail ada@example.com", "meta": {"ssn": "123-45-6789"}}"#)
+        .await;
+    assert_eq!(r.status, 200);
+    let seen = h.upstream.requests()[0].json();
+    assert_eq!(seen["body"], "[REDACTED:email]");
+    assert_eq!(seen["meta"]["ssn"], "[REDACTED:ssn]");
+    let e = h.event_for(&r);
+    let text = e.to_string();
+    assert!(!text.contains("ada@example.com") && !text.contains("123-45-6789"), "{text}");
+    assert_eq!(e["arguments"]["body"], "[REDACTED:email]");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_filters_redact_json_and_text_and_block_secrets() {
+    let h = Harness::start().await;
+    let r = h.call("tickets.read", Some(SUPPORT_KEY), r#"{"ticket_id": "T-9"}"#).await;
+    assert_eq!(r.status, 200);
+    let body = r.json();
+    assert_eq!(body["customer"]["email"], "[REDACTED:email]");
+    assert_eq!(body["customer"]["card"], "[REDACTED:credit_card]");
+    assert_eq!(body["status"], "open");
+
+    let r = h.call("text.read", Some(SUPPORT_KEY), "{}").await;
+    assert_eq!(std::str::from_utf8(&r.body).unwrap(), "hello\n[REDACTED:email]\nbye");
+
+    let r = h.call("secret.read", Some(SUPPORT_KEY), "{}").await;
+    let err = r.assert_error(403, "content_blocked");
+    assert!(!err.to_string().contains("AKIA"));
+    let e = h.event_for(&r);
+    assert_eq!(e["upstream"]["status"], 200, "the event must show the tool did run");
+    assert_eq!(e["reasons"][0]["stage"], "output");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_request_ids_are_replaced_and_sessions_are_recorded() {
+    let h = Harness::start().await;
+    let headers = vec![
+        ("authorization", format!("Bearer {SUPPORT_KEY}")),
+        ("x-request-id", "bad id with spaces".to_owned()),
+        ("x-toolgate-session", "run-42".to_owned()),
+    ];
+    let r = send("POST", &format!("{}/v1/tools/kb.search", h.data), &headers, br#"{"query":"q"}"#.to_vec()).await;
+    assert_eq!(r.status, 200);
+    assert_ne!(r.request_id(), "bad id with spaces");
+    assert_eq!(h.event_for(&r)["session"], "run-42");
+
+    let headers = vec![("authorization", format!("Bearer {SUPPORT_KEY}")), ("x-toolgate-session", "x".repeat(200))];
+    let r = send("POST", &format!("{}/v1/tools/kb.search", h.data), &headers, br#"{"query":"q"}"#.to_vec()).await;
+    r.assert_error(400, "invalid_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_audit_log_fails_calls_closed() {
+    let h = Harness::start().await;
+    // Replace the audit file with a directory-less path by making the file read-only is not
+    // enough as root; instead fill the slot with a full device when available.
+    if !std::path::Path::new("/dev/full").exists() {
+        return;
+    }
+    let mut config = toolgate::config::ServerConfig::parse("c.yaml", "listen: 127.0.0.1:0\nadmin: { listen: 127.0.0.1:0 }\naudit: { file: /dev/full }\n").unwrap();
+    config.policies = h.policy_dir.clone();
+    let policy = toolgate::policy::Policy::load(&h.policy_dir).unwrap();
+    let audit = toolgate::audit::AuditLog::open(&config.audit).unwrap();
+    let gw = std::sync::Arc::new(toolgate::gateway::Gateway::new(config, policy, None, audit));
+    let running = toolgate::server::start(gw).await.unwrap();
+    let url = format!("http://{}/v1/tools/kb.search", running.data_addr);
+    let auth = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
+    let r = send("POST", &url, &auth, br#"{"query":"q"}"#.to_vec()).await;
+    r.assert_error(503, "unavailable");
+    // The sink is now known to be failing: the next call is refused before it is forwarded.
+    let before = h.upstream.requests().len();
+    let r = send("POST", &url, &auth, br#"{"query":"q"}"#.to_vec()).await;
+    r.assert_error(503, "unavailable");
+    assert_eq!(h.upstream.requests().len(), before, "a call was forwarded while the audit log was failing");
+    let ready = send("GET", &format!("http://{}/readyz", running.admin_addr), &[], Vec::new()).await;
+    assert_eq!(ready.status, 503);
+    running.shutdown().await;
+}

@@ -1,0 +1,259 @@
+//! Test support: a real upstream HTTP server that records what it receives, and a harness that
+//! starts the real gateway (both planes) on 127.0.0.1:0 with fixture policies.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::Request;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use toolgate::audit::AuditLog;
+use toolgate::config::ServerConfig;
+use toolgate::gateway::Gateway;
+use toolgate::policy::Policy;
+use toolgate::server::{self, Running};
+
+pub const SUPPORT_KEY: &str = "support-key";
+pub const ANALYST_KEY: &str = "analyst-key";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// One request the upstream received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Seen {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// A real HTTP server on 127.0.0.1:0 standing in for the tools.
+#[derive(Clone)]
+pub struct TestUpstream {
+    pub url: String,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl TestUpstream {
+    pub async fn start() -> Self {
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let log = seen.clone();
+        let app = Router::new().fallback(move |req: Request| {
+            let log = log.clone();
+            async move { respond(log, req).await }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { url, seen }
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self, path_prefix: &str) -> usize {
+        self.requests().iter().filter(|s| s.uri.starts_with(path_prefix)).count()
+    }
+}
+
+async fn respond(log: Arc<Mutex<Vec<Seen>>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    let path = parts.uri.path().to_owned();
+    log.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let json_ct = [("content-type", "application/json")];
+    match path.as_str() {
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            (json_ct, r#"{"late":true}"#).into_response()
+        }
+        "/big" => (json_ct, format!("{{\"blob\":\"{}\"}}", "x".repeat(100_000))).into_response(),
+        "/text" => ([("content-type", "text/plain")], "hello\ncontact ada@example.com please\nbye").into_response(),
+        "/secret" => (json_ct, r#"{"key":"AKIAIOSFODNN7EXAMPLE"}"#).into_response(),
+        "/status500" => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, json_ct, r#"{"err":"boom"}"#).into_response(),
+        p if p.starts_with("/tickets/") && parts.method == "GET" => {
+            (json_ct, json!({"id": p.trim_start_matches("/tickets/"), "customer": {"email": "ada@example.com", "card": "4111 1111 1111 1111"}, "status": "open"}).to_string()).into_response()
+        }
+        _ => (json_ct, json!({"ok": true, "path": path}).to_string()).into_response(),
+    }
+}
+
+/// A URL nothing listens on (a port bound then released).
+pub fn refused_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    format!("http://{addr}")
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// The real gateway on loopback with the fixture policies copied into a temp dir.
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub data: String,
+    pub admin: String,
+    pub upstream: TestUpstream,
+    pub audit_path: PathBuf,
+    pub policy_dir: PathBuf,
+    pub running: Option<Running>,
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// Copies the fixture policies into `dir`, filling placeholders.
+pub fn write_fixture_policies(dir: &Path, upstream: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["agents.yaml", "tools.yaml"] {
+        let text = std::fs::read_to_string(fixture("policies").join(f))
+            .unwrap()
+            .replace("{{UPSTREAM}}", upstream)
+            .replace("{{DOWN}}", &refused_url())
+            .replace("SUPPORT_DIGEST", &sha256_hex(SUPPORT_KEY))
+            .replace("ANALYST_DIGEST", &sha256_hex(ANALYST_KEY));
+        std::fs::write(dir.join(f), text).unwrap();
+    }
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// Starts with extra config lines appended (YAML at top level, e.g. limits).
+    pub async fn start_with(extra_config: &str) -> Self {
+        let upstream = TestUpstream::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let policy_dir = dir.path().join("policies");
+        write_fixture_policies(&policy_dir, &upstream.url);
+        let audit_path = dir.path().join("audit.jsonl");
+        let token_file = dir.path().join("admin-token");
+        std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
+        let limits = if extra_config.contains("limits:") {
+            String::new()
+        } else {
+            "limits: { max_body_bytes: 4096, max_json_depth: 8, upstream_timeout_ms: 2000, max_response_bytes: 65536 }\n".to_owned()
+        };
+        let config_text = format!(
+            "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0, token_env: TOOLGATE_TEST_UNSET_TOKEN, token_file: {} }}\npolicies: {}\naudit: {{ file: {} }}\n{limits}{extra_config}",
+            token_file.display(),
+            policy_dir.display(),
+            audit_path.display()
+        );
+        let config_path = dir.path().join("toolgate.yaml");
+        std::fs::write(&config_path, &config_text).unwrap();
+        let config = ServerConfig::load(&config_path).unwrap();
+        let policy = Policy::load(&policy_dir).unwrap();
+        let audit = AuditLog::open(&config.audit).unwrap();
+        let gateway = Arc::new(Gateway::new(config, policy, Some(policy_dir.clone()), audit));
+        let running = server::start(gateway).await.unwrap();
+        Self {
+            data: format!("http://{}", running.data_addr),
+            admin: format!("http://{}", running.admin_addr),
+            running: Some(running),
+            dir,
+            upstream,
+            audit_path,
+            policy_dir,
+        }
+    }
+
+    /// `POST /v1/tools/{tool}` with an API key and a JSON body.
+    pub async fn call(&self, tool: &str, key: Option<&str>, body: &str) -> Resp {
+        let mut headers = vec![("content-type", "application/json".to_owned())];
+        if let Some(k) = key {
+            headers.push(("authorization", format!("Bearer {k}")));
+        }
+        send("POST", &format!("{}/v1/tools/{tool}", self.data), &headers, body.as_bytes().to_vec()).await
+    }
+
+    /// Every audit event written so far.
+    pub fn audit(&self) -> Vec<Value> {
+        read_events(&self.audit_path)
+    }
+
+    /// The one `tool_call` event for a request id.
+    pub fn event_for(&self, resp: &Resp) -> Value {
+        let id = resp.request_id();
+        let events: Vec<Value> = self.audit().into_iter().filter(|e| e["request_id"] == id.as_str()).collect();
+        assert_eq!(events.len(), 1, "expected exactly one audit event for {id}, got {events:?}");
+        events.into_iter().next().unwrap()
+    }
+}
+
+pub fn read_events(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every audit line is JSON"))
+        .collect()
+}
+
+/// A response, fully read.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn request_id(&self) -> String {
+        self.header("x-request-id").expect("every response has x-request-id").to_owned()
+    }
+
+    /// Asserts the contract's error body and returns it.
+    pub fn assert_error(&self, status: u16, code: &str) -> Value {
+        assert_eq!(self.status, status, "status for {code}; body {:?}", self.body);
+        let body = self.json();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert_eq!(body["error"]["request_id"], self.request_id().as_str(), "{body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| m.len() > 10), "{body}");
+        body
+    }
+}
+
+/// Sends one HTTP/1.1 request over a fresh connection.
+pub async fn send(method: &str, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Resp {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut req = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let res = client.request(req.body(Full::new(Bytes::from(body))).unwrap()).await.expect("gateway answers");
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    Resp { status, headers, body }
+}
