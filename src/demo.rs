@@ -36,7 +36,9 @@ pub const ADMIN_TOKEN: &str = "demo-admin-token";
 pub enum DemoError {
     #[error("the bundled policy does not load:\n{0}")]
     Config(#[from] ConfigError),
-    #[error("cannot listen on {addr}: {source} (is another demo running? pick other ports with --listen, --admin-listen and --tools-listen)")]
+    #[error(
+        "cannot listen on {addr}: {source} (is another demo running? pick other ports with --listen, --admin-listen and --tools-listen)"
+    )]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Audit(#[from] crate::audit::AuditError),
@@ -99,8 +101,14 @@ pub fn tools_router() -> Router {
 pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
     let tools = tokio::net::TcpListener::bind(opts.tools_listen)
         .await
-        .map_err(|source| DemoError::Bind { addr: opts.tools_listen, source })?;
-    let tools_addr = tools.local_addr().map_err(|source| DemoError::Bind { addr: opts.tools_listen, source })?;
+        .map_err(|source| DemoError::Bind {
+            addr: opts.tools_listen,
+            source,
+        })?;
+    let tools_addr = tools.local_addr().map_err(|source| DemoError::Bind {
+        addr: opts.tools_listen,
+        source,
+    })?;
     tokio::spawn(async move {
         let _ = axum::serve(tools, tools_router()).await;
     });
@@ -115,29 +123,88 @@ pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
     config.audit.file = Some(opts.audit_file.clone());
     let sources: Vec<(String, String)> = POLICIES
         .iter()
-        .map(|(n, t)| (n.to_string(), t.replace(&format!("http://{TOOLS_ADDR}"), &format!("http://{tools_addr}"))))
+        .map(|(n, t)| {
+            (
+                n.to_string(),
+                t.replace(&format!("http://{TOOLS_ADDR}"), &format!("http://{tools_addr}")),
+            )
+        })
         .collect();
     let policy = Policy::compile(&sources, |p| std::fs::read_to_string(p))?;
     let audit = AuditLog::open(&config.audit)?;
     let gateway = Arc::new(Gateway::new(config.clone(), policy, None, audit).with_admin_token(ADMIN_TOKEN));
-    let running = server::start(gateway).await.map_err(|source| DemoError::Bind { addr: config.listen, source })?;
+    let running = server::start(gateway).await.map_err(|source| DemoError::Bind {
+        addr: config.listen,
+        source,
+    })?;
 
     let base = format!("http://{}", running.data_addr);
-    println!("toolgate demo: gateway on {base}, admin on http://{}, demo tools on http://{tools_addr}", running.admin_addr);
+    println!(
+        "toolgate demo: gateway on {base}, admin on http://{}, demo tools on http://{tools_addr}",
+        running.admin_addr
+    );
     println!("audit events: {}\n", opts.audit_file.display());
     let script: Vec<(&str, Option<&str>, &str, Value)> = vec![
-        ("read a ticket (tool output PII redacted)", Some(SUPPORT_KEY), "tickets.read", json!({"ticket_id": "T-1001"})),
-        ("search the knowledge base", Some(SUPPORT_KEY), "kb.search", json!({"query": "reset password", "limit": 2})),
-        ("reply with a customer email (redacted)", Some(SUPPORT_KEY), "tickets.reply", json!({"ticket_id": "T-1001", "body": "We wrote to ada@example.com"})),
-        ("refund a small order", Some(SUPPORT_KEY), "billing.refund", json!({"order_id": "O-17", "amount": 20})),
-        ("tool not on the allowlist", Some(SUPPORT_KEY), "billing.delete_account", json!({"account_id": "A-1"})),
-        ("tool that does not exist", Some(SUPPORT_KEY), "admin.shell", json!({"cmd": "id"})),
-        ("another agent, narrower allowlist", Some(ANALYST_KEY), "tickets.read", json!({"ticket_id": "T-1001"})),
-        ("arguments that break the schema", Some(SUPPORT_KEY), "billing.refund", json!({"order_id": "17; DROP", "amount": -5})),
-        ("blocked content (internal term)", Some(SUPPORT_KEY), "kb.search", json!({"query": "status of Ｐroject\u{200B} FALCON"})),
+        (
+            "read a ticket (tool output PII redacted)",
+            Some(SUPPORT_KEY),
+            "tickets.read",
+            json!({"ticket_id": "T-1001"}),
+        ),
+        (
+            "search the knowledge base",
+            Some(SUPPORT_KEY),
+            "kb.search",
+            json!({"query": "reset password", "limit": 2}),
+        ),
+        (
+            "reply with a customer email (redacted)",
+            Some(SUPPORT_KEY),
+            "tickets.reply",
+            json!({"ticket_id": "T-1001", "body": "We wrote to ada@example.com"}),
+        ),
+        (
+            "refund a small order",
+            Some(SUPPORT_KEY),
+            "billing.refund",
+            json!({"order_id": "O-17", "amount": 20}),
+        ),
+        (
+            "tool not on the allowlist",
+            Some(SUPPORT_KEY),
+            "billing.delete_account",
+            json!({"account_id": "A-1"}),
+        ),
+        (
+            "tool that does not exist",
+            Some(SUPPORT_KEY),
+            "admin.shell",
+            json!({"cmd": "id"}),
+        ),
+        (
+            "another agent, narrower allowlist",
+            Some(ANALYST_KEY),
+            "tickets.read",
+            json!({"ticket_id": "T-1001"}),
+        ),
+        (
+            "arguments that break the schema",
+            Some(SUPPORT_KEY),
+            "billing.refund",
+            json!({"order_id": "17; DROP", "amount": -5}),
+        ),
+        (
+            "blocked content (internal term)",
+            Some(SUPPORT_KEY),
+            "kb.search",
+            json!({"query": "status of Ｐroject\u{200B} FALCON"}),
+        ),
         ("no credentials", None, "kb.search", json!({"query": "hello"})),
     ];
-    println!("{:<2}  {:<40}  {:<11}  {:<22}  {:<6}  {:<26}  detail", "#", "call", "agent", "tool", "status", "decision / code");
+    println!(
+        "{:<2}  {:<40}  {:<11}  {:<22}  {:<6}  {:<26}  detail",
+        "#", "call", "agent", "tool", "status", "decision / code"
+    );
     println!("{}", "-".repeat(150));
     for (i, (what, key, tool, args)) in script.iter().enumerate() {
         let (status, decision, body) = post_json(&base, tool, *key, args).await;
@@ -148,11 +215,27 @@ pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
         };
         let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let (code, detail) = match parsed.get("error") {
-            Some(e) => (e["code"].as_str().unwrap_or("").to_owned(), e["message"].as_str().unwrap_or("").to_owned()),
+            Some(e) => (
+                e["code"].as_str().unwrap_or("").to_owned(),
+                e["message"].as_str().unwrap_or("").to_owned(),
+            ),
             None => (String::new(), String::from_utf8_lossy(&body).chars().take(60).collect()),
         };
-        let verdict = if code.is_empty() { decision.clone() } else { format!("{decision} / {code}") };
-        println!("{:<2}  {:<40}  {:<11}  {:<22}  {:<6}  {:<26}  {}", i + 1, what, agent, tool, status, verdict, detail);
+        let verdict = if code.is_empty() {
+            decision.clone()
+        } else {
+            format!("{decision} / {code}")
+        };
+        println!(
+            "{:<2}  {:<40}  {:<11}  {:<22}  {:<6}  {:<26}  {}",
+            i + 1,
+            what,
+            agent,
+            tool,
+            status,
+            verdict,
+            detail
+        );
     }
     println!(
         "\nTry it yourself:\n  curl -s -X POST {base}/v1/tools/kb.search -H 'Authorization: Bearer {SUPPORT_KEY}' -d '{{\"query\":\"2fa\"}}'\n  curl -s http://{admin}/admin/policy -H 'Authorization: Bearer {ADMIN_TOKEN}'\n  curl -s http://{admin}/metrics | grep toolgate_calls_total\n\nServing until Ctrl-C.",
@@ -163,17 +246,30 @@ pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
 
 /// One call over real HTTP: (status, x-toolgate-decision, body).
 pub async fn post_json(base: &str, tool: &str, key: Option<&str>, args: &Value) -> (u16, String, Bytes) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut req = http::Request::post(format!("{base}/v1/tools/{tool}")).header("content-type", "application/json");
     if let Some(k) = key {
         req = req.header("authorization", format!("Bearer {k}"));
     }
-    let req = req.body(Full::new(Bytes::from(args.to_string()))).expect("valid request");
+    let req = req
+        .body(Full::new(Bytes::from(args.to_string())))
+        .expect("valid request");
     match client.request(req).await {
         Ok(res) => {
             let status = res.status().as_u16();
-            let decision = res.headers().get("x-toolgate-decision").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-            let body = res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let decision = res
+                .headers()
+                .get("x-toolgate-decision")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let body = res
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             (status, decision, body)
         }
         Err(e) => (0, "error".to_owned(), Bytes::from(e.to_string())),

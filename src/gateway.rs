@@ -188,7 +188,13 @@ impl Gateway {
         let result = self.process(&policy, &req, &mut rec).await;
 
         let (status, content_type, body, decision, reasons) = match result {
-            Ok((inbound, body)) => (inbound.status, inbound.content_type, body, Decision::Allow, rec.notes.clone()),
+            Ok((inbound, body)) => (
+                inbound.status,
+                inbound.content_type,
+                body,
+                Decision::Allow,
+                rec.notes.clone(),
+            ),
             Err(reason) => {
                 let body = error_body(&reason, req.request_id);
                 let mut reasons = rec.notes.clone();
@@ -224,8 +230,16 @@ impl Gateway {
             policy_version: &policy.version,
         };
         if let Err(e) = self.audit.emit(&event) {
-            tracing::error!(request_id = req.request_id, "audit write failed, refusing the call: {e}");
-            let reason = Reason::new(Code::Unavailable, Stage::Audit, "audit", "The call could not be recorded in the audit log, so it was refused. Try again later.");
+            tracing::error!(
+                request_id = req.request_id,
+                "audit write failed, refusing the call: {e}"
+            );
+            let reason = Reason::new(
+                Code::Unavailable,
+                Stage::Audit,
+                "audit",
+                "The call could not be recorded in the audit log, so it was refused. Try again later.",
+            );
             return CallResponse {
                 status: 503,
                 content_type: Some(HeaderValue::from_static("application/json")),
@@ -235,7 +249,11 @@ impl Gateway {
         }
 
         let agent_label = rec.agent.as_deref().unwrap_or("(unauthenticated)").to_owned();
-        let tool_label = if rec.known_tool { req.tool.to_owned() } else { "(unknown)".to_owned() };
+        let tool_label = if rec.known_tool {
+            req.tool.to_owned()
+        } else {
+            "(unknown)".to_owned()
+        };
         metrics::counter!("toolgate_calls_total",
             "agent" => agent_label, "tool" => tool_label, "decision" => decision_str, "code" => code.map_or("ok", Code::as_str))
         .increment(1);
@@ -250,20 +268,34 @@ impl Gateway {
         }
     }
 
-    async fn process(&self, policy: &Policy, req: &CallRequest<'_>, rec: &mut Record) -> Result<(Inbound, Bytes), Reason> {
+    async fn process(
+        &self,
+        policy: &Policy,
+        req: &CallRequest<'_>,
+        rec: &mut Record,
+    ) -> Result<(Inbound, Bytes), Reason> {
         if let Ok(body) = &req.body {
             rec.arguments_sha256 = arguments::sha256_hex(body);
         }
         let agent = policy.auth.authenticate(req.authorization)?;
         rec.agent = Some(agent.clone());
         if req.session.is_some_and(|s| !is_valid_session(s)) {
-            return Err(Reason::new(Code::InvalidRequest, Stage::Request, "session",
-                "X-Toolgate-Session must be 1 to 128 characters: letters, digits, `-`, `_`, `.`, `:`."));
+            return Err(Reason::new(
+                Code::InvalidRequest,
+                Stage::Request,
+                "session",
+                "X-Toolgate-Session must be 1 to 128 characters: letters, digits, `-`, `_`, `.`, `:`.",
+            ));
         }
         if !self.audit.is_healthy() {
             // The last write failed: refuse before forwarding anything that might go unrecorded.
             // This call's own event is the probe that heals the sink.
-            return Err(Reason::new(Code::Unavailable, Stage::Audit, "audit", "The audit log is unavailable, so calls are refused. Try again later."));
+            return Err(Reason::new(
+                Code::Unavailable,
+                Stage::Audit,
+                "audit",
+                "The audit log is unavailable, so calls are refused. Try again later.",
+            ));
         }
         let body = req.body.clone()?;
         let call = ToolCall {
@@ -289,9 +321,15 @@ impl Gateway {
         }
         let tool = eval.tool.expect("an allowed call has a tool");
         let url = eval.url.as_deref().expect("an allowed call has a URL");
-        let args = eval.arguments.as_ref().and_then(Value::as_object).expect("allowed arguments are an object");
+        let args = eval
+            .arguments
+            .as_ref()
+            .and_then(Value::as_object)
+            .expect("allowed arguments are an object");
 
-        let timeout = tool.timeout.unwrap_or(Duration::from_millis(self.config.limits.upstream_timeout_ms));
+        let timeout = tool
+            .timeout
+            .unwrap_or(Duration::from_millis(self.config.limits.upstream_timeout_ms));
         let out = Outbound {
             method: tool.method,
             url,
@@ -306,7 +344,8 @@ impl Gateway {
         let started = Instant::now();
         let result = self.upstream.forward(&out).await;
         let elapsed = started.elapsed();
-        metrics::histogram!("toolgate_upstream_duration_seconds", "tool" => tool.name.clone()).record(elapsed.as_secs_f64());
+        metrics::histogram!("toolgate_upstream_duration_seconds", "tool" => tool.name.clone())
+            .record(elapsed.as_secs_f64());
         rec.upstream = Some(UpstreamInfo {
             status: result.as_ref().ok().map(|r| r.status),
             duration_ms: elapsed.as_secs_f64() * 1000.0,
@@ -331,15 +370,35 @@ impl Gateway {
 
     /// Output filters over the response: JSON at any depth, text line by line. A response the
     /// filters cannot read is blocked, never passed through unseen.
-    fn filter_output(&self, policy: &Policy, tool: &crate::policy::tool::Tool, inbound: &Inbound, rec: &mut Record) -> Result<Bytes, Reason> {
+    fn filter_output(
+        &self,
+        policy: &Policy,
+        tool: &crate::policy::tool::Tool,
+        inbound: &Inbound,
+        rec: &mut Record,
+    ) -> Result<Bytes, Reason> {
         if !policy.has_output_filters(tool) {
             return Ok(inbound.body.clone());
         }
-        let unreadable = || Reason::new(Code::ContentBlocked, Stage::Output, "output",
-            format!("The response of tool '{}' could not be read by its output filters, so it was withheld.", tool.name));
-        let is_json = inbound.content_type.as_ref().and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.contains("json"));
+        let unreadable = || {
+            Reason::new(
+                Code::ContentBlocked,
+                Stage::Output,
+                "output",
+                format!(
+                    "The response of tool '{}' could not be read by its output filters, so it was withheld.",
+                    tool.name
+                ),
+            )
+        };
+        let is_json = inbound
+            .content_type
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.contains("json"));
         let (mut value, as_text) = if is_json {
-            let v = arguments::parse_value(&inbound.body, self.config.limits.max_json_depth).map_err(|_| unreadable())?;
+            let v =
+                arguments::parse_value(&inbound.body, self.config.limits.max_json_depth).map_err(|_| unreadable())?;
             (v, false)
         } else {
             let text = std::str::from_utf8(&inbound.body).map_err(|_| unreadable())?;
@@ -347,17 +406,34 @@ impl Gateway {
         };
         let outcome = policy.filter_output(tool, &mut value);
         for (filter, kind) in &outcome.redacted {
-            rec.notes.push(Reason::new(Code::ContentBlocked, Stage::Output, filter.as_str(), format!("Redacted {kind} in the response (filter '{filter}').")));
+            rec.notes.push(Reason::new(
+                Code::ContentBlocked,
+                Stage::Output,
+                filter.as_str(),
+                format!("Redacted {kind} in the response (filter '{filter}')."),
+            ));
         }
         if let Some((filter, kind)) = outcome.blocked {
-            return Err(Reason::new(Code::ContentBlocked, Stage::Output, filter.clone(),
-                format!("The response of tool '{}' was blocked by content filter '{filter}' ({kind}).", tool.name)));
+            return Err(Reason::new(
+                Code::ContentBlocked,
+                Stage::Output,
+                filter.clone(),
+                format!(
+                    "The response of tool '{}' was blocked by content filter '{filter}' ({kind}).",
+                    tool.name
+                ),
+            ));
         }
         if outcome.redacted.is_empty() {
             return Ok(inbound.body.clone());
         }
         if as_text {
-            let lines: Vec<&str> = value.as_array().expect("text is split into lines").iter().filter_map(Value::as_str).collect();
+            let lines: Vec<&str> = value
+                .as_array()
+                .expect("text is split into lines")
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
             return Ok(Bytes::from(lines.join("\n")));
         }
         Ok(Bytes::from(serde_json::to_vec(&value).expect("JSON serialises")))
@@ -365,7 +441,9 @@ impl Gateway {
 }
 
 fn is_valid_session(s: &str) -> bool {
-    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 fn truncate(s: &str, max: usize) -> &str {

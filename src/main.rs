@@ -14,7 +14,11 @@ use toolgate::gateway::Gateway;
 use toolgate::policy::{Decision, Policy, ToolCall};
 
 #[derive(Parser)]
-#[command(name = "toolgate", version, about = "A reverse proxy that checks every AI agent tool call.")]
+#[command(
+    name = "toolgate",
+    version,
+    about = "A reverse proxy that checks every AI agent tool call."
+)]
 struct Cli {
     /// Log format on stderr (filter with RUST_LOG, default `info`).
     #[arg(long, global = true, value_enum, default_value = "pretty")]
@@ -75,9 +79,19 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
-        Command::Demo { listen, admin_listen, tools_listen, once } => demo(listen, admin_listen, tools_listen, once),
+        Command::Demo {
+            listen,
+            admin_listen,
+            tools_listen,
+            once,
+        } => demo(listen, admin_listen, tools_listen, once),
         Command::Check { config } => return check(&config),
-        Command::Explain { config, agent, tool, args } => explain(&config, &agent, &tool, &args),
+        Command::Explain {
+            config,
+            agent,
+            tool,
+            args,
+        } => explain(&config, &agent, &tool, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -90,7 +104,9 @@ fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.init(),
@@ -98,7 +114,10 @@ fn init_logging(format: LogFormat) {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 fn load(config: &Path) -> Result<(ServerConfig, Policy), ConfigError> {
@@ -117,7 +136,9 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
     let version = policy.version.clone();
     let gateway = Arc::new(Gateway::new(config, policy, Some(dir), audit));
     runtime()?.block_on(async move {
-        let running = toolgate::server::start(gateway).await.context("cannot bind the listeners")?;
+        let running = toolgate::server::start(gateway)
+            .await
+            .context("cannot bind the listeners")?;
         eprintln!("toolgate: data plane listening on http://{}", running.data_addr);
         eprintln!("toolgate: admin plane listening on http://{}", running.admin_addr);
         tracing::info!(policy_version = %version, "serving");
@@ -132,7 +153,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -142,9 +164,19 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn demo(listen: Option<std::net::SocketAddr>, admin_listen: Option<std::net::SocketAddr>, tools_listen: std::net::SocketAddr, once: bool) -> anyhow::Result<()> {
+fn demo(
+    listen: Option<std::net::SocketAddr>,
+    admin_listen: Option<std::net::SocketAddr>,
+    tools_listen: std::net::SocketAddr,
+    once: bool,
+) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        let opts = toolgate::demo::DemoOptions { listen, admin_listen, tools_listen, ..Default::default() };
+        let opts = toolgate::demo::DemoOptions {
+            listen,
+            admin_listen,
+            tools_listen,
+            ..Default::default()
+        };
         let running = toolgate::demo::run(opts).await?;
         if !once {
             shutdown_signal().await;
@@ -180,8 +212,17 @@ fn check(config_path: &Path) -> ExitCode {
 
 fn explain(config_path: &Path, agent: &str, tool: &str, args: &str) -> anyhow::Result<()> {
     let (cfg, policy) = load(config_path).map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
-    let limits = toolgate::policy::ParseLimits { max_json_depth: cfg.limits.max_json_depth };
-    let eval = policy.evaluate(&ToolCall { agent, tool, body: args.as_bytes() }, limits);
+    let limits = toolgate::policy::ParseLimits {
+        max_json_depth: cfg.limits.max_json_depth,
+    };
+    let eval = policy.evaluate(
+        &ToolCall {
+            agent,
+            tool,
+            body: args.as_bytes(),
+        },
+        limits,
+    );
     let mut reasons = eval.notes.clone();
     let code = match &eval.decision {
         Decision::Deny(r) => {

@@ -48,7 +48,10 @@ async fn forwards_an_allowed_call_with_only_the_headers_toolgate_chooses() {
     assert_eq!(e["tool"], "billing.refund");
     assert_eq!(e["upstream"]["status"], 200);
     assert_eq!(e["arguments"], json!({"amount": 5, "order_id": "O-17"}));
-    assert_eq!(e["arguments_sha256"], support::sha256_hex(r#"{"amount":5,"order_id":"O-17"}"#));
+    assert_eq!(
+        e["arguments_sha256"],
+        support::sha256_hex(r#"{"amount":5,"order_id":"O-17"}"#)
+    );
     assert_eq!(e["policy_version"].as_str().unwrap().len(), 16);
     assert!(e["ts"].as_str().unwrap().ends_with('Z'));
 }
@@ -74,17 +77,30 @@ async fn refuses_missing_wrong_and_malformed_credentials() {
         (Some(format!("Basic {SUPPORT_KEY}")), "wrong scheme"),
         (Some(format!("Bearer {SUPPORT_KEY}x")), "key with a suffix"),
     ] {
-        let mut headers = vec![("x-toolgate-agent", "support-bot".to_owned()), ("x-agent-id", "support-bot".to_owned())];
+        let mut headers = vec![
+            ("x-toolgate-agent", "support-bot".to_owned()),
+            ("x-agent-id", "support-bot".to_owned()),
+        ];
         if let Some(a) = auth {
             headers.push(("authorization", a));
         }
-        let r = send("POST", &format!("{}/v1/tools/kb.search", h.data), &headers, b"{}".to_vec()).await;
+        let r = send(
+            "POST",
+            &format!("{}/v1/tools/kb.search", h.data),
+            &headers,
+            b"{}".to_vec(),
+        )
+        .await;
         let body = r.assert_error(401, "unauthenticated");
         assert!(!body.to_string().contains(SUPPORT_KEY), "{what}: the key is echoed");
         let e = h.event_for(&r);
         assert_eq!(e["decision"], "deny", "{what}");
         assert_eq!(e["code"], "unauthenticated");
-        assert_eq!(e["agent"], Value::Null, "{what}: a spoofed identity header was believed");
+        assert_eq!(
+            e["agent"],
+            Value::Null,
+            "{what}: a spoofed identity header was believed"
+        );
     }
     assert_eq!(h.upstream.requests().len(), 0);
 }
@@ -92,7 +108,9 @@ async fn refuses_missing_wrong_and_malformed_credentials() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_agents_key_gets_that_agents_allowlist() {
     let h = Harness::start().await;
-    let r = h.call("tickets.read", Some(ANALYST_KEY), r#"{"ticket_id": "T-1"}"#).await;
+    let r = h
+        .call("tickets.read", Some(ANALYST_KEY), r#"{"ticket_id": "T-1"}"#)
+        .await;
     r.assert_error(403, "tool_not_allowed");
     assert_eq!(h.event_for(&r)["agent"], "analyst-bot");
     let r = h.call("kb.search", Some(ANALYST_KEY), r#"{"query": "x"}"#).await;
@@ -102,14 +120,21 @@ async fn another_agents_key_gets_that_agents_allowlist() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_and_not_allowed_tools_get_the_same_answer() {
     let h = Harness::start().await;
-    let not_allowed = h.call("billing.delete_account", Some(SUPPORT_KEY), r#"{"account_id": "A"}"#).await;
-    let unknown = h.call("billing.delete_everything", Some(SUPPORT_KEY), r#"{"account_id": "A"}"#).await;
+    let not_allowed = h
+        .call("billing.delete_account", Some(SUPPORT_KEY), r#"{"account_id": "A"}"#)
+        .await;
+    let unknown = h
+        .call("billing.delete_everything", Some(SUPPORT_KEY), r#"{"account_id": "A"}"#)
+        .await;
     let a = not_allowed.assert_error(403, "tool_not_allowed");
     let b = unknown.assert_error(403, "tool_not_allowed");
     assert_eq!(a["error"]["rule"], b["error"]["rule"]);
     assert_eq!(
         a["error"]["message"].as_str().unwrap().replace("delete_account", "X"),
-        b["error"]["message"].as_str().unwrap().replace("delete_everything", "X")
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("delete_everything", "X")
     );
     // The allowlist runs before the body is read: a bad body on a forbidden tool says nothing more.
     let r = h.call("billing.delete_account", Some(SUPPORT_KEY), "not json").await;
@@ -121,7 +146,16 @@ async fn unknown_and_not_allowed_tools_get_the_same_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_names_match_exactly_without_decoding_or_case_folding() {
     let h = Harness::start().await;
-    for tool in ["KB.search", "kb.Search", "kb%2Esearch", "kb.search%00", "kb.search%20", "kb%2esearch", "%6bb.search", "kb.search."] {
+    for tool in [
+        "KB.search",
+        "kb.Search",
+        "kb%2Esearch",
+        "kb.search%00",
+        "kb.search%20",
+        "kb%2esearch",
+        "%6bb.search",
+        "kb.search.",
+    ] {
         let r = h.call(tool, Some(SUPPORT_KEY), r#"{"query": "x"}"#).await;
         r.assert_error(403, "tool_not_allowed");
         assert_eq!(h.event_for(&r)["code"], "tool_not_allowed", "{tool}");
@@ -136,7 +170,14 @@ async fn tool_names_match_exactly_without_decoding_or_case_folding() {
 async fn dot_segments_and_extra_path_never_reach_another_route() {
     let h = Harness::start().await;
     let auth = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
-    for path in ["/v1/tools/../../admin/reload", "/v1/tools/kb.search/../billing.delete_account", "/v1/tools/kb.search/extra", "/admin/reload", "/admin/policy", "/metrics"] {
+    for path in [
+        "/v1/tools/../../admin/reload",
+        "/v1/tools/kb.search/../billing.delete_account",
+        "/v1/tools/kb.search/extra",
+        "/admin/reload",
+        "/admin/policy",
+        "/metrics",
+    ] {
         let r = send("POST", &format!("{}{path}", h.data), &auth, b"{}".to_vec()).await;
         r.assert_error(404, "not_found");
     }
@@ -150,14 +191,35 @@ async fn dot_segments_and_extra_path_never_reach_another_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placeholder_values_cannot_traverse_the_upstream_path() {
     let h = Harness::start().await;
-    let r = h.call("billing.refund", Some(SUPPORT_KEY), r#"{"order_id": "../admin", "amount": 1}"#).await;
+    let r = h
+        .call(
+            "billing.refund",
+            Some(SUPPORT_KEY),
+            r#"{"order_id": "../admin", "amount": 1}"#,
+        )
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(h.upstream.requests()[0].uri, "/refunds/%2E%2E%2Fadmin");
-    let r = h.call("billing.refund", Some(SUPPORT_KEY), r#"{"order_id": "O-1/../../admin?x=1#y", "amount": 1}"#).await;
+    let r = h
+        .call(
+            "billing.refund",
+            Some(SUPPORT_KEY),
+            r#"{"order_id": "O-1/../../admin?x=1#y", "amount": 1}"#,
+        )
+        .await;
     assert_eq!(r.status, 200);
-    assert_eq!(h.upstream.requests()[1].uri, "/refunds/O-1%2F%2E%2E%2F%2E%2E%2Fadmin%3Fx%3D1%23y");
+    assert_eq!(
+        h.upstream.requests()[1].uri,
+        "/refunds/O-1%2F%2E%2E%2F%2E%2E%2Fadmin%3Fx%3D1%23y"
+    );
     for dots in ["..", "."] {
-        let r = h.call("billing.refund", Some(SUPPORT_KEY), &json!({"order_id": dots, "amount": 1}).to_string()).await;
+        let r = h
+            .call(
+                "billing.refund",
+                Some(SUPPORT_KEY),
+                &json!({"order_id": dots, "amount": 1}).to_string(),
+            )
+            .await;
         r.assert_error(422, "invalid_arguments");
         assert_eq!(h.event_for(&r)["reasons"][0]["rule"], "url");
     }
@@ -171,11 +233,27 @@ async fn invalid_arguments_are_refused_with_a_reason_and_never_forwarded() {
     for (body, rule, needle) in [
         ("not json", "json", "not valid JSON"),
         ("[1,2]", "json", "JSON object"),
-        (r#"{"order_id": "O-1", "amount": 1, "amount": 1000}"#, "json", "same key twice"),
-        (r#"{"order_id": "O-1"}"#, "schema", "Missing required argument '/amount'"),
+        (
+            r#"{"order_id": "O-1", "amount": 1, "amount": 1000}"#,
+            "json",
+            "same key twice",
+        ),
+        (
+            r#"{"order_id": "O-1"}"#,
+            "schema",
+            "Missing required argument '/amount'",
+        ),
         (r#"{"order_id": "O-1", "amount": 0}"#, "schema", "must be at least 1"),
-        (r#"{"order_id": "O-1", "amount": "5"}"#, "schema", "must be of type integer"),
-        (r#"{"order_id": "O-1", "amount": 5, "card_4111111111111111": 1}"#, "schema", "accepts only"),
+        (
+            r#"{"order_id": "O-1", "amount": "5"}"#,
+            "schema",
+            "must be of type integer",
+        ),
+        (
+            r#"{"order_id": "O-1", "amount": 5, "card_4111111111111111": 1}"#,
+            "schema",
+            "accepts only",
+        ),
     ] {
         let r = h.call("billing.refund", Some(SUPPORT_KEY), body).await;
         let err = r.assert_error(422, "invalid_arguments");
@@ -249,10 +327,19 @@ async fn upstream_errors_pass_through_with_their_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_content_names_the_filter_but_not_the_text() {
     let h = Harness::start().await;
-    let r = h.call("kb.search", Some(SUPPORT_KEY), r#"{"query": "news on \u0050roject\u00a0FALCON?"}"#).await;
+    let r = h
+        .call(
+            "kb.search",
+            Some(SUPPORT_KEY),
+            r#"{"query": "news on \u0050roject\u00a0FALCON?"}"#,
+        )
+        .await;
     let err = r.assert_error(403, "content_blocked");
     let m = err["error"]["message"].as_str().unwrap();
-    assert!(m.contains("internal-terms") && !m.to_lowercase().contains("falcon"), "{m}");
+    assert!(
+        m.contains("internal-terms") && !m.to_lowercase().contains("falcon"),
+        "{m}"
+    );
     assert_eq!(h.event_for(&r)["reasons"][0]["rule"], "internal-terms");
     assert_eq!(h.upstream.requests().len(), 0);
 }
@@ -261,7 +348,11 @@ async fn blocked_content_names_the_filter_but_not_the_text() {
 async fn pii_is_redacted_before_the_tool_sees_it_and_in_the_audit_event() {
     let h = Harness::start().await;
     let r = h
-        .call("tickets.reply", Some(SUPPORT_KEY), r#"{"ticket_id": "T-1", "body": "mail ada@example.com", "meta": {"ssn": "123-45-6789"}}"#)
+        .call(
+            "tickets.reply",
+            Some(SUPPORT_KEY),
+            r#"{"ticket_id": "T-1", "body": "mail ada@example.com", "meta": {"ssn": "123-45-6789"}}"#,
+        )
         .await;
     assert_eq!(r.status, 200);
     let seen = h.upstream.requests()[0].json();
@@ -269,14 +360,19 @@ async fn pii_is_redacted_before_the_tool_sees_it_and_in_the_audit_event() {
     assert_eq!(seen["meta"]["ssn"], "[REDACTED:ssn]");
     let e = h.event_for(&r);
     let text = e.to_string();
-    assert!(!text.contains("ada@example.com") && !text.contains("123-45-6789"), "{text}");
+    assert!(
+        !text.contains("ada@example.com") && !text.contains("123-45-6789"),
+        "{text}"
+    );
     assert_eq!(e["arguments"]["body"], "[REDACTED:email]");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_filters_redact_json_and_text_and_block_secrets() {
     let h = Harness::start().await;
-    let r = h.call("tickets.read", Some(SUPPORT_KEY), r#"{"ticket_id": "T-9"}"#).await;
+    let r = h
+        .call("tickets.read", Some(SUPPORT_KEY), r#"{"ticket_id": "T-9"}"#)
+        .await;
     assert_eq!(r.status, 200);
     let body = r.json();
     assert_eq!(body["customer"]["email"], "[REDACTED:email]");
@@ -302,13 +398,28 @@ async fn invalid_request_ids_are_replaced_and_sessions_are_recorded() {
         ("x-request-id", "bad id with spaces".to_owned()),
         ("x-toolgate-session", "run-42".to_owned()),
     ];
-    let r = send("POST", &format!("{}/v1/tools/kb.search", h.data), &headers, br#"{"query":"q"}"#.to_vec()).await;
+    let r = send(
+        "POST",
+        &format!("{}/v1/tools/kb.search", h.data),
+        &headers,
+        br#"{"query":"q"}"#.to_vec(),
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_ne!(r.request_id(), "bad id with spaces");
     assert_eq!(h.event_for(&r)["session"], "run-42");
 
-    let headers = vec![("authorization", format!("Bearer {SUPPORT_KEY}")), ("x-toolgate-session", "x".repeat(200))];
-    let r = send("POST", &format!("{}/v1/tools/kb.search", h.data), &headers, br#"{"query":"q"}"#.to_vec()).await;
+    let headers = vec![
+        ("authorization", format!("Bearer {SUPPORT_KEY}")),
+        ("x-toolgate-session", "x".repeat(200)),
+    ];
+    let r = send(
+        "POST",
+        &format!("{}/v1/tools/kb.search", h.data),
+        &headers,
+        br#"{"query":"q"}"#.to_vec(),
+    )
+    .await;
     r.assert_error(400, "invalid_request");
 }
 
@@ -320,7 +431,11 @@ async fn an_unwritable_audit_log_fails_calls_closed() {
     if !std::path::Path::new("/dev/full").exists() {
         return;
     }
-    let mut config = toolgate::config::ServerConfig::parse("c.yaml", "listen: 127.0.0.1:0\nadmin: { listen: 127.0.0.1:0 }\naudit: { file: /dev/full }\n").unwrap();
+    let mut config = toolgate::config::ServerConfig::parse(
+        "c.yaml",
+        "listen: 127.0.0.1:0\nadmin: { listen: 127.0.0.1:0 }\naudit: { file: /dev/full }\n",
+    )
+    .unwrap();
     config.policies = h.policy_dir.clone();
     let policy = toolgate::policy::Policy::load(&h.policy_dir).unwrap();
     let audit = toolgate::audit::AuditLog::open(&config.audit).unwrap();
@@ -334,7 +449,11 @@ async fn an_unwritable_audit_log_fails_calls_closed() {
     let before = h.upstream.requests().len();
     let r = send("POST", &url, &auth, br#"{"query":"q"}"#.to_vec()).await;
     r.assert_error(503, "unavailable");
-    assert_eq!(h.upstream.requests().len(), before, "a call was forwarded while the audit log was failing");
+    assert_eq!(
+        h.upstream.requests().len(),
+        before,
+        "a call was forwarded while the audit log was failing"
+    );
     let ready = send("GET", &format!("http://{}/readyz", running.admin_addr), &[], Vec::new()).await;
     assert_eq!(ready.status, 503);
     running.shutdown().await;

@@ -86,13 +86,19 @@ impl AuditLog {
         let file = match &config.file {
             Some(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(|source| AuditError::Open { path: path.clone(), source })?;
+                    std::fs::create_dir_all(dir).map_err(|source| AuditError::Open {
+                        path: path.clone(),
+                        source,
+                    })?;
                 }
                 let f = OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|source| AuditError::Open { path: path.clone(), source })?;
+                    .map_err(|source| AuditError::Open {
+                        path: path.clone(),
+                        source,
+                    })?;
                 Some((path.clone(), Mutex::new(f)))
             }
             None => None,

@@ -22,7 +22,8 @@ impl fmt::Display for Problem {
         if !self.path.is_empty() {
             write!(f, "{}: ", self.path)?;
         }
-        f.write_str(&self.message)
+        // One problem per line, always: CI tools parse `FILE:LINE:COL: message`.
+        f.write_str(&self.message.replace('\n', " "))
     }
 }
 
@@ -34,7 +35,9 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn one(problem: Problem) -> Self {
-        Self { problems: vec![problem] }
+        Self {
+            problems: vec![problem],
+        }
     }
 
     /// A problem with a file as a whole (unreadable, missing), at 1:1.

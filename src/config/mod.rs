@@ -311,7 +311,11 @@ mod tests {
     fn unknown_keys_are_errors_with_location() {
         let err = ServerConfig::parse("c.yaml", "listen: 127.0.0.1:1\nlimitz: {}\n").unwrap_err();
         assert_eq!(err.to_string().lines().count(), 1);
-        assert!(err.to_string().starts_with("c.yaml:2:1: limitz: unknown field `limitz`"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("c.yaml:2:1: limitz: unknown field `limitz`"),
+            "{err}"
+        );
     }
 
     #[test]

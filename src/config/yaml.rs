@@ -223,9 +223,16 @@ mod tests {
     #[test]
     fn locates_nested_keys_and_renders_dotted_tool_names() {
         let doc = Document::parse("p.yaml", "tools:\n  billing.refund:\n    upstream: {url: x}\n").unwrap();
-        let path = KeyPath::root().key("tools").key("billing.refund").key("upstream").key("url");
+        let path = KeyPath::root()
+            .key("tools")
+            .key("billing.refund")
+            .key("upstream")
+            .key("url");
         let p = doc.problem(&path, "bad");
-        assert_eq!(p.to_string(), "p.yaml:3:16: tools[\"billing.refund\"].upstream.url: bad");
+        assert_eq!(
+            p.to_string(),
+            "p.yaml:3:16: tools[\"billing.refund\"].upstream.url: bad"
+        );
     }
 
     #[test]

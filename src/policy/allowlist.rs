@@ -24,7 +24,9 @@ impl ToolPattern {
     pub fn parse(s: &str) -> Result<Self, String> {
         if let Some(prefix) = s.strip_suffix(".*") {
             if !is_valid_tool_name(prefix) || prefix.contains('*') {
-                return Err(format!("`{s}` is not a valid pattern: a tool-name prefix followed by `.*`"));
+                return Err(format!(
+                    "`{s}` is not a valid pattern: a tool-name prefix followed by `.*`"
+                ));
             }
             return Ok(ToolPattern::Prefix(format!("{prefix}.")));
         }
@@ -67,7 +69,16 @@ mod tests {
         for ok in ["tickets.read", "kb-search_2", "a", &"x".repeat(128)] {
             assert!(is_valid_tool_name(ok), "{ok}");
         }
-        for bad in ["", "a/b", "a%2Eb", "a\0b", "tickets read", "é", &"x".repeat(129), "kb.*"] {
+        for bad in [
+            "",
+            "a/b",
+            "a%2Eb",
+            "a\0b",
+            "tickets read",
+            "é",
+            &"x".repeat(129),
+            "kb.*",
+        ] {
             assert!(!is_valid_tool_name(bad), "{bad:?}");
         }
     }

@@ -178,7 +178,9 @@ pub struct ArgumentSchema {
 
 impl fmt::Debug for ArgumentSchema {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ArgumentSchema").field("declared", &self.declared).finish()
+        f.debug_struct("ArgumentSchema")
+            .field("declared", &self.declared)
+            .finish()
     }
 }
 
@@ -188,7 +190,11 @@ impl ArgumentSchema {
         if !schema.is_object() {
             return Err("an arguments schema must be a JSON Schema object".to_owned());
         }
-        if schema.get("type").and_then(Value::as_str).is_some_and(|t| t != "object") {
+        if schema
+            .get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t != "object")
+        {
             return Err("an arguments schema must describe an object (`type: object`)".to_owned());
         }
         let validator = jsonschema::options()
@@ -260,10 +266,9 @@ fn type_name(kind: &jsonschema::error::TypeKind) -> String {
 /// An instance path, shown only when every segment is identifier-like: a caller-chosen key could
 /// otherwise carry a secret into the error message and the logs.
 fn safe_pointer(pointer: &str) -> String {
-    let is_safe = pointer
-        .split('/')
-        .skip(1)
-        .all(|s| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+    let is_safe = pointer.split('/').skip(1).all(|s| {
+        !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    });
     if pointer.is_empty() {
         "/".to_owned()
     } else if is_safe {
@@ -274,7 +279,11 @@ fn safe_pointer(pointer: &str) -> String {
 }
 
 fn join_pointer(at: &str, name: &str) -> String {
-    if at == "/" { format!("/{name}") } else { format!("{at}/{name}") }
+    if at == "/" {
+        format!("/{name}")
+    } else {
+        format!("{at}/{name}")
+    }
 }
 
 #[cfg(test)]
@@ -306,7 +315,7 @@ mod tests {
 
     #[test]
     fn enforces_the_depth_limit_exactly() {
-        let nest = |n: usize| format!("{}{}", "{\"a\":".repeat(n), format!("1{}", "}".repeat(n)));
+        let nest = |n: usize| format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n));
         assert!(parse(nest(4).as_bytes(), 4).is_ok());
         assert_eq!(parse(nest(5).as_bytes(), 4), Err(ArgumentsError::TooDeep(4)));
         let arrays = format!("{{\"a\":{}1{}}}", "[".repeat(10), "]".repeat(10));
@@ -340,11 +349,15 @@ mod tests {
     fn schema_messages_name_the_argument_but_never_its_value() {
         let s = refund_schema();
         assert!(s.validate(&json!({"order_id": "O-1", "amount": 5})).is_ok());
-        let m = s.validate(&json!({"order_id": "secret-value", "amount": 5})).unwrap_err();
+        let m = s
+            .validate(&json!({"order_id": "secret-value", "amount": 5}))
+            .unwrap_err();
         assert_eq!(m, "Argument '/order_id' does not match the required format.");
         let m = s.validate(&json!({"order_id": "O-1"})).unwrap_err();
         assert_eq!(m, "Missing required argument '/amount'.");
-        let m = s.validate(&json!({"order_id": "O-1", "amount": 5, "hunter2": 1})).unwrap_err();
+        let m = s
+            .validate(&json!({"order_id": "O-1", "amount": 5, "hunter2": 1}))
+            .unwrap_err();
         assert!(!m.contains("hunter2") && m.contains("order_id"), "{m}");
         let m = s.validate(&json!({"order_id": "O-1", "amount": 0})).unwrap_err();
         assert_eq!(m, "Argument '/amount' must be at least 1.");

@@ -114,13 +114,23 @@ fn is_luhn_valid(s: &str) -> bool {
         .iter()
         .rev()
         .enumerate()
-        .map(|(i, &d)| if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d })
+        .map(|(i, &d)| {
+            if i % 2 == 1 {
+                if d * 2 > 9 { d * 2 - 9 } else { d * 2 }
+            } else {
+                d
+            }
+        })
         .sum();
     sum % 10 == 0
 }
 
 fn is_iban_valid(s: &str) -> bool {
-    let compact: Vec<char> = s.chars().filter(|c| !c.is_whitespace()).map(|c| c.to_ascii_uppercase()).collect();
+    let compact: Vec<char> = s
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
     if !(15..=34).contains(&compact.len()) {
         return false;
     }
@@ -131,7 +141,11 @@ fn is_iban_valid(s: &str) -> bool {
             Some(v) => v,
             None => return false,
         };
-        rem = if v >= 10 { (rem * 100 + v) % 97 } else { (rem * 10 + v) % 97 };
+        rem = if v >= 10 {
+            (rem * 100 + v) % 97
+        } else {
+            (rem * 10 + v) % 97
+        };
     }
     rem == 1
 }
@@ -155,7 +169,9 @@ fn is_invisible(c: char) -> bool {
 
 /// NFKC, lowercase, invisible characters removed, whitespace runs collapsed to one space.
 pub fn normalize(s: &str) -> Cow<'_, str> {
-    let is_plain = s.bytes().all(|b| (b.is_ascii_graphic() && !b.is_ascii_uppercase()) || b == b' ')
+    let is_plain = s
+        .bytes()
+        .all(|b| (b.is_ascii_graphic() && !b.is_ascii_uppercase()) || b == b' ')
         && !s.contains("  ");
     if is_plain {
         return Cow::Borrowed(s);
@@ -177,7 +193,10 @@ pub fn normalize(s: &str) -> Cow<'_, str> {
         s.chars().for_each(|c| push(c, &mut out));
     } else {
         // Invisible characters go before NFKC too, so they cannot keep a ligature apart.
-        s.chars().filter(|c| !is_invisible(*c)).nfkc().for_each(|c| push(c, &mut out));
+        s.chars()
+            .filter(|c| !is_invisible(*c))
+            .nfkc()
+            .for_each(|c| push(c, &mut out));
     }
     Cow::Owned(out)
 }
@@ -226,13 +245,24 @@ impl Filter {
         } else {
             for (i, p) in patterns.iter().enumerate() {
                 if let Err(e) = Regex::new(p) {
-                    errors.push((format!("deny_patterns[{i}]"), format!("invalid regex: {e}")));
+                    // The regex crate's message spans lines with a caret diagram; keep its verdict.
+                    let text = e.to_string();
+                    let verdict = text
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                        .trim_start_matches("error: ")
+                        .to_owned();
+                    errors.push((format!("deny_patterns[{i}]"), format!("invalid regex: {verdict}")));
                 }
             }
             RegexSet::new(patterns.iter().map(|p| format!("(?i){p}"))).ok()
         };
         if c.deny_terms.is_empty() && c.deny_patterns.is_empty() && c.detect.is_empty() {
-            errors.push((String::new(), "a filter needs deny_terms, deny_patterns or detect".to_owned()));
+            errors.push((
+                String::new(),
+                "a filter needs deny_terms, deny_patterns or detect".to_owned(),
+            ));
         }
         if !errors.is_empty() {
             return Err(errors);
@@ -259,7 +289,17 @@ impl Filter {
             action: Action::Redact,
             terms: None,
             patterns: None,
-            detectors: vec![Email, Phone, Ssn, CreditCard, Iban, AwsAccessKey, AwsSecretKey, PrivateKey, BearerToken],
+            detectors: vec![
+                Email,
+                Phone,
+                Ssn,
+                CreditCard,
+                Iban,
+                AwsAccessKey,
+                AwsSecretKey,
+                PrivateKey,
+                BearerToken,
+            ],
         }
     }
 
@@ -272,7 +312,11 @@ impl Filter {
         if self.patterns.as_ref().is_some_and(|set| set.is_match(&n)) {
             return Some(Finding::Pattern);
         }
-        self.detectors.iter().copied().find(|d| d.is_found_in(&n)).map(Finding::Detector)
+        self.detectors
+            .iter()
+            .copied()
+            .find(|d| d.is_found_in(&n))
+            .map(Finding::Detector)
     }
 }
 
@@ -348,7 +392,10 @@ fn unique_key(map: &Map<String, Value>, base: String) -> String {
     if !map.contains_key(&base) {
         return base;
     }
-    (2..).map(|i| format!("{base}#{i}")).find(|k| !map.contains_key(k)).unwrap()
+    (2..)
+        .map(|i| format!("{base}#{i}"))
+        .find(|k| !map.contains_key(k))
+        .unwrap()
 }
 
 #[cfg(test)]
@@ -392,7 +439,9 @@ mod tests {
 
     #[test]
     fn detects_common_pii_and_secrets() {
-        let f = filter(json!({"detect": ["email", "phone", "ssn", "iban", "aws_access_key", "private_key", "bearer_token"], "action": "block"}));
+        let f = filter(
+            json!({"detect": ["email", "phone", "ssn", "iban", "aws_access_key", "private_key", "bearer_token"], "action": "block"}),
+        );
         for (text, kind) in [
             ("mail ada@example.com", "email"),
             ("call +14155550123", "phone"),
@@ -405,7 +454,12 @@ mod tests {
         ] {
             assert_eq!(f.scan(text).map(Finding::kind), Some(kind), "{text}");
         }
-        for clean in ["order O-17", "ssn 000-12-3456", "GB00 WEST 1234 5698 7654 32", "version 1.2.3"] {
+        for clean in [
+            "order O-17",
+            "ssn 000-12-3456",
+            "GB00 WEST 1234 5698 7654 32",
+            "version 1.2.3",
+        ] {
             assert_eq!(f.scan(clean), None, "{clean}");
         }
     }

@@ -41,14 +41,18 @@ pub struct JwtVerifier {
 
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtVerifier").field("issuer", &self.issuer).field("keys", &self.keys.len()).finish()
+        f.debug_struct("JwtVerifier")
+            .field("issuer", &self.issuer)
+            .field("keys", &self.keys.len())
+            .finish()
     }
 }
 
 impl JwtVerifier {
     /// Builds a verifier from a JWKS document. Every key must be RSA or EC with a usable algorithm.
     pub fn new(config: &JwtConfig, jwks_json: &str) -> Result<Self, String> {
-        let set: JwkSet = serde_json::from_str(jwks_json).map_err(|e| format!("the JWKS file is not a valid JWK set: {e}"))?;
+        let set: JwkSet =
+            serde_json::from_str(jwks_json).map_err(|e| format!("the JWKS file is not a valid JWK set: {e}"))?;
         let mut keys = Vec::new();
         for (i, jwk) in set.keys.iter().enumerate() {
             let alg = key_algorithm(jwk).map_err(|e| format!("key {i} in the JWKS file: {e}"))?;
@@ -67,13 +71,16 @@ impl JwtVerifier {
 
     /// Verifies a token and returns its subject.
     fn verify(&self, token: &str) -> Result<String, &'static str> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| "The token is malformed or uses an unsupported algorithm.")?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| "The token is malformed or uses an unsupported algorithm.")?;
         // Only the algorithm bound to the key is accepted: a token cannot choose HS256 and have an
         // RSA public key used as an HMAC secret, and `none` never parses.
         let candidates: Vec<_> = self
             .keys
             .iter()
-            .filter(|(kid, alg, _)| *alg == header.alg && (header.kid.is_none() || kid.as_deref() == header.kid.as_deref()))
+            .filter(|(kid, alg, _)| {
+                *alg == header.alg && (header.kid.is_none() || kid.as_deref() == header.kid.as_deref())
+            })
             .collect();
         let [(_, alg, key)] = candidates.as_slice() else {
             return Err("The token was not signed by a key this gateway trusts.");
@@ -113,7 +120,11 @@ fn key_algorithm(jwk: &Jwk) -> Result<Algorithm, String> {
         (P::EllipticCurve(ec), None | Some(KA::ES256)) if ec.curve == EllipticCurve::P256 => Algorithm::ES256,
         (P::EllipticCurve(ec), None | Some(KA::ES384)) if ec.curve == EllipticCurve::P384 => Algorithm::ES384,
         (P::OctetKey(_), _) => return Err("symmetric (oct) keys are not accepted".to_owned()),
-        _ => return Err("unsupported key type or algorithm (use RSA RS256/RS384/RS512/PS256 or EC ES256/ES384)".to_owned()),
+        _ => {
+            return Err(
+                "unsupported key type or algorithm (use RSA RS256/RS384/RS512/PS256 or EC ES256/ES384)".to_owned(),
+            );
+        }
     };
     Ok(alg)
 }
@@ -128,10 +139,7 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn new(jwt: Option<JwtVerifier>) -> Self {
-        Self {
-            jwt,
-            ..Self::default()
-        }
+        Self { jwt, ..Self::default() }
     }
 
     /// Registers an API key digest; `Err` names the agent that already holds it.
@@ -158,7 +166,9 @@ impl Authenticator {
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<str>, Reason> {
         let deny = |m: &str| Reason::new(Code::Unauthenticated, Stage::Authentication, "authentication", m);
         let Some(value) = authorization else {
-            return Err(deny("Missing credentials: send `Authorization: Bearer <API key or JWT>`."));
+            return Err(deny(
+                "Missing credentials: send `Authorization: Bearer <API key or JWT>`.",
+            ));
         };
         let token = match value.split_once(' ') {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => token.trim(),
@@ -200,7 +210,8 @@ mod tests {
 
     fn auth_with_key(key: &str, agent: &str) -> Authenticator {
         let mut a = Authenticator::new(None);
-        a.add_api_key(Sha256::digest(key.as_bytes()).into(), agent.into()).unwrap();
+        a.add_api_key(Sha256::digest(key.as_bytes()).into(), agent.into())
+            .unwrap();
         a
     }
 
@@ -214,7 +225,13 @@ mod tests {
     #[test]
     fn refuses_missing_malformed_and_unknown_credentials() {
         let a = auth_with_key("k-123", "support-bot");
-        for h in [None, Some("k-123"), Some("Basic k-123"), Some("Bearer "), Some("Bearer k-124")] {
+        for h in [
+            None,
+            Some("k-123"),
+            Some("Basic k-123"),
+            Some("Bearer "),
+            Some("Bearer k-124"),
+        ] {
             let r = a.authenticate(h).unwrap_err();
             assert_eq!(r.code, Code::Unauthenticated, "{h:?}");
             assert!(!r.message.contains("k-12"), "message echoes the key: {}", r.message);

@@ -147,15 +147,22 @@ impl Policy {
                     Err(e) => problems.push(ConfigError::file(&name, format!("cannot read: {e}")).problems.remove(0)),
                 },
                 Some("cedar") => problems.push(
-                    ConfigError::file(&name, "rule files are not enforced by this build; remove the file rather than rely on it")
-                        .problems
-                        .remove(0),
+                    ConfigError::file(
+                        &name,
+                        "rule files are not enforced by this build; remove the file rather than rely on it",
+                    )
+                    .problems
+                    .remove(0),
                 ),
                 _ => {}
             }
         }
         if sources.is_empty() && problems.is_empty() {
-            problems.push(ConfigError::file(&shown, "no policy files (*.yaml) found").problems.remove(0));
+            problems.push(
+                ConfigError::file(&shown, "no policy files (*.yaml) found")
+                    .problems
+                    .remove(0),
+            );
         }
         match Self::compile(&sources, |p| std::fs::read_to_string(p)) {
             Ok(policy) => problems.finish(policy),
@@ -207,18 +214,22 @@ impl Policy {
         let mut filter_index: HashMap<String, usize> = HashMap::new();
         let mut filters = Vec::new();
         let mut seen: HashMap<(&str, String), Problem> = HashMap::new();
-        let mut first_definition = |section: &'static str, name: &str, doc: &Document, path: &KeyPath, problems: &mut Problems| {
-            let here = doc.problem(path, "");
-            if let Some(prev) = seen.get(&(section, name.to_owned())) {
-                problems.push(doc.problem(
-                    path,
-                    format!("`{name}` is already defined at {}:{}:{}", prev.file, prev.line, prev.col),
-                ));
-                return false;
-            }
-            seen.insert((section, name.to_owned()), here);
-            true
-        };
+        let mut first_definition =
+            |section: &'static str, name: &str, doc: &Document, path: &KeyPath, problems: &mut Problems| {
+                let here = doc.problem(path, "");
+                if let Some(prev) = seen.get(&(section, name.to_owned())) {
+                    problems.push(doc.problem(
+                        path,
+                        format!(
+                            "`{name}` is already defined at {}:{}:{}",
+                            prev.file, prev.line, prev.col
+                        ),
+                    ));
+                    return false;
+                }
+                seen.insert((section, name.to_owned()), here);
+                true
+            };
         for (doc, raw) in &raw_files {
             for (name, value) in &raw.filters {
                 let path = KeyPath::root().key("filters").key(name);
@@ -235,10 +246,13 @@ impl Policy {
                     }
                     Err(errs) => {
                         for (sub, msg) in errs {
-                            let at = sub.split(['[', ']']).filter(|s| !s.is_empty()).fold(path.clone(), |p, s| match s.parse() {
-                                Ok(i) => p.index(i),
-                                Err(_) => p.key(s),
-                            });
+                            let at = sub
+                                .split(['[', ']'])
+                                .filter(|s| !s.is_empty())
+                                .fold(path.clone(), |p, s| match s.parse() {
+                                    Ok(i) => p.index(i),
+                                    Err(_) => p.key(s),
+                                });
                             problems.push(doc.problem(&at, msg));
                         }
                     }
@@ -247,6 +261,12 @@ impl Policy {
         }
 
         let mut tools = BTreeMap::new();
+        // Every tool name written down, compiled or not, so a broken tool is reported once and
+        // not again as "no tool named" wherever an allowlist mentions it.
+        let defined_tools: std::collections::HashSet<&str> = raw_files
+            .iter()
+            .flat_map(|(_, raw)| raw.tools.keys().map(String::as_str))
+            .collect();
         for (doc, raw) in &raw_files {
             for (name, value) in &raw.tools {
                 let path = KeyPath::root().key("tools").key(name);
@@ -313,7 +333,7 @@ impl Policy {
                 for (i, entry) in config.tools.iter().enumerate() {
                     let at = path.key("tools").index(i);
                     match ToolPattern::parse(entry) {
-                        Ok(ToolPattern::Exact(name)) if !tools.contains_key(&name) => {
+                        Ok(ToolPattern::Exact(name)) if !defined_tools.contains(name.as_str()) => {
                             problems.push(doc.problem(&at, format!("no tool named `{name}` is defined")));
                         }
                         Ok(p) => patterns.push(p),
@@ -397,7 +417,12 @@ impl Policy {
 
         let Some(agent) = self.agents.get(call.agent) else {
             eval.arguments_sha256 = arguments::sha256_hex(call.body);
-            let r = Reason::new(Code::Unauthenticated, Stage::Authentication, "authentication", format!("Unknown agent '{}'.", call.agent));
+            let r = Reason::new(
+                Code::Unauthenticated,
+                Stage::Authentication,
+                "authentication",
+                format!("Unknown agent '{}'.", call.agent),
+            );
             return deny(eval, r);
         };
         let tool = self.tools.get(call.tool).filter(|_| agent.allowlist.allows(call.tool));
@@ -406,9 +431,15 @@ impl Policy {
             let message = if is_valid_tool_name(call.tool) {
                 format!("Agent '{}' may not call '{}'.", agent.id, call.tool)
             } else {
-                format!("Agent '{}' may not call this tool: the name is not a valid tool name.", agent.id)
+                format!(
+                    "Agent '{}' may not call this tool: the name is not a valid tool name.",
+                    agent.id
+                )
             };
-            return deny(eval, Reason::new(Code::ToolNotAllowed, Stage::Allowlist, "allowlist", message));
+            return deny(
+                eval,
+                Reason::new(Code::ToolNotAllowed, Stage::Allowlist, "allowlist", message),
+            );
         };
         eval.tool = Some(tool);
 
@@ -416,7 +447,10 @@ impl Policy {
             Ok(args) => args,
             Err(e) => {
                 eval.arguments_sha256 = arguments::sha256_hex(call.body);
-                return deny(eval, Reason::new(Code::InvalidArguments, Stage::Arguments, "json", e.to_string()));
+                return deny(
+                    eval,
+                    Reason::new(Code::InvalidArguments, Stage::Arguments, "json", e.to_string()),
+                );
             }
         };
         eval.arguments_sha256 = arguments::sha256_hex(&arguments::canonical(&args));
@@ -424,12 +458,20 @@ impl Policy {
         if let Some(schema) = &tool.schema
             && let Err(message) = schema.validate(args)
         {
-            return deny(eval, Reason::new(Code::InvalidArguments, Stage::Arguments, "schema", message));
+            return deny(
+                eval,
+                Reason::new(Code::InvalidArguments, Stage::Arguments, "schema", message),
+            );
         }
         // Placeholders are filled from the arguments as validated, before any redaction.
         match tool.url.fill(args.as_object().expect("parsed as an object")) {
             Ok(url) => eval.url = Some(url),
-            Err(message) => return deny(eval, Reason::new(Code::InvalidArguments, Stage::Arguments, "url", message)),
+            Err(message) => {
+                return deny(
+                    eval,
+                    Reason::new(Code::InvalidArguments, Stage::Arguments, "url", message),
+                );
+            }
         }
 
         if !tool.input_filters.is_empty() {
@@ -437,7 +479,8 @@ impl Policy {
             let outcome = content::apply(&filters, args);
             for (filter, kind) in outcome.redacted {
                 let msg = format!("Redacted {kind} found by filter '{filter}'.");
-                eval.notes.push(Reason::new(Code::ContentBlocked, Stage::Content, filter, msg));
+                eval.notes
+                    .push(Reason::new(Code::ContentBlocked, Stage::Content, filter, msg));
             }
             if let Some((filter, kind)) = outcome.blocked {
                 let msg = format!("The arguments were blocked by content filter '{filter}' ({kind}).");
@@ -469,7 +512,9 @@ fn compile_tool(
 ) -> Option<Tool> {
     let before = problems.len();
     let up = path.key("upstream");
-    let url = UrlTemplate::parse(&c.upstream.url).map_err(|e| problems.push(doc.problem(&up.key("url"), e))).ok();
+    let url = UrlTemplate::parse(&c.upstream.url)
+        .map_err(|e| problems.push(doc.problem(&up.key("url"), e)))
+        .ok();
     let method = Method::parse(&c.upstream.method);
     if method.is_none() {
         problems.push(doc.problem(&up.key("method"), "must be one of GET, POST, PUT, PATCH, DELETE"));
@@ -484,7 +529,9 @@ fn compile_tool(
         ));
     }
     let schema = c.arguments.as_ref().and_then(|s| {
-        ArgumentSchema::compile(s).map_err(|e| problems.push(doc.problem(&path.key("arguments"), e))).ok()
+        ArgumentSchema::compile(s)
+            .map_err(|e| problems.push(doc.problem(&path.key("arguments"), e)))
+            .ok()
     });
     if let Some(url) = &url {
         let required: Vec<&str> = c
@@ -509,7 +556,10 @@ fn compile_tool(
             .filter_map(|(i, f)| {
                 let idx = filter_index.get(f).copied();
                 if idx.is_none() {
-                    problems.push(doc.problem(&path.key("filters").key(key).index(i), format!("no filter named `{f}` is defined")));
+                    problems.push(doc.problem(
+                        &path.key("filters").key(key).index(i),
+                        format!("no filter named `{f}` is defined"),
+                    ));
                 }
                 idx
             })

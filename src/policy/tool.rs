@@ -116,7 +116,10 @@ impl UrlTemplate {
         let rest = if let Some(rest) = url.strip_prefix("http://") {
             rest
         } else if url.starts_with("https://") {
-            return Err("https upstreams are not supported by this build yet; use http:// (e.g. through a local TLS sidecar)".to_owned());
+            return Err(
+                "https upstreams are not supported by this build yet; use http:// (e.g. through a local TLS sidecar)"
+                    .to_owned(),
+            );
         } else {
             return Err("must start with http://".to_owned());
         };
@@ -222,26 +225,50 @@ mod tests {
     #[test]
     fn fills_placeholders_as_single_encoded_segments() {
         let t = "http://127.0.0.1:9001/refunds/{order_id}/x";
-        assert_eq!(fill(t, json!({"order_id": "O-17"})).unwrap(), "http://127.0.0.1:9001/refunds/O-17/x");
-        assert_eq!(fill(t, json!({"order_id": 17})).unwrap(), "http://127.0.0.1:9001/refunds/17/x");
+        assert_eq!(
+            fill(t, json!({"order_id": "O-17"})).unwrap(),
+            "http://127.0.0.1:9001/refunds/O-17/x"
+        );
+        assert_eq!(
+            fill(t, json!({"order_id": 17})).unwrap(),
+            "http://127.0.0.1:9001/refunds/17/x"
+        );
         assert_eq!(
             fill(t, json!({"order_id": "../admin?x=1#f"})).unwrap(),
             "http://127.0.0.1:9001/refunds/%2E%2E%2Fadmin%3Fx%3D1%23f/x"
         );
-        assert_eq!(fill(t, json!({"order_id": "a b%2F"})).unwrap(), "http://127.0.0.1:9001/refunds/a%20b%252F/x");
+        assert_eq!(
+            fill(t, json!({"order_id": "a b%2F"})).unwrap(),
+            "http://127.0.0.1:9001/refunds/a%20b%252F/x"
+        );
     }
 
     #[test]
     fn refuses_dot_segments_empty_values_and_non_scalars() {
         let t = "http://h/r/{id}";
-        for bad in [json!({"id": ".."}), json!({"id": "."}), json!({"id": ""}), json!({"id": {"a": 1}}), json!({"id": true}), json!({})] {
+        for bad in [
+            json!({"id": ".."}),
+            json!({"id": "."}),
+            json!({"id": ""}),
+            json!({"id": {"a": 1}}),
+            json!({"id": true}),
+            json!({}),
+        ] {
             assert!(fill(t, bad.clone()).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn refuses_templates_that_could_move_the_host() {
-        for bad in ["http://{host}/x", "ftp://h/x", "http:///x", "http://h/x?q={v}", "http://h/{a", "http://u@h/x", "http://h/{a-b}"] {
+        for bad in [
+            "http://{host}/x",
+            "ftp://h/x",
+            "http:///x",
+            "http://h/x?q={v}",
+            "http://h/{a",
+            "http://u@h/x",
+            "http://h/{a-b}",
+        ] {
             assert!(UrlTemplate::parse(bad).is_err(), "{bad}");
         }
         let t = UrlTemplate::parse("http://h:1/a/{x}/b/{y}?q=1").unwrap();

@@ -23,7 +23,10 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let buckets = [0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+            let buckets = [
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                2.5, 5.0, 10.0,
+            ];
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("duration_seconds".to_owned()), &buckets)
                 .expect("bucket list is not empty")
@@ -32,10 +35,19 @@ pub fn metrics_handle() -> PrometheusHandle {
             // Another recorder may already be installed (tests, embedding): then ours only renders.
             let _ = metrics::set_global_recorder(recorder);
             metrics::describe_counter!("toolgate_calls_total", "Tool calls by agent, tool, decision and code.");
-            metrics::describe_histogram!("toolgate_decision_duration_seconds", "Time to decide a call, before forwarding.");
-            metrics::describe_histogram!("toolgate_upstream_duration_seconds", "Time the tool took to answer, by tool.");
+            metrics::describe_histogram!(
+                "toolgate_decision_duration_seconds",
+                "Time to decide a call, before forwarding."
+            );
+            metrics::describe_histogram!(
+                "toolgate_upstream_duration_seconds",
+                "Time the tool took to answer, by tool."
+            );
             metrics::describe_counter!("toolgate_policy_reloads_total", "Policy reloads by result.");
-            metrics::describe_counter!("toolgate_audit_write_failures_total", "Audit events that could not be written.");
+            metrics::describe_counter!(
+                "toolgate_audit_write_failures_total",
+                "Audit events that could not be written."
+            );
             handle
         })
         .clone()
@@ -55,18 +67,27 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(render_metrics))
         .merge(protected)
-        .fallback(|req: Request| async move { error_response(Code::NotFound, "No such admin endpoint.", &request_id(&req)) })
+        .fallback(
+            |req: Request| async move { error_response(Code::NotFound, "No such admin endpoint.", &request_id(&req)) },
+        )
         .with_state(gateway)
 }
 
 fn request_id(req: &Request) -> Arc<str> {
-    req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default()
+    req.extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default()
 }
 
 async fn check_token(expected: Option<&[u8]>, req: Request, next: Next) -> Response {
     let id = request_id(&req);
     let Some(expected) = expected else {
-        return error_response(Code::Unauthenticated, "No admin token is configured: set the variable named by `admin.token_env`.", &id);
+        return error_response(
+            Code::Unauthenticated,
+            "No admin token is configured: set the variable named by `admin.token_env`.",
+            &id,
+        );
     };
     let presented = req
         .headers()
@@ -84,12 +105,20 @@ async fn check_token(expected: Option<&[u8]>, req: Request, next: Next) -> Respo
 async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     let audit_ok = gw.audit.is_healthy();
     let body = json!({"ready": audit_ok, "policy_version": gw.policy().version, "audit": if audit_ok { "ok" } else { "failing" }});
-    let status = if audit_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if audit_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(body)).into_response()
 }
 
 async fn render_metrics() -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics_handle().render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics_handle().render(),
+    )
+        .into_response()
 }
 
 async fn reload(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
@@ -122,7 +151,12 @@ async fn policy(State(gw): State<Arc<Gateway>>) -> Response {
         .agents
         .values()
         .map(|a| {
-            let tools: Vec<&str> = p.tools.keys().filter(|t| a.allowlist.allows(t)).map(String::as_str).collect();
+            let tools: Vec<&str> = p
+                .tools
+                .keys()
+                .filter(|t| a.allowlist.allows(t))
+                .map(String::as_str)
+                .collect();
             json!({"id": &*a.id, "description": a.description, "tools": tools})
         })
         .collect();

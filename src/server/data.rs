@@ -25,18 +25,34 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
 }
 
 async fn not_found(req: Request) -> Response {
-    let id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
-    error_response(Code::NotFound, "No such endpoint. Tool calls are `POST /v1/tools/{tool}`.", &id)
+    let id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    error_response(
+        Code::NotFound,
+        "No such endpoint. Tool calls are `POST /v1/tools/{tool}`.",
+        &id,
+    )
 }
 
 async fn method_not_allowed(req: Request) -> Response {
-    let id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+    let id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
     error_response(Code::MethodNotAllowed, "Tool calls use POST.", &id)
 }
 
 async fn call_tool(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let id = parts.extensions.get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+    let id = parts
+        .extensions
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
     // The raw path segment, not a percent-decoded one: tool names match exactly, and `%2E` is
     // not a dot.
     let tool = parts.uri.path().strip_prefix("/v1/tools/").unwrap_or_default();
@@ -58,16 +74,25 @@ async fn call_tool(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     if let Some(ct) = resp.content_type {
         out.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
-    out.headers_mut().insert("x-toolgate-decision", HeaderValue::from_static(resp.decision));
+    out.headers_mut()
+        .insert("x-toolgate-decision", HeaderValue::from_static(resp.decision));
     out.into_response()
 }
 
 async fn read_body(gw: &Gateway, headers: &axum::http::HeaderMap, body: Body) -> Result<bytes::Bytes, Reason> {
     let limit = gw.config.limits.max_body_bytes;
     let too_large = || {
-        Reason::new(Code::PayloadTooLarge, Stage::Request, "limits", format!("The body is larger than the limit of {limit} bytes."))
+        Reason::new(
+            Code::PayloadTooLarge,
+            Stage::Request,
+            "limits",
+            format!("The body is larger than the limit of {limit} bytes."),
+        )
     };
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
@@ -75,8 +100,18 @@ async fn read_body(gw: &Gateway, headers: &axum::http::HeaderMap, body: Body) ->
     match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(_)) => Err(Reason::new(Code::InvalidRequest, Stage::Request, "transport", "The request body could not be read.")),
-        Err(_) => Err(Reason::new(Code::RequestTimeout, Stage::Request, "limits", "The request body was not received in time.")),
+        Ok(Err(_)) => Err(Reason::new(
+            Code::InvalidRequest,
+            Stage::Request,
+            "transport",
+            "The request body could not be read.",
+        )),
+        Err(_) => Err(Reason::new(
+            Code::RequestTimeout,
+            Stage::Request,
+            "limits",
+            "The request body was not received in time.",
+        )),
     }
 }
 

@@ -33,11 +33,18 @@ pub struct RequestId(pub Arc<str>);
 pub fn error_response(code: Code, message: impl Into<String>, request_id: &str) -> Response {
     let reason = Reason::new(code, Stage::Request, "", message);
     let status = axum::http::StatusCode::from_u16(code.http_status()).expect("contract statuses are valid");
-    (status, [(axum::http::header::CONTENT_TYPE, "application/json")], error_body(&reason, request_id)).into_response()
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        error_body(&reason, request_id),
+    )
+        .into_response()
 }
 
 fn is_sane_request_id(v: &str) -> bool {
-    (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    (1..=128).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 async fn request_id(mut req: Request, next: Next) -> Response {
@@ -58,15 +65,27 @@ async fn concurrency_limit(limit: Arc<Semaphore>, req: Request, next: Next) -> R
     match limit.try_acquire() {
         Ok(_permit) => next.run(req).await,
         Err(_) => {
-            let id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_else(|| "".into());
+            let id = req
+                .extensions()
+                .get::<RequestId>()
+                .map(|r| r.0.clone())
+                .unwrap_or_else(|| "".into());
             metrics::counter!("toolgate_shed_total").increment(1);
-            error_response(Code::Unavailable, "The gateway is at its concurrency limit. Retry shortly.", &id)
+            error_response(
+                Code::Unavailable,
+                "The gateway is at its concurrency limit. Retry shortly.",
+                &id,
+            )
         }
     }
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    error_response(Code::Internal, "The gateway hit an internal error; the call was not forwarded.", "")
+    error_response(
+        Code::Internal,
+        "The gateway hit an internal error; the call was not forwarded.",
+        "",
+    )
 }
 
 /// The data-plane router with its layers, outermost first:
@@ -76,7 +95,9 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 pub fn data_plane(gateway: Arc<Gateway>) -> Router {
     let limit = Arc::new(Semaphore::new(gateway.config.limits.max_concurrent_requests));
     data::routes(gateway)
-        .layer(middleware::from_fn(move |req, next| concurrency_limit(limit.clone(), req, next)))
+        .layer(middleware::from_fn(move |req, next| {
+            concurrency_limit(limit.clone(), req, next)
+        }))
         .layer(middleware::from_fn(request_id))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
 }
@@ -116,8 +137,18 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
     let read_timeout = Duration::from_millis(gateway.config.limits.request_read_timeout_ms);
     let metrics = admin::metrics_handle();
     let mut tasks = vec![
-        tokio::spawn(serve(data, data_plane(gateway.clone()), read_timeout, wait(stopped.clone()))),
-        tokio::spawn(serve(admin, admin_plane(gateway.clone()), read_timeout, wait(stopped.clone()))),
+        tokio::spawn(serve(
+            data,
+            data_plane(gateway.clone()),
+            read_timeout,
+            wait(stopped.clone()),
+        )),
+        tokio::spawn(serve(
+            admin,
+            admin_plane(gateway.clone()),
+            read_timeout,
+            wait(stopped.clone()),
+        )),
     ];
     let gw = gateway.clone();
     let mut stop_watch = stopped.clone();

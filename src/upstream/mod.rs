@@ -126,7 +126,9 @@ fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamErr
     } else {
         (with_query(out.url, out.arguments), Bytes::new())
     };
-    let uri: Uri = uri.parse().map_err(|e| UpstreamError::Protocol(format!("bad upstream URL: {e}")))?;
+    let uri: Uri = uri
+        .parse()
+        .map_err(|e| UpstreamError::Protocol(format!("bad upstream URL: {e}")))?;
     let mut b = Request::builder()
         .method(out.method.as_str())
         .uri(uri)
@@ -142,7 +144,8 @@ fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamErr
     if let Some(ts) = out.tracestate {
         b = b.header("tracestate", ts);
     }
-    b.body(Full::new(body)).map_err(|e| UpstreamError::Protocol(e.to_string()))
+    b.body(Full::new(body))
+        .map_err(|e| UpstreamError::Protocol(e.to_string()))
 }
 
 /// Appends arguments as a query string (for methods without a body): scalars as text, anything
@@ -201,6 +204,9 @@ mod tests {
             with_query("http://h/s", args.as_object().unwrap()),
             "http://h/s?n=3&q=a%20b%26c&tags=%5B%22x%22%5D"
         );
-        assert_eq!(with_query("http://h/s?v=1", json!({"a": 1}).as_object().unwrap()), "http://h/s?v=1&a=1");
+        assert_eq!(
+            with_query("http://h/s?v=1", json!({"a": 1}).as_object().unwrap()),
+            "http://h/s?v=1&a=1"
+        );
     }
 }

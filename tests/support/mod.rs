@@ -66,7 +66,10 @@ impl TestUpstream {
     }
 
     pub fn count(&self, path_prefix: &str) -> usize {
-        self.requests().iter().filter(|s| s.uri.starts_with(path_prefix)).count()
+        self.requests()
+            .iter()
+            .filter(|s| s.uri.starts_with(path_prefix))
+            .count()
     }
 }
 
@@ -145,10 +148,21 @@ impl Harness {
 
     /// Starts with extra config lines appended (YAML at top level, e.g. limits).
     pub async fn start_with(extra_config: &str) -> Self {
+        Self::start_full(extra_config, &[]).await
+    }
+
+    /// Starts with extra config lines and extra policy files (`{{DIR}}` is the temp dir).
+    pub async fn start_full(extra_config: &str, extra_policies: &[(&str, &str)]) -> Self {
         let upstream = TestUpstream::start().await;
         let dir = tempfile::tempdir().unwrap();
         let policy_dir = dir.path().join("policies");
         write_fixture_policies(&policy_dir, &upstream.url);
+        for (name, text) in extra_policies {
+            let text = text
+                .replace("{{DIR}}", &dir.path().display().to_string())
+                .replace("{{FIXTURES}}", &fixture("").display().to_string());
+            std::fs::write(policy_dir.join(name), text).unwrap();
+        }
         let audit_path = dir.path().join("audit.jsonl");
         let token_file = dir.path().join("admin-token");
         std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
@@ -187,7 +201,23 @@ impl Harness {
         if let Some(k) = key {
             headers.push(("authorization", format!("Bearer {k}")));
         }
-        send("POST", &format!("{}/v1/tools/{tool}", self.data), &headers, body.as_bytes().to_vec()).await
+        send(
+            "POST",
+            &format!("{}/v1/tools/{tool}", self.data),
+            &headers,
+            body.as_bytes().to_vec(),
+        )
+        .await
+    }
+
+    /// A request to the admin plane, with the admin token when `authed`.
+    pub async fn admin(&self, method: &str, path: &str, authed: bool) -> Resp {
+        let headers = if authed {
+            vec![("authorization", format!("Bearer {ADMIN_TOKEN}"))]
+        } else {
+            Vec::new()
+        };
+        send(method, &format!("{}{path}", self.admin), &headers, Vec::new()).await
     }
 
     /// Every audit event written so far.
@@ -198,8 +228,16 @@ impl Harness {
     /// The one `tool_call` event for a request id.
     pub fn event_for(&self, resp: &Resp) -> Value {
         let id = resp.request_id();
-        let events: Vec<Value> = self.audit().into_iter().filter(|e| e["request_id"] == id.as_str()).collect();
-        assert_eq!(events.len(), 1, "expected exactly one audit event for {id}, got {events:?}");
+        let events: Vec<Value> = self
+            .audit()
+            .into_iter()
+            .filter(|e| e["request_id"] == id.as_str())
+            .collect();
+        assert_eq!(
+            events.len(),
+            1,
+            "expected exactly one audit event for {id}, got {events:?}"
+        );
         events.into_iter().next().unwrap()
     }
 }
@@ -230,7 +268,9 @@ impl Resp {
     }
 
     pub fn request_id(&self) -> String {
-        self.header("x-request-id").expect("every response has x-request-id").to_owned()
+        self.header("x-request-id")
+            .expect("every response has x-request-id")
+            .to_owned()
     }
 
     /// Asserts the contract's error body and returns it.
@@ -239,19 +279,26 @@ impl Resp {
         let body = self.json();
         assert_eq!(body["error"]["code"], code, "{body}");
         assert_eq!(body["error"]["request_id"], self.request_id().as_str(), "{body}");
-        assert!(body["error"]["message"].as_str().is_some_and(|m| m.len() > 10), "{body}");
+        assert!(
+            body["error"]["message"].as_str().is_some_and(|m| m.len() > 10),
+            "{body}"
+        );
         body
     }
 }
 
 /// Sends one HTTP/1.1 request over a fresh connection.
 pub async fn send(method: &str, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Resp {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut req = http::Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, v);
     }
-    let res = client.request(req.body(Full::new(Bytes::from(body))).unwrap()).await.expect("gateway answers");
+    let res = client
+        .request(req.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .expect("gateway answers");
     let status = res.status().as_u16();
     let headers = res.headers().clone();
     let body = res.into_body().collect().await.unwrap().to_bytes();

@@ -1,0 +1,179 @@
+//! The admin plane over real HTTP: health, metrics, the token, reloads good and broken, and the
+//! file watcher.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{ANALYST_KEY, Harness, SUPPORT_KEY, send};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics_need_no_token() {
+    let h = Harness::start().await;
+    assert_eq!(h.admin("GET", "/healthz", false).await.status, 200);
+    let ready = h.admin("GET", "/readyz", false).await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["audit"], "ok");
+
+    h.call("kb.search", Some(SUPPORT_KEY), r#"{"query": "q"}"#).await;
+    h.call("no.such.tool", Some(SUPPORT_KEY), "{}").await;
+    let m = h.admin("GET", "/metrics", false).await;
+    assert_eq!(m.status, 200);
+    let text = String::from_utf8(m.body.to_vec()).unwrap();
+    assert!(
+        text.contains(r#"toolgate_calls_total{agent="support-bot",tool="kb.search",decision="allow",code="ok"}"#),
+        "{text}"
+    );
+    // Caller-chosen tool names never become label values: no unbounded cardinality.
+    assert!(
+        text.contains(r#"tool="(unknown)",decision="deny",code="tool_not_allowed""#),
+        "{text}"
+    );
+    assert!(!text.contains("no.such.tool"));
+    assert!(text.contains("toolgate_decision_duration_seconds_bucket"));
+    assert!(text.contains("toolgate_upstream_duration_seconds_bucket{tool=\"kb.search\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_require_the_token() {
+    let h = Harness::start().await;
+    h.admin("GET", "/admin/policy", false)
+        .await
+        .assert_error(401, "unauthenticated");
+    let wrong = vec![("authorization", "Bearer not-the-token".to_owned())];
+    send("GET", &format!("{}/admin/policy", h.admin), &wrong, Vec::new())
+        .await
+        .assert_error(401, "unauthenticated");
+    send("POST", &format!("{}/admin/reload", h.admin), &wrong, Vec::new())
+        .await
+        .assert_error(401, "unauthenticated");
+    let r = h.admin("GET", "/admin/policy", true).await;
+    assert_eq!(r.status, 200);
+    let p = r.json();
+    assert_eq!(p["version"].as_str().unwrap().len(), 16);
+    let analyst = p["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == "analyst-bot")
+        .unwrap();
+    assert_eq!(analyst["tools"], serde_json::json!(["kb.search"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_plane_is_not_served_on_the_admin_port() {
+    let h = Harness::start().await;
+    let auth = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
+    let r = send(
+        "POST",
+        &format!("{}/v1/tools/kb.search", h.admin),
+        &auth,
+        b"{}".to_vec(),
+    )
+    .await;
+    r.assert_error(404, "not_found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_reload_keeps_the_last_good_policy_and_is_audited() {
+    let h = Harness::start().await;
+    let before = h.admin("GET", "/admin/policy", true).await.json()["version"].clone();
+    let agents = h.policy_dir.join("agents.yaml");
+    let good = std::fs::read_to_string(&agents).unwrap();
+    let broken = good.replace("tools: [ kb.* ]", "tols: [ kb.* ]").replace(
+        "tools: [ tickets.read,",
+        "tools: [ \"bad name\", nope.tool, tickets.read,",
+    );
+    std::fs::write(&agents, broken).unwrap();
+
+    let r = h.admin("POST", "/admin/reload", true).await;
+    assert_eq!(r.status, 422);
+    let body = r.json();
+    assert_eq!(body["error"]["code"], "policy_invalid");
+    assert_eq!(body["error"]["policy_version"], before);
+    let errors = body["error"]["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 3, "every error, not the first: {errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e["message"].as_str().unwrap().contains("no tool named `nope.tool`")),
+        "{errors:?}"
+    );
+    let text = errors[2]["text"].as_str().unwrap();
+    assert!(
+        text.contains("agents.yaml:") && text.contains("unknown field `tols`"),
+        "{text}"
+    );
+    assert!(errors[2]["line"].as_u64().unwrap() > errors[0]["line"].as_u64().unwrap());
+
+    // Still the old policy: the analyst can search.
+    assert_eq!(
+        h.call("kb.search", Some(ANALYST_KEY), r#"{"query":"q"}"#).await.status,
+        200
+    );
+    assert_eq!(h.admin("GET", "/admin/policy", true).await.json()["version"], before);
+    let failed: Vec<_> = h
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "policy_reload_failed")
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["policy_version"], before);
+    assert!(failed[0]["errors"][0].as_str().unwrap().contains("agents.yaml"));
+
+    // A good edit is picked up and audited with both versions.
+    std::fs::write(&agents, good.replace("tools: [ kb.* ]", "tools: [ ]")).unwrap();
+    let r = h.admin("POST", "/admin/reload", true).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"], "reloaded");
+    h.call("kb.search", Some(ANALYST_KEY), r#"{"query":"q"}"#)
+        .await
+        .assert_error(403, "tool_not_allowed");
+    let ok: Vec<_> = h
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "policy_reloaded")
+        .collect();
+    assert_eq!(ok.len(), 1);
+    assert_eq!(ok[0]["previous_version"], before);
+    let call = h.audit().into_iter().rev().find(|e| e["event"] == "tool_call").unwrap();
+    assert_eq!(call["policy_version"], ok[0]["policy_version"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_files_are_reloaded_when_they_change() {
+    let h = Harness::start().await;
+    assert_eq!(
+        h.call("kb.search", Some(ANALYST_KEY), r#"{"query":"q"}"#).await.status,
+        200
+    );
+    let agents = h.policy_dir.join("agents.yaml");
+    let good = std::fs::read_to_string(&agents).unwrap();
+    // A broken save first: ignored, the old policy stays.
+    std::fs::write(&agents, "agents: [ this is not a map").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        h.call("kb.search", Some(ANALYST_KEY), r#"{"query":"q"}"#).await.status,
+        200
+    );
+    // Then the fixed file.
+    std::fs::write(&agents, good.replace("tools: [ kb.* ]", "tools: [ ]")).unwrap();
+    let mut denied = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if h.call("kb.search", Some(ANALYST_KEY), r#"{"query":"q"}"#).await.status == 403 {
+            denied = true;
+            break;
+        }
+    }
+    assert!(denied, "the changed file was not reloaded");
+    let kinds: Vec<String> = h
+        .audit()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        kinds.contains(&"policy_reload_failed".to_owned()) && kinds.contains(&"policy_reloaded".to_owned()),
+        "{kinds:?}"
+    );
+}
