@@ -1,1 +1,61 @@
-fn main() {}
+//! The decision pipeline alone, on the bundled policies: authentication, and `evaluate` for a
+//! ~2 KB argument body through allowlist, JSON Schema, URL template and content filters.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use serde_json::json;
+use std::hint::black_box;
+use toolgate::policy::{ParseLimits, Policy, ToolCall, content};
+
+fn bundled_policy() -> Policy {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+    Policy::load(std::path::Path::new(dir)).expect("bundled policies load")
+}
+
+/// A realistic ~2 KB reply: prose, a ticket id, no PII (the common case: nothing to redact).
+fn reply_body() -> Vec<u8> {
+    let sentence = "Thanks for reaching out about the login problem; we reset the session and the fix ships on Monday. ";
+    let body = sentence.repeat(19);
+    let v = json!({"ticket_id": "T-1001", "body": body});
+    let bytes = serde_json::to_vec(&v).unwrap();
+    assert!((1900..2300).contains(&bytes.len()), "{}", bytes.len());
+    bytes
+}
+
+fn pipeline(c: &mut Criterion) {
+    let policy = bundled_policy();
+    let limits = ParseLimits { max_json_depth: 64 };
+    let body = reply_body();
+    let call = ToolCall { agent: "support-bot", tool: "tickets.reply", body: &body };
+    assert!(policy.evaluate(&call, limits).decision.is_allow());
+
+    c.bench_function("authenticate_api_key", |b| {
+        b.iter(|| policy.auth.authenticate(black_box(Some("Bearer demo-support-key"))).unwrap())
+    });
+    c.bench_function("evaluate_2kb_allow_with_filters", |b| b.iter(|| policy.evaluate(black_box(&call), limits)));
+    let denied = ToolCall { agent: "support-bot", tool: "billing.delete_account", body: &body };
+    c.bench_function("evaluate_not_allowed", |b| b.iter(|| policy.evaluate(black_box(&denied), limits)));
+    let small = br#"{"query": "reset my password", "limit": 5}"#;
+    let kb = ToolCall { agent: "support-bot", tool: "kb.search", body: small };
+    c.bench_function("evaluate_small_kb_search", |b| b.iter(|| policy.evaluate(black_box(&kb), limits)));
+
+    // Content scanning alone: 50 deny terms, 20 deny patterns, every detector, over 2 KB.
+    let terms: Vec<String> = (0..50).map(|i| format!("codename {i} internal")).collect();
+    let patterns: Vec<String> = (0..20).map(|i| format!("proj[e3]ct[- ]?{i}(?:alpha|beta)")).collect();
+    let cfg: content::FilterConfig = serde_json::from_value(json!({
+        "deny_terms": terms, "deny_patterns": patterns,
+        "detect": ["email", "phone", "ssn", "credit_card", "iban", "aws_access_key", "aws_secret_key", "private_key", "bearer_token"],
+        "action": "redact"
+    }))
+    .unwrap();
+    let filter = content::Filter::compile("bench", &cfg).unwrap();
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    c.bench_function("scan_2kb_50_terms_20_patterns_all_detectors", |b| {
+        b.iter(|| {
+            let mut v = value.clone();
+            content::apply(&[&filter], black_box(&mut v))
+        })
+    });
+}
+
+criterion_group!(benches, pipeline);
+criterion_main!(benches);

@@ -71,39 +71,43 @@ impl Detector {
         }
     }
 
-    /// The regex, written for normalised (lowercased) text.
-    fn regex(self) -> &'static Regex {
-        static RES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
-            [
-                r"[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}",
-                r"\+[1-9][0-9]{7,14}\b|\+[1-9][0-9]{0,2}[ .-]?\(?[0-9]{2,4}\)?(?:[ .-]?[0-9]{2,4}){2,3}\b|\(?\b[2-9][0-9]{2}\)?[ .-][0-9]{3}[ .-][0-9]{4}\b|\b0[1-9][0-9]{2,3} [0-9]{3} ?[0-9]{3,4}\b",
-                r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b",
-                r"\b(?:[0-9][ -]?){12,18}[0-9]\b",
-                r"\b[a-z]{2}[0-9]{2}(?: ?[a-z0-9]){11,30}\b",
-                r"\b(?:akia|asia|abia|acca)[a-z0-9]{16}\b",
-                r"secret[a-z_ ]{0,20}[\x22']?\s?[:=]\s?[\x22']?[a-z0-9/+]{40}(?:[^a-z0-9/+]|$)",
-                r"-----begin [a-z ]*private key-----",
-                r"\beyj[a-z0-9_-]{5,}\.[a-z0-9_-]{5,}\.[a-z0-9_-]{5,}|\bbearer [a-z0-9._~+/=-]{16,}",
-            ]
-            .iter()
-            .map(|p| Regex::new(p).expect("built-in detector regexes compile"))
-            .collect()
-        });
-        &RES[self as usize]
-    }
-
-    /// Whether `text` holds a real instance: checksums rule out look-alikes (a 16-digit order
-    /// reference that fails Luhn is not a card).
-    fn is_found_in(self, text: &str) -> bool {
-        let re = self.regex();
+    /// Whether `text` (normalised) holds a real instance, given that the detector set matched:
+    /// checksums rule out look-alikes (a 16-digit order reference that fails Luhn is not a card).
+    fn is_confirmed_in(self, text: &str) -> bool {
+        let re = &DETECTORS.each[self as usize];
         match self {
             Detector::CreditCard => re.find_iter(text).any(|m| is_luhn_valid(m.as_str())),
             Detector::Iban => re.find_iter(text).any(|m| is_iban_valid(m.as_str())),
             Detector::Ssn => re.find_iter(text).any(|m| is_ssn_plausible(m.as_str())),
-            _ => re.is_match(text),
+            _ => true,
         }
     }
 }
+
+/// Detector patterns, written for normalised (lowercased) text, in `Detector` order. Word
+/// boundaries are ASCII (`(?-u:\b)`) so the lazy DFA handles any input in one linear pass.
+const DETECTOR_PATTERNS: [&str; 9] = [
+    r"[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}",
+    r"\+[1-9][0-9]{7,14}(?-u:\b)|\+[1-9][0-9]{0,2}[ .-]?\(?[0-9]{2,4}\)?(?:[ .-]?[0-9]{2,4}){2,3}(?-u:\b)|\(?(?-u:\b)[2-9][0-9]{2}\)?[ .-][0-9]{3}[ .-][0-9]{4}(?-u:\b)|(?-u:\b)0[1-9][0-9]{2,3} [0-9]{3} ?[0-9]{3,4}(?-u:\b)",
+    r"(?-u:\b)[0-9]{3}-[0-9]{2}-[0-9]{4}(?-u:\b)",
+    r"(?-u:\b)(?:[0-9][ -]?){12,18}[0-9](?-u:\b)",
+    r"(?-u:\b)[a-z]{2}[0-9]{2}(?: ?[a-z0-9]){11,30}(?-u:\b)",
+    r"(?-u:\b)(?:akia|asia|abia|acca)[a-z0-9]{16}(?-u:\b)",
+    r"secret[a-z_ ]{0,20}[\x22']?\s?[:=]\s?[\x22']?[a-z0-9/+]{40}(?:[^a-z0-9/+]|$)",
+    r"-----begin [a-z ]*private key-----",
+    r"(?-u:\b)eyj[a-z0-9_-]{5,}\.[a-z0-9_-]{5,}\.[a-z0-9_-]{5,}|(?-u:\b)bearer [a-z0-9._~+/=-]{16,}",
+];
+
+/// All detectors as one set (one pass finds which may match) plus each alone (to confirm).
+struct DetectorSet {
+    set: RegexSet,
+    each: Vec<Regex>,
+}
+
+static DETECTORS: LazyLock<DetectorSet> = LazyLock::new(|| DetectorSet {
+    set: RegexSet::new(DETECTOR_PATTERNS).expect("built-in detector regexes compile"),
+    each: DETECTOR_PATTERNS.iter().map(|p| Regex::new(p).expect("built-in detector regexes compile")).collect(),
+});
 
 fn is_luhn_valid(s: &str) -> bool {
     let digits: Vec<u32> = s.chars().filter_map(|c| c.to_digit(10)).collect();
@@ -169,16 +173,13 @@ fn is_invisible(c: char) -> bool {
 
 /// NFKC, lowercase, invisible characters removed, whitespace runs collapsed to one space.
 pub fn normalize(s: &str) -> Cow<'_, str> {
-    let is_plain = s
-        .bytes()
-        .all(|b| (b.is_ascii_graphic() && !b.is_ascii_uppercase()) || b == b' ')
-        && !s.contains("  ");
-    if is_plain {
-        return Cow::Borrowed(s);
+    if s.is_ascii() {
+        return normalize_ascii(s);
     }
     let mut out = String::with_capacity(s.len());
     let mut in_space = false;
-    let mut push = |c: char, out: &mut String| {
+    // Invisible characters go before NFKC too, so they cannot keep a ligature apart.
+    for c in s.chars().filter(|c| !is_invisible(*c)).nfkc() {
         if c.is_whitespace() {
             if !in_space {
                 out.push(' ');
@@ -188,17 +189,35 @@ pub fn normalize(s: &str) -> Cow<'_, str> {
             in_space = false;
             out.extend(c.to_lowercase());
         }
-    };
-    if s.is_ascii() {
-        s.chars().for_each(|c| push(c, &mut out));
-    } else {
-        // Invisible characters go before NFKC too, so they cannot keep a ligature apart.
-        s.chars()
-            .filter(|c| !is_invisible(*c))
-            .nfkc()
-            .for_each(|c| push(c, &mut out));
     }
     Cow::Owned(out)
+}
+
+/// The ASCII case (most traffic): already NFKC, no invisible characters; lowercase and collapse
+/// whitespace byte by byte, borrowing when nothing changes.
+fn normalize_ascii(s: &str) -> Cow<'_, str> {
+    let b = s.as_bytes();
+    let unchanged = !b.iter().any(|c| c.is_ascii_uppercase() || (c.is_ascii_whitespace() && *c != b' '))
+        && !s.contains("  ")
+        && !b.contains(&0x0b);
+    if unchanged {
+        return Cow::Borrowed(s);
+    }
+    let mut out = Vec::with_capacity(b.len());
+    let mut in_space = false;
+    for &c in b {
+        // `char::is_whitespace` for ASCII: \t \n \x0b \x0c \r and space.
+        if matches!(c, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r') {
+            if !in_space {
+                out.push(b' ');
+            }
+            in_space = true;
+        } else {
+            in_space = false;
+            out.push(c.to_ascii_lowercase());
+        }
+    }
+    Cow::Owned(String::from_utf8(out).expect("ASCII in, ASCII out"))
 }
 
 /// What a filter found (never the matched text).
@@ -305,17 +324,28 @@ impl Filter {
 
     /// The first thing this filter finds in `text`.
     pub fn scan(&self, text: &str) -> Option<Finding> {
-        let n = normalize(text);
-        if self.terms.as_ref().is_some_and(|ac| ac.is_match(n.as_ref())) {
+        self.scan_normalized(&normalize(text))
+    }
+
+    /// As `scan`, for text already normalised (several filters share one normalisation).
+    fn scan_normalized(&self, n: &str) -> Option<Finding> {
+        if self.terms.as_ref().is_some_and(|ac| ac.is_match(n)) {
             return Some(Finding::Term);
         }
-        if self.patterns.as_ref().is_some_and(|set| set.is_match(&n)) {
+        if self.patterns.as_ref().is_some_and(|set| set.is_match(n)) {
             return Some(Finding::Pattern);
+        }
+        if self.detectors.is_empty() {
+            return None;
+        }
+        let hits = DETECTORS.set.matches(n);
+        if !hits.matched_any() {
+            return None;
         }
         self.detectors
             .iter()
             .copied()
-            .find(|d| d.is_found_in(&n))
+            .find(|&d| hits.matched(d as usize) && d.is_confirmed_in(n))
             .map(Finding::Detector)
     }
 }
@@ -368,8 +398,9 @@ fn walk(filters: &[&Filter], value: &mut Value, out: &mut Outcome) {
 /// `Some(replacement)` if a redacting filter matched; records blocks and redactions.
 fn check(filters: &[&Filter], text: &str, out: &mut Outcome) -> Option<String> {
     let mut replacement = None;
+    let n = normalize(text);
     for f in filters {
-        if let Some(found) = f.scan(text) {
+        if let Some(found) = f.scan_normalized(&n) {
             match f.action {
                 Action::Block => {
                     out.blocked = Some((f.name.clone(), found.kind()));
@@ -422,6 +453,13 @@ mod tests {
             assert_eq!(f.scan(evasive), Some(Finding::Term), "{evasive:?}");
         }
         assert_eq!(f.scan("project eagle"), None);
+    }
+
+    #[test]
+    fn ascii_and_unicode_paths_normalise_alike() {
+        for (input, want) in [("A  B\tC\x0bD", "a b c d"), ("plain text", "plain text"), ("É  X", "é x")] {
+            assert_eq!(normalize(input), want, "{input:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,45 @@
+//! The baseline for load tests: a bare hyper pass-through proxy with the default pooled client,
+//! no checks at all. toolgate's cost is reported as a ratio against this, measured in the same run.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let listen = args.next().unwrap_or_else(|| "127.0.0.1:19101".to_owned());
+    let upstream = args.next().unwrap_or_else(|| "http://127.0.0.1:19100".to_owned());
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let listener = tokio::net::TcpListener::bind(&listen).await.expect("bind");
+    loop {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let _ = stream.set_nodelay(true);
+        let (client, upstream) = (client.clone(), upstream.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (client, upstream) = (client.clone(), upstream.clone());
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let uri = format!("{upstream}{}", parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+                    let out = hyper::Request::builder().method(parts.method).uri(uri).header("content-type", "application/json").body(Full::new(body)).unwrap();
+                    let res = match client.request(out).await {
+                        Ok(res) => {
+                            let (p, b) = res.into_parts();
+                            let b = b.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            hyper::Response::from_parts(p, Full::new(b))
+                        }
+                        Err(_) => hyper::Response::builder().status(502).body(Full::new(Bytes::new())).unwrap(),
+                    };
+                    Ok::<_, Infallible>(res)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
