@@ -334,6 +334,7 @@ impl Gateway {
             method: tool.method,
             url,
             arguments: args,
+            body: Bytes::from(eval.body.unwrap_or_default()),
             request_id: req.request_id,
             agent: &agent,
             traceparent: req.traceparent,

@@ -110,6 +110,8 @@ pub struct Evaluation<'p> {
     pub arguments: Option<Value>,
     /// SHA-256 of the arguments as received (canonical form; the raw bytes if unparseable).
     pub arguments_sha256: String,
+    /// The canonical JSON of `arguments` as forwarded (keys sorted, redactions applied).
+    pub body: Option<Vec<u8>>,
     /// The upstream URL with placeholders filled.
     pub url: Option<String>,
     /// Non-blocking findings (redactions), for the audit event.
@@ -407,6 +409,7 @@ impl Policy {
             tool: None,
             arguments: None,
             arguments_sha256: String::new(),
+            body: None,
             url: None,
             notes: Vec::new(),
         };
@@ -453,7 +456,8 @@ impl Policy {
                 );
             }
         };
-        eval.arguments_sha256 = arguments::sha256_hex(&arguments::canonical(&args));
+        let canonical = arguments::canonical(&args);
+        eval.arguments_sha256 = arguments::sha256_hex(&canonical);
         let args = eval.arguments.insert(Value::Object(args));
         if let Some(schema) = &tool.schema
             && let Err(message) = schema.validate(args)
@@ -487,6 +491,12 @@ impl Policy {
                 return deny(eval, Reason::new(Code::ContentBlocked, Stage::Content, filter, msg));
             }
         }
+        // Serialise once: unchanged arguments reuse the canonical bytes already hashed.
+        eval.body = Some(if eval.notes.is_empty() {
+            canonical
+        } else {
+            serde_json::to_vec(eval.arguments.as_ref().expect("set above")).expect("JSON serialises")
+        });
         eval
     }
 

@@ -37,6 +37,8 @@ pub struct Outbound<'a> {
     pub method: Method,
     pub url: &'a str,
     pub arguments: &'a Map<String, Value>,
+    /// The arguments' canonical JSON, sent as the body for methods that have one.
+    pub body: Bytes,
     pub request_id: &'a str,
     pub agent: &'a str,
     pub traceparent: Option<&'a HeaderValue>,
@@ -121,8 +123,7 @@ impl Upstream {
 
 fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamError> {
     let (uri, body) = if out.method.has_body() {
-        let body = serde_json::to_vec(out.arguments).expect("a JSON map always serialises");
-        (out.url.to_owned(), Bytes::from(body))
+        (out.url.to_owned(), out.body.clone())
     } else {
         (with_query(out.url, out.arguments), Bytes::new())
     };

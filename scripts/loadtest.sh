@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Load test: toolgate (bundled policies: API-key auth, allowlist, JSON Schema, content filter,
+# redacted audit to a file, metrics) and a bare hyper pass-through proxy in front of the same
+# upstream, measured in one run with wrk. Prints throughput, p50/p99 latency and the proxy's CPU
+# time per request, and toolgate's ratios to the bare proxy.
+#
+#   scripts/loadtest.sh                 # 64 connections, 10 s per target
+#   CONNS=64 DURATION=20 scripts/loadtest.sh
+#
+# Needs wrk (apt-get install wrk). Traffic stays on 127.0.0.1; every run is bounded in time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+THREADS=${THREADS:-2}
+command -v wrk >/dev/null || { echo "loadtest: needs wrk (apt-get install wrk)" >&2; exit 1; }
+
+cargo build --release --quiet --bin toolgate --example bench_upstream --example bare_proxy
+bin=target/release
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+mkdir -p "$work/policies"
+for f in policies/*.yaml; do
+  sed 's#http://127.0.0.1:9001#http://127.0.0.1:19100#g' "$f" > "$work/policies/$(basename "$f")"
+done
+cat > "$work/toolgate.yaml" <<YAML
+listen: 127.0.0.1:19102
+admin: { listen: 127.0.0.1:19103 }
+policies: $work/policies
+audit: { file: $work/audit.jsonl }
+YAML
+
+"$bin/examples/bench_upstream" 127.0.0.1:19100 & pids+=($!)
+"$bin/examples/bare_proxy" 127.0.0.1:19101 http://127.0.0.1:19100 & pids+=($!); bare_pid=$!
+RUST_LOG=warn "$bin/toolgate" serve -c "$work/toolgate.yaml" 2>"$work/toolgate.log" & pids+=($!); tg_pid=$!
+sleep 1
+
+# A ~300-byte kb.search call (the anchor's body size), with the demo key.
+query=$(printf 'customer cannot log in after resetting the password twice; the session expires immediately and the second factor prompt never appears on the mobile app, desktop works, cleared cookies already, %.0s' 1)
+cat > "$work/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"query": "${query:0:270}", "limit": 5}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer demo-support-key"
+LUA
+
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+clk=$(getconf CLK_TCK)
+
+# run NAME PID URL -> "rps p50_ms p99_ms cpu_us_per_req requests"
+run() {
+  local pid=$2 url=$3
+  wrk -t"$THREADS" -c"$CONNS" -d2s -s "$work/post.lua" "$url" >/dev/null 2>&1   # warm-up
+  local before; before=$(ticks "$pid")
+  wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s "$work/post.lua" "$url" > "$work/$1.txt"
+  local after; after=$(ticks "$pid")
+  awk -v t=$((after - before)) -v clk="$clk" '
+    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+    / 50%/ { p50 = ms($2) } / 99%/ { p99 = ms($2) }
+    /requests in/ { n = $1 } /Requests\/sec/ { rps = $2 }
+    /Non-2xx/ { bad = $NF }
+    END { if (bad != "") { print "loadtest: non-2xx responses: " bad > "/dev/stderr" }
+          printf "%.0f %.2f %.2f %.1f %d\n", rps, p50, p99, t / clk * 1e6 / n, n }' "$work/$1.txt"
+}
+
+read -r b_rps b_p50 b_p99 b_cpu b_n < <(run bare "$bare_pid" "http://127.0.0.1:19101/v1/tools/kb.search")
+read -r t_rps t_p50 t_p99 t_cpu t_n < <(run toolgate "$tg_pid" "http://127.0.0.1:19102/v1/tools/kb.search")
+events=$(wc -l < "$work/audit.jsonl")
+
+printf '\n%-28s %10s %9s %9s %14s\n' "proxy ($CONNS conns, ${DURATION}s)" "req/s" "p50 ms" "p99 ms" "CPU us/req"
+printf '%-28s %10s %9s %9s %14s\n' "bare hyper pass-through" "$b_rps" "$b_p50" "$b_p99" "$b_cpu"
+printf '%-28s %10s %9s %9s %14s\n' "toolgate (full pipeline)" "$t_rps" "$t_p50" "$t_p99" "$t_cpu"
+awk -v br="$b_rps" -v tr="$t_rps" -v bc="$b_cpu" -v tc="$t_cpu" -v b50="$b_p50" -v t50="$t_p50" 'BEGIN {
+  printf "ratios: CPU per request %.2fx the bare proxy, throughput %.0f%% of it, p50 %.2fx\n", tc / bc, 100 * tr / br, t50 / b50 }'
+echo "audit events written: $events (one per toolgate request, warm-up included)"
