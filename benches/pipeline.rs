@@ -13,7 +13,8 @@ fn bundled_policy() -> Policy {
 
 /// A realistic ~2 KB reply: prose, a ticket id, no PII (the common case: nothing to redact).
 fn reply_body() -> Vec<u8> {
-    let sentence = "Thanks for reaching out about the login problem; we reset the session and the fix ships on Monday. ";
+    let sentence =
+        "Thanks for reaching out about the login problem; we reset the session and the fix ships on Monday. ";
     let body = sentence.repeat(19);
     let v = json!({"ticket_id": "T-1001", "body": body});
     let bytes = serde_json::to_vec(&v).unwrap();
@@ -25,18 +26,41 @@ fn pipeline(c: &mut Criterion) {
     let policy = bundled_policy();
     let limits = ParseLimits { max_json_depth: 64 };
     let body = reply_body();
-    let call = ToolCall { agent: "support-bot", tool: "tickets.reply", body: &body };
+    let call = ToolCall {
+        agent: "support-bot",
+        tool: "tickets.reply",
+        body: &body,
+    };
     assert!(policy.evaluate(&call, limits).decision.is_allow());
 
     c.bench_function("authenticate_api_key", |b| {
-        b.iter(|| policy.auth.authenticate(black_box(Some("Bearer demo-support-key"))).unwrap())
+        b.iter(|| {
+            policy
+                .auth
+                .authenticate(black_box(Some("Bearer demo-support-key")))
+                .unwrap()
+        })
     });
-    c.bench_function("evaluate_2kb_allow_with_filters", |b| b.iter(|| policy.evaluate(black_box(&call), limits)));
-    let denied = ToolCall { agent: "support-bot", tool: "billing.delete_account", body: &body };
-    c.bench_function("evaluate_not_allowed", |b| b.iter(|| policy.evaluate(black_box(&denied), limits)));
+    c.bench_function("evaluate_2kb_allow_with_filters", |b| {
+        b.iter(|| policy.evaluate(black_box(&call), limits))
+    });
+    let denied = ToolCall {
+        agent: "support-bot",
+        tool: "billing.delete_account",
+        body: &body,
+    };
+    c.bench_function("evaluate_not_allowed", |b| {
+        b.iter(|| policy.evaluate(black_box(&denied), limits))
+    });
     let small = br#"{"query": "reset my password", "limit": 5}"#;
-    let kb = ToolCall { agent: "support-bot", tool: "kb.search", body: small };
-    c.bench_function("evaluate_small_kb_search", |b| b.iter(|| policy.evaluate(black_box(&kb), limits)));
+    let kb = ToolCall {
+        agent: "support-bot",
+        tool: "kb.search",
+        body: small,
+    };
+    c.bench_function("evaluate_small_kb_search", |b| {
+        b.iter(|| policy.evaluate(black_box(&kb), limits))
+    });
 
     // Content scanning alone: 50 deny terms, 20 deny patterns, every detector, over 2 KB.
     let terms: Vec<String> = (0..50).map(|i| format!("codename {i} internal")).collect();

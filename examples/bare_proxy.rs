@@ -27,19 +27,29 @@ async fn main() {
                     let (parts, body) = req.into_parts();
                     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                     let uri = format!("{upstream}{}", parts.uri.path_and_query().map_or("/", |p| p.as_str()));
-                    let out = hyper::Request::builder().method(parts.method).uri(uri).header("content-type", "application/json").body(Full::new(body)).unwrap();
+                    let out = hyper::Request::builder()
+                        .method(parts.method)
+                        .uri(uri)
+                        .header("content-type", "application/json")
+                        .body(Full::new(body))
+                        .unwrap();
                     let res = match client.request(out).await {
                         Ok(res) => {
                             let (p, b) = res.into_parts();
                             let b = b.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             hyper::Response::from_parts(p, Full::new(b))
                         }
-                        Err(_) => hyper::Response::builder().status(502).body(Full::new(Bytes::new())).unwrap(),
+                        Err(_) => hyper::Response::builder()
+                            .status(502)
+                            .body(Full::new(Bytes::new()))
+                            .unwrap(),
                     };
                     Ok::<_, Infallible>(res)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }

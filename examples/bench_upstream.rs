@@ -20,11 +20,15 @@ async fn main() {
                 let _ = req.into_body().collect().await;
                 let res = hyper::Response::builder()
                     .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from_static(br#"{"ok":true,"results":[{"title":"Resetting a password"}]}"#)))
+                    .body(Full::new(Bytes::from_static(
+                        br#"{"ok":true,"results":[{"title":"Resetting a password"}]}"#,
+                    )))
                     .unwrap();
                 Ok::<_, Infallible>(res)
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }

@@ -21,8 +21,9 @@ use crate::server::{self, Running};
 
 /// The bundled files, embedded so the demo runs from any directory.
 const CONFIG: &str = include_str!("../config/toolgate.yaml");
-const POLICIES: [(&str, &str); 3] = [
+const POLICIES: [(&str, &str); 4] = [
     ("policies/agents.yaml", include_str!("../policies/agents.yaml")),
+    ("policies/anomaly.yaml", include_str!("../policies/anomaly.yaml")),
     ("policies/filters.yaml", include_str!("../policies/filters.yaml")),
     ("policies/tools.yaml", include_str!("../policies/tools.yaml")),
 ];
@@ -30,6 +31,7 @@ const POLICIES: [(&str, &str); 3] = [
 const TOOLS_ADDR: &str = "127.0.0.1:9001";
 pub const SUPPORT_KEY: &str = "demo-support-key";
 pub const ANALYST_KEY: &str = "demo-analyst-key";
+pub const BATCH_KEY: &str = "demo-batch-key";
 pub const ADMIN_TOKEN: &str = "demo-admin-token";
 
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +202,30 @@ pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
             json!({"query": "status of Ｐroject\u{200B} FALCON"}),
         ),
         ("no credentials", None, "kb.search", json!({"query": "hello"})),
+        (
+            "batch job, first call",
+            Some(BATCH_KEY),
+            "kb.search",
+            json!({"query": "invoices"}),
+        ),
+        (
+            "batch job, over its token budget",
+            Some(BATCH_KEY),
+            "kb.search",
+            json!({"query": "summarise ".repeat(45)}),
+        ),
+        (
+            "batch job, second call",
+            Some(BATCH_KEY),
+            "kb.search",
+            json!({"query": "receipts"}),
+        ),
+        (
+            "batch job, over 2 calls per minute",
+            Some(BATCH_KEY),
+            "kb.search",
+            json!({"query": "refunds"}),
+        ),
     ];
     println!(
         "{:<2}  {:<40}  {:<11}  {:<22}  {:<6}  {:<26}  detail",
@@ -210,7 +236,8 @@ pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
         let (status, decision, body) = post_json(&base, tool, *key, args).await;
         let agent = match *key {
             Some(SUPPORT_KEY) => "support-bot",
-            Some(_) => "analyst-bot",
+            Some(ANALYST_KEY) => "analyst-bot",
+            Some(_) => "batch-bot",
             None => "(none)",
         };
         let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);

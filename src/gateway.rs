@@ -14,10 +14,12 @@ use bytes::Bytes;
 use http::HeaderValue;
 use serde_json::{Value, json};
 
-use crate::audit::{AuditLog, PolicyEvent, ToolCallEvent, UpstreamInfo};
+use crate::audit::{AuditLog, PolicyEvent, Tokens, ToolCallEvent, UpstreamInfo};
 use crate::config::{AuditArguments, ConfigError, ServerConfig};
 use crate::policy::content::Filter;
+use crate::policy::limits::estimate_tokens;
 use crate::policy::{Code, Decision, ParseLimits, Policy, Reason, Stage, ToolCall, arguments};
+use crate::state::State;
 use crate::upstream::{Inbound, Outbound, Upstream, UpstreamError};
 
 /// A tool call as received, before anything is checked.
@@ -40,6 +42,8 @@ pub struct CallResponse {
     pub content_type: Option<HeaderValue>,
     pub body: Bytes,
     pub decision: &'static str,
+    /// `Retry-After` seconds, for 429s.
+    pub retry_after: Option<u64>,
 }
 
 /// An error body, as every block answers: `{"error": {code, message, request_id, rule}}`.
@@ -65,6 +69,7 @@ struct Record {
     notes: Vec<Reason>,
     upstream: Option<UpstreamInfo>,
     decided_at: Option<Instant>,
+    tokens: Option<Tokens>,
 }
 
 /// Shared state of a running gateway.
@@ -73,6 +78,8 @@ pub struct Gateway {
     policy_dir: Option<PathBuf>,
     pub config: ServerConfig,
     pub audit: AuditLog,
+    /// Rate limits, budgets, denial counts, quarantines.
+    pub state: State,
     upstream: Upstream,
     audit_redactor: Filter,
     reload_lock: tokio::sync::Mutex<()>,
@@ -87,6 +94,7 @@ impl Gateway {
             policy_dir,
             config,
             audit,
+            state: State::default(),
             upstream: Upstream::new(),
             audit_redactor: Filter::audit_redactor(),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -187,6 +195,7 @@ impl Gateway {
         let mut rec = Record::default();
         let result = self.process(&policy, &req, &mut rec).await;
 
+        let retry_after = result.as_ref().err().and_then(|r| r.retry_after);
         let (status, content_type, body, decision, reasons) = match result {
             Ok((inbound, body)) => (
                 inbound.status,
@@ -226,6 +235,7 @@ impl Gateway {
             arguments: rec.arguments.take(),
             arguments_sha256: &rec.arguments_sha256,
             upstream: rec.upstream.clone(),
+            tokens: rec.tokens,
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
             policy_version: &policy.version,
         };
@@ -245,7 +255,11 @@ impl Gateway {
                 content_type: Some(HeaderValue::from_static("application/json")),
                 body: error_body(&reason, req.request_id),
                 decision: "deny",
+                retry_after: None,
             };
+        }
+        if let (Decision::Deny(reason), Some(agent)) = (&decision, &rec.agent) {
+            self.watch_for_anomalies(&policy, agent, reason, req.request_id);
         }
 
         let agent_label = rec.agent.as_deref().unwrap_or("(unauthenticated)").to_owned();
@@ -265,7 +279,69 @@ impl Gateway {
             content_type,
             body,
             decision: decision_str,
+            retry_after,
         }
+    }
+
+    /// Counts the agent's denials by kind; crossing a threshold writes an `anomaly` event and,
+    /// if the policy says so, quarantines the agent.
+    fn watch_for_anomalies(&self, policy: &Policy, agent: &str, reason: &Reason, request_id: &str) {
+        // Output blocks are the tool's doing, not the agent's.
+        if reason.stage == Stage::Output {
+            return;
+        }
+        let kind = reason.code.as_str();
+        let anomaly = &policy.anomaly;
+        let Some(threshold) = anomaly.threshold(kind) else {
+            return;
+        };
+        let count = self
+            .state
+            .record_denial(agent, kind, anomaly.window(), threshold as usize * 2);
+        if count != threshold as usize || self.state.quarantined(agent).is_some() {
+            return;
+        }
+        let action = if anomaly.quarantine { "quarantine" } else { "none" };
+        metrics::counter!("toolgate_anomalies_total", "agent" => agent.to_owned(), "kind" => kind).increment(1);
+        tracing::warn!(agent, kind, count, "anomaly: threshold crossed");
+        let _ = self.audit.emit(&json!({
+            "ts": crate::audit::now(), "event": "anomaly", "agent": agent, "kind": kind, "count": count,
+            "threshold": threshold, "window_seconds": anomaly.window_seconds, "action": action, "request_id": request_id,
+        }));
+        if anomaly.quarantine {
+            let duration = (anomaly.quarantine_seconds > 0).then(|| Duration::from_secs(anomaly.quarantine_seconds));
+            let why = format!("{count} {kind} denials within {} s", anomaly.window_seconds);
+            self.quarantine(agent, duration, "anomaly", &why);
+        }
+    }
+
+    /// Quarantines an agent and audits it. False if it already was.
+    pub fn quarantine(&self, agent: &str, duration: Option<Duration>, by: &str, reason: &str) -> bool {
+        if !self.state.quarantine(agent, duration, by, reason) {
+            return false;
+        }
+        let q = self.state.quarantined(agent);
+        metrics::gauge!("toolgate_agent_quarantined", "agent" => agent.to_owned()).set(1.0);
+        tracing::warn!(agent, by, reason, "agent quarantined");
+        let _ = self.audit.emit(&json!({
+            "ts": crate::audit::now(), "event": "agent_quarantined", "agent": agent, "by": by, "reason": reason,
+            "until": q.and_then(|q| q.until),
+        }));
+        true
+    }
+
+    /// Releases an agent and audits who did it. False if it was not quarantined.
+    pub fn release(&self, agent: &str, by: &str, comment: &str) -> bool {
+        let Some(q) = self.state.release(agent) else {
+            return false;
+        };
+        metrics::gauge!("toolgate_agent_quarantined", "agent" => agent.to_owned()).set(0.0);
+        tracing::info!(agent, by, "agent released from quarantine");
+        let _ = self.audit.emit(&json!({
+            "ts": crate::audit::now(), "event": "agent_released", "agent": agent, "by": by, "comment": comment,
+            "quarantined_since": q.since, "quarantined_by": q.by,
+        }));
+        true
     }
 
     async fn process(
@@ -285,6 +361,20 @@ impl Gateway {
                 Stage::Request,
                 "session",
                 "X-Toolgate-Session must be 1 to 128 characters: letters, digits, `-`, `_`, `.`, `:`.",
+            ));
+        }
+        if let Some(q) = self.state.quarantined(&agent) {
+            let until = q.until.map_or("until an admin releases it".to_owned(), |u| {
+                format!("until {}", crate::audit::format_unix(u))
+            });
+            return Err(Reason::new(
+                Code::AgentQuarantined,
+                Stage::Quarantine,
+                "quarantine",
+                format!(
+                    "Agent '{agent}' is quarantined ({}), {until}. Ask an operator to review it: DELETE /admin/agents/{agent}/quarantine.",
+                    q.reason
+                ),
             ));
         }
         if !self.audit.is_healthy() {
@@ -327,6 +417,83 @@ impl Gateway {
             .and_then(Value::as_object)
             .expect("allowed arguments are an object");
 
+        // Stateful checks, after every static one: denied calls cost nothing. The budget is
+        // reserved first (atomically), then rate allowances are taken, the tighter per-tool one
+        // first; a refusal gives the reservation back.
+        let body_bytes = Bytes::from(eval.body.unwrap_or_default());
+        let input_tokens = estimate_tokens(body_bytes.len());
+        let limits = &policy.agents.get(&*agent).expect("evaluated agents exist").limits;
+        let reservation = match limits.tokens_per_hour {
+            Some(limit) => Some(self.state.reserve_tokens(&agent, limit.get(), input_tokens).map_err(|wait| {
+                Reason::new(Code::BudgetExceeded, Stage::Limits, "tokens_per_hour",
+                    format!("This call ({input_tokens} tokens) would exceed agent '{agent}''s budget of {limit} tokens for this hour; it resets in {} s.", wait.as_secs()))
+                    .retry_after(wait.as_secs())
+            })?),
+            None => None,
+        };
+        let rate_keys = [
+            limits.tools.get(&tool.name).map(|t| {
+                (
+                    format!("{agent}|{}", tool.name),
+                    t.calls_per_minute,
+                    "tool calls_per_minute",
+                )
+            }),
+            limits
+                .calls_per_minute
+                .map(|n| (agent.to_string(), n, "calls_per_minute")),
+        ];
+        for (key, per_minute, rule) in rate_keys.into_iter().flatten() {
+            if let Err(wait) = self.state.take_rate(&key, per_minute) {
+                if let Some(r) = reservation {
+                    self.state.release_tokens(r);
+                }
+                let secs = wait.as_secs_f64().ceil() as u64;
+                return Err(Reason::new(
+                    Code::RateLimited,
+                    Stage::Limits,
+                    rule,
+                    format!(
+                        "Agent '{agent}' is over its limit of {per_minute} calls per minute{}. Retry in {secs} s.",
+                        if rule.starts_with("tool") {
+                            format!(" for '{}'", tool.name)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                )
+                .retry_after(secs));
+            }
+        }
+
+        let forwarded = self
+            .forward(policy, req, rec, &agent, tool, url, args, body_bytes)
+            .await;
+        let output_tokens = forwarded.as_ref().map_or(0, |(_, body)| estimate_tokens(body.len()));
+        rec.tokens = Some(Tokens {
+            input: input_tokens,
+            output: output_tokens,
+        });
+        if let (Some(r), Some(limit)) = (reservation, limits.tokens_per_hour) {
+            self.state.settle_tokens(r, input_tokens + output_tokens);
+            let left = self.state.budget(&agent, limit.get()).remaining;
+            metrics::gauge!("toolgate_budget_remaining_tokens", "agent" => agent.to_string()).set(left as f64);
+        }
+        forwarded
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        policy: &Policy,
+        req: &CallRequest<'_>,
+        rec: &mut Record,
+        agent: &str,
+        tool: &crate::policy::tool::Tool,
+        url: &str,
+        args: &serde_json::Map<String, Value>,
+        body: Bytes,
+    ) -> Result<(Inbound, Bytes), Reason> {
         let timeout = tool
             .timeout
             .unwrap_or(Duration::from_millis(self.config.limits.upstream_timeout_ms));
@@ -334,9 +501,9 @@ impl Gateway {
             method: tool.method,
             url,
             arguments: args,
-            body: Bytes::from(eval.body.unwrap_or_default()),
+            body,
             request_id: req.request_id,
-            agent: &agent,
+            agent,
             traceparent: req.traceparent,
             tracestate: req.tracestate,
             timeout,

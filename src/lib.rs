@@ -4,7 +4,8 @@
 //!
 //! 1. `server`    — accept on the data plane; request id, body and concurrency limits.
 //! 2. `gateway`   — authenticate the agent (`policy::identity`), then evaluate the call.
-//! 3. `policy`    — pure decision pipeline: allowlist → arguments (JSON Schema) → content filters.
+//! 3. `policy`    — pure decision pipeline: allowlist → arguments (JSON Schema) → content filters;
+//!    then `state`: quarantine, token budget reservation, rate limits (atomic, after the static checks).
 //! 4. `upstream`  — forward an allowed call: URL template, method, timeout, bounded response.
 //! 5. `policy`    — output filters over the tool's response.
 //! 6. `audit`     — one event per decision, written before the response is sent.
@@ -18,4 +19,5 @@ pub mod demo;
 pub mod gateway;
 pub mod policy;
 pub mod server;
+pub mod state;
 pub mod upstream;

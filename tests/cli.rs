@@ -125,7 +125,7 @@ fn demo_plays_its_script_and_shows_every_kind_of_decision() {
         assert!(stdout.contains(code), "{code} missing from the demo table:\n{stdout}");
     }
     let events = support::read_events(&dir.path().join("var/demo-audit.jsonl"));
-    assert_eq!(events.len(), 10);
+    assert_eq!(events.len(), 14);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

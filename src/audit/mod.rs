@@ -28,6 +28,18 @@ pub fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// Unix seconds as RFC 3339 UTC.
+pub fn format_unix(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)).to_string()
+}
+
+/// `tokens` in a tool-call event: what flowed through the gateway, as budgets count it.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Tokens {
+    pub input: u64,
+    pub output: u64,
+}
+
 /// `upstream` in a tool-call event: what the tool did.
 #[derive(Debug, Clone, Serialize)]
 pub struct UpstreamInfo {
@@ -55,6 +67,7 @@ pub struct ToolCallEvent<'a> {
     pub arguments: Option<Value>,
     pub arguments_sha256: &'a str,
     pub upstream: Option<UpstreamInfo>,
+    pub tokens: Option<Tokens>,
     pub duration_ms: f64,
     pub policy_version: &'a str,
 }

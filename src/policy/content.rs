@@ -106,7 +106,10 @@ struct DetectorSet {
 
 static DETECTORS: LazyLock<DetectorSet> = LazyLock::new(|| DetectorSet {
     set: RegexSet::new(DETECTOR_PATTERNS).expect("built-in detector regexes compile"),
-    each: DETECTOR_PATTERNS.iter().map(|p| Regex::new(p).expect("built-in detector regexes compile")).collect(),
+    each: DETECTOR_PATTERNS
+        .iter()
+        .map(|p| Regex::new(p).expect("built-in detector regexes compile"))
+        .collect(),
 });
 
 fn is_luhn_valid(s: &str) -> bool {
@@ -197,7 +200,9 @@ pub fn normalize(s: &str) -> Cow<'_, str> {
 /// whitespace byte by byte, borrowing when nothing changes.
 fn normalize_ascii(s: &str) -> Cow<'_, str> {
     let b = s.as_bytes();
-    let unchanged = !b.iter().any(|c| c.is_ascii_uppercase() || (c.is_ascii_whitespace() && *c != b' '))
+    let unchanged = !b
+        .iter()
+        .any(|c| c.is_ascii_uppercase() || (c.is_ascii_whitespace() && *c != b' '))
         && !s.contains("  ")
         && !b.contains(&0x0b);
     if unchanged {
@@ -457,7 +462,11 @@ mod tests {
 
     #[test]
     fn ascii_and_unicode_paths_normalise_alike() {
-        for (input, want) in [("A  B\tC\x0bD", "a b c d"), ("plain text", "plain text"), ("É  X", "é x")] {
+        for (input, want) in [
+            ("A  B\tC\x0bD", "a b c d"),
+            ("plain text", "plain text"),
+            ("É  X", "é x"),
+        ] {
             assert_eq!(normalize(input), want, "{input:?}");
         }
     }
@@ -528,5 +537,45 @@ mod tests {
         assert!(Filter::compile("f", &c).is_err());
         let c: FilterConfig = serde_json::from_value(json!({"action": "block"})).unwrap();
         assert!(Filter::compile("f", &c).is_err());
+    }
+
+    fn everything() -> Filter {
+        filter(json!({
+            "deny_terms": ["project falcon", "ｆｕｌｌ", "ǅ"], "deny_patterns": ["a+b+c", "(?:x|y){2,5}z"],
+            "detect": ["email", "phone", "ssn", "credit_card", "iban", "aws_access_key", "aws_secret_key", "private_key", "bearer_token"],
+            "action": "redact"
+        }))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+        #[test]
+        fn scanning_any_text_never_panics(text in "\\PC{0,300}") {
+            let f = everything();
+            let _ = f.scan(&text);
+            let mut v = json!({ text.clone(): [text.clone(), {"k": text}] });
+            let _ = apply(&[&f], &mut v);
+        }
+
+        #[test]
+        fn scanning_digit_and_separator_soup_never_panics(text in "[0-9 +()./@a-zA-Z-]{0,400}") {
+            let _ = everything().scan(&text);
+        }
+    }
+
+    /// Shapes that make backtracking engines explode. The regex crate and Aho-Corasick are
+    /// linear by construction and our own passes touch each byte (or each bounded match) once,
+    /// so these finish as fast as any other 256 KiB; a super-linear scanner would hang here.
+    #[test]
+    fn adversarial_inputs_finish() {
+        let f = everything();
+        let big = 256 * 1024;
+        for unit in [
+            "1 ", "1-", "a@", "a.", "+1", "ab", "\u{0301}", "x", " ", "\u{200B}", "akia", "secret:",
+        ] {
+            let text = unit.repeat(big / unit.len());
+            let _ = f.scan(&text);
+        }
     }
 }

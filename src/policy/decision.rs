@@ -89,6 +89,10 @@ pub enum Stage {
     Allowlist,
     Arguments,
     Content,
+    /// Rate limits and token budgets (stateful, after the static checks).
+    Limits,
+    /// Quarantine (after authentication).
+    Quarantine,
     Upstream,
     /// Output filters over the tool's response (the tool did run).
     Output,
@@ -105,6 +109,9 @@ pub struct Reason {
     pub rule: String,
     /// Safe to show the agent: never echoes its input or a matched secret.
     pub message: String,
+    /// Seconds to wait before retrying (`Retry-After`), for rate and budget denials.
+    #[serde(skip)]
+    pub retry_after: Option<u64>,
 }
 
 impl Reason {
@@ -114,7 +121,14 @@ impl Reason {
             code,
             rule: rule.into(),
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same reason, asking the caller to retry after `secs` (at least 1).
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
     }
 }
 

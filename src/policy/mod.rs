@@ -9,6 +9,7 @@ pub mod arguments;
 pub mod content;
 pub mod decision;
 pub mod identity;
+pub mod limits;
 pub mod tool;
 
 use std::collections::{BTreeMap, HashMap};
@@ -26,6 +27,7 @@ use arguments::ArgumentSchema;
 use content::{Filter, FilterConfig};
 pub use decision::{Code, Decision, Reason, Stage};
 use identity::{Authenticator, JwtConfig, JwtVerifier, parse_key_digest};
+use limits::{AgentLimits, AnomalyConfig};
 use tool::{Method, Tool, ToolConfig, UrlTemplate};
 
 /// One policy file as written. Each entry is decoded on its own so one mistake hides no other.
@@ -40,6 +42,8 @@ struct PolicyFileRaw {
     filters: Map<String, Value>,
     #[serde(default)]
     auth: Option<Value>,
+    #[serde(default)]
+    anomaly: Option<Value>,
 }
 
 /// `agents.<id>` in a policy file.
@@ -53,9 +57,9 @@ pub struct AgentConfig {
     /// Exact tool names or trailing `.*` globs. Empty: the agent may call nothing.
     #[serde(default)]
     pub tools: Vec<String>,
-    /// Reserved for rate limits and token budgets; refused until they are enforced.
+    /// Rate limits and token budget.
     #[serde(default)]
-    pub limits: Option<Value>,
+    pub limits: AgentLimits,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -82,6 +86,7 @@ pub struct Agent {
     pub id: Arc<str>,
     pub description: String,
     pub allowlist: Allowlist,
+    pub limits: AgentLimits,
 }
 
 /// Limits the pipeline applies while parsing arguments.
@@ -128,6 +133,7 @@ pub struct Policy {
     pub agents: HashMap<String, Agent>,
     pub tools: BTreeMap<String, Tool>,
     pub filters: Vec<Filter>,
+    pub anomaly: AnomalyConfig,
 }
 
 impl Policy {
@@ -183,6 +189,7 @@ impl Policy {
             agents: HashMap::new(),
             tools: BTreeMap::new(),
             filters: Vec::new(),
+            anomaly: AnomalyConfig::default(),
         }
     }
 
@@ -342,11 +349,13 @@ impl Policy {
                         Err(e) => problems.push(doc.problem(&at, e)),
                     }
                 }
-                if config.limits.is_some() {
-                    problems.push(doc.problem(
-                        &path.key("limits"),
-                        "rate limits and token budgets are not enforced by this build; remove `limits`",
-                    ));
+                for tool in config.limits.tools.keys() {
+                    let at = path.key("limits").key("tools").key(tool);
+                    if !defined_tools.contains(tool.as_str()) {
+                        problems.push(doc.problem(&at, format!("no tool named `{tool}` is defined")));
+                    } else if !patterns.iter().any(|p| p.matches(tool)) {
+                        problems.push(doc.problem(&at, format!("`{tool}` is not on this agent's allowlist")));
+                    }
                 }
                 let creds = path.key("credentials");
                 for (i, digest) in config.credentials.api_key_sha256.iter().enumerate() {
@@ -374,8 +383,25 @@ impl Policy {
                         id: agent_id,
                         description: config.description,
                         allowlist: Allowlist::new(patterns),
+                        limits: config.limits,
                     },
                 );
+            }
+        }
+
+        let mut anomaly = AnomalyConfig::default();
+        for (doc, raw) in &raw_files {
+            let Some(value) = &raw.anomaly else { continue };
+            let path = KeyPath::root().key("anomaly");
+            if !first_definition("anomaly", "anomaly", doc, &path, &mut problems) {
+                continue;
+            }
+            match doc.decode::<AnomalyConfig>(&path, value) {
+                Ok(a) if a.window_seconds == 0 => {
+                    problems.push(doc.problem(&path.key("window_seconds"), "must be greater than 0"))
+                }
+                Ok(a) => anomaly = a,
+                Err(p) => problems.push(p),
             }
         }
 
@@ -387,6 +413,7 @@ impl Policy {
             agents,
             tools,
             filters,
+            anomaly,
         })
     }
 

@@ -4,7 +4,7 @@
 use std::sync::{Arc, OnceLock};
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -58,6 +58,8 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
     let protected = Router::new()
         .route("/admin/reload", post(reload))
         .route("/admin/policy", get(policy))
+        .route("/admin/agents/{id}", get(agent_status))
+        .route("/admin/agents/{id}/quarantine", post(quarantine).delete(release))
         .route_layer(middleware::from_fn(move |req: Request, next: Next| {
             let token = token;
             async move { check_token(token.as_ref().map(|t| &t[..]), req, next).await }
@@ -169,4 +171,106 @@ async fn policy(State(gw): State<Arc<Gateway>>) -> Response {
             "output_filters": t.output_filters.iter().map(|&i| &p.filters[i].name).collect::<Vec<_>>()}))
         .collect();
     axum::Json(json!({"version": p.version, "files": p.files, "agents": agents, "tools": tools, "filters": p.filters.iter().map(|f| &f.name).collect::<Vec<_>>()})).into_response()
+}
+
+/// `{"by": "...", "comment": "...", "duration_seconds": N}`: who acts, why, and for how long.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AdminAction {
+    by: Option<String>,
+    #[serde(alias = "reason")]
+    comment: Option<String>,
+    duration_seconds: Option<u64>,
+}
+
+/// Reads an admin action body; `by` is required so every quarantine and release names a person.
+async fn action(req: Request) -> Result<AdminAction, Response> {
+    let id = request_id(&req);
+    let bytes = axum::body::to_bytes(req.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let action: AdminAction = if bytes.iter().all(u8::is_ascii_whitespace) {
+        AdminAction::default()
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| {
+            error_response(
+                Code::InvalidRequest,
+                format!("The body must be JSON like {{\"by\": \"alice\", \"comment\": \"why\"}}: {e}"),
+                &id,
+            )
+        })?
+    };
+    match &action.by {
+        Some(by) if !by.trim().is_empty() && by.len() <= 128 => Ok(action),
+        _ => Err(error_response(
+            Code::InvalidRequest,
+            "Say who acts: the body needs `by` (1 to 128 characters).",
+            &id,
+        )),
+    }
+}
+
+fn unknown_agent(id: &str, rid: &str) -> Response {
+    error_response(Code::NotFound, format!("No agent '{id}' in the policy in force."), rid)
+}
+
+async fn agent_status(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+    let p = gw.policy();
+    let Some(agent) = p.agents.get(&id) else {
+        return unknown_agent(&id, &request_id(&req));
+    };
+    let limits = &agent.limits;
+    let budget = limits.tokens_per_hour.map(|l| gw.state.budget(&id, l.get()));
+    let tools: Vec<&str> = p
+        .tools
+        .keys()
+        .filter(|t| agent.allowlist.allows(t))
+        .map(String::as_str)
+        .collect();
+    let per_tool: serde_json::Map<String, Value> = limits
+        .tools
+        .iter()
+        .map(|(t, l)| (t.clone(), json!({"calls_per_minute": l.calls_per_minute})))
+        .collect();
+    axum::Json(json!({
+        "id": id,
+        "description": agent.description,
+        "tools": tools,
+        "limits": {"calls_per_minute": limits.calls_per_minute, "tokens_per_hour": limits.tokens_per_hour, "tools": per_tool},
+        "budget": budget,
+        "quarantine": gw.state.quarantined(&id),
+        "recent_denials": gw.state.denials(&id, p.anomaly.window()),
+        "policy_version": p.version,
+    }))
+    .into_response()
+}
+
+async fn quarantine(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+    let rid = request_id(&req);
+    if !gw.policy().agents.contains_key(&id) {
+        return unknown_agent(&id, &rid);
+    }
+    let a = match action(req).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let by = a.by.unwrap_or_default();
+    let comment = a.comment.unwrap_or_else(|| "quarantined by an operator".to_owned());
+    let duration = a.duration_seconds.map(std::time::Duration::from_secs);
+    let changed = gw.quarantine(&id, duration, &by, &comment);
+    axum::Json(json!({"agent": id, "quarantined": true, "changed": changed, "quarantine": gw.state.quarantined(&id)}))
+        .into_response()
+}
+
+async fn release(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+    let rid = request_id(&req);
+    if !gw.policy().agents.contains_key(&id) {
+        return unknown_agent(&id, &rid);
+    }
+    let a = match action(req).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let changed = gw.release(&id, &a.by.unwrap_or_default(), &a.comment.unwrap_or_default());
+    axum::Json(json!({"agent": id, "quarantined": false, "changed": changed})).into_response()
 }

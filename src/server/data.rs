@@ -76,6 +76,9 @@ async fn call_tool(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     }
     out.headers_mut()
         .insert("x-toolgate-decision", HeaderValue::from_static(resp.decision));
+    if let Some(secs) = resp.retry_after {
+        out.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     out.into_response()
 }
 

@@ -231,7 +231,7 @@ impl Harness {
         let events: Vec<Value> = self
             .audit()
             .into_iter()
-            .filter(|e| e["request_id"] == id.as_str())
+            .filter(|e| e["request_id"] == id.as_str() && e["event"] == "tool_call")
             .collect();
         assert_eq!(
             events.len(),

@@ -1,0 +1,319 @@
+//! Shared, mutable state behind one small interface: rate limits, token budgets, denial counts
+//! for anomaly detection, and quarantines. Checks never hold their own global maps, so a second
+//! backend (Redis, shared by replicas) slots in behind the same methods.
+//!
+//! Every operation that admits a call is atomic: a rate-limit cell is taken with a
+//! compare-and-swap (governor's GCRA), a budget reservation under one lock that checks and
+//! reserves together, so concurrent calls can never together pass a limit that admits fewer.
+
+use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Serialize;
+
+/// Why an agent is quarantined, and until when.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Quarantine {
+    /// Unix seconds.
+    pub since: u64,
+    /// Unix seconds; `None` until an admin releases it.
+    pub until: Option<u64>,
+    pub by: String,
+    pub reason: String,
+}
+
+/// A held token reservation; settle it once the call is over.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    agent: String,
+    window: u64,
+    tokens: u64,
+}
+
+/// An agent's budget as of now.
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetStatus {
+    pub limit: u64,
+    pub used: u64,
+    pub reserved: u64,
+    pub remaining: u64,
+    /// Unix seconds when the hourly window resets.
+    pub resets_at: u64,
+}
+
+#[derive(Default, Debug)]
+struct Budget {
+    window: u64,
+    used: u64,
+    reserved: u64,
+}
+
+/// The state backends. A closed set, dispatched with `match`.
+pub enum State {
+    Memory(MemoryState),
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State::Memory(MemoryState::default())
+    }
+}
+
+/// Process-local state (`state: memory`).
+#[derive(Default)]
+pub struct MemoryState {
+    limiters: Mutex<HashMap<String, (u32, std::sync::Arc<DefaultDirectRateLimiter>)>>,
+    budgets: Mutex<HashMap<String, Budget>>,
+    denials: Mutex<HashMap<(String, &'static str), VecDeque<Instant>>>,
+    quarantines: Mutex<HashMap<String, Quarantine>>,
+    clock: DefaultClock,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+const HOUR: u64 = 3600;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl State {
+    /// Takes one call from the `key`'s per-minute allowance, or says how long to wait.
+    pub fn take_rate(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Duration> {
+        match self {
+            State::Memory(m) => {
+                let limiter = {
+                    let mut map = lock(&m.limiters);
+                    let entry = map.entry(key.to_owned()).or_insert_with(|| {
+                        (
+                            per_minute.get(),
+                            std::sync::Arc::new(RateLimiter::direct(Quota::per_minute(per_minute))),
+                        )
+                    });
+                    // A changed quota (policy reload) starts a fresh allowance.
+                    if entry.0 != per_minute.get() {
+                        *entry = (
+                            per_minute.get(),
+                            std::sync::Arc::new(RateLimiter::direct(Quota::per_minute(per_minute))),
+                        );
+                    }
+                    entry.1.clone()
+                };
+                limiter
+                    .check()
+                    .map_err(|not_until| not_until.wait_time_from(m.clock.now()))
+            }
+        }
+    }
+
+    /// Reserves `tokens` of the agent's hourly budget if they fit, or says how long until the
+    /// window resets.
+    pub fn reserve_tokens(&self, agent: &str, limit: u64, tokens: u64) -> Result<Reservation, Duration> {
+        let now = unix_now();
+        let window = now / HOUR;
+        match self {
+            State::Memory(m) => {
+                let mut budgets = lock(&m.budgets);
+                let b = budgets.entry(agent.to_owned()).or_default();
+                if b.window != window {
+                    *b = Budget {
+                        window,
+                        used: 0,
+                        reserved: 0,
+                    };
+                }
+                if b.used + b.reserved + tokens > limit {
+                    return Err(Duration::from_secs((window + 1) * HOUR - now));
+                }
+                b.reserved += tokens;
+                Ok(Reservation {
+                    agent: agent.to_owned(),
+                    window,
+                    tokens,
+                })
+            }
+        }
+    }
+
+    /// Settles a reservation: the reserved tokens become `used` tokens, plus what the response
+    /// added. A response may take the budget past its limit (the call already happened); the
+    /// next call then waits for the window to reset.
+    pub fn settle_tokens(&self, r: Reservation, used: u64) {
+        match self {
+            State::Memory(m) => {
+                let mut budgets = lock(&m.budgets);
+                let b = budgets.entry(r.agent).or_default();
+                if b.window == r.window {
+                    b.reserved = b.reserved.saturating_sub(r.tokens);
+                    b.used += used;
+                }
+            }
+        }
+    }
+
+    /// Gives a reservation back unused (the call was refused after reserving).
+    pub fn release_tokens(&self, r: Reservation) {
+        self.settle_tokens(r, 0);
+    }
+
+    pub fn budget(&self, agent: &str, limit: u64) -> BudgetStatus {
+        let now = unix_now();
+        let window = now / HOUR;
+        let (used, reserved) = match self {
+            State::Memory(m) => match lock(&m.budgets).get(agent) {
+                Some(b) if b.window == window => (b.used, b.reserved),
+                _ => (0, 0),
+            },
+        };
+        BudgetStatus {
+            limit,
+            used,
+            reserved,
+            remaining: limit.saturating_sub(used + reserved),
+            resets_at: (window + 1) * HOUR,
+        }
+    }
+
+    /// Records a denial of `kind` for `agent` and returns how many fall in the last `window`.
+    /// Memory is bounded: at most `cap` timestamps are kept per agent and kind.
+    pub fn record_denial(&self, agent: &str, kind: &'static str, window: Duration, cap: usize) -> usize {
+        let now = Instant::now();
+        match self {
+            State::Memory(m) => {
+                let mut denials = lock(&m.denials);
+                let q = denials.entry((agent.to_owned(), kind)).or_default();
+                while q.front().is_some_and(|t| now.duration_since(*t) > window) {
+                    q.pop_front();
+                }
+                q.push_back(now);
+                while q.len() > cap.max(1) {
+                    q.pop_front();
+                }
+                q.len()
+            }
+        }
+    }
+
+    /// Recent denials per kind, for `GET /admin/agents/{id}`.
+    pub fn denials(&self, agent: &str, window: Duration) -> HashMap<&'static str, usize> {
+        let now = Instant::now();
+        match self {
+            State::Memory(m) => lock(&m.denials)
+                .iter()
+                .filter(|((a, _), _)| a == agent)
+                .map(|((_, kind), q)| (*kind, q.iter().filter(|t| now.duration_since(**t) <= window).count()))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+        }
+    }
+
+    /// Quarantines an agent. Returns false if it already was.
+    pub fn quarantine(&self, agent: &str, duration: Option<Duration>, by: &str, reason: &str) -> bool {
+        let now = unix_now();
+        let q = Quarantine {
+            since: now,
+            until: duration.map(|d| now + d.as_secs()),
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+        };
+        match self {
+            State::Memory(m) => {
+                let mut map = lock(&m.quarantines);
+                if map
+                    .get(agent)
+                    .is_some_and(|existing| existing.until.is_none_or(|u| u > now))
+                {
+                    return false;
+                }
+                map.insert(agent.to_owned(), q);
+                true
+            }
+        }
+    }
+
+    /// Releases an agent. Returns the quarantine it was under, if any.
+    pub fn release(&self, agent: &str) -> Option<Quarantine> {
+        match self {
+            State::Memory(m) => lock(&m.quarantines).remove(agent),
+        }
+    }
+
+    /// The agent's quarantine, if one is in force (an expired one is dropped).
+    pub fn quarantined(&self, agent: &str) -> Option<Quarantine> {
+        let now = unix_now();
+        match self {
+            State::Memory(m) => {
+                let mut map = lock(&m.quarantines);
+                match map.get(agent) {
+                    Some(q) if q.until.is_some_and(|u| u <= now) => {
+                        map.remove(agent);
+                        None
+                    }
+                    other => other.cloned(),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limits_admit_exactly_the_quota_then_say_how_long_to_wait() {
+        let s = State::default();
+        let q = NonZeroU32::new(3).unwrap();
+        assert!((0..3).all(|_| s.take_rate("a", q).is_ok()));
+        let wait = s.take_rate("a", q).unwrap_err();
+        assert!(
+            wait > Duration::from_secs(1) && wait <= Duration::from_secs(20),
+            "{wait:?}"
+        );
+        assert!(s.take_rate("b", q).is_ok(), "keys are independent");
+    }
+
+    #[test]
+    fn budgets_reserve_settle_and_release() {
+        let s = State::default();
+        let r1 = s.reserve_tokens("a", 100, 60).unwrap();
+        assert!(s.reserve_tokens("a", 100, 50).is_err(), "reserved tokens count");
+        s.settle_tokens(r1, 70);
+        assert_eq!(s.budget("a", 100).remaining, 30);
+        let r2 = s.reserve_tokens("a", 100, 30).unwrap();
+        s.release_tokens(r2);
+        assert_eq!(s.budget("a", 100).used, 70);
+        let wait = s.reserve_tokens("a", 100, 31).unwrap_err();
+        assert!(wait <= Duration::from_secs(HOUR));
+    }
+
+    #[test]
+    fn denials_are_counted_in_a_bounded_window() {
+        let s = State::default();
+        for i in 1..=5 {
+            assert_eq!(
+                s.record_denial("a", "tool_not_allowed", Duration::from_secs(60), 3),
+                i.min(3)
+            );
+        }
+        assert_eq!(s.denials("a", Duration::from_secs(60))["tool_not_allowed"], 3);
+    }
+
+    #[test]
+    fn quarantines_hold_until_released_or_expired() {
+        let s = State::default();
+        assert!(s.quarantine("a", None, "alice", "manual"));
+        assert!(!s.quarantine("a", None, "bob", "again"));
+        assert_eq!(s.quarantined("a").unwrap().by, "alice");
+        assert!(s.release("a").is_some());
+        assert!(s.quarantined("a").is_none());
+        assert!(s.quarantine("b", Some(Duration::ZERO), "anomaly", "x"));
+        assert!(s.quarantined("b").is_none(), "a zero-length quarantine has ended");
+    }
+}
