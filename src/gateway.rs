@@ -160,14 +160,19 @@ impl Gateway {
                     self.policy.store(Arc::new(policy));
                     tracing::info!(version = %version, previous = %previous.version, trigger, "policy reloaded");
                     metrics::counter!("toolgate_policy_reloads_total", "result" => "ok").increment(1);
-                    let _ = self.audit.emit(&PolicyEvent {
-                        ts: crate::audit::now(),
-                        event: "policy_reloaded",
-                        policy_version: &version,
-                        previous_version: Some(&previous.version),
-                        errors: &[],
-                        trigger,
-                    });
+                    self.audit
+                        .emit_or_log(
+                            "policy_reloaded",
+                            &PolicyEvent {
+                                ts: crate::audit::now(),
+                                event: "policy_reloaded",
+                                policy_version: &version,
+                                previous_version: Some(&previous.version),
+                                errors: &[],
+                                trigger,
+                            },
+                        )
+                        .await;
                 }
                 Ok(version)
             }
@@ -175,14 +180,19 @@ impl Gateway {
                 let errors: Vec<String> = err.problems.iter().map(ToString::to_string).collect();
                 tracing::error!(kept = %previous.version, trigger, "policy reload failed, keeping the last good policy:\n{err}");
                 metrics::counter!("toolgate_policy_reloads_total", "result" => "error").increment(1);
-                let _ = self.audit.emit(&PolicyEvent {
-                    ts: crate::audit::now(),
-                    event: "policy_reload_failed",
-                    policy_version: &previous.version,
-                    previous_version: None,
-                    errors: &errors,
-                    trigger,
-                });
+                self.audit
+                    .emit_or_log(
+                        "policy_reload_failed",
+                        &PolicyEvent {
+                            ts: crate::audit::now(),
+                            event: "policy_reload_failed",
+                            policy_version: &previous.version,
+                            previous_version: None,
+                            errors: &errors,
+                            trigger,
+                        },
+                    )
+                    .await;
                 Err(err)
             }
         }
@@ -196,6 +206,12 @@ impl Gateway {
         let result = self.process(&policy, &req, &mut rec).await;
 
         let retry_after = result.as_ref().err().and_then(|r| r.retry_after);
+        // Evaluation hashes the canonical arguments; a call refused before it gets the raw body's.
+        if rec.arguments_sha256.is_empty()
+            && let Ok(body) = &req.body
+        {
+            rec.arguments_sha256 = arguments::sha256_hex(body);
+        }
         let (status, content_type, body, decision, reasons) = match result {
             Ok((inbound, body)) => (
                 inbound.status,
@@ -239,7 +255,7 @@ impl Gateway {
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
             policy_version: &policy.version,
         };
-        if let Err(e) = self.audit.emit(&event) {
+        if let Err(e) = self.audit.emit(&event).await {
             tracing::error!(
                 request_id = req.request_id,
                 "audit write failed, refusing the call: {e}"
@@ -259,7 +275,7 @@ impl Gateway {
             };
         }
         if let (Decision::Deny(reason), Some(agent)) = (&decision, &rec.agent) {
-            self.watch_for_anomalies(&policy, agent, reason, req.request_id);
+            self.watch_for_anomalies(&policy, agent, reason, req.request_id).await;
         }
 
         let agent_label = rec.agent.as_deref().unwrap_or("(unauthenticated)").to_owned();
@@ -285,7 +301,7 @@ impl Gateway {
 
     /// Counts the agent's denials by kind; crossing a threshold writes an `anomaly` event and,
     /// if the policy says so, quarantines the agent.
-    fn watch_for_anomalies(&self, policy: &Policy, agent: &str, reason: &Reason, request_id: &str) {
+    async fn watch_for_anomalies(&self, policy: &Policy, agent: &str, reason: &Reason, request_id: &str) {
         // Output blocks are the tool's doing, not the agent's.
         if reason.stage == Stage::Output {
             return;
@@ -304,43 +320,53 @@ impl Gateway {
         let action = if anomaly.quarantine { "quarantine" } else { "none" };
         metrics::counter!("toolgate_anomalies_total", "agent" => agent.to_owned(), "kind" => kind).increment(1);
         tracing::warn!(agent, kind, count, "anomaly: threshold crossed");
-        let _ = self.audit.emit(&json!({
+        self.audit.emit_or_log("anomaly", &json!({
             "ts": crate::audit::now(), "event": "anomaly", "agent": agent, "kind": kind, "count": count,
             "threshold": threshold, "window_seconds": anomaly.window_seconds, "action": action, "request_id": request_id,
-        }));
+        })).await;
         if anomaly.quarantine {
             let duration = (anomaly.quarantine_seconds > 0).then(|| Duration::from_secs(anomaly.quarantine_seconds));
             let why = format!("{count} {kind} denials within {} s", anomaly.window_seconds);
-            self.quarantine(agent, duration, "anomaly", &why);
+            self.quarantine(agent, duration, "anomaly", &why).await;
         }
     }
 
     /// Quarantines an agent and audits it. False if it already was.
-    pub fn quarantine(&self, agent: &str, duration: Option<Duration>, by: &str, reason: &str) -> bool {
+    pub async fn quarantine(&self, agent: &str, duration: Option<Duration>, by: &str, reason: &str) -> bool {
         if !self.state.quarantine(agent, duration, by, reason) {
             return false;
         }
         let q = self.state.quarantined(agent);
         metrics::gauge!("toolgate_agent_quarantined", "agent" => agent.to_owned()).set(1.0);
         tracing::warn!(agent, by, reason, "agent quarantined");
-        let _ = self.audit.emit(&json!({
-            "ts": crate::audit::now(), "event": "agent_quarantined", "agent": agent, "by": by, "reason": reason,
-            "until": q.and_then(|q| q.until),
-        }));
+        self.audit
+            .emit_or_log(
+                "agent_quarantined",
+                &json!({
+                    "ts": crate::audit::now(), "event": "agent_quarantined", "agent": agent, "by": by, "reason": reason,
+                    "until": q.and_then(|q| q.until),
+                }),
+            )
+            .await;
         true
     }
 
     /// Releases an agent and audits who did it. False if it was not quarantined.
-    pub fn release(&self, agent: &str, by: &str, comment: &str) -> bool {
+    pub async fn release(&self, agent: &str, by: &str, comment: &str) -> bool {
         let Some(q) = self.state.release(agent) else {
             return false;
         };
         metrics::gauge!("toolgate_agent_quarantined", "agent" => agent.to_owned()).set(0.0);
         tracing::info!(agent, by, "agent released from quarantine");
-        let _ = self.audit.emit(&json!({
-            "ts": crate::audit::now(), "event": "agent_released", "agent": agent, "by": by, "comment": comment,
-            "quarantined_since": q.since, "quarantined_by": q.by,
-        }));
+        self.audit
+            .emit_or_log(
+                "agent_released",
+                &json!({
+                    "ts": crate::audit::now(), "event": "agent_released", "agent": agent, "by": by, "comment": comment,
+                    "quarantined_since": q.since, "quarantined_by": q.by,
+                }),
+            )
+            .await;
         true
     }
 
@@ -350,9 +376,6 @@ impl Gateway {
         req: &CallRequest<'_>,
         rec: &mut Record,
     ) -> Result<(Inbound, Bytes), Reason> {
-        if let Ok(body) = &req.body {
-            rec.arguments_sha256 = arguments::sha256_hex(body);
-        }
         let agent = policy.auth.authenticate(req.authorization)?;
         rec.agent = Some(agent.clone());
         if req.session.is_some_and(|s| !is_valid_session(s)) {
@@ -475,8 +498,7 @@ impl Gateway {
             output: output_tokens,
         });
         if let (Some(r), Some(limit)) = (reservation, limits.tokens_per_hour) {
-            self.state.settle_tokens(r, input_tokens + output_tokens);
-            let left = self.state.budget(&agent, limit.get()).remaining;
+            let left = self.state.settle_tokens(r, input_tokens + output_tokens, limit.get());
             metrics::gauge!("toolgate_budget_remaining_tokens", "agent" => agent.to_string()).set(left as f64);
         }
         forwarded

@@ -161,6 +161,10 @@ pub struct AuditConfig {
     /// Append-only JSON-lines file (default `var/audit.jsonl`); written before each response.
     #[serde(default = "default_audit_file")]
     pub file: Option<PathBuf>,
+    /// `fdatasync` each batch of events before answering (default false: events survive a crash
+    /// of the process, not of the machine).
+    #[serde(default)]
+    pub fsync: bool,
     /// What an event records of the arguments: `redacted` (default: the forwarded arguments with
     /// every built-in PII/secret detector applied) or `shape` (keys and value types only).
     #[serde(default)]
@@ -180,6 +184,7 @@ impl Default for AuditConfig {
         Self {
             stdout: false,
             file: default_audit_file(),
+            fsync: false,
             arguments: AuditArguments::default(),
             cloudwatch: None,
         }

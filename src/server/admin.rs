@@ -257,7 +257,7 @@ async fn quarantine(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req:
     let by = a.by.unwrap_or_default();
     let comment = a.comment.unwrap_or_else(|| "quarantined by an operator".to_owned());
     let duration = a.duration_seconds.map(std::time::Duration::from_secs);
-    let changed = gw.quarantine(&id, duration, &by, &comment);
+    let changed = gw.quarantine(&id, duration, &by, &comment).await;
     axum::Json(json!({"agent": id, "quarantined": true, "changed": changed, "quarantine": gw.state.quarantined(&id)}))
         .into_response()
 }
@@ -271,6 +271,8 @@ async fn release(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Re
         Ok(a) => a,
         Err(r) => return r,
     };
-    let changed = gw.release(&id, &a.by.unwrap_or_default(), &a.comment.unwrap_or_default());
+    let changed = gw
+        .release(&id, &a.by.unwrap_or_default(), &a.comment.unwrap_or_default())
+        .await;
     axum::Json(json!({"agent": id, "quarantined": false, "changed": changed})).into_response()
 }

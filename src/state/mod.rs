@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use governor::clock::{Clock, DefaultClock};
@@ -29,7 +29,7 @@ pub struct Quarantine {
 /// A held token reservation; settle it once the call is over.
 #[derive(Debug, Clone)]
 pub struct Reservation {
-    agent: String,
+    budget: Arc<Mutex<Budget>>,
     window: u64,
     tokens: u64,
 }
@@ -46,7 +46,7 @@ pub struct BudgetStatus {
 }
 
 #[derive(Default, Debug)]
-struct Budget {
+pub struct Budget {
     window: u64,
     used: u64,
     reserved: u64,
@@ -64,13 +64,44 @@ impl Default for State {
 }
 
 /// Process-local state (`state: memory`).
+///
+/// Maps that every call reads are behind `RwLock`s and hold `Arc`s, so concurrent calls share
+/// read locks and only contend on their own agent's entry (a short `Mutex` for a budget, a
+/// lock-free compare-and-swap for a rate limiter).
 #[derive(Default)]
 pub struct MemoryState {
-    limiters: Mutex<HashMap<String, (u32, std::sync::Arc<DefaultDirectRateLimiter>)>>,
-    budgets: Mutex<HashMap<String, Budget>>,
+    limiters: RwLock<HashMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
+    budgets: RwLock<HashMap<String, Arc<Mutex<Budget>>>>,
     denials: Mutex<HashMap<(String, &'static str), VecDeque<Instant>>>,
-    quarantines: Mutex<HashMap<String, Quarantine>>,
+    quarantines: RwLock<HashMap<String, Quarantine>>,
     clock: DefaultClock,
+}
+
+impl MemoryState {
+    fn limiter(&self, key: &str, per_minute: NonZeroU32) -> Arc<DefaultDirectRateLimiter> {
+        if let Some((n, l)) = read(&self.limiters).get(key)
+            && *n == per_minute.get()
+        {
+            return l.clone();
+        }
+        // A new key, or a changed quota (policy reload): a fresh allowance.
+        let fresh = Arc::new(RateLimiter::direct(Quota::per_minute(per_minute)));
+        let mut map = write(&self.limiters);
+        let entry = map
+            .entry(key.to_owned())
+            .or_insert_with(|| (per_minute.get(), fresh.clone()));
+        if entry.0 != per_minute.get() {
+            *entry = (per_minute.get(), fresh);
+        }
+        entry.1.clone()
+    }
+
+    fn budget(&self, agent: &str) -> Arc<Mutex<Budget>> {
+        if let Some(b) = read(&self.budgets).get(agent) {
+            return b.clone();
+        }
+        write(&self.budgets).entry(agent.to_owned()).or_default().clone()
+    }
 }
 
 fn unix_now() -> u64 {
@@ -83,44 +114,34 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
 impl State {
     /// Takes one call from the `key`'s per-minute allowance, or says how long to wait.
     pub fn take_rate(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Duration> {
         match self {
-            State::Memory(m) => {
-                let limiter = {
-                    let mut map = lock(&m.limiters);
-                    let entry = map.entry(key.to_owned()).or_insert_with(|| {
-                        (
-                            per_minute.get(),
-                            std::sync::Arc::new(RateLimiter::direct(Quota::per_minute(per_minute))),
-                        )
-                    });
-                    // A changed quota (policy reload) starts a fresh allowance.
-                    if entry.0 != per_minute.get() {
-                        *entry = (
-                            per_minute.get(),
-                            std::sync::Arc::new(RateLimiter::direct(Quota::per_minute(per_minute))),
-                        );
-                    }
-                    entry.1.clone()
-                };
-                limiter
-                    .check()
-                    .map_err(|not_until| not_until.wait_time_from(m.clock.now()))
-            }
+            State::Memory(m) => m
+                .limiter(key, per_minute)
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(m.clock.now())),
         }
     }
 
     /// Reserves `tokens` of the agent's hourly budget if they fit, or says how long until the
-    /// window resets.
+    /// window resets. Checking and reserving happen under one lock.
     pub fn reserve_tokens(&self, agent: &str, limit: u64, tokens: u64) -> Result<Reservation, Duration> {
         let now = unix_now();
         let window = now / HOUR;
         match self {
             State::Memory(m) => {
-                let mut budgets = lock(&m.budgets);
-                let b = budgets.entry(agent.to_owned()).or_default();
+                let budget = m.budget(agent);
+                let mut b = lock(&budget);
                 if b.window != window {
                     *b = Budget {
                         window,
@@ -132,44 +153,42 @@ impl State {
                     return Err(Duration::from_secs((window + 1) * HOUR - now));
                 }
                 b.reserved += tokens;
-                Ok(Reservation {
-                    agent: agent.to_owned(),
-                    window,
-                    tokens,
-                })
+                drop(b);
+                Ok(Reservation { budget, window, tokens })
             }
         }
     }
 
     /// Settles a reservation: the reserved tokens become `used` tokens, plus what the response
     /// added. A response may take the budget past its limit (the call already happened); the
-    /// next call then waits for the window to reset.
-    pub fn settle_tokens(&self, r: Reservation, used: u64) {
-        match self {
-            State::Memory(m) => {
-                let mut budgets = lock(&m.budgets);
-                let b = budgets.entry(r.agent).or_default();
-                if b.window == r.window {
-                    b.reserved = b.reserved.saturating_sub(r.tokens);
-                    b.used += used;
-                }
-            }
+    /// next call then waits for the window to reset. Returns the tokens left of `limit`.
+    pub fn settle_tokens(&self, r: Reservation, used: u64, limit: u64) -> u64 {
+        let mut b = lock(&r.budget);
+        if b.window == r.window {
+            b.reserved = b.reserved.saturating_sub(r.tokens);
+            b.used += used;
         }
+        limit.saturating_sub(b.used + b.reserved)
     }
 
     /// Gives a reservation back unused (the call was refused after reserving).
     pub fn release_tokens(&self, r: Reservation) {
-        self.settle_tokens(r, 0);
+        self.settle_tokens(r, 0, 0);
     }
 
     pub fn budget(&self, agent: &str, limit: u64) -> BudgetStatus {
         let now = unix_now();
         let window = now / HOUR;
         let (used, reserved) = match self {
-            State::Memory(m) => match lock(&m.budgets).get(agent) {
-                Some(b) if b.window == window => (b.used, b.reserved),
-                _ => (0, 0),
-            },
+            State::Memory(m) => {
+                let b = m.budget(agent);
+                let b = lock(&b);
+                if b.window == window {
+                    (b.used, b.reserved)
+                } else {
+                    (0, 0)
+                }
+            }
         };
         BudgetStatus {
             limit,
@@ -224,7 +243,7 @@ impl State {
         };
         match self {
             State::Memory(m) => {
-                let mut map = lock(&m.quarantines);
+                let mut map = write(&m.quarantines);
                 if map
                     .get(agent)
                     .is_some_and(|existing| existing.until.is_none_or(|u| u > now))
@@ -240,7 +259,7 @@ impl State {
     /// Releases an agent. Returns the quarantine it was under, if any.
     pub fn release(&self, agent: &str) -> Option<Quarantine> {
         match self {
-            State::Memory(m) => lock(&m.quarantines).remove(agent),
+            State::Memory(m) => write(&m.quarantines).remove(agent),
         }
     }
 
@@ -249,13 +268,13 @@ impl State {
         let now = unix_now();
         match self {
             State::Memory(m) => {
-                let mut map = lock(&m.quarantines);
-                match map.get(agent) {
+                let found = read(&m.quarantines).get(agent).cloned();
+                match found {
                     Some(q) if q.until.is_some_and(|u| u <= now) => {
-                        map.remove(agent);
+                        write(&m.quarantines).remove(agent);
                         None
                     }
-                    other => other.cloned(),
+                    other => other,
                 }
             }
         }
@@ -284,7 +303,7 @@ mod tests {
         let s = State::default();
         let r1 = s.reserve_tokens("a", 100, 60).unwrap();
         assert!(s.reserve_tokens("a", 100, 50).is_err(), "reserved tokens count");
-        s.settle_tokens(r1, 70);
+        assert_eq!(s.settle_tokens(r1, 70, 100), 30);
         assert_eq!(s.budget("a", 100).remaining, 30);
         let r2 = s.reserve_tokens("a", 100, 30).unwrap();
         s.release_tokens(r2);
