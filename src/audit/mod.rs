@@ -2,30 +2,31 @@
 //! `fdatasync`ed) before the response it describes is sent, so a process killed right after
 //! answering has already recorded it. A write that fails makes the call fail closed.
 //!
-//! Writes are group-committed: callers hand their line to one writer thread over a bounded
-//! queue and wait for it; the writer takes everything queued and writes it with one `write`
-//! call. Under load that is one syscall (and one optional sync) for many events instead of one
-//! each behind a contended lock, which cost more than every check together.
+//! Writes are group-committed without a lock held across the syscall: a caller appends its line
+//! to a shared buffer; if nobody is writing, it becomes the writer and writes everything buffered
+//! with one `write`, again until the buffer is empty; the others wait (as tasks, not blocked
+//! threads) until their line is written. Uncontended, that is one `write` per event, as before;
+//! under load, one per batch, and no thread ever sleeps on a lock while another is in the kernel.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 use crate::config::AuditConfig;
 use crate::policy::Reason;
 
-/// Events waiting for the writer; beyond this, calls fail closed rather than queue without bound.
-const QUEUE_CAPACITY: usize = 65_536;
-/// Events written per `write` call at most.
-const BATCH: usize = 4096;
+/// Bytes waiting to be written; beyond this, calls fail closed rather than buffer without bound.
+const MAX_BUFFERED: usize = 64 * 1024 * 1024;
+/// Failed batches remembered so each waiter can learn whether its own line failed.
+const FAILURES_KEPT: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -33,10 +34,8 @@ pub enum AuditError {
     Open { path: PathBuf, source: std::io::Error },
     #[error("cannot write the audit event: {0}")]
     Write(Arc<std::io::Error>),
-    #[error("the audit writer is {0} events behind; refusing rather than queueing more")]
+    #[error("more than {0} bytes of audit events are waiting to be written; refusing rather than buffering more")]
     Backlog(usize),
-    #[error("the audit writer has stopped")]
-    Stopped,
 }
 
 /// RFC 3339 UTC with milliseconds, as every event's `ts`.
@@ -101,22 +100,38 @@ pub struct PolicyEvent<'a> {
     pub trigger: &'a str,
 }
 
-/// One line waiting for the writer, and who to tell when it is written.
+/// Lines appended but not yet taken by a writer.
+#[derive(Debug, Default)]
 struct Pending {
-    line: Vec<u8>,
-    done: oneshot::Sender<Result<(), Arc<std::io::Error>>>,
+    buf: Vec<u8>,
+    /// Sequence number of the last line appended.
+    last: u64,
+    /// Whether some caller is writing now.
+    writing: bool,
+}
+
+/// What has been written: everything up to `done`, except the failed ranges.
+#[derive(Debug, Default)]
+struct Progress {
+    done: u64,
+    failed: VecDeque<(u64, u64)>,
+    /// Lines at or below this whose outcome was forgotten count as failed (fail closed).
+    forgotten: u64,
+}
+
+impl Progress {
+    fn has_failed(&self, seq: u64) -> bool {
+        seq <= self.forgotten || self.failed.iter().any(|&(a, b)| (a..=b).contains(&seq))
+    }
 }
 
 #[derive(Debug)]
 struct FileSink {
     path: PathBuf,
-    queue: SyncSender<Pending>,
-}
-
-impl std::fmt::Debug for Pending {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Pending")
-    }
+    file: Mutex<File>,
+    pending: Mutex<Pending>,
+    progress: watch::Sender<Progress>,
+    sync: bool,
 }
 
 /// Where events go: an append-only file, and optionally stdout.
@@ -127,8 +142,12 @@ pub struct AuditLog {
     healthy: AtomicBool,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl AuditLog {
-    /// Opens the sinks (creating the file and its directory) and starts the writer thread.
+    /// Opens the sinks, creating the file and its directory.
     pub fn open(config: &AuditConfig) -> Result<Self, AuditError> {
         let file = match &config.file {
             Some(path) => {
@@ -146,18 +165,12 @@ impl AuditLog {
                         path: path.clone(),
                         source,
                     })?;
-                let (queue, rx) = sync_channel(QUEUE_CAPACITY);
-                let sync = config.fsync;
-                std::thread::Builder::new()
-                    .name("toolgate-audit".to_owned())
-                    .spawn(move || write_batches(f, rx, sync))
-                    .map_err(|source| AuditError::Open {
-                        path: path.clone(),
-                        source,
-                    })?;
                 Some(FileSink {
                     path: path.clone(),
-                    queue,
+                    file: Mutex::new(f),
+                    pending: Mutex::default(),
+                    progress: watch::Sender::new(Progress::default()),
+                    sync: config.fsync,
                 })
             }
             None => None,
@@ -186,18 +199,7 @@ impl AuditLog {
             let _ = std::io::stdout().lock().write_all(&line);
         }
         let result = match &self.file {
-            Some(sink) => {
-                let (done, written) = oneshot::channel();
-                match sink.queue.try_send(Pending { line, done }) {
-                    Ok(()) => match written.await {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(AuditError::Write(e)),
-                        Err(_) => Err(AuditError::Stopped),
-                    },
-                    Err(TrySendError::Full(_)) => Err(AuditError::Backlog(QUEUE_CAPACITY)),
-                    Err(TrySendError::Disconnected(_)) => Err(AuditError::Stopped),
-                }
-            }
+            Some(sink) => sink.append(&line).await,
             None => Ok(()),
         };
         self.healthy.store(result.is_ok(), Ordering::Relaxed);
@@ -216,29 +218,68 @@ impl AuditLog {
     }
 }
 
-/// The writer thread: take everything queued, write it with one call, tell every caller.
-fn write_batches(mut file: File, rx: Receiver<Pending>, sync: bool) {
-    let mut batch: Vec<Pending> = Vec::with_capacity(BATCH);
-    let mut buf: Vec<u8> = Vec::new();
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
+impl FileSink {
+    async fn append(&self, line: &[u8]) -> Result<(), AuditError> {
+        let (seq, lead) = {
+            let mut p = lock(&self.pending);
+            if p.buf.len() + line.len() > MAX_BUFFERED {
+                return Err(AuditError::Backlog(MAX_BUFFERED));
             }
+            p.buf.extend_from_slice(line);
+            p.last += 1;
+            let lead = !p.writing;
+            p.writing = true;
+            (p.last, lead)
+        };
+        let mut progress = self.progress.subscribe();
+        if lead {
+            self.write_pending();
         }
-        buf.clear();
-        for p in &batch {
-            buf.extend_from_slice(&p.line);
+        let outcome = progress.wait_for(|p| p.done >= seq).await.map(|p| p.has_failed(seq));
+        match outcome {
+            Ok(false) => Ok(()),
+            _ => Err(AuditError::Write(Arc::new(std::io::Error::other(
+                "the batch holding this event failed to write",
+            )))),
         }
-        let mut result = file.write_all(&buf);
-        if sync && result.is_ok() {
-            result = file.sync_data();
-        }
-        let result = result.map_err(Arc::new);
-        for p in batch.drain(..) {
-            let _ = p.done.send(result.clone());
+    }
+
+    /// Writes batches until nothing is pending, then steps down. Only one caller at a time.
+    fn write_pending(&self) {
+        loop {
+            let (batch, upto) = {
+                let mut p = lock(&self.pending);
+                if p.buf.is_empty() {
+                    p.writing = false;
+                    return;
+                }
+                (std::mem::take(&mut p.buf), p.last)
+            };
+            let write = || {
+                let mut f = lock(&self.file);
+                f.write_all(&batch)?;
+                if self.sync { f.sync_data() } else { Ok(()) }
+            };
+            // A sync can take milliseconds: let the runtime move other tasks off this thread.
+            let result = if self.sync {
+                tokio::task::block_in_place(write)
+            } else {
+                write()
+            };
+            if let Err(e) = &result {
+                tracing::error!(path = %self.path.display(), "audit write failed: {e}");
+            }
+            self.progress.send_modify(|p| {
+                if result.is_err() {
+                    p.failed.push_back((p.done + 1, upto));
+                    while p.failed.len() > FAILURES_KEPT {
+                        if let Some((_, b)) = p.failed.pop_front() {
+                            p.forgotten = b;
+                        }
+                    }
+                }
+                p.done = upto;
+            });
         }
     }
 }
