@@ -57,6 +57,19 @@ pub enum Detector {
 }
 
 impl Detector {
+    /// Every detector, in declaration order (the order of `DETECTOR_PATTERNS`).
+    pub const ALL: [Detector; 9] = [
+        Detector::Email,
+        Detector::Phone,
+        Detector::Ssn,
+        Detector::CreditCard,
+        Detector::Iban,
+        Detector::AwsAccessKey,
+        Detector::AwsSecretKey,
+        Detector::PrivateKey,
+        Detector::BearerToken,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Detector::Email => "email",
@@ -307,23 +320,12 @@ impl Filter {
 
     /// A redacting filter with every built-in detector: what audit events pass arguments through.
     pub fn audit_redactor() -> Self {
-        use Detector::*;
         Self {
             name: "audit".to_owned(),
             action: Action::Redact,
             terms: None,
             patterns: None,
-            detectors: vec![
-                Email,
-                Phone,
-                Ssn,
-                CreditCard,
-                Iban,
-                AwsAccessKey,
-                AwsSecretKey,
-                PrivateKey,
-                BearerToken,
-            ],
+            detectors: Detector::ALL.to_vec(),
         }
     }
 

@@ -245,12 +245,16 @@ async fn agent_status(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, re
     .into_response()
 }
 
-async fn quarantine(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
-    let rid = request_id(&req);
-    if !gw.policy().agents.contains_key(&id) {
-        return unknown_agent(&id, &rid);
+/// The agent named in the path, if the policy in force has it, and the action's body.
+async fn agent_action(gw: &Gateway, id: &str, req: Request) -> Result<AdminAction, Response> {
+    if !gw.policy().agents.contains_key(id) {
+        return Err(unknown_agent(id, &request_id(&req)));
     }
-    let a = match action(req).await {
+    action(req).await
+}
+
+async fn quarantine(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+    let a = match agent_action(&gw, &id, req).await {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -263,11 +267,7 @@ async fn quarantine(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req:
 }
 
 async fn release(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
-    let rid = request_id(&req);
-    if !gw.policy().agents.contains_key(&id) {
-        return unknown_agent(&id, &rid);
-    }
-    let a = match action(req).await {
+    let a = match agent_action(&gw, &id, req).await {
         Ok(a) => a,
         Err(r) => return r,
     };
