@@ -4,6 +4,7 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde_json::json;
 use std::hint::black_box;
+use toolgate::policy::history::NoHistory;
 use toolgate::policy::{ParseLimits, Policy, ToolCall, content};
 
 fn bundled_policy() -> Policy {
@@ -26,12 +27,8 @@ fn pipeline(c: &mut Criterion) {
     let policy = bundled_policy();
     let limits = ParseLimits { max_json_depth: 64 };
     let body = reply_body();
-    let call = ToolCall {
-        agent: "support-bot",
-        tool: "tickets.reply",
-        body: &body,
-    };
-    assert!(policy.evaluate(&call, limits).decision.is_allow());
+    let call = ToolCall::new("support-bot", "tickets.reply", &body);
+    assert!(policy.evaluate(&call, limits, &NoHistory).decision.is_allow());
 
     c.bench_function("authenticate_api_key", |b| {
         b.iter(|| {
@@ -42,24 +39,16 @@ fn pipeline(c: &mut Criterion) {
         })
     });
     c.bench_function("evaluate_2kb_allow_with_filters", |b| {
-        b.iter(|| policy.evaluate(black_box(&call), limits))
+        b.iter(|| policy.evaluate(black_box(&call), limits, &NoHistory))
     });
-    let denied = ToolCall {
-        agent: "support-bot",
-        tool: "billing.delete_account",
-        body: &body,
-    };
+    let denied = ToolCall::new("support-bot", "billing.delete_account", &body);
     c.bench_function("evaluate_not_allowed", |b| {
-        b.iter(|| policy.evaluate(black_box(&denied), limits))
+        b.iter(|| policy.evaluate(black_box(&denied), limits, &NoHistory))
     });
     let small = br#"{"query": "reset my password", "limit": 5}"#;
-    let kb = ToolCall {
-        agent: "support-bot",
-        tool: "kb.search",
-        body: small,
-    };
+    let kb = ToolCall::new("support-bot", "kb.search", small);
     c.bench_function("evaluate_small_kb_search", |b| {
-        b.iter(|| policy.evaluate(black_box(&kb), limits))
+        b.iter(|| policy.evaluate(black_box(&kb), limits, &NoHistory))
     });
 
     // Content scanning alone: 50 deny terms, 20 deny patterns, every detector, over 2 KB.

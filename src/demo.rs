@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 
+use crate::approval::Approvals;
 use crate::audit::AuditLog;
 use crate::config::{ConfigError, ServerConfig};
 use crate::gateway::Gateway;
@@ -21,10 +22,11 @@ use crate::server::{self, Running};
 
 /// The bundled files, embedded so the demo runs from any directory.
 const CONFIG: &str = include_str!("../config/toolgate.yaml");
-const POLICIES: [(&str, &str); 4] = [
+pub const POLICIES: [(&str, &str); 5] = [
     ("policies/agents.yaml", include_str!("../policies/agents.yaml")),
     ("policies/anomaly.yaml", include_str!("../policies/anomaly.yaml")),
     ("policies/filters.yaml", include_str!("../policies/filters.yaml")),
+    ("policies/rules.cedar", include_str!("../policies/rules.cedar")),
     ("policies/tools.yaml", include_str!("../policies/tools.yaml")),
 ];
 /// Where the bundled policies expect the demo tools.
@@ -44,6 +46,8 @@ pub enum DemoError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Audit(#[from] crate::audit::AuditError),
+    #[error("{0}")]
+    Approvals(#[from] crate::approval::ApprovalError),
 }
 
 /// Where the demo listens.
@@ -53,6 +57,7 @@ pub struct DemoOptions {
     pub admin_listen: Option<SocketAddr>,
     pub tools_listen: SocketAddr,
     pub audit_file: PathBuf,
+    pub approvals_file: PathBuf,
 }
 
 impl Default for DemoOptions {
@@ -62,6 +67,7 @@ impl Default for DemoOptions {
             admin_listen: None,
             tools_listen: TOOLS_ADDR.parse().unwrap(),
             audit_file: PathBuf::from("var/demo-audit.jsonl"),
+            approvals_file: PathBuf::from("var/demo-approvals.redb"),
         }
     }
 }
@@ -79,7 +85,7 @@ pub fn tools_router() -> Router {
         .route(
             "/tickets/{id}/replies",
             post(|Path(id): Path<String>, Json(body): Json<Value>| async move {
-                Json(json!({"ticket_id": id, "posted": true, "received": body}))
+                Json(json!({"received": body, "ticket_id": id, "posted": true}))
             }),
         )
         .route(
@@ -94,6 +100,12 @@ pub fn tools_router() -> Router {
             "/refunds/{order_id}",
             post(|Path(order): Path<String>, Json(body): Json<Value>| async move {
                 Json(json!({"order_id": order, "refunded": body["amount"], "status": "refunded"}))
+            }),
+        )
+        .route(
+            "/fraud/{order_id}",
+            post(|Path(order): Path<String>| async move {
+                Json(json!({"order_id": order, "score": 0.04, "verdict": "low_risk"}))
             }),
         )
         .route("/accounts/{id}", delete(|| async { Json(json!({"deleted": true})) }))
@@ -134,7 +146,9 @@ pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
         .collect();
     let policy = Policy::compile(&sources, |p| std::fs::read_to_string(p))?;
     let audit = AuditLog::open(&config.audit)?;
-    let gateway = Arc::new(Gateway::new(config.clone(), policy, None, audit).with_admin_token(ADMIN_TOKEN));
+    config.approvals.store = opts.approvals_file.clone();
+    let approvals = Approvals::open_configured(&config.approvals)?;
+    let gateway = Arc::new(Gateway::new(config.clone(), policy, None, audit, approvals).with_admin_token(ADMIN_TOKEN));
     let running = server::start(gateway).await.map_err(|source| DemoError::Bind {
         addr: config.listen,
         source,
@@ -164,6 +178,18 @@ pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
             Some(SUPPORT_KEY),
             "tickets.reply",
             json!({"ticket_id": "T-1001", "body": "We wrote to ada@example.com"}),
+        ),
+        (
+            "refund before any fraud check (rule)",
+            Some(SUPPORT_KEY),
+            "billing.refund",
+            json!({"order_id": "O-17", "amount": 20}),
+        ),
+        (
+            "fraud-check the order",
+            Some(SUPPORT_KEY),
+            "fraud.check",
+            json!({"order_id": "O-17"}),
         ),
         (
             "refund a small order",
@@ -226,42 +252,81 @@ pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
             "kb.search",
             json!({"query": "refunds"}),
         ),
+        (
+            "fraud-check a second order",
+            Some(SUPPORT_KEY),
+            "fraud.check",
+            json!({"order_id": "O-18"}),
+        ),
+        (
+            "refund above 100 (held for approval)",
+            Some(SUPPORT_KEY),
+            "billing.refund",
+            json!({"order_id": "O-18", "amount": 250}),
+        ),
     ];
     println!(
         "{:<2}  {:<40}  {:<11}  {:<22}  {:<6}  {:<26}  detail",
         "#", "call", "agent", "tool", "status", "decision / code"
     );
     println!("{}", "-".repeat(150));
+    let mut approval_id = None;
     for (i, (what, key, tool, args)) in script.iter().enumerate() {
-        let (status, decision, body) = post_json(&base, tool, *key, args).await;
-        let agent = match *key {
-            Some(SUPPORT_KEY) => "support-bot",
-            Some(ANALYST_KEY) => "analyst-bot",
-            Some(_) => "batch-bot",
-            None => "(none)",
-        };
+        let (status, decision, body) = post_json(&base, tool, *key, args, &[]).await;
         let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let (code, detail) = match parsed.get("error") {
-            Some(e) => (
-                e["code"].as_str().unwrap_or("").to_owned(),
-                e["message"].as_str().unwrap_or("").to_owned(),
-            ),
-            None => (String::new(), String::from_utf8_lossy(&body).chars().take(60).collect()),
-        };
-        let verdict = if code.is_empty() {
-            decision.clone()
-        } else {
-            format!("{decision} / {code}")
-        };
+        if let Some(id) = parsed["approval_id"].as_str() {
+            approval_id = Some(id.to_owned());
+        }
+        print_row(i + 1, what, *key, tool, status, &decision, &body);
+    }
+
+    // The held refund: a billing lead approves it with one call, the agent re-sends it.
+    if let Some(id) = approval_id {
+        let admin = format!("http://{}", running.admin_addr);
         println!(
-            "{:<2}  {:<40}  {:<11}  {:<22}  {:<6}  {:<26}  {}",
-            i + 1,
-            what,
-            agent,
-            tool,
+            "\nA billing lead approves the held refund:\n  curl -s -X POST {admin}/admin/approvals/{id}/approve -H 'Authorization: Bearer {ADMIN_TOKEN}' -d '{{\"by\": \"dana@billing\", \"comment\": \"customer goodwill\"}}'"
+        );
+        let (status, _, _) = admin_post(
+            &admin,
+            &format!("/admin/approvals/{id}/approve"),
+            &json!({"by": "dana@billing", "comment": "customer goodwill"}),
+        )
+        .await;
+        println!("  -> {status}\n");
+        let args = json!({"order_id": "O-18", "amount": 250});
+        let (status, decision, body) = post_json(
+            &base,
+            "billing.refund",
+            Some(SUPPORT_KEY),
+            &args,
+            &[("x-toolgate-approval", &id)],
+        )
+        .await;
+        print_row(
+            script.len() + 1,
+            "the same refund, with the approval",
+            Some(SUPPORT_KEY),
+            "billing.refund",
             status,
-            verdict,
-            detail
+            &decision,
+            &body,
+        );
+        let (status, decision, body) = post_json(
+            &base,
+            "billing.refund",
+            Some(SUPPORT_KEY),
+            &args,
+            &[("x-toolgate-approval", &id)],
+        )
+        .await;
+        print_row(
+            script.len() + 2,
+            "the approval again (single use)",
+            Some(SUPPORT_KEY),
+            "billing.refund",
+            status,
+            &decision,
+            &body,
         );
     }
     println!(
@@ -271,14 +336,61 @@ pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
     Ok(running)
 }
 
+fn print_row(n: usize, what: &str, key: Option<&str>, tool: &str, status: u16, decision: &str, body: &[u8]) {
+    let agent = match key {
+        Some(SUPPORT_KEY) => "support-bot",
+        Some(ANALYST_KEY) => "analyst-bot",
+        Some(_) => "batch-bot",
+        None => "(none)",
+    };
+    let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let (code, detail) = match parsed.get("error") {
+        Some(e) => (
+            e["code"].as_str().unwrap_or("").to_owned(),
+            e["message"].as_str().unwrap_or("").to_owned(),
+        ),
+        None => (String::new(), String::from_utf8_lossy(body).chars().take(60).collect()),
+    };
+    let verdict = if code.is_empty() || code == decision {
+        decision.to_owned()
+    } else {
+        format!("{decision} / {code}")
+    };
+    println!("{n:<2}  {what:<40}  {agent:<11}  {tool:<22}  {status:<6}  {verdict:<26}  {detail}");
+}
+
+/// An admin-plane POST with the demo's admin token: (status, decision header, body).
+async fn admin_post(admin: &str, path: &str, body: &Value) -> (u16, String, Bytes) {
+    send(
+        http::Request::post(format!("{admin}{path}"))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .header("content-type", "application/json"),
+        body,
+    )
+    .await
+}
+
 /// One call over real HTTP: (status, x-toolgate-decision, body).
-pub async fn post_json(base: &str, tool: &str, key: Option<&str>, args: &Value) -> (u16, String, Bytes) {
-    let client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+pub async fn post_json(
+    base: &str,
+    tool: &str,
+    key: Option<&str>,
+    args: &Value,
+    headers: &[(&str, &str)],
+) -> (u16, String, Bytes) {
     let mut req = http::Request::post(format!("{base}/v1/tools/{tool}")).header("content-type", "application/json");
     if let Some(k) = key {
         req = req.header("authorization", format!("Bearer {k}"));
     }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    send(req, args).await
+}
+
+async fn send(req: http::request::Builder, args: &Value) -> (u16, String, Bytes) {
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
     let req = req
         .body(Full::new(Bytes::from(args.to_string())))
         .expect("valid request");

@@ -14,9 +14,11 @@ use bytes::Bytes;
 use http::HeaderValue;
 use serde_json::{Value, json};
 
+use crate::approval::{Approval, Approvals, Hold, Refused};
 use crate::audit::{AuditLog, PolicyEvent, Tokens, ToolCallEvent, UpstreamInfo};
 use crate::config::{AuditArguments, ConfigError, ServerConfig};
 use crate::policy::content::Filter;
+use crate::policy::history::{PastCall, hash_value};
 use crate::policy::limits::estimate_tokens;
 use crate::policy::{Code, Decision, ParseLimits, Policy, Reason, Stage, ToolCall, arguments};
 use crate::state::State;
@@ -31,6 +33,8 @@ pub struct CallRequest<'a> {
     /// The body, or why the transport could not read it (too large, too slow).
     pub body: Result<Bytes, Reason>,
     pub session: Option<&'a str>,
+    /// `X-Toolgate-Approval`: an approval id for a call a rule holds.
+    pub approval: Option<&'a str>,
     pub traceparent: Option<&'a HeaderValue>,
     pub tracestate: Option<&'a HeaderValue>,
 }
@@ -56,7 +60,17 @@ pub fn error_body(reason: &Reason, request_id: &str) -> Bytes {
     if !reason.rule.is_empty() {
         error["rule"] = Value::from(reason.rule.as_str());
     }
-    Bytes::from(serde_json::to_vec(&json!({ "error": error })).expect("JSON serialises"))
+    let mut body = json!({ "error": error });
+    if let Some(id) = &reason.approval_id {
+        // Top level as well as inside `error`, as the contract shows: what to poll, and how to retry.
+        body["approval_id"] = Value::from(id.as_str());
+        body["status_url"] = Value::from(format!("/v1/approvals/{id}"));
+        body["error"]["approval_id"] = Value::from(id.as_str());
+        body["error"]["retry"] = Value::from(format!(
+            "Once approved, send the identical call again with the header `X-Toolgate-Approval: {id}`."
+        ));
+    }
+    Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"))
 }
 
 /// What `process` learned, for the audit event, whatever the outcome.
@@ -70,6 +84,9 @@ struct Record {
     upstream: Option<UpstreamInfo>,
     decided_at: Option<Instant>,
     tokens: Option<Tokens>,
+    /// The approval this call created (held) or used (passed).
+    approval_id: Option<String>,
+    would_deny: Vec<String>,
 }
 
 /// Shared state of a running gateway.
@@ -81,6 +98,9 @@ pub struct Gateway {
     /// Rate limits, budgets, denial counts, quarantines.
     pub state: State,
     upstream: Upstream,
+    /// Calls held for a person's approval.
+    pub approvals: Arc<Approvals>,
+    webhook: Option<Webhook>,
     audit_redactor: Filter,
     reload_lock: tokio::sync::Mutex<()>,
     /// Set by the demo only; `serve` reads the token from the environment or a file.
@@ -88,14 +108,22 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: ServerConfig, policy: Policy, policy_dir: Option<PathBuf>, audit: AuditLog) -> Self {
+    pub fn new(
+        config: ServerConfig,
+        policy: Policy,
+        policy_dir: Option<PathBuf>,
+        audit: AuditLog,
+        approvals: Approvals,
+    ) -> Self {
         Self {
             policy: ArcSwap::from_pointee(policy),
             policy_dir,
+            webhook: config.approvals.webhook.as_ref().map(Webhook::new),
             config,
             audit,
             state: State::default(),
             upstream: Upstream::new(),
+            approvals: Arc::new(approvals),
             audit_redactor: Filter::audit_redactor(),
             reload_lock: tokio::sync::Mutex::new(()),
             admin_token: None,
@@ -252,6 +280,8 @@ impl Gateway {
             arguments_sha256: &rec.arguments_sha256,
             upstream: rec.upstream.clone(),
             tokens: rec.tokens,
+            approval_id: rec.approval_id.as_deref(),
+            would_deny: &rec.would_deny,
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
             policy_version: &policy.version,
         };
@@ -415,8 +445,14 @@ impl Gateway {
             agent: &agent,
             tool: req.tool,
             body: &body,
+            session: req.session,
+            now: std::time::SystemTime::now(),
         };
-        let eval = policy.evaluate(&call, self.parse_limits());
+        let call_ms = call
+            .now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let eval = policy.evaluate(&call, self.parse_limits(), &self.state);
         rec.decided_at = Some(Instant::now());
         rec.known_tool = eval.tool.is_some();
         rec.arguments_sha256 = eval.arguments_sha256;
@@ -425,12 +461,29 @@ impl Gateway {
         if let (Some(args), AuditArguments::Redacted) = (&mut audit_args, self.config.audit.arguments) {
             crate::policy::content::apply(&[&self.audit_redactor], args);
         }
+        rec.would_deny = eval.would_deny;
         rec.arguments = match self.config.audit.arguments {
             AuditArguments::Shape => eval.arguments.as_ref().map(arguments::shape),
-            AuditArguments::Redacted => audit_args,
+            AuditArguments::Redacted => audit_args.clone(),
         };
         if let Decision::Deny(reason) = eval.decision {
-            return Err(reason);
+            match (reason.code, eval.approval) {
+                (Code::ApprovalRequired, Some(group)) => {
+                    let held = HoldOwned {
+                        agent: agent.to_string(),
+                        tool: req.tool.to_owned(),
+                        rule: reason.rule.clone(),
+                        group,
+                        reason: reason.message.clone(),
+                        arguments: audit_args,
+                        arguments_sha256: rec.arguments_sha256.clone(),
+                        request_id: req.request_id.to_owned(),
+                        session: req.session.map(str::to_owned),
+                    };
+                    self.approval_gate(held, req.approval, reason, rec).await?;
+                }
+                _ => return Err(reason),
+            }
         }
         let tool = eval.tool.expect("an allowed call has a tool");
         let url = eval.url.as_deref().expect("an allowed call has a URL");
@@ -489,9 +542,24 @@ impl Gateway {
             }
         }
 
+        // What history keeps of this call, if some rule looks back at this tool.
+        let past = policy.recorded.get(&tool.name).map(|fields| PastCall {
+            tool: tool.name.as_str().into(),
+            at_ms: call_ms,
+            session: req.session.map(Into::into),
+            values: fields
+                .iter()
+                .filter_map(|f| args.get(&**f).map(|v| (f.clone(), hash_value(v))))
+                .collect(),
+        });
         let forwarded = self
             .forward(policy, req, rec, &agent, tool, url, args, body_bytes)
             .await;
+        if let (Some(past), Ok((inbound, _))) = (past, &forwarded)
+            && (200..300).contains(&inbound.status)
+        {
+            self.state.record_call(&agent, past, policy.history_retention);
+        }
         let output_tokens = forwarded.as_ref().map_or(0, |(_, body)| estimate_tokens(body.len()));
         rec.tokens = Some(Tokens {
             input: input_tokens,
@@ -502,6 +570,109 @@ impl Gateway {
             metrics::gauge!("toolgate_budget_remaining_tokens", "agent" => agent.to_string()).set(left as f64);
         }
         forwarded
+    }
+
+    /// A call a rule holds for approval: with a valid `X-Toolgate-Approval` it passes (once);
+    /// without one it is held, and the approvers are told.
+    async fn approval_gate(
+        &self,
+        held: HoldOwned,
+        presented: Option<&str>,
+        reason: Reason,
+        rec: &mut Record,
+    ) -> Result<(), Reason> {
+        let now = crate::state::unix_now();
+        let request_id = held.request_id.clone();
+        let store_failed = |e: crate::approval::ApprovalError| {
+            tracing::error!(request_id, "approval store failed: {e}");
+            Reason::new(
+                Code::Unavailable,
+                Stage::Approval,
+                "approval",
+                "The approval store is unavailable, so the call was refused. Try again later.",
+            )
+        };
+        if let Some(id) = presented {
+            let (store, id) = (self.approvals.clone(), id.to_owned());
+            let outcome = tokio::task::spawn_blocking(move || {
+                store.consume(
+                    &id,
+                    &held.agent,
+                    &held.tool,
+                    &held.arguments_sha256,
+                    &held.request_id,
+                    now,
+                )
+            })
+            .await
+            .expect("the approval store does not panic")
+            .map_err(store_failed)?;
+            return match outcome {
+                Ok(approval) => {
+                    rec.approval_id = Some(approval.id);
+                    Ok(())
+                }
+                Err(Refused(why)) => Err(Reason::new(
+                    Code::ApprovalDenied,
+                    Stage::Approval,
+                    reason.rule,
+                    format!(
+                        "The approval presented cannot be used: {why}. Send the call without `X-Toolgate-Approval` to request a new approval."
+                    ),
+                )),
+            };
+        }
+        let store = self.approvals.clone();
+        let (approval, new) = tokio::task::spawn_blocking(move || store.request(held.as_hold(), now))
+            .await
+            .expect("the approval store does not panic")
+            .map_err(store_failed)?;
+        rec.approval_id = Some(approval.id.clone());
+        if new {
+            metrics::counter!("toolgate_approvals_requested_total", "tool" => approval.tool.clone()).increment(1);
+            if let Some(hook) = &self.webhook {
+                hook.notify(&approval);
+            }
+        }
+        let mut reason = reason;
+        reason.message = format!(
+            "{} The call is held for approval by '{}' (approval {}); poll its status_url, then send the identical call again with `X-Toolgate-Approval: {}`.",
+            reason.message, approval.group, approval.id, approval.id
+        );
+        reason.approval_id = Some(approval.id);
+        Err(reason)
+    }
+
+    /// An approver's decision, stored and audited with who, when and why.
+    pub async fn decide_approval(
+        &self,
+        id: &str,
+        approve: bool,
+        by: &str,
+        comment: &str,
+    ) -> Result<Result<Approval, crate::approval::DecideError>, crate::approval::ApprovalError> {
+        let (store, id, by_owned, comment_owned) =
+            (self.approvals.clone(), id.to_owned(), by.to_owned(), comment.to_owned());
+        let now = crate::state::unix_now();
+        let outcome = tokio::task::spawn_blocking(move || store.decide(&id, approve, &by_owned, &comment_owned, now))
+            .await
+            .expect("the approval store does not panic")?;
+        if let Ok(a) = &outcome {
+            metrics::counter!("toolgate_approvals_decided_total", "status" => a.status.as_str()).increment(1);
+            tracing::info!(approval = %a.id, status = a.status.as_str(), by, "approval decided");
+            self.audit
+                .emit_or_log(
+                    "approval_decided",
+                    &json!({
+                        "ts": crate::audit::now(), "event": "approval_decided", "approval_id": a.id,
+                        "status": a.status.as_str(), "by": by, "comment": comment, "decided_at": a.decided_at,
+                        "agent": a.agent, "tool": a.tool, "rule": a.rule, "group": a.group,
+                        "arguments_sha256": a.arguments_sha256, "request_id": a.request_id,
+                    }),
+                )
+                .await;
+        }
+        Ok(outcome)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -627,6 +798,94 @@ impl Gateway {
             return Ok(Bytes::from(lines.join("\n")));
         }
         Ok(Bytes::from(serde_json::to_vec(&value).expect("JSON serialises")))
+    }
+}
+
+/// A call held for approval, owned so it can cross into the store's blocking task.
+struct HoldOwned {
+    agent: String,
+    tool: String,
+    rule: String,
+    group: String,
+    reason: String,
+    arguments: Option<Value>,
+    arguments_sha256: String,
+    request_id: String,
+    session: Option<String>,
+}
+
+impl HoldOwned {
+    fn as_hold(&self) -> Hold<'_> {
+        Hold {
+            agent: &self.agent,
+            tool: &self.tool,
+            rule: &self.rule,
+            group: &self.group,
+            reason: &self.reason,
+            arguments: self.arguments.clone(),
+            arguments_sha256: &self.arguments_sha256,
+            request_id: &self.request_id,
+            session: self.session.as_deref(),
+        }
+    }
+}
+
+/// Tells approvers about new approval requests: one JSON POST each, fire and forget, at most
+/// [`Webhook::MAX_IN_FLIGHT`] at once (beyond that a notification is dropped and logged; the
+/// approval itself stands and is listed on the admin plane).
+struct Webhook {
+    url: String,
+    timeout: Duration,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<Bytes>,
+    >,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl Webhook {
+    const MAX_IN_FLIGHT: usize = 64;
+
+    fn new(c: &crate::config::WebhookConfig) -> Self {
+        Self {
+            url: c.url.clone(),
+            timeout: Duration::from_millis(c.timeout_ms),
+            client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(Self::MAX_IN_FLIGHT)),
+        }
+    }
+
+    fn notify(&self, a: &Approval) {
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            tracing::warn!(approval = %a.id, "approval webhook: too many notifications in flight, dropped this one");
+            return;
+        };
+        let body = json!({
+            "event": "approval_requested", "approval_id": a.id, "agent": a.agent, "tool": a.tool,
+            "rule": a.rule, "group": a.group, "reason": a.reason, "arguments": a.arguments,
+            "arguments_sha256": a.arguments_sha256, "request_id": a.request_id,
+            "requested_at": crate::audit::format_unix(a.requested_at), "expires_at": crate::audit::format_unix(a.expires_at),
+            "approve": format!("POST /admin/approvals/{}/approve", a.id), "deny": format!("POST /admin/approvals/{}/deny", a.id),
+        });
+        let request = http::Request::post(&self.url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(Bytes::from(body.to_string())));
+        let Ok(request) = request else {
+            tracing::warn!("approval webhook: the configured URL is not usable");
+            return;
+        };
+        let (client, timeout, id) = (self.client.clone(), self.timeout, a.id.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(timeout, client.request(request)).await {
+                Ok(Ok(r)) if r.status().is_success() => {}
+                Ok(Ok(r)) => {
+                    tracing::warn!(approval = %id, status = r.status().as_u16(), "approval webhook refused the notification")
+                }
+                Ok(Err(e)) => tracing::warn!(approval = %id, "approval webhook failed: {e}"),
+                Err(_) => tracing::warn!(approval = %id, "approval webhook timed out"),
+            }
+        });
     }
 }
 

@@ -4,8 +4,10 @@
 //!
 //! 1. `server`    — accept on the data plane; request id, body and concurrency limits.
 //! 2. `gateway`   — authenticate the agent (`policy::identity`), then evaluate the call.
-//! 3. `policy`    — pure decision pipeline: allowlist → arguments (JSON Schema) → content filters;
-//!    then `state`: quarantine, token budget reservation, rate limits (atomic, after the static checks).
+//! 3. `policy`    — pure decision pipeline: allowlist → arguments (JSON Schema) → content filters
+//!    → rules (Cedar, with facts from the session's history); a rule may hold the call for
+//!    `approval`; then `state`: quarantine, token budget reservation, rate limits (atomic,
+//!    after the static checks).
 //! 4. `upstream`  — forward an allowed call: URL template, method, timeout, bounded response.
 //! 5. `policy`    — output filters over the tool's response.
 //! 6. `audit`     — one event per decision, written before the response is sent.
@@ -13,6 +15,7 @@
 //! `config` loads and validates the files people edit; the admin plane (`server::admin`) serves
 //! health, metrics and reload on its own listener.
 
+pub mod approval;
 pub mod audit;
 pub mod config;
 pub mod demo;

@@ -11,6 +11,7 @@ use serde_json::json;
 use toolgate::audit::AuditLog;
 use toolgate::config::{ConfigError, ServerConfig};
 use toolgate::gateway::Gateway;
+use toolgate::policy::history::NoHistory;
 use toolgate::policy::{Decision, Policy, ToolCall};
 
 /// mimalloc: a proxy allocates and frees many small buffers per call; glibc's malloc spent ~14% of
@@ -76,6 +77,10 @@ enum Command {
         /// The arguments, a JSON object.
         #[arg(long, default_value = "{}")]
         args: String,
+        /// The session the call belongs to (session-aware rules see no earlier calls here:
+        /// use `toolgate test` cases with `history` for those).
+        #[arg(long)]
+        session: Option<String>,
     },
 }
 
@@ -96,7 +101,8 @@ fn main() -> ExitCode {
             agent,
             tool,
             args,
-        } => explain(&config, &agent, &tool, &args),
+            session,
+        } => explain(&config, &agent, &tool, &args, session.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -139,7 +145,8 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
     }
     let dir = config.policies.clone();
     let version = policy.version.clone();
-    let gateway = Arc::new(Gateway::new(config, policy, Some(dir), audit));
+    let approvals = toolgate::approval::Approvals::open_configured(&config.approvals)?;
+    let gateway = Arc::new(Gateway::new(config, policy, Some(dir), audit, approvals));
     runtime()?.block_on(async move {
         let running = toolgate::server::start(gateway)
             .await
@@ -215,19 +222,16 @@ fn check(config_path: &Path) -> ExitCode {
     }
 }
 
-fn explain(config_path: &Path, agent: &str, tool: &str, args: &str) -> anyhow::Result<()> {
+fn explain(config_path: &Path, agent: &str, tool: &str, args: &str, session: Option<&str>) -> anyhow::Result<()> {
     let (cfg, policy) = load(config_path).map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
     let limits = toolgate::policy::ParseLimits {
         max_json_depth: cfg.limits.max_json_depth,
     };
-    let eval = policy.evaluate(
-        &ToolCall {
-            agent,
-            tool,
-            body: args.as_bytes(),
-        },
-        limits,
-    );
+    let call = ToolCall {
+        session,
+        ..ToolCall::new(agent, tool, args.as_bytes())
+    };
+    let eval = policy.evaluate(&call, limits, &NoHistory);
     let mut reasons = eval.notes.clone();
     let code = match &eval.decision {
         Decision::Deny(r) => {
@@ -245,6 +249,12 @@ fn explain(config_path: &Path, agent: &str, tool: &str, args: &str) -> anyhow::R
         "arguments_sha256": eval.arguments_sha256,
         "policy_version": policy.version,
     });
+    if let Some(group) = &eval.approval {
+        out["approval_group"] = json!(group);
+    }
+    if !eval.would_deny.is_empty() {
+        out["would_deny"] = json!(eval.would_deny);
+    }
     if let (Some(t), Some(url)) = (eval.tool, &eval.url)
         && eval.decision.is_allow()
     {

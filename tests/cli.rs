@@ -76,9 +76,16 @@ fn explain(tool: &str, args: &str) -> Value {
 
 #[test]
 fn explain_prints_the_decision_and_its_reason_without_calling_anything() {
-    let allow = explain("billing.refund", r#"{"order_id": "O-1", "amount": 3}"#);
+    let allow = explain("fraud.check", r#"{"order_id": "O-1"}"#);
     assert_eq!(allow["decision"], "allow");
-    assert_eq!(allow["upstream"]["url"], "http://127.0.0.1:9001/refunds/O-1");
+    assert_eq!(allow["upstream"]["url"], "http://127.0.0.1:9001/fraud/O-1");
+    // A rule decided: explain names it, and the hard forbid outranks the approval rule.
+    let rule = explain("billing.refund", r#"{"order_id": "O-1", "amount": 250}"#);
+    assert_eq!(rule["decision"], "deny");
+    assert_eq!(rule["code"], "rule_denied");
+    assert_eq!(rule["reasons"][0]["stage"], "rules");
+    assert_eq!(rule["reasons"][0]["rule"], "refund-needs-fraud-check");
+    assert_eq!(rule["would_deny"], serde_json::json!(["refund-over-50-trial"]));
     let deny = explain("billing.delete_account", r#"{"account_id": "A"}"#);
     assert_eq!(deny["decision"], "deny");
     assert_eq!(deny["code"], "tool_not_allowed");
@@ -121,11 +128,29 @@ fn demo_plays_its_script_and_shows_every_kind_of_decision() {
         "content_blocked",
         "unauthenticated",
         "[REDACTED:email]",
+        "rule_denied",
+        "budget_exceeded",
+        "rate_limited",
+        "approval_required",
+        "approval_denied",
     ] {
         assert!(stdout.contains(code), "{code} missing from the demo table:\n{stdout}");
     }
     let events = support::read_events(&dir.path().join("var/demo-audit.jsonl"));
-    assert_eq!(events.len(), 14);
+    let calls: Vec<&Value> = events.iter().filter(|e| e["event"] == "tool_call").collect();
+    assert_eq!(calls.len(), 20);
+    // The held refund, approved by a person, then passed exactly once with the approval.
+    let held = calls[17];
+    assert_eq!(held["decision"], "approval_required");
+    let id = held["approval_id"].as_str().unwrap();
+    let decided: Vec<&Value> = events.iter().filter(|e| e["event"] == "approval_decided").collect();
+    assert_eq!(decided.len(), 1);
+    assert_eq!(decided[0]["approval_id"], id);
+    assert_eq!(decided[0]["by"], "dana@billing");
+    assert_eq!(calls[18]["decision"], "allow");
+    assert_eq!(calls[18]["approval_id"], id);
+    assert_eq!(calls[18]["upstream"]["status"], 200);
+    assert_eq!(calls[19]["code"], "approval_denied");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

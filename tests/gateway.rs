@@ -439,7 +439,10 @@ async fn an_unwritable_audit_log_fails_calls_closed() {
     config.policies = h.policy_dir.clone();
     let policy = toolgate::policy::Policy::load(&h.policy_dir).unwrap();
     let audit = toolgate::audit::AuditLog::open(&config.audit).unwrap();
-    let gw = std::sync::Arc::new(toolgate::gateway::Gateway::new(config, policy, None, audit));
+    let approvals =
+        toolgate::approval::Approvals::open(&h.dir.path().join("full.redb"), std::time::Duration::from_secs(60))
+            .unwrap();
+    let gw = std::sync::Arc::new(toolgate::gateway::Gateway::new(config, policy, None, audit, approvals));
     let running = toolgate::server::start(gw).await.unwrap();
     let url = format!("http://{}/v1/tools/kb.search", running.data_addr);
     let auth = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];

@@ -83,6 +83,12 @@ pub struct ToolCallEvent<'a> {
     pub arguments_sha256: &'a str,
     pub upstream: Option<UpstreamInfo>,
     pub tokens: Option<Tokens>,
+    /// The approval this call was held for, or passed with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<&'a str>,
+    /// Shadow-mode rules that would have denied this call (not enforced).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub would_deny: &'a [String],
     pub duration_ms: f64,
     pub policy_version: &'a str,
 }

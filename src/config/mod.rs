@@ -35,6 +35,8 @@ struct ServerConfigRaw {
     audit: AuditConfig,
     #[serde(default)]
     aws: Option<AwsConfig>,
+    #[serde(default)]
+    approvals: ApprovalsConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -206,6 +208,52 @@ pub struct AwsConfig {
     pub region: Option<String>,
 }
 
+/// Human approval of calls held by an `@approval` rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// The embedded approval store (default `var/approvals.redb`); approvals survive restarts.
+    #[serde(default = "default_approvals_store")]
+    pub store: PathBuf,
+    /// How long an approval request stays valid, pending or approved (default 3600).
+    #[serde(default = "default_approval_ttl")]
+    pub ttl_seconds: u64,
+    /// Told about every new approval request (optional).
+    #[serde(default)]
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// `approvals.webhook`: a JSON POST per approval request, with the call summary (redacted).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://…` endpoint (chat bridge, ticketing, paging).
+    pub url: String,
+    /// Per attempt (default 2000). A failed notification is logged; the approval stands.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_approvals_store() -> PathBuf {
+    PathBuf::from("var/approvals.redb")
+}
+fn default_approval_ttl() -> u64 {
+    3600
+}
+fn default_webhook_timeout() -> u64 {
+    2000
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        Self {
+            store: default_approvals_store(),
+            ttl_seconds: default_approval_ttl(),
+            webhook: None,
+        }
+    }
+}
+
 /// Where shared state lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateBackend {
@@ -222,6 +270,7 @@ pub struct ServerConfig {
     pub state: StateBackend,
     pub audit: AuditConfig,
     pub aws: Option<AwsConfig>,
+    pub approvals: ApprovalsConfig,
 }
 
 impl ServerConfig {
@@ -284,6 +333,21 @@ impl ServerConfig {
                 "the admin plane must not share the data plane's address",
             ));
         }
+        let approvals = root.key("approvals");
+        if raw.approvals.ttl_seconds == 0 {
+            problems.push(doc.problem(&approvals.key("ttl_seconds"), "must be greater than 0"));
+        }
+        if let Some(w) = &raw.approvals.webhook {
+            if !w.url.starts_with("http://") {
+                problems.push(doc.problem(
+                    &approvals.key("webhook").key("url"),
+                    "must be an http:// URL (https is not supported by this build)",
+                ));
+            }
+            if w.timeout_ms == 0 {
+                problems.push(doc.problem(&approvals.key("webhook").key("timeout_ms"), "must be greater than 0"));
+            }
+        }
         if raw.admin.token_env.is_empty() {
             problems.push(doc.problem(&root.key("admin").key("token_env"), "must name an environment variable"));
         }
@@ -295,6 +359,7 @@ impl ServerConfig {
             state,
             audit: raw.audit,
             aws: raw.aws,
+            approvals: raw.approvals,
         })
     }
 }

@@ -136,8 +136,43 @@ impl<'de> Visitor<'de> for Strict {
 
 /// The canonical form of arguments: keys sorted, no whitespace. This is what is forwarded and hashed.
 pub fn canonical(args: &Map<String, Value>) -> Vec<u8> {
-    // serde_json's map is a BTreeMap (no `preserve_order`), so keys serialise sorted.
-    serde_json::to_vec(args).expect("a JSON map always serialises")
+    // serde_json's map keeps insertion order here (cedar-policy turns on `preserve_order`), so
+    // keys are sorted explicitly: the same arguments always hash and forward the same bytes.
+    let mut out = Vec::with_capacity(128);
+    write_canonical_object(args, &mut out);
+    out
+}
+
+fn write_canonical_object(map: &Map<String, Value>, out: &mut Vec<u8>) {
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort_unstable();
+    out.push(b'{');
+    for (i, k) in keys.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, k).expect("a string serialises");
+        out.push(b':');
+        write_canonical(&map[k], out);
+    }
+    out.push(b'}');
+}
+
+fn write_canonical(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(m) => write_canonical_object(m, out),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        scalar => serde_json::to_writer(&mut *out, scalar).expect("a scalar serialises"),
+    }
 }
 
 /// Lowercase hex SHA-256.

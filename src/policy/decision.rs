@@ -27,6 +27,8 @@ pub enum Code {
     NotFound,
     MethodNotAllowed,
     RequestTimeout,
+    /// An admin action on something not in the right state (deciding a decided approval).
+    Conflict,
     Internal,
 }
 
@@ -51,6 +53,7 @@ impl Code {
             Code::NotFound => "not_found",
             Code::MethodNotAllowed => "method_not_allowed",
             Code::RequestTimeout => "request_timeout",
+            Code::Conflict => "conflict",
             Code::Internal => "internal",
         }
     }
@@ -75,6 +78,7 @@ impl Code {
             Code::NotFound => 404,
             Code::MethodNotAllowed => 405,
             Code::RequestTimeout => 408,
+            Code::Conflict => 409,
             Code::Internal => 500,
         }
     }
@@ -89,6 +93,10 @@ pub enum Stage {
     Allowlist,
     Arguments,
     Content,
+    /// Business rules (Cedar), after the content filters.
+    Rules,
+    /// An approval presented with the call (`X-Toolgate-Approval`).
+    Approval,
     /// Rate limits and token budgets (stateful, after the static checks).
     Limits,
     /// Quarantine (after authentication).
@@ -112,6 +120,9 @@ pub struct Reason {
     /// Seconds to wait before retrying (`Retry-After`), for rate and budget denials.
     #[serde(skip)]
     pub retry_after: Option<u64>,
+    /// For `approval_required`: the approval to wait for (the body adds `status_url`).
+    #[serde(skip)]
+    pub approval_id: Option<String>,
 }
 
 impl Reason {
@@ -122,6 +133,7 @@ impl Reason {
             rule: rule.into(),
             message: message.into(),
             retry_after: None,
+            approval_id: None,
         }
     }
 
@@ -143,6 +155,7 @@ impl Decision {
     pub fn as_str(&self) -> &'static str {
         match self {
             Decision::Allow => "allow",
+            Decision::Deny(r) if r.code == Code::ApprovalRequired => "approval_required",
             Decision::Deny(_) => "deny",
         }
     }

@@ -8,13 +8,16 @@ pub mod allowlist;
 pub mod arguments;
 pub mod content;
 pub mod decision;
+pub mod history;
 pub mod identity;
 pub mod limits;
+pub mod rules;
 pub mod tool;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -26,8 +29,10 @@ use allowlist::{Allowlist, ToolPattern, is_valid_tool_name};
 use arguments::ArgumentSchema;
 use content::{Filter, FilterConfig};
 pub use decision::{Code, Decision, Reason, Stage};
+use history::{Fact, History};
 use identity::{Authenticator, JwtConfig, JwtVerifier, parse_key_digest};
 use limits::{AgentLimits, AnomalyConfig};
+use rules::Rules;
 use tool::{Method, Tool, ToolConfig, UrlTemplate};
 
 /// One policy file as written. Each entry is decoded on its own so one mistake hides no other.
@@ -60,6 +65,9 @@ pub struct AgentConfig {
     /// Rate limits and token budget.
     #[serde(default)]
     pub limits: AgentLimits,
+    /// Free-form string attributes rules can test (`principal.getTag("team")`).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -87,6 +95,7 @@ pub struct Agent {
     pub description: String,
     pub allowlist: Allowlist,
     pub limits: AgentLimits,
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// Limits the pipeline applies while parsing arguments.
@@ -102,6 +111,23 @@ pub struct ToolCall<'a> {
     pub agent: &'a str,
     pub tool: &'a str,
     pub body: &'a [u8],
+    /// `X-Toolgate-Session` (or the MCP session), for session-aware rules.
+    pub session: Option<&'a str>,
+    /// When the call is made (rules see `context.time`; history windows end here).
+    pub now: SystemTime,
+}
+
+impl<'a> ToolCall<'a> {
+    /// A call made now, outside any session.
+    pub fn new(agent: &'a str, tool: &'a str, body: &'a [u8]) -> Self {
+        Self {
+            agent,
+            tool,
+            body,
+            session: None,
+            now: SystemTime::now(),
+        }
+    }
 }
 
 /// What the pipeline decided, plus what forwarding and audit need.
@@ -121,6 +147,10 @@ pub struct Evaluation<'p> {
     pub url: Option<String>,
     /// Non-blocking findings (redactions), for the audit event.
     pub notes: Vec<Reason>,
+    /// The approver group, when the decision is `approval_required`.
+    pub approval: Option<String>,
+    /// Shadow-mode rules that would have denied the call.
+    pub would_deny: Vec<String>,
 }
 
 /// The loaded, compiled policy. Immutable: a reload builds a new one and swaps it in.
@@ -134,11 +164,16 @@ pub struct Policy {
     pub tools: BTreeMap<String, Tool>,
     pub filters: Vec<Filter>,
     pub anomaly: AnomalyConfig,
+    pub rules: Rules,
+    /// Tools whose calls history records, with the argument values facts compare.
+    pub recorded: HashMap<String, Vec<Arc<str>>>,
+    /// How long history must be kept: the longest fact window.
+    pub history_retention: Duration,
 }
 
 impl Policy {
-    /// Loads every `*.yaml`/`*.yml` file in `dir`. Rule files (`*.cedar`) are refused until rules
-    /// are enforced: a forbid that is silently ignored would open a hole.
+    /// Loads every `*.yaml`/`*.yml` and `*.cedar` file in `dir` (not subdirectories: test cases
+    /// live in `dir/tests/`).
     pub fn load(dir: &Path) -> Result<Policy, ConfigError> {
         let shown = dir.display().to_string();
         let entries = std::fs::read_dir(dir)
@@ -149,20 +184,11 @@ impl Policy {
         let mut problems = Problems::default();
         for path in paths {
             let name = path.display().to_string();
-            match path.extension().and_then(|e| e.to_str()) {
-                Some("yaml" | "yml") => match std::fs::read_to_string(&path) {
+            if let Some("yaml" | "yml" | "cedar") = path.extension().and_then(|e| e.to_str()) {
+                match std::fs::read_to_string(&path) {
                     Ok(text) => sources.push((name, text)),
                     Err(e) => problems.push(ConfigError::file(&name, format!("cannot read: {e}")).problems.remove(0)),
-                },
-                Some("cedar") => problems.push(
-                    ConfigError::file(
-                        &name,
-                        "rule files are not enforced by this build; remove the file rather than rely on it",
-                    )
-                    .problems
-                    .remove(0),
-                ),
-                _ => {}
+                }
             }
         }
         if sources.is_empty() && problems.is_empty() {
@@ -190,10 +216,14 @@ impl Policy {
             tools: BTreeMap::new(),
             filters: Vec::new(),
             anomaly: AnomalyConfig::default(),
+            rules: Rules::empty(),
+            recorded: HashMap::new(),
+            history_retention: Duration::ZERO,
         }
     }
 
-    /// Compiles policy sources `(file name, text)`; `read` loads files they reference (JWKS).
+    /// Compiles policy sources `(file name, text)`: YAML files, and Cedar rule files (`*.cedar`);
+    /// `read` loads files they reference (JWKS).
     pub fn compile(
         sources: &[(String, String)],
         read: impl Fn(&Path) -> std::io::Result<String>,
@@ -201,11 +231,16 @@ impl Policy {
         let mut problems = Problems::default();
         let mut hasher = Sha256::new();
         let mut docs = Vec::new();
+        let mut rule_sources = Vec::new();
         for (name, text) in sources {
             hasher.update(name.as_bytes());
             hasher.update([0]);
             hasher.update(text.as_bytes());
             hasher.update([0]);
+            if name.ends_with(".cedar") {
+                rule_sources.push((name.clone(), text.clone()));
+                continue;
+            }
             match Document::parse(name, text) {
                 Ok(doc) => docs.push(doc),
                 Err(e) => problems.extend(e),
@@ -384,6 +419,7 @@ impl Policy {
                         description: config.description,
                         allowlist: Allowlist::new(patterns),
                         limits: config.limits,
+                        attributes: config.attributes,
                     },
                 );
             }
@@ -405,6 +441,18 @@ impl Policy {
             }
         }
 
+        let (recorded, history_retention) = check_history(&tools, &raw_files, &mut problems);
+        // Rules are validated against the tools as compiled; with broken tools they would only
+        // report knock-on errors, so they wait for a clean pass.
+        let rules = if problems.is_empty() {
+            let mut found = Vec::new();
+            let rules = Rules::compile(&rule_sources, &tools, &agents, &mut found);
+            found.into_iter().for_each(|p| problems.push(p));
+            rules
+        } else {
+            Rules::empty()
+        };
+
         let digest = hex::encode(hasher.finalize());
         problems.finish(Policy {
             version: digest[..16].to_owned(),
@@ -414,6 +462,9 @@ impl Policy {
             tools,
             filters,
             anomaly,
+            rules,
+            recorded,
+            history_retention,
         })
     }
 
@@ -429,8 +480,10 @@ impl Policy {
     ///    may not call (unknown and not-allowed tools get the same answer);
     /// 3. arguments — strict JSON, the tool's schema, URL placeholders;
     /// 4. content — input filters over every string value and key; redactions rewrite the
-    ///    arguments that are forwarded.
-    pub fn evaluate<'p>(&'p self, call: &ToolCall<'_>, limits: ParseLimits) -> Evaluation<'p> {
+    ///    arguments that are forwarded;
+    /// 5. rules — Cedar forbids over the arguments as they will be forwarded, with facts from
+    ///    `history` for session-aware rules. A forbid with `@approval` holds the call instead.
+    pub fn evaluate<'p>(&'p self, call: &ToolCall<'_>, limits: ParseLimits, history: &dyn History) -> Evaluation<'p> {
         let mut eval = Evaluation {
             decision: Decision::Allow,
             tool: None,
@@ -439,6 +492,8 @@ impl Policy {
             body: None,
             url: None,
             notes: Vec::new(),
+            approval: None,
+            would_deny: Vec::new(),
         };
         let deny = |mut eval: Evaluation<'p>, reason: Reason| {
             eval.decision = Decision::Deny(reason);
@@ -522,8 +577,33 @@ impl Policy {
         eval.body = Some(if eval.notes.is_empty() {
             canonical
         } else {
-            serde_json::to_vec(eval.arguments.as_ref().expect("set above")).expect("JSON serialises")
+            arguments::canonical(eval.arguments.as_ref().and_then(Value::as_object).expect("set above"))
         });
+        if self.rules.applies_to(&tool.name) {
+            let args = eval
+                .arguments
+                .as_ref()
+                .and_then(Value::as_object)
+                .expect("parsed as an object");
+            match self
+                .rules
+                .evaluate(call.agent, &tool.name, call.session, call.now, args, history)
+            {
+                Ok(verdict) => {
+                    eval.would_deny = verdict.would_deny;
+                    eval.approval = verdict.approval;
+                    if let Some(reason) = verdict.blocked {
+                        return deny(eval, reason);
+                    }
+                }
+                Err(message) => {
+                    return deny(
+                        eval,
+                        Reason::new(Code::InvalidArguments, Stage::Arguments, "rules", message),
+                    );
+                }
+            }
+        }
         eval
     }
 
@@ -604,6 +684,21 @@ fn compile_tool(
     };
     let input_filters = resolve(&c.filters.input, "input");
     let output_filters = resolve(&c.filters.output, "output");
+    let mut facts = Vec::new();
+    for (fact, config) in &c.history {
+        let at = path.key("history").key(fact);
+        if !is_cedar_identifier(fact) {
+            problems.push(doc.problem(
+                &at,
+                "fact names must be identifiers (letters, digits, `_`), to use as `context.history.<name>`",
+            ));
+            continue;
+        }
+        match Fact::compile(fact, config) {
+            Ok(f) => facts.push(f),
+            Err((key, msg)) => problems.push(doc.problem(&at.key(key), msg)),
+        }
+    }
     if problems.len() != before {
         return None;
     }
@@ -617,5 +712,78 @@ fn compile_tool(
         schema_source: c.arguments,
         input_filters,
         output_filters,
+        facts,
     })
+}
+
+fn is_cedar_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Checks what history facts refer to (the earlier tool exists; `match` names an argument of
+/// each side, required on this side so a call cannot dodge the match by leaving it out), and
+/// derives what history must record and for how long.
+fn check_history(
+    tools: &BTreeMap<String, Tool>,
+    raw_files: &[(&Document, PolicyFileRaw)],
+    problems: &mut Problems,
+) -> (HashMap<String, Vec<Arc<str>>>, Duration) {
+    let mut recorded: HashMap<String, Vec<Arc<str>>> = HashMap::new();
+    let mut retention = Duration::ZERO;
+    let properties = |t: &Tool| -> Vec<String> {
+        t.schema_source
+            .as_ref()
+            .and_then(|s| s.get("properties"))
+            .and_then(Value::as_object)
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let required = |t: &Tool| -> Vec<String> {
+        t.schema_source
+            .as_ref()
+            .and_then(|s| s.get("required"))
+            .and_then(Value::as_array)
+            .map(|r| r.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    for (name, tool) in tools {
+        let Some((doc, _)) = raw_files.iter().find(|(_, raw)| raw.tools.contains_key(name)) else {
+            continue;
+        };
+        for fact in &tool.facts {
+            let at = KeyPath::root().key("tools").key(name).key("history").key(&fact.name);
+            let Some(earlier) = tools.get(&*fact.tool) else {
+                problems.push(doc.problem(&at.key("tool"), format!("no tool named `{}` is defined", fact.tool)));
+                continue;
+            };
+            let mut ok = true;
+            for (theirs, ours) in &fact.matches {
+                let m = at.key("match").key(theirs);
+                if !properties(earlier).iter().any(|p| p == &**theirs) {
+                    problems.push(doc.problem(&m, format!("`{}` has no argument `{theirs}`", fact.tool)));
+                    ok = false;
+                }
+                if !required(tool).iter().any(|p| p == ours) {
+                    problems.push(doc.problem(
+                        &m,
+                        format!("`{ours}` must be a required argument of `{name}` (in `arguments.required`)"),
+                    ));
+                    ok = false;
+                }
+            }
+            if !ok {
+                continue;
+            }
+            retention = retention.max(fact.within);
+            let fields = recorded.entry(fact.tool.to_string()).or_default();
+            for (theirs, _) in &fact.matches {
+                if !fields.contains(theirs) {
+                    fields.push(theirs.clone());
+                }
+            }
+        }
+    }
+    (recorded, retention)
 }

@@ -26,6 +26,9 @@ pub struct ToolConfig {
     pub arguments: Option<Value>,
     #[serde(default)]
     pub filters: FilterRefs,
+    /// Facts about earlier calls that this tool's rules use (`context.history.<name>`).
+    #[serde(default)]
+    pub history: std::collections::BTreeMap<String, super::history::FactConfig>,
 }
 
 /// `tools.<name>.upstream`.
@@ -211,6 +214,8 @@ pub struct Tool {
     pub schema_source: Option<Value>,
     pub input_filters: Vec<usize>,
     pub output_filters: Vec<usize>,
+    /// Facts about earlier calls, computed for this tool's rules.
+    pub facts: Vec<super::history::Fact>,
 }
 
 #[cfg(test)]

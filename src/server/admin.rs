@@ -1,5 +1,6 @@
 //! The admin plane, on its own listener: health, readiness and metrics without a token;
-//! `/admin/*` (reload, policy summary) behind a bearer token compared in constant time.
+//! `/admin/*` (reload, policy summary, agents, approvals) behind a bearer token compared in
+//! constant time.
 
 use std::sync::{Arc, OnceLock};
 
@@ -15,6 +16,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{RequestId, error_response};
+use crate::approval::{DecideError, Status};
 use crate::gateway::Gateway;
 use crate::policy::Code;
 
@@ -60,6 +62,10 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
         .route("/admin/policy", get(policy))
         .route("/admin/agents/{id}", get(agent_status))
         .route("/admin/agents/{id}/quarantine", post(quarantine).delete(release))
+        .route("/admin/approvals", get(list_approvals))
+        .route("/admin/approvals/{id}", get(get_approval))
+        .route("/admin/approvals/{id}/approve", post(approve))
+        .route("/admin/approvals/{id}/deny", post(deny))
         .route_layer(middleware::from_fn(move |req: Request, next: Next| {
             let token = token;
             async move { check_token(token.as_ref().map(|t| &t[..]), req, next).await }
@@ -275,4 +281,96 @@ async fn release(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Re
         .release(&id, &a.by.unwrap_or_default(), &a.comment.unwrap_or_default())
         .await;
     axum::Json(json!({"agent": id, "quarantined": false, "changed": changed})).into_response()
+}
+
+fn store_unavailable(e: crate::approval::ApprovalError, rid: &str) -> Response {
+    tracing::error!(request_id = rid, "approval store failed: {e}");
+    error_response(
+        Code::Unavailable,
+        "The approval store is unavailable. Try again later.",
+        rid,
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+}
+
+async fn list_approvals(
+    State(gw): State<Arc<Gateway>>,
+    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+    req: Request,
+) -> Response {
+    let rid = request_id(&req);
+    let status = match q.status.as_deref() {
+        None | Some("all") => None,
+        Some(s) => match Status::parse(s) {
+            Some(s) => Some(s),
+            None => {
+                return error_response(
+                    Code::InvalidRequest,
+                    "`status` must be one of pending, approved, denied, used, expired, all.",
+                    &rid,
+                );
+            }
+        },
+    };
+    let store = gw.approvals.clone();
+    let now = crate::state::unix_now();
+    match tokio::task::spawn_blocking(move || store.list(status, now))
+        .await
+        .expect("no panic")
+    {
+        Ok(list) => axum::Json(json!({"approvals": list})).into_response(),
+        Err(e) => store_unavailable(e, &rid),
+    }
+}
+
+async fn get_approval(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+    let rid = request_id(&req);
+    let store = gw.approvals.clone();
+    let now = crate::state::unix_now();
+    match tokio::task::spawn_blocking(move || store.get(&id, now))
+        .await
+        .expect("no panic")
+    {
+        Ok(Some(a)) => axum::Json(a).into_response(),
+        Ok(None) => error_response(Code::NotFound, "No such approval.", &rid),
+        Err(e) => store_unavailable(e, &rid),
+    }
+}
+
+async fn approve(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+    decide(gw, id, true, req).await
+}
+
+async fn deny(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+    decide(gw, id, false, req).await
+}
+
+/// `{"by": "...", "comment": "..."}`: `by` is required; the decision is audited.
+async fn decide(gw: Arc<Gateway>, id: String, approve: bool, req: Request) -> Response {
+    let rid = request_id(&req);
+    let a = match action(req).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let by = a.by.unwrap_or_default();
+    match gw
+        .decide_approval(&id, approve, &by, &a.comment.unwrap_or_default())
+        .await
+    {
+        Ok(Ok(approval)) => axum::Json(approval).into_response(),
+        Ok(Err(DecideError::NotFound)) => error_response(Code::NotFound, "No such approval.", &rid),
+        Ok(Err(DecideError::NotPending(status))) => error_response(
+            Code::Conflict,
+            format!(
+                "This approval is {}: only a pending approval can be decided.",
+                status.as_str()
+            ),
+            &rid,
+        ),
+        Err(e) => store_unavailable(e, &rid),
+    }
 }

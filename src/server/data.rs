@@ -1,15 +1,17 @@
-//! Data-plane routes: `POST /v1/tools/{tool}`. Reads the body within its limits and hands the
-//! call to the gateway; everything else answers a JSON 404 or 405.
+//! Data-plane routes: `POST /v1/tools/{tool}` (reads the body within its limits and hands the
+//! call to the gateway) and `GET /v1/approvals/{id}` (an agent polls its own approval);
+//! everything else answers a JSON 404 or 405.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::Path;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use http_body_util::{BodyExt, Limited};
 
 use super::{RequestId, error_response};
@@ -19,6 +21,7 @@ use crate::policy::{Code, Reason, Stage};
 pub fn routes(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/tools/{tool}", post(call_tool))
+        .route("/v1/approvals/{id}", get(approval_status))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(gateway)
@@ -43,7 +46,11 @@ async fn method_not_allowed(req: Request) -> Response {
         .get::<RequestId>()
         .map(|r| r.0.clone())
         .unwrap_or_default();
-    error_response(Code::MethodNotAllowed, "Tool calls use POST.", &id)
+    error_response(
+        Code::MethodNotAllowed,
+        "Tool calls use POST; approval status uses GET.",
+        &id,
+    )
 }
 
 async fn call_tool(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
@@ -65,6 +72,7 @@ async fn call_tool(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             tool,
             body,
             session: header("x-toolgate-session").map(|v| v.to_str().unwrap_or("\u{fffd}")),
+            approval: header("x-toolgate-approval").map(|v| v.to_str().unwrap_or("\u{fffd}")),
             traceparent: header("traceparent").filter(|v| is_traceparent(v)),
             tracestate: header("tracestate").filter(|v| v.len() <= 512),
         })
@@ -80,6 +88,44 @@ async fn call_tool(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         out.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     out.into_response()
+}
+
+/// The calling agent's own approval. Another agent's, or an unknown id, is the same 404.
+async fn approval_status(State(gw): State<Arc<Gateway>>, Path(approval): Path<String>, req: Request) -> Response {
+    let id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let agent = match gw.policy().auth.authenticate(authorization) {
+        Ok(agent) => agent,
+        Err(reason) => return error_response(reason.code, reason.message, &id),
+    };
+    let store = gw.approvals.clone();
+    let now = crate::state::unix_now();
+    let found = tokio::task::spawn_blocking(move || store.get(&approval, now))
+        .await
+        .expect("the approval store does not panic");
+    match found {
+        Ok(Some(a)) if *a.agent == *agent => axum::Json(serde_json::json!({
+            "approval_id": a.id, "status": a.status.as_str(), "tool": a.tool, "rule": a.rule,
+            "reason": a.reason, "group": a.group, "arguments_sha256": a.arguments_sha256,
+            "requested_at": crate::audit::format_unix(a.requested_at),
+            "expires_at": crate::audit::format_unix(a.expires_at),
+            "comment": a.comment,
+        }))
+        .into_response(),
+        Ok(_) => error_response(Code::NotFound, "No approval with this id exists for this agent.", &id),
+        Err(e) => {
+            tracing::error!(request_id = &*id, "approval store failed: {e}");
+            error_response(
+                Code::Unavailable,
+                "The approval store is unavailable. Try again later.",
+                &id,
+            )
+        }
+    }
 }
 
 async fn read_body(gw: &Gateway, headers: &axum::http::HeaderMap, body: Body) -> Result<bytes::Bytes, Reason> {

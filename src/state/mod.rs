@@ -15,6 +15,8 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
 
+use crate::policy::history::{History, PastCall};
+
 /// Why an agent is quarantined, and until when.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Quarantine {
@@ -74,8 +76,14 @@ pub struct MemoryState {
     budgets: RwLock<HashMap<String, Arc<Mutex<Budget>>>>,
     denials: Mutex<HashMap<(String, &'static str), VecDeque<Instant>>>,
     quarantines: RwLock<HashMap<String, Quarantine>>,
+    /// Recorded calls per agent, oldest first, for session-aware rules.
+    history: RwLock<HashMap<String, Arc<Mutex<VecDeque<PastCall>>>>>,
     clock: DefaultClock,
 }
+
+/// At most this many recorded calls per agent; the oldest go first. With a 1 h window that is
+/// over one call a second, sustained, to a tool some rule looks back at.
+pub const MAX_HISTORY_PER_AGENT: usize = 4096;
 
 impl MemoryState {
     fn limiter(&self, key: &str, per_minute: NonZeroU32) -> Arc<DefaultDirectRateLimiter> {
@@ -104,7 +112,7 @@ impl MemoryState {
     }
 }
 
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -123,6 +131,22 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl State {
+    /// Records a call that rules may look back at; drops what is older than `retention`.
+    pub fn record_call(&self, agent: &str, call: PastCall, retention: Duration) {
+        match self {
+            State::Memory(m) => {
+                let existing = read(&m.history).get(agent).cloned();
+                let list = existing.unwrap_or_else(|| write(&m.history).entry(agent.to_owned()).or_default().clone());
+                let mut list = list.lock().expect("history lock");
+                let horizon = call.at_ms.saturating_sub(retention.as_millis() as u64);
+                while list.front().is_some_and(|c| c.at_ms < horizon) || list.len() >= MAX_HISTORY_PER_AGENT {
+                    list.pop_front();
+                }
+                list.push_back(call);
+            }
+        }
+    }
+
     /// Takes one call from the `key`'s per-minute allowance, or says how long to wait.
     pub fn take_rate(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Duration> {
         match self {
@@ -275,6 +299,23 @@ impl State {
                         None
                     }
                     other => other,
+                }
+            }
+        }
+    }
+}
+
+impl History for State {
+    fn visit(&self, agent: &str, since_ms: u64, visit: &mut dyn FnMut(&PastCall)) {
+        match self {
+            State::Memory(m) => {
+                let Some(list) = read(&m.history).get(agent).cloned() else {
+                    return;
+                };
+                let list = list.lock().expect("history lock");
+                // Newest last: walk back until the window starts.
+                for call in list.iter().rev().take_while(|c| c.at_ms >= since_ms) {
+                    visit(call);
                 }
             }
         }

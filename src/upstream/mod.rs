@@ -165,7 +165,9 @@ fn form_urlencoded_pairs(args: &Map<String, Value>) -> String {
     use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
     const QUERY: &percent_encoding::AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
     let mut out = String::new();
-    for (k, v) in args {
+    let mut pairs: Vec<(&String, &Value)> = args.iter().collect();
+    pairs.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    for (k, v) in pairs {
         if !out.is_empty() {
             out.push('&');
         }

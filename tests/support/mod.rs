@@ -172,17 +172,26 @@ impl Harness {
             "limits: { max_body_bytes: 4096, max_json_depth: 8, upstream_timeout_ms: 2000, max_response_bytes: 65536 }\n".to_owned()
         };
         let config_text = format!(
-            "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0, token_env: TOOLGATE_TEST_UNSET_TOKEN, token_file: {} }}\npolicies: {}\naudit: {{ file: {} }}\n{limits}{extra_config}",
+            "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0, token_env: TOOLGATE_TEST_UNSET_TOKEN, token_file: {} }}\npolicies: {}\naudit: {{ file: {} }}\n{limits}{approvals}{extra_config}",
             token_file.display(),
             policy_dir.display(),
-            audit_path.display()
+            audit_path.display(),
+            approvals = if extra_config.contains("approvals:") {
+                String::new()
+            } else {
+                format!(
+                    "approvals: {{ store: {} }}\n",
+                    dir.path().join("approvals.redb").display()
+                )
+            },
         );
         let config_path = dir.path().join("toolgate.yaml");
         std::fs::write(&config_path, &config_text).unwrap();
         let config = ServerConfig::load(&config_path).unwrap();
         let policy = Policy::load(&policy_dir).unwrap();
         let audit = AuditLog::open(&config.audit).unwrap();
-        let gateway = Arc::new(Gateway::new(config, policy, Some(policy_dir.clone()), audit));
+        let approvals = toolgate::approval::Approvals::open_configured(&config.approvals).unwrap();
+        let gateway = Arc::new(Gateway::new(config, policy, Some(policy_dir.clone()), audit, approvals));
         let running = server::start(gateway).await.unwrap();
         Self {
             data: format!("http://{}", running.data_addr),

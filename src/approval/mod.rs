@@ -1,0 +1,454 @@
+//! Human approval: calls held by an `@approval` rule, persisted in an embedded store (redb) so a
+//! restart between request and decision loses nothing.
+//!
+//! An approval is bound to the agent, the tool and the SHA-256 of the call's canonical
+//! arguments. It is used at most once: the check and the `used` mark happen in one write
+//! transaction, so two concurrent re-sends cannot both pass. It expires `ttl` after it was
+//! requested, whether pending or approved. Records are kept for a week after they stop
+//! mattering, for the admin list, then pruned.
+
+use std::path::Path;
+use std::time::Duration;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// id → approval (JSON).
+const APPROVALS: TableDefinition<&str, &[u8]> = TableDefinition::new("approvals");
+/// `agent \0 tool \0 arguments_sha256` → id of the pending approval for that exact call.
+const PENDING: TableDefinition<&str, &str> = TableDefinition::new("pending");
+
+/// Decided, used or expired approvals are pruned this long after they stopped mattering.
+const KEEP_FOR_SECS: u64 = 7 * 24 * 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("the approval store at {path}: {source}")]
+    Open { path: String, source: redb::DatabaseError },
+    #[error("the approval store failed: {0}")]
+    Store(String),
+}
+
+macro_rules! store_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for ApprovalError {
+            fn from(e: $t) -> Self {
+                ApprovalError::Store(e.to_string())
+            }
+        }
+    )*};
+}
+store_err!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    serde_json::Error
+);
+
+/// Where an approval stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Pending,
+    Approved,
+    Denied,
+    /// Approved, and the call it approved has passed.
+    Used,
+    /// Pending or approved past its expiry (derived when read, never stored).
+    Expired,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Approved => "approved",
+            Status::Denied => "denied",
+            Status::Used => "used",
+            Status::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Some(match s {
+            "pending" => Status::Pending,
+            "approved" => Status::Approved,
+            "denied" => Status::Denied,
+            "used" => Status::Used,
+            "expired" => Status::Expired,
+            _ => return None,
+        })
+    }
+}
+
+/// One approval request and its fate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Approval {
+    pub id: String,
+    pub status: Status,
+    pub agent: String,
+    pub tool: String,
+    /// The rule that held the call, and the group asked to approve it.
+    pub rule: String,
+    pub group: String,
+    pub reason: String,
+    /// The call's arguments with every detector's redaction applied (for the approver to read).
+    pub arguments: Option<Value>,
+    pub arguments_sha256: String,
+    pub request_id: String,
+    pub session: Option<String>,
+    /// Unix seconds.
+    pub requested_at: u64,
+    pub expires_at: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used_by_request: Option<String>,
+}
+
+impl Approval {
+    /// The status as of `now` (pending or approved past expiry reads as expired).
+    fn settle(mut self, now: u64) -> Self {
+        if matches!(self.status, Status::Pending | Status::Approved) && now >= self.expires_at {
+            self.status = Status::Expired;
+        }
+        self
+    }
+}
+
+/// What a new hold looks like, before it has an id.
+#[derive(Debug, Clone)]
+pub struct Hold<'a> {
+    pub agent: &'a str,
+    pub tool: &'a str,
+    pub rule: &'a str,
+    pub group: &'a str,
+    pub reason: &'a str,
+    pub arguments: Option<Value>,
+    pub arguments_sha256: &'a str,
+    pub request_id: &'a str,
+    pub session: Option<&'a str>,
+}
+
+/// Why an approval could not be decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecideError {
+    NotFound,
+    /// Not pending any more: already decided, used or expired.
+    NotPending(Status),
+}
+
+/// Why a presented approval does not let a call through. The message is safe for the agent.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refused(pub &'static str);
+
+/// The approval store.
+pub struct Approvals {
+    db: Database,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for Approvals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Approvals").field("ttl", &self.ttl).finish()
+    }
+}
+
+fn pending_key(agent: &str, tool: &str, sha: &str) -> String {
+    format!("{agent}\0{tool}\0{sha}")
+}
+
+impl Approvals {
+    /// The store the config names (`approvals.store`, `approvals.ttl_seconds`).
+    pub fn open_configured(c: &crate::config::ApprovalsConfig) -> Result<Approvals, ApprovalError> {
+        Self::open(&c.store, Duration::from_secs(c.ttl_seconds))
+    }
+
+    /// Opens (or creates) the store; prunes records that no longer matter.
+    pub fn open(path: &Path, ttl: Duration) -> Result<Approvals, ApprovalError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let db = Database::create(path).map_err(|source| ApprovalError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let store = Approvals { db, ttl };
+        store.prune(crate::state::unix_now())?;
+        Ok(store)
+    }
+
+    /// Holds a call for approval. The same agent, tool and arguments while a request is still
+    /// pending get that request back (`false`: not new), so a retrying agent does not flood
+    /// the approvers.
+    pub fn request(&self, hold: Hold<'_>, now: u64) -> Result<(Approval, bool), ApprovalError> {
+        let key = pending_key(hold.agent, hold.tool, hold.arguments_sha256);
+        let txn = self.db.begin_write()?;
+        let result = {
+            let mut approvals = txn.open_table(APPROVALS)?;
+            let mut pending = txn.open_table(PENDING)?;
+            let existing = pending.get(key.as_str())?.map(|id| id.value().to_owned());
+            let live = match existing {
+                Some(id) => match approvals.get(id.as_str())? {
+                    Some(bytes) => {
+                        let a: Approval = serde_json::from_slice(bytes.value())?;
+                        let a = a.settle(now);
+                        (a.status == Status::Pending).then_some(a)
+                    }
+                    None => None,
+                },
+                None => None,
+            };
+            match live {
+                Some(a) => (a, false),
+                None => {
+                    let a = Approval {
+                        id: format!("apr_{}", uuid::Uuid::new_v4().simple()),
+                        status: Status::Pending,
+                        agent: hold.agent.to_owned(),
+                        tool: hold.tool.to_owned(),
+                        rule: hold.rule.to_owned(),
+                        group: hold.group.to_owned(),
+                        reason: hold.reason.to_owned(),
+                        arguments: hold.arguments,
+                        arguments_sha256: hold.arguments_sha256.to_owned(),
+                        request_id: hold.request_id.to_owned(),
+                        session: hold.session.map(str::to_owned),
+                        requested_at: now,
+                        expires_at: now + self.ttl.as_secs(),
+                        decided_by: None,
+                        decided_at: None,
+                        comment: None,
+                        used_at: None,
+                        used_by_request: None,
+                    };
+                    approvals.insert(a.id.as_str(), serde_json::to_vec(&a)?.as_slice())?;
+                    pending.insert(key.as_str(), a.id.as_str())?;
+                    (a, true)
+                }
+            }
+        };
+        if result.1 {
+            txn.commit()?;
+        } else {
+            txn.abort().map_err(|e| ApprovalError::Store(e.to_string()))?;
+        }
+        Ok(result)
+    }
+
+    pub fn get(&self, id: &str, now: u64) -> Result<Option<Approval>, ApprovalError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(APPROVALS)?;
+        let Some(bytes) = table.get(id)? else { return Ok(None) };
+        let a: Approval = serde_json::from_slice(bytes.value())?;
+        Ok(Some(a.settle(now)))
+    }
+
+    /// Every approval (optionally of one status), newest first.
+    pub fn list(&self, status: Option<Status>, now: u64) -> Result<Vec<Approval>, ApprovalError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(APPROVALS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (_, bytes) = entry?;
+            let a: Approval = serde_json::from_slice(bytes.value())?;
+            let a = a.settle(now);
+            if status.is_none_or(|s| s == a.status) {
+                out.push(a);
+            }
+        }
+        out.sort_by(|a, b| b.requested_at.cmp(&a.requested_at).then_with(|| a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Approves or denies a pending approval.
+    pub fn decide(
+        &self,
+        id: &str,
+        approve: bool,
+        by: &str,
+        comment: &str,
+        now: u64,
+    ) -> Result<Result<Approval, DecideError>, ApprovalError> {
+        self.update(id, now, |a| {
+            if a.status != Status::Pending {
+                return Err(DecideError::NotPending(a.status));
+            }
+            a.status = if approve { Status::Approved } else { Status::Denied };
+            a.decided_by = Some(by.to_owned());
+            a.decided_at = Some(now);
+            a.comment = (!comment.is_empty()).then(|| comment.to_owned());
+            Ok(())
+        })
+        .map(|r| r.map_err(|e| e.unwrap_or(DecideError::NotFound)))
+    }
+
+    /// Lets the exact approved call through once: checks the binding and marks the approval
+    /// used in one transaction.
+    pub fn consume(
+        &self,
+        id: &str,
+        agent: &str,
+        tool: &str,
+        arguments_sha256: &str,
+        request_id: &str,
+        now: u64,
+    ) -> Result<Result<Approval, Refused>, ApprovalError> {
+        let outcome = self.update(id, now, |a| {
+            // The same answer for "not yours" as for "no such approval": no enumeration.
+            if a.agent != agent {
+                return Err(Refused("no approval with this id exists for this agent"));
+            }
+            if a.tool != tool || a.arguments_sha256 != arguments_sha256 {
+                return Err(Refused(
+                    "the approval is for another call: the tool and the arguments must be exactly those approved",
+                ));
+            }
+            match a.status {
+                Status::Approved => {
+                    a.status = Status::Used;
+                    a.used_at = Some(now);
+                    a.used_by_request = Some(request_id.to_owned());
+                    Ok(())
+                }
+                Status::Pending => Err(Refused("the approval is still pending: no one has approved it yet")),
+                Status::Denied => Err(Refused("the approval was denied")),
+                Status::Used => Err(Refused(
+                    "the approval was already used: each approval lets one call through",
+                )),
+                Status::Expired => Err(Refused("the approval has expired")),
+            }
+        })?;
+        Ok(outcome.map_err(|e| e.unwrap_or(Refused("no approval with this id exists for this agent"))))
+    }
+
+    /// Reads, changes and writes one approval in a write transaction. `Err(None)`: not found.
+    fn update<E>(
+        &self,
+        id: &str,
+        now: u64,
+        change: impl FnOnce(&mut Approval) -> Result<(), E>,
+    ) -> Result<Result<Approval, Option<E>>, ApprovalError> {
+        let txn = self.db.begin_write()?;
+        let outcome = {
+            let mut approvals = txn.open_table(APPROVALS)?;
+            let current = match approvals.get(id)? {
+                Some(bytes) => Some(serde_json::from_slice::<Approval>(bytes.value())?),
+                None => None,
+            };
+            match current {
+                None => Err(None),
+                Some(a) => {
+                    let mut a = a.settle(now);
+                    match change(&mut a) {
+                        Err(e) => Err(Some(e)),
+                        Ok(()) => {
+                            approvals.insert(id, serde_json::to_vec(&a)?.as_slice())?;
+                            if a.status != Status::Pending {
+                                let mut pending = txn.open_table(PENDING)?;
+                                pending.remove(pending_key(&a.agent, &a.tool, &a.arguments_sha256).as_str())?;
+                            }
+                            Ok(a)
+                        }
+                    }
+                }
+            }
+        };
+        if outcome.is_ok() {
+            txn.commit()?;
+        } else {
+            txn.abort().map_err(|e| ApprovalError::Store(e.to_string()))?;
+        }
+        Ok(outcome)
+    }
+
+    fn prune(&self, now: u64) -> Result<(), ApprovalError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut approvals = txn.open_table(APPROVALS)?;
+            let mut pending = txn.open_table(PENDING)?;
+            let mut stale = Vec::new();
+            for entry in approvals.iter()? {
+                let (id, bytes) = entry?;
+                let a: Approval = serde_json::from_slice(bytes.value())?;
+                let settled_at = a.used_at.or(a.decided_at).unwrap_or(a.expires_at).max(a.expires_at);
+                if now > settled_at + KEEP_FOR_SECS {
+                    stale.push((
+                        id.value().to_owned(),
+                        pending_key(&a.agent, &a.tool, &a.arguments_sha256),
+                    ));
+                }
+            }
+            for (id, key) in stale {
+                approvals.remove(id.as_str())?;
+                pending.remove(key.as_str())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hold<'a>(agent: &'a str, sha: &'a str) -> Hold<'a> {
+        Hold {
+            agent,
+            tool: "billing.refund",
+            rule: "r",
+            group: "g",
+            reason: "why",
+            arguments: None,
+            arguments_sha256: sha,
+            request_id: "req",
+            session: None,
+        }
+    }
+
+    #[test]
+    fn one_pending_request_per_exact_call_and_single_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Approvals::open(&dir.path().join("a.redb"), Duration::from_secs(60)).unwrap();
+        let (a, new) = store.request(hold("bot", "h1"), 1000).unwrap();
+        assert!(new);
+        let (again, new) = store.request(hold("bot", "h1"), 1001).unwrap();
+        assert!(!new);
+        assert_eq!(again.id, a.id);
+        let (other, new) = store.request(hold("bot", "h2"), 1001).unwrap();
+        assert!(new);
+        assert_ne!(other.id, a.id);
+
+        let consume = |sha, agent, now| store.consume(&a.id, agent, "billing.refund", sha, "r2", now).unwrap();
+        assert_eq!(
+            consume("h1", "bot", 1002).unwrap_err().0,
+            "the approval is still pending: no one has approved it yet"
+        );
+        store.decide(&a.id, true, "lead", "ok", 1003).unwrap().unwrap();
+        assert_eq!(
+            store.decide(&a.id, false, "lead", "", 1003).unwrap().unwrap_err(),
+            DecideError::NotPending(Status::Approved)
+        );
+        assert!(consume("h2", "bot", 1004).is_err(), "other arguments");
+        assert!(consume("h1", "intruder", 1004).is_err(), "other agent");
+        assert_eq!(consume("h1", "bot", 1004).unwrap().status, Status::Used);
+        assert!(consume("h1", "bot", 1005).is_err(), "second use");
+        // Expiry: the second request, approved, then read after its ttl.
+        store.decide(&other.id, true, "lead", "", 1006).unwrap().unwrap();
+        let expired = store
+            .consume(&other.id, "bot", "billing.refund", "h2", "r3", 1001 + 60)
+            .unwrap();
+        assert_eq!(expired.unwrap_err().0, "the approval has expired");
+        assert_eq!(store.get(&other.id, 2000).unwrap().unwrap().status, Status::Expired);
+        assert_eq!(store.list(Some(Status::Used), 2000).unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,523 @@
+//! Business rules: Cedar `forbid`s over the call, compiled once per policy load.
+//!
+//! The allowlist is the permit; rules only take away. Each tool gets its own policy set (an
+//! internal `permit` plus the forbids whose action scope can match it), so a call only pays for
+//! the rules that could apply to it, and a tool without rules skips Cedar entirely.
+//!
+//! Cedar skips a policy whose evaluation errors; for a `forbid` that would let the call through.
+//! Here any evaluation error denies (fail closed), and load-time validation against a schema
+//! generated from the tools' argument schemas catches most such rules before they ship.
+//!
+//! Annotations: `@id` (required, unique: named in errors and audit events), `@reason` (the
+//! message the agent sees), `@approval("group")` (the forbid holds the call for approval instead
+//! of denying it), `@mode("shadow")` (evaluated and audited as `would_deny`, never enforced).
+
+pub mod schema;
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cedar_policy::{
+    ActionConstraint, AuthorizationError, Authorizer, Context, Decision as CedarDecision, Effect, Entities, Entity,
+    EntityUid, Policy, PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use miette::Diagnostic;
+use serde_json::{Map, Value, json};
+
+use super::history::{self, Fact, FactResult, FactValue, History};
+use super::{Agent, Code, Reason, Stage, tool::Tool};
+use crate::config::Problem;
+use schema::ArgType;
+
+/// What a rule says about itself.
+#[derive(Debug, Clone)]
+pub struct RuleMeta {
+    pub id: String,
+    pub reason: Option<String>,
+    pub approval: Option<String>,
+    pub shadow: bool,
+    pub file: String,
+}
+
+/// The rules that can apply to one tool.
+struct ToolRules {
+    action: EntityUid,
+    resource: EntityUid,
+    input: ArgType,
+    facts: Vec<Fact>,
+    enforced: PolicySet,
+    shadow: Option<PolicySet>,
+}
+
+/// Every rule file, compiled.
+pub struct Rules {
+    tools: HashMap<String, ToolRules>,
+    agents: HashMap<String, EntityUid>,
+    entities: Entities,
+    meta: HashMap<String, RuleMeta>,
+    authorizer: Authorizer,
+}
+
+impl std::fmt::Debug for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rules").field("rules", &self.meta.len()).finish()
+    }
+}
+
+/// The rules' verdict on one call.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// `rule_denied`, or `approval_required` when every forbid that matched asks for approval.
+    pub blocked: Option<Reason>,
+    /// The approver group, when `blocked` is `approval_required`.
+    pub approval: Option<String>,
+    /// Shadow rules that would have denied.
+    pub would_deny: Vec<String>,
+}
+
+const PERMIT_ID: &str = "toolgate:allowlist-permit";
+
+impl Rules {
+    pub fn empty() -> Rules {
+        Rules {
+            tools: HashMap::new(),
+            agents: HashMap::new(),
+            entities: Entities::empty(),
+            meta: HashMap::new(),
+            authorizer: Authorizer::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.meta.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+    }
+
+    /// The rules in force, for `/admin/policy` and `explain`.
+    pub fn list(&self) -> impl Iterator<Item = &RuleMeta> {
+        self.meta.values()
+    }
+
+    /// Whether calls to `tool` consult rules at all.
+    pub fn applies_to(&self, tool: &str) -> bool {
+        self.tools.contains_key(tool)
+    }
+
+    /// Compiles rule files `(name, text)` against the compiled tools and agents. Every problem is
+    /// located at `FILE:LINE:COL`.
+    pub fn compile(
+        sources: &[(String, String)],
+        tools: &BTreeMap<String, Tool>,
+        agents: &HashMap<String, Agent>,
+        problems: &mut Vec<Problem>,
+    ) -> Rules {
+        let before = problems.len();
+        let inputs: BTreeMap<&str, ArgType> = tools
+            .iter()
+            .map(|(name, t)| (name.as_str(), ArgType::of_arguments(t.schema_source.as_ref())))
+            .collect();
+        let schema = match Schema::from_json_value(cedar_schema(tools, &inputs)) {
+            Ok(s) => s,
+            Err(e) => {
+                // Generated from validated tools; a failure is a bug, reported where it can be seen.
+                let file = sources.first().map_or("policies", |(n, _)| n.as_str());
+                problems.push(problem(file, "", 0, format!("cannot build the rule schema: {e}")));
+                return Rules::empty();
+            }
+        };
+
+        let mut all = PolicySet::new();
+        let mut meta: HashMap<String, RuleMeta> = HashMap::new();
+        let mut located: HashMap<String, (String, usize)> = HashMap::new();
+        for (file, text) in sources {
+            let set = match PolicySet::from_str(text) {
+                Ok(set) => set,
+                Err(errs) => {
+                    for e in errs.iter() {
+                        problems.push(problem(file, text, first_offset(e), e.to_string()));
+                    }
+                    continue;
+                }
+            };
+            if set.templates().next().is_some() {
+                problems.push(problem(
+                    file,
+                    text,
+                    0,
+                    "templates (`?principal`, `?resource`) are not supported in rule files",
+                ));
+            }
+            let mut search_from = 0;
+            let mut ordered: Vec<&Policy> = set.policies().collect();
+            ordered.sort_by_key(|p| {
+                p.id()
+                    .to_string()
+                    .trim_start_matches("policy")
+                    .parse::<usize>()
+                    .unwrap_or(0)
+            });
+            for p in ordered {
+                let src = p.to_string();
+                let at = text[search_from..]
+                    .find(src.as_str())
+                    .map_or(search_from, |i| search_from + i);
+                search_from = at + src.len().min(text.len() - at);
+                let mut here = |msg: String| problems.push(problem(file, text, at, msg));
+                if p.effect() == Effect::Permit {
+                    here("rules may only `forbid`: the agents' allowlists are the permits".to_owned());
+                    continue;
+                }
+                let Some(id) = p.annotation("id").filter(|id| !id.trim().is_empty()) else {
+                    here("every rule needs an `@id(\"…\")`: it names the rule in errors and audit events".to_owned());
+                    continue;
+                };
+                if let Some((prev_file, prev_at)) = located.get(id) {
+                    let prev_text = sources
+                        .iter()
+                        .find(|(n, _)| n == prev_file)
+                        .map_or("", |(_, t)| t.as_str());
+                    let (line, col) = line_col(prev_text, *prev_at);
+                    here(format!("rule id `{id}` is already used at {prev_file}:{line}:{col}"));
+                    continue;
+                }
+                let shadow = match p.annotation("mode") {
+                    None | Some("enforce") => false,
+                    Some("shadow") => true,
+                    Some(other) => {
+                        here(format!("@mode must be \"enforce\" or \"shadow\", not \"{other}\""));
+                        continue;
+                    }
+                };
+                let approval = p.annotation("approval").map(str::to_owned);
+                if approval.as_deref().is_some_and(|g| g.trim().is_empty()) {
+                    here("@approval needs the approver group, e.g. @approval(\"billing-leads\")".to_owned());
+                    continue;
+                }
+                for (key, _) in p.annotations() {
+                    if !matches!(key, "id" | "reason" | "approval" | "mode") {
+                        here(format!(
+                            "unknown annotation `@{key}` (known: @id, @reason, @approval, @mode)"
+                        ));
+                    }
+                }
+                located.insert(id.to_owned(), (file.clone(), at));
+                meta.insert(
+                    id.to_owned(),
+                    RuleMeta {
+                        id: id.to_owned(),
+                        reason: p.annotation("reason").map(str::to_owned),
+                        approval,
+                        shadow,
+                        file: file.clone(),
+                    },
+                );
+                let renamed = p.new_id(PolicyId::new(id));
+                all.add(renamed).expect("ids are unique");
+            }
+        }
+
+        let validation = Validator::new(schema.clone()).validate(&all, ValidationMode::Strict);
+        for e in validation.validation_errors() {
+            let id = e.policy_id().to_string();
+            let (file, offset) = located.get(&id).cloned().unwrap_or_default();
+            let text = sources.iter().find(|(n, _)| *n == file).map_or("", |(_, t)| t.as_str());
+            let offset = first_offset(e).max(offset).min(text.len());
+            let mut msg = e.to_string();
+            if let Some(help) = e.help() {
+                msg.push_str(&format!(" ({help})"));
+            }
+            problems.push(problem(&file, text, offset, msg));
+        }
+
+        let mut agent_uids = HashMap::new();
+        let mut entities = Vec::new();
+        for (id, agent) in agents {
+            let uid = uid("Agent", id);
+            let tags = agent
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), RestrictedExpression::new_string(v.clone())));
+            match Entity::new_with_tags(uid.clone(), [], [], tags) {
+                Ok(e) => entities.push(e),
+                Err(e) => problems.push(problem("policies", "", 0, format!("agent `{id}`: {e}"))),
+            }
+            agent_uids.insert(id.clone(), uid);
+        }
+        for name in tools.keys() {
+            entities.push(Entity::new_no_attrs(uid("Tool", name), Default::default()));
+        }
+        let entities = match Entities::from_entities(entities, Some(&schema)) {
+            Ok(e) => e,
+            Err(e) => {
+                problems.push(problem("policies", "", 0, format!("cannot build rule entities: {e}")));
+                Entities::empty()
+            }
+        };
+        if problems.len() != before {
+            return Rules::empty();
+        }
+
+        let permit = Policy::parse(Some(PolicyId::new(PERMIT_ID)), "permit(principal, action, resource);")
+            .expect("the internal permit parses");
+        let mut per_tool = HashMap::new();
+        for (name, tool) in tools {
+            let action = uid("Action", name);
+            let applicable: Vec<&Policy> = all
+                .policies()
+                .filter(|p| match p.action_constraint() {
+                    ActionConstraint::Any => true,
+                    ActionConstraint::Eq(a) => a == action,
+                    ActionConstraint::In(list) => list.contains(&action),
+                })
+                .collect();
+            if applicable.is_empty() {
+                continue;
+            }
+            let mut enforced = PolicySet::new();
+            let mut shadow = PolicySet::new();
+            enforced.add(permit.clone()).expect("unique");
+            shadow.add(permit.clone()).expect("unique");
+            let mut any_shadow = false;
+            for p in applicable {
+                if meta[p.id().as_ref() as &str].shadow {
+                    any_shadow = true;
+                    shadow.add(p.clone()).expect("unique");
+                } else {
+                    enforced.add(p.clone()).expect("unique");
+                }
+            }
+            per_tool.insert(
+                name.clone(),
+                ToolRules {
+                    action,
+                    resource: uid("Tool", name),
+                    input: inputs[name.as_str()].clone(),
+                    facts: tool.facts.clone(),
+                    enforced,
+                    shadow: any_shadow.then_some(shadow),
+                },
+            );
+        }
+        Rules {
+            tools: per_tool,
+            agents: agent_uids,
+            entities,
+            meta,
+            authorizer: Authorizer::new(),
+        }
+    }
+
+    /// The rules' verdict on a call whose arguments passed every static check. `Err` is a safe
+    /// message for `invalid_arguments` (a number rules cannot compare exactly).
+    pub fn evaluate(
+        &self,
+        agent: &str,
+        tool: &str,
+        session: Option<&str>,
+        now: SystemTime,
+        args: &Map<String, Value>,
+        history: &dyn History,
+    ) -> Result<Verdict, String> {
+        let Some(t) = self.tools.get(tool) else {
+            return Ok(Verdict::default());
+        };
+        let Some(principal) = self.agents.get(agent) else {
+            return Ok(Verdict::default());
+        };
+        let input = t.input.to_expr(&Value::Object(args.clone()), "")?;
+        let now_ms = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let secs = (now_ms / 1000) as i64;
+        let time = RestrictedExpression::new_record([
+            ("unix".to_owned(), RestrictedExpression::new_long(secs)),
+            (
+                "hour".to_owned(),
+                RestrictedExpression::new_long(secs.rem_euclid(86_400) / 3600),
+            ),
+            // 1970-01-01 was a Thursday; ISO weekday, Monday = 1.
+            (
+                "weekday".to_owned(),
+                RestrictedExpression::new_long((secs.div_euclid(86_400) + 3).rem_euclid(7) + 1),
+            ),
+        ])
+        .expect("distinct keys");
+        let mut pairs = vec![
+            ("input".to_owned(), input),
+            (
+                "session".to_owned(),
+                RestrictedExpression::new_string(session.unwrap_or("").to_owned()),
+            ),
+            ("time".to_owned(), time),
+        ];
+        if !t.facts.is_empty() {
+            let results = history::compute(&t.facts, history, agent, session, now_ms, args);
+            let fields = t.facts.iter().zip(results).map(|(f, r)| {
+                let v = match r {
+                    FactResult::Exists(b) => RestrictedExpression::new_bool(b),
+                    FactResult::Count(n) => RestrictedExpression::new_long(n),
+                };
+                (f.name.clone(), v)
+            });
+            pairs.push((
+                "history".to_owned(),
+                RestrictedExpression::new_record(fields).expect("fact names are unique"),
+            ));
+        }
+        let context = Context::from_pairs(pairs).map_err(|_| "the arguments cannot be compared by rules".to_owned())?;
+        let request = Request::new(principal.clone(), t.action.clone(), t.resource.clone(), context, None)
+            .map_err(|_| "the arguments cannot be compared by rules".to_owned())?;
+
+        let mut verdict = Verdict::default();
+        if let Some(shadow) = &t.shadow {
+            let r = self.authorizer.is_authorized(&request, shadow, &self.entities);
+            let fired = r
+                .diagnostics()
+                .reason()
+                .chain(r.diagnostics().errors().map(failed_policy));
+            verdict.would_deny = fired.map(ToString::to_string).filter(|id| id != PERMIT_ID).collect();
+            verdict.would_deny.sort();
+            verdict.would_deny.dedup();
+        }
+        let r = self.authorizer.is_authorized(&request, &t.enforced, &self.entities);
+        let mut errored: Vec<&str> = r.diagnostics().errors().map(|e| failed_policy(e).as_ref()).collect();
+        errored.sort_unstable();
+        if let Some(id) = errored.first() {
+            let m = &self.meta[*id];
+            verdict.blocked = Some(Reason::new(
+                Code::RuleDenied,
+                Stage::Rules,
+                m.id.clone(),
+                format!(
+                    "Rule '{}' could not be evaluated for this call, so the call was denied.",
+                    m.id
+                ),
+            ));
+            return Ok(verdict);
+        }
+        if r.decision() == CedarDecision::Allow {
+            return Ok(verdict);
+        }
+        let mut fired: Vec<&RuleMeta> = r
+            .diagnostics()
+            .reason()
+            .filter_map(|id| self.meta.get(id.as_ref() as &str))
+            .collect();
+        // A hard forbid outranks any approval; among equals, the first id decides (stable).
+        fired.sort_by(|a, b| (a.approval.is_some(), &a.id).cmp(&(b.approval.is_some(), &b.id)));
+        let Some(m) = fired.first() else {
+            // Deny without a reason cannot happen with the internal permit; fail closed anyway.
+            verdict.blocked = Some(Reason::new(
+                Code::RuleDenied,
+                Stage::Rules,
+                "rules",
+                "The rules deny this call.",
+            ));
+            return Ok(verdict);
+        };
+        verdict.blocked = Some(match &m.approval {
+            Some(group) => {
+                verdict.approval = Some(group.clone());
+                Reason::new(
+                    Code::ApprovalRequired,
+                    Stage::Rules,
+                    m.id.clone(),
+                    m.reason
+                        .clone()
+                        .unwrap_or_else(|| format!("This call needs approval from '{group}'.")),
+                )
+            }
+            None => Reason::new(
+                Code::RuleDenied,
+                Stage::Rules,
+                m.id.clone(),
+                m.reason
+                    .clone()
+                    .unwrap_or_else(|| format!("Rule '{}' forbids this call.", m.id)),
+            ),
+        });
+        Ok(verdict)
+    }
+}
+
+fn failed_policy(e: &AuthorizationError) -> &PolicyId {
+    match e {
+        AuthorizationError::PolicyEvaluationError(e) => e.policy_id(),
+    }
+}
+
+fn uid(kind: &str, id: &str) -> EntityUid {
+    EntityUid::from_type_name_and_id(kind.parse().expect("a valid type name"), id.parse().expect("any id"))
+}
+
+/// Cedar's JSON schema: `Agent` (string tags from `attributes`), `Tool`, and one action per
+/// tool whose context is `{input, session, time, history?}`.
+fn cedar_schema(tools: &BTreeMap<String, Tool>, inputs: &BTreeMap<&str, ArgType>) -> Value {
+    let time = json!({"type": "Record", "attributes": {
+        "unix": {"type": "Long"}, "hour": {"type": "Long"}, "weekday": {"type": "Long"}}});
+    let actions: Map<String, Value> = tools
+        .iter()
+        .map(|(name, tool)| {
+            let mut attrs = json!({
+                "input": inputs[name.as_str()].to_cedar(),
+                "session": {"type": "String"},
+                "time": time,
+            });
+            if !tool.facts.is_empty() {
+                let facts: Map<String, Value> = tool
+                    .facts
+                    .iter()
+                    .map(|f| {
+                        let t = match f.value {
+                            FactValue::Exists => "Boolean",
+                            FactValue::Count => "Long",
+                        };
+                        (f.name.clone(), json!({"type": t}))
+                    })
+                    .collect();
+                attrs["history"] = json!({"type": "Record", "attributes": facts});
+            }
+            let applies = json!({"principalTypes": ["Agent"], "resourceTypes": ["Tool"],
+                "context": {"type": "Record", "attributes": attrs}});
+            (name.clone(), json!({"appliesTo": applies}))
+        })
+        .collect();
+    json!({"": {
+        "entityTypes": {
+            "Agent": {"shape": {"type": "Record", "attributes": {}}, "tags": {"type": "String"}},
+            "Tool": {"shape": {"type": "Record", "attributes": {}}}
+        },
+        "actions": actions
+    }})
+}
+
+fn first_offset(d: &dyn Diagnostic) -> usize {
+    d.labels().and_then(|mut l| l.next()).map_or(0, |l| l.offset())
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.chars().count(), |i| before[i + 1..].chars().count())
+        + 1;
+    (line, col)
+}
+
+fn problem(file: &str, text: &str, offset: usize, message: impl Into<String>) -> Problem {
+    let (line, col) = line_col(text, offset);
+    Problem {
+        file: file.to_owned(),
+        line,
+        col,
+        path: String::new(),
+        message: message.into(),
+    }
+}
