@@ -17,6 +17,7 @@
 
 pub mod approval;
 pub mod audit;
+pub mod cases;
 pub mod config;
 pub mod demo;
 pub mod gateway;

@@ -66,6 +66,14 @@ enum Command {
         #[arg(short, long, env = "TOOLGATE_CONFIG", default_value = "config/toolgate.yaml")]
         config: PathBuf,
     },
+    /// Run policy test cases (YAML: agent, tool, args, earlier calls → expected decision);
+    /// print `N passed, N failed`, exit 1 on any failure.
+    Test {
+        #[arg(short, long, env = "TOOLGATE_CONFIG", default_value = "config/toolgate.yaml")]
+        config: PathBuf,
+        /// Directory of case files (default: `tests/` inside the policy directory).
+        dir: Option<PathBuf>,
+    },
     /// Print the decision the proxy would take for a call, as JSON, without calling anything.
     Explain {
         #[arg(short, long, env = "TOOLGATE_CONFIG", default_value = "config/toolgate.yaml")]
@@ -96,6 +104,7 @@ fn main() -> ExitCode {
             once,
         } => demo(listen, admin_listen, tools_listen, once),
         Command::Check { config } => return check(&config),
+        Command::Test { config, dir } => return test(&config, dir),
         Command::Explain {
             config,
             agent,
@@ -219,6 +228,48 @@ fn check(config_path: &Path) -> ExitCode {
             eprintln!("{} error(s)", e.problems.len());
             ExitCode::FAILURE
         }
+    }
+}
+
+fn test(config_path: &Path, dir: Option<PathBuf>) -> ExitCode {
+    let (cfg, policy) = match load(config_path) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            for p in &e.problems {
+                println!("{p}");
+            }
+            eprintln!("the policy does not load: {} error(s)", e.problems.len());
+            return ExitCode::FAILURE;
+        }
+    };
+    let dir = dir.unwrap_or_else(|| cfg.policies.join("tests"));
+    let limits = toolgate::policy::ParseLimits {
+        max_json_depth: cfg.limits.max_json_depth,
+    };
+    let outcomes = toolgate::cases::case_files(&dir).and_then(|files| toolgate::cases::run(&policy, limits, &files));
+    let outcomes = match outcomes {
+        Ok(o) => o,
+        Err(e) => {
+            for p in &e.problems {
+                println!("{p}");
+            }
+            eprintln!("the test cases do not load: {} error(s)", e.problems.len());
+            return ExitCode::FAILURE;
+        }
+    };
+    let failed = outcomes.iter().filter(|o| !o.passed()).count();
+    for o in &outcomes {
+        let mark = if o.passed() { "PASS" } else { "FAIL" };
+        println!("{mark}  {}:{}  {}", o.file, o.line, o.name);
+        for f in &o.failures {
+            println!("      {f}");
+        }
+    }
+    println!("{} passed, {failed} failed", outcomes.len() - failed);
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -204,3 +204,158 @@ async fn audit_events_survive_kill_9_right_after_the_response() {
     }
     assert!(Path::new(&dir.path().join("audit.jsonl")).exists());
 }
+
+#[test]
+fn check_reports_rule_errors_with_file_line_and_column() {
+    let out = toolgate()
+        .args(["check", "-c", "tests/fixtures/broken-rules/toolgate.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = "tests/fixtures/broken-rules/policies";
+    let expected = [
+        format!(
+            "{dir}/rules.cedar:4:8: for policy `typo`, attribute `input.amout` in context for Action::\"pay.send\" not found"
+        ),
+        format!(
+            "{dir}/rules.cedar:8:8: for policy `decimal-compared-as-long`, unexpected type: expected Long but saw decimal"
+        ),
+        format!("{dir}/rules.cedar:10:1: rules may only `forbid`"),
+        format!("{dir}/rules.cedar:12:1: every rule needs an `@id"),
+        format!("{dir}/rules.cedar:15:30: for policy `unknown-tool`, unrecognized action"),
+        format!("{dir}/syntax.cedar:2:49: unexpected token `resource`"),
+    ];
+    let lines: Vec<&str> = stdout.lines().collect();
+    for want in &expected {
+        assert!(
+            lines.iter().any(|l| l.starts_with(want.as_str())),
+            "missing {want:?} in:\n{stdout}"
+        );
+    }
+    assert_eq!(lines.len(), expected.len(), "{stdout}");
+}
+
+#[test]
+fn policy_tests_pass_on_the_bundled_policies_and_fail_loudly() {
+    let out = toolgate().args(["test"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.trim_end().ends_with(" passed, 0 failed"), "{stdout}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+
+    // A case whose expectation is wrong: exit 1, the case named with what happened instead.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("wrong.yaml"),
+        "cases:\n  - name: a big refund passes straight through\n    agent: support-bot\n    tool: billing.refund\n    args: { order_id: O-1, amount: 500 }\n    history: [ { tool: fraud.check, args: { order_id: O-1 }, ago: 5m } ]\n    expect: { decision: allow }\n  - name: no credentials for an unknown agent\n    agent: nobody\n    tool: kb.search\n    args: { query: x }\n    expect: { decision: deny, code: unauthenticated }\n",
+    )
+    .unwrap();
+    let out = toolgate().arg("test").arg(dir.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("FAIL  "), "{stdout}");
+    assert!(
+        stdout.contains("wrong.yaml:2  a big refund passes straight through"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "expected decision allow, got approval_required (approval_required, rule refund-over-100-needs-approval"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("PASS  "), "{stdout}");
+    assert!(stdout.trim_end().ends_with("1 passed, 1 failed"), "{stdout}");
+
+    // A malformed case file is an error with its location, not a silent pass.
+    std::fs::write(dir.path().join("wrong.yaml"), "cases:\n  - name: x\n    agnt: a\n").unwrap();
+    let out = toolgate().arg("test").arg(dir.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout.contains("wrong.yaml:3:5: cases[0].agnt: unknown field `agnt`"),
+        "{stdout}"
+    );
+}
+
+/// Starts `toolgate serve` on a config; returns the child and its data and admin URLs.
+fn serve(cfg: &Path) -> (std::process::Child, String, String) {
+    let mut child = toolgate()
+        .arg("serve")
+        .arg("-c")
+        .arg(cfg)
+        .env("TOOLGATE_ADMIN_TOKEN", "restart-admin-token")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (mut data, mut admin) = (None, None);
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if let Some(addr) = line.strip_prefix("toolgate: data plane listening on ") {
+            data = Some(addr.to_owned());
+        }
+        if let Some(addr) = line.strip_prefix("toolgate: admin plane listening on ") {
+            admin = Some(addr.to_owned());
+            break;
+        }
+    }
+    (child, data.expect("data address"), admin.expect("admin address"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_survives_a_restart_between_request_and_decision() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    write_fixture_policies(&policies, &upstream.url);
+    std::fs::write(
+        policies.join("rules.cedar"),
+        "@id(\"big-refunds\")\n@approval(\"billing\")\nforbid (principal, action == Action::\"billing.refund\", resource) when { context.input.amount > 100 };\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("toolgate.yaml");
+    let d = dir.path().display();
+    std::fs::write(
+        &cfg,
+        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/approvals.redb }}\n"),
+    )
+    .unwrap();
+    let key = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
+    let refund = br#"{"order_id": "O-7", "amount": 900}"#.to_vec();
+
+    let (mut child, data, _) = serve(&cfg);
+    let r = send("POST", &format!("{data}/v1/tools/billing.refund"), &key, refund.clone()).await;
+    assert_eq!(r.status, 202);
+    let id = r.json()["approval_id"].as_str().unwrap().to_owned();
+    child.kill().unwrap(); // no graceful shutdown
+    child.wait().unwrap();
+
+    let (mut child, data, admin) = serve(&cfg);
+    let admin_auth = vec![
+        ("authorization", "Bearer restart-admin-token".to_owned()),
+        ("content-type", "application/json".to_owned()),
+    ];
+    let ok = send(
+        "POST",
+        &format!("{admin}/admin/approvals/{id}/approve"),
+        &admin_auth,
+        br#"{"by": "kim"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    let mut with_approval = key.clone();
+    with_approval.push(("x-toolgate-approval", id.clone()));
+    let r = send(
+        "POST",
+        &format!("{data}/v1/tools/billing.refund"),
+        &with_approval,
+        refund.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(upstream.count("/refunds/O-7"), 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -163,6 +163,8 @@ impl Harness {
                 .replace("{{FIXTURES}}", &fixture("").display().to_string());
             std::fs::write(policy_dir.join(name), text).unwrap();
         }
+        let extra_config = extra_config.replace("{{DIR}}", &dir.path().display().to_string());
+        let extra_config = extra_config.as_str();
         let audit_path = dir.path().join("audit.jsonl");
         let token_file = dir.path().join("admin-token");
         std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
@@ -215,6 +217,37 @@ impl Harness {
             &format!("{}/v1/tools/{tool}", self.data),
             &headers,
             body.as_bytes().to_vec(),
+        )
+        .await
+    }
+
+    /// `POST /v1/tools/{tool}` with an API key, a JSON body and extra headers.
+    pub async fn call_with(&self, tool: &str, key: &str, body: &str, extra: &[(&str, &str)]) -> Resp {
+        let mut headers = vec![
+            ("content-type", "application/json".to_owned()),
+            ("authorization", format!("Bearer {key}")),
+        ];
+        headers.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        send(
+            "POST",
+            &format!("{}/v1/tools/{tool}", self.data),
+            &headers,
+            body.as_bytes().to_vec(),
+        )
+        .await
+    }
+
+    /// An authed admin request with a JSON body.
+    pub async fn admin_json(&self, method: &str, path: &str, body: &Value) -> Resp {
+        let headers = vec![
+            ("authorization", format!("Bearer {ADMIN_TOKEN}")),
+            ("content-type", "application/json".to_owned()),
+        ];
+        send(
+            method,
+            &format!("{}{path}", self.admin),
+            &headers,
+            body.to_string().into_bytes(),
         )
         .await
     }

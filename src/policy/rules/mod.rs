@@ -229,6 +229,8 @@ impl Rules {
             let mut msg = e.to_string();
             if let Some(help) = e.help() {
                 msg.push_str(&format!(" ({help})"));
+            } else if msg.contains("decimal") {
+                msg.push_str(" (arguments of `type: number` are decimals: compare them with methods, e.g. `context.input.amount.greaterThan(decimal(\"100.0\"))`)");
             }
             problems.push(problem(&file, text, offset, msg));
         }

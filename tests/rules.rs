@@ -1,0 +1,455 @@
+//! Business rules and approvals over real HTTP: every rule kind, decimals at the boundary,
+//! shadow mode, the session-aware rules, and the whole approval cycle.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::{Harness, Resp, TestUpstream, fixture, send, sha256_hex};
+
+const OPS_KEY: &str = "ops-key";
+const FIN_KEY: &str = "fin-key";
+
+fn rule_files(upstream: &str) -> Vec<(&'static str, String)> {
+    let tools = std::fs::read_to_string(fixture("rules/tools.yaml"))
+        .unwrap()
+        .replace("{{UPSTREAM}}", upstream)
+        .replace("OPS_DIGEST", &sha256_hex(OPS_KEY))
+        .replace("FIN_DIGEST", &sha256_hex(FIN_KEY));
+    let rules = std::fs::read_to_string(fixture("rules/rules.cedar")).unwrap();
+    vec![("rules-tools.yaml", tools), ("rules.cedar", rules)]
+}
+
+async fn start(extra_config: &str) -> Harness {
+    // The rule files point at the harness's upstream, so they are written once it runs, then
+    // loaded with an explicit reload.
+    let h = Harness::start_with(extra_config).await;
+    for (name, text) in rule_files(&h.upstream.url) {
+        std::fs::write(h.policy_dir.join(name), text).unwrap();
+    }
+    let r = h.admin("POST", "/admin/reload", true).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    h
+}
+
+/// The event for a response, and a check that the rule named in the body is the audited one.
+fn audited(h: &Harness, r: &Resp) -> Value {
+    let e = h.event_for(r);
+    if r.status >= 400 || r.status == 202 {
+        let body = r.json();
+        assert_eq!(e["code"], body["error"]["code"]);
+        assert_eq!(
+            e["reasons"].as_array().unwrap().last().unwrap()["rule"],
+            body["error"]["rule"]
+        );
+    }
+    e
+}
+
+#[tokio::test]
+async fn each_rule_kind_decides_and_is_audited() {
+    let h = start("").await;
+    // String equality, with an agent attribute (entity tag) as the exception.
+    let r = h
+        .call("deploy.run", Some(FIN_KEY), r#"{"env": "prod", "services": ["web"]}"#)
+        .await;
+    let body = r.assert_error(403, "rule_denied");
+    assert_eq!(body["error"]["rule"], "prod-deploys-are-for-ops");
+    assert_eq!(
+        body["error"]["message"],
+        "Only the ops team's agents may deploy to prod."
+    );
+    let e = audited(&h, &r);
+    assert_eq!(e["decision"], "deny");
+    assert_eq!(e["reasons"][0]["stage"], "rules");
+    let r = h
+        .call("deploy.run", Some(OPS_KEY), r#"{"env": "prod", "services": ["web"]}"#)
+        .await;
+    assert_eq!(r.status, 200);
+    // Sets, and a rule without @reason gets a message that names it.
+    let r = h
+        .call(
+            "deploy.run",
+            Some(OPS_KEY),
+            r#"{"env": "dev", "services": ["web", "billing"]}"#,
+        )
+        .await;
+    let body = r.assert_error(403, "rule_denied");
+    assert_eq!(body["error"]["rule"], "never-deploy-billing");
+    assert_eq!(
+        body["error"]["message"],
+        "Rule 'never-deploy-billing' forbids this call."
+    );
+    audited(&h, &r);
+    // A hard forbid stays a deny even when an approval rule matches too.
+    let r = h
+        .call("pay.send", Some(OPS_KEY), r#"{"to": "sanctioned-co", "amount": 500}"#)
+        .await;
+    assert_eq!(
+        r.assert_error(403, "rule_denied")["error"]["rule"],
+        "no-payments-to-sanctioned"
+    );
+    assert_eq!(
+        h.upstream.count("/deploy"),
+        1,
+        "only the permitted deploy reached the tool"
+    );
+    assert_eq!(h.upstream.count("/pay"), 0);
+}
+
+#[tokio::test]
+async fn decimals_cannot_be_dodged_at_the_boundary() {
+    let h = start("").await;
+    for (amount, expect) in [
+        ("100", 200),
+        ("100.0", 200),
+        ("99.9999", 200),
+        ("100.0001", 202),
+        ("250.5", 202),
+        ("1e3", 202),
+    ] {
+        let r = h
+            .call(
+                "pay.send",
+                Some(OPS_KEY),
+                &format!(r#"{{"to": "acme", "amount": {amount}}}"#),
+            )
+            .await;
+        assert_eq!(r.status, expect, "amount {amount}: {:?}", r.body);
+        if expect == 202 {
+            assert_eq!(r.json()["error"]["rule"], "payments-over-100-need-finance");
+        }
+    }
+    // More precision than a Cedar decimal holds: refused, never rounded below the threshold.
+    let r = h
+        .call("pay.send", Some(OPS_KEY), r#"{"to": "acme", "amount": 100.000000001}"#)
+        .await;
+    let body = r.assert_error(422, "invalid_arguments");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("4 decimal places"),
+        "{body}"
+    );
+    assert_eq!(
+        h.upstream.count("/pay"),
+        3,
+        "only the three amounts at or under 100 were paid"
+    );
+}
+
+#[tokio::test]
+async fn shadow_rules_are_audited_as_would_deny_and_never_enforced() {
+    let h = start("").await;
+    let r = h
+        .call(
+            "email.send",
+            Some(OPS_KEY),
+            r#"{"to": "bob@external.example", "body": "hi"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.header("x-toolgate-decision"), Some("allow"));
+    let e = h.event_for(&r);
+    assert_eq!(e["decision"], "allow");
+    assert_eq!(e["would_deny"], json!(["external-email-trial"]));
+    assert_eq!(h.upstream.count("/email"), 1);
+    let r = h
+        .call(
+            "email.send",
+            Some(OPS_KEY),
+            r#"{"to": "bob@internal.example", "body": "hi"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(h.event_for(&r).get("would_deny").is_none());
+}
+
+#[tokio::test]
+async fn refund_only_after_a_fraud_check_of_the_same_order() {
+    let h = start("").await;
+    let refund = |order: &str| format!(r#"{{"order_id": "{order}", "amount": 10}}"#);
+    let r = h.call("refund.issue", Some(OPS_KEY), &refund("O-1")).await;
+    assert_eq!(
+        r.assert_error(403, "rule_denied")["error"]["rule"],
+        "refund-needs-fraud-check"
+    );
+    audited(&h, &r);
+    assert_eq!(
+        h.call("fraud.check", Some(OPS_KEY), r#"{"order_id": "O-2"}"#)
+            .await
+            .status,
+        200
+    );
+    let r = h.call("refund.issue", Some(OPS_KEY), &refund("O-1")).await;
+    r.assert_error(403, "rule_denied"); // another order's check does not count
+    // Another agent's check does not count either.
+    assert_eq!(
+        h.call("fraud.check", Some(FIN_KEY), r#"{"order_id": "O-1"}"#)
+            .await
+            .status,
+        200
+    );
+    h.call("refund.issue", Some(OPS_KEY), &refund("O-1"))
+        .await
+        .assert_error(403, "rule_denied");
+    assert_eq!(
+        h.call("fraud.check", Some(OPS_KEY), r#"{"order_id": "O-1"}"#)
+            .await
+            .status,
+        200
+    );
+    let r = h.call("refund.issue", Some(OPS_KEY), &refund("O-1")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(h.upstream.count("/refunds/O-1"), 1);
+}
+
+#[tokio::test]
+async fn at_most_three_refunds_per_hour() {
+    let h = start("").await;
+    for i in 1..=4 {
+        assert_eq!(
+            h.call("fraud.check", Some(OPS_KEY), &format!(r#"{{"order_id": "O-{i}"}}"#))
+                .await
+                .status,
+            200
+        );
+    }
+    for i in 1..=3 {
+        let r = h
+            .call(
+                "refund.issue",
+                Some(OPS_KEY),
+                &format!(r#"{{"order_id": "O-{i}", "amount": 5}}"#),
+            )
+            .await;
+        assert_eq!(r.status, 200, "refund {i}: {:?}", r.body);
+    }
+    let r = h
+        .call("refund.issue", Some(OPS_KEY), r#"{"order_id": "O-4", "amount": 5}"#)
+        .await;
+    assert_eq!(
+        r.assert_error(403, "rule_denied")["error"]["rule"],
+        "refunds-at-most-3-per-hour"
+    );
+    assert_eq!(h.upstream.count("/refunds/"), 3);
+    // Per agent: another agent still has its three.
+    assert_eq!(
+        h.call("fraud.check", Some(FIN_KEY), r#"{"order_id": "O-9"}"#)
+            .await
+            .status,
+        200
+    );
+    let r = h
+        .call("refund.issue", Some(FIN_KEY), r#"{"order_id": "O-9", "amount": 5}"#)
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn no_email_after_reading_a_customer_in_the_same_session() {
+    let h = start("").await;
+    let email = r#"{"to": "team@internal.example", "body": "summary"}"#;
+    let s1 = [("x-toolgate-session", "run-1")];
+    let s2 = [("x-toolgate-session", "run-2")];
+    assert_eq!(h.call_with("email.send", OPS_KEY, email, &s1).await.status, 200);
+    let r = h
+        .call_with("crm.read_customer", OPS_KEY, r#"{"customer_id": "C-1"}"#, &s1)
+        .await;
+    assert_eq!(r.status, 200);
+    let r = h.call_with("email.send", OPS_KEY, email, &s1).await;
+    let body = r.assert_error(403, "rule_denied");
+    assert_eq!(body["error"]["rule"], "no-email-after-customer-read");
+    let e = audited(&h, &r);
+    assert_eq!(e["session"], "run-1");
+    // Another session of the same agent is unaffected.
+    assert_eq!(h.call_with("email.send", OPS_KEY, email, &s2).await.status, 200);
+    assert_eq!(h.upstream.count("/email"), 2);
+}
+
+fn payment(amount: u32) -> String {
+    format!(r#"{{"to": "acme", "amount": {amount}, "note": "invoice for ada@example.com"}}"#)
+}
+
+#[tokio::test]
+async fn the_whole_approval_cycle() {
+    let hook = TestUpstream::start().await;
+    let h = start(&format!(
+        "approvals: {{ store: {{{{DIR}}}}/approvals.redb, webhook: {{ url: \"{}/hook\" }} }}\n",
+        hook.url
+    ))
+    .await;
+    // Held: 202 with the approval id and where to poll; nothing reaches the tool.
+    let r = h.call("pay.send", Some(OPS_KEY), &payment(250)).await;
+    let body = r.assert_error(202, "approval_required");
+    assert_eq!(r.header("x-toolgate-decision"), Some("approval_required"));
+    let id = body["approval_id"].as_str().unwrap().to_owned();
+    assert_eq!(body["status_url"], format!("/v1/approvals/{id}"));
+    assert_eq!(body["error"]["rule"], "payments-over-100-need-finance");
+    let e = audited(&h, &r);
+    assert_eq!(e["decision"], "approval_required");
+    assert_eq!(e["approval_id"], id.as_str());
+    assert_eq!(h.upstream.count("/pay"), 0);
+
+    // The same call again while pending: the same approval, not a second one.
+    let again = h.call("pay.send", Some(OPS_KEY), &payment(250)).await;
+    assert_eq!(again.assert_error(202, "approval_required")["approval_id"], id.as_str());
+
+    // The approvers were told once, with redacted arguments.
+    let mut notified = Vec::new();
+    for _ in 0..50 {
+        notified = hook.requests();
+        if !notified.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(notified.len(), 1, "one notification per approval request");
+    let note = notified[0].json();
+    assert_eq!(note["approval_id"], id.as_str());
+    assert_eq!(note["group"], "finance-leads");
+    assert_eq!(note["arguments"]["note"], "[REDACTED:email]");
+    assert!(!String::from_utf8_lossy(&notified[0].body).contains("ada@example.com"));
+
+    // The agent polls its own approval; another agent cannot see it.
+    let poll = |key: &'static str| {
+        let url = format!("{}/v1/approvals/{id}", h.data);
+        async move { send("GET", &url, &[("authorization", format!("Bearer {key}"))], Vec::new()).await }
+    };
+    let p = poll(OPS_KEY).await;
+    assert_eq!(p.status, 200);
+    assert_eq!(p.json()["status"], "pending");
+    poll(FIN_KEY).await.assert_error(404, "not_found");
+
+    // Presenting it before anyone approved: refused.
+    let r = h
+        .call_with("pay.send", OPS_KEY, &payment(250), &[("x-toolgate-approval", &id)])
+        .await;
+    assert!(
+        r.assert_error(403, "approval_denied")["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("pending")
+    );
+
+    // Approvers list it, and must say who they are.
+    let list = h.admin("GET", "/admin/approvals?status=pending", true).await;
+    assert_eq!(list.json()["approvals"][0]["id"], id.as_str());
+    let anon = h
+        .admin_json("POST", &format!("/admin/approvals/{id}/approve"), &json!({}))
+        .await;
+    anon.assert_error(400, "invalid_request");
+    let ok = h
+        .admin_json(
+            "POST",
+            &format!("/admin/approvals/{id}/approve"),
+            &json!({"by": "lee", "comment": "known vendor"}),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    assert_eq!(ok.json()["status"], "approved");
+    let twice = h
+        .admin_json("POST", &format!("/admin/approvals/{id}/deny"), &json!({"by": "lee"}))
+        .await;
+    twice.assert_error(409, "conflict");
+    let decided: Vec<Value> = h
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "approval_decided")
+        .collect();
+    assert_eq!(decided.len(), 1);
+    assert_eq!(decided[0]["by"], "lee");
+    assert_eq!(decided[0]["comment"], "known vendor");
+    assert_eq!(decided[0]["status"], "approved");
+
+    // Changed arguments, another agent: refused, and the approval is not spent.
+    let r = h
+        .call_with("pay.send", OPS_KEY, &payment(251), &[("x-toolgate-approval", &id)])
+        .await;
+    r.assert_error(403, "approval_denied");
+    let r = h
+        .call_with("pay.send", FIN_KEY, &payment(250), &[("x-toolgate-approval", &id)])
+        .await;
+    r.assert_error(403, "approval_denied");
+    assert_eq!(h.upstream.count("/pay"), 0);
+
+    // The exact call passes once, and the approval is then used.
+    let r = h
+        .call_with("pay.send", OPS_KEY, &payment(250), &[("x-toolgate-approval", &id)])
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let e = h.event_for(&r);
+    assert_eq!(e["decision"], "allow");
+    assert_eq!(e["approval_id"], id.as_str());
+    assert_eq!(h.upstream.count("/pay"), 1);
+    let seen = &h.upstream.requests()[0];
+    assert_eq!(seen.json()["amount"], 250);
+    let r = h
+        .call_with("pay.send", OPS_KEY, &payment(250), &[("x-toolgate-approval", &id)])
+        .await;
+    assert!(
+        r.assert_error(403, "approval_denied")["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already used")
+    );
+    assert_eq!(h.upstream.count("/pay"), 1);
+    assert_eq!(poll(OPS_KEY).await.json()["status"], "used");
+
+    // A denied approval never passes; a hard forbid ignores approvals.
+    let r = h.call("pay.send", Some(OPS_KEY), &payment(300)).await;
+    let denied_id = r.assert_error(202, "approval_required")["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let d = h
+        .admin_json(
+            "POST",
+            &format!("/admin/approvals/{denied_id}/deny"),
+            &json!({"by": "lee", "comment": "no"}),
+        )
+        .await;
+    assert_eq!(d.json()["status"], "denied");
+    let r = h
+        .call_with(
+            "pay.send",
+            OPS_KEY,
+            &payment(300),
+            &[("x-toolgate-approval", &denied_id)],
+        )
+        .await;
+    r.assert_error(403, "approval_denied");
+    let hard = r#"{"to": "sanctioned-co", "amount": 250, "note": "x"}"#;
+    let r = h
+        .call_with("pay.send", OPS_KEY, hard, &[("x-toolgate-approval", &id)])
+        .await;
+    r.assert_error(403, "rule_denied");
+    assert_eq!(h.upstream.count("/pay"), 1);
+}
+
+#[tokio::test]
+async fn approvals_expire() {
+    let h = start("approvals: { store: {{DIR}}/approvals.redb, ttl_seconds: 1 }\n").await;
+    let r = h.call("pay.send", Some(OPS_KEY), &payment(500)).await;
+    let id = r.assert_error(202, "approval_required")["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ok = h
+        .admin_json("POST", &format!("/admin/approvals/{id}/approve"), &json!({"by": "lee"}))
+        .await;
+    assert_eq!(ok.status, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let r = h
+        .call_with("pay.send", OPS_KEY, &payment(500), &[("x-toolgate-approval", &id)])
+        .await;
+    assert!(
+        r.assert_error(403, "approval_denied")["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired")
+    );
+    assert_eq!(h.upstream.count("/pay"), 0);
+    let expired = h.admin("GET", "/admin/approvals?status=expired", true).await;
+    assert_eq!(expired.json()["approvals"][0]["id"], id.as_str());
+    // An expired request no longer holds its place: the same call asks anew.
+    let r = h.call("pay.send", Some(OPS_KEY), &payment(500)).await;
+    assert_ne!(r.assert_error(202, "approval_required")["approval_id"], id.as_str());
+}
