@@ -2,9 +2,13 @@
 //! ~2 KB argument body through allowlist, JSON Schema, URL template and content filters.
 
 use criterion::{Criterion, criterion_group, criterion_main};
+
+/// The binary's allocator, so the numbers are the binary's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use serde_json::json;
 use std::hint::black_box;
-use toolgate::policy::history::NoHistory;
+use toolgate::policy::history::{NoHistory, PastCall, Recorded, hash_value};
 use toolgate::policy::{ParseLimits, Policy, ToolCall, content};
 
 fn bundled_policy() -> Policy {
@@ -70,5 +74,72 @@ fn pipeline(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, pipeline);
+/// Rules: the bundled rule set (five forbids on `billing.refund`, two of them reading session
+/// history, one shadow) against the same policy without its rule file, on the same call.
+fn rules(c: &mut Criterion) {
+    let limits = ParseLimits { max_json_depth: 64 };
+    let with_rules: Vec<(String, String)> = toolgate::demo::POLICIES
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
+    let without: Vec<(String, String)> = with_rules
+        .iter()
+        .filter(|(n, _)| !n.ends_with(".cedar"))
+        .cloned()
+        .collect();
+    let read = |p: &std::path::Path| std::fs::read_to_string(p);
+    let ruled = Policy::compile(&with_rules, read).expect("bundled policies load");
+    let plain = Policy::compile(&without, read).expect("bundled policies load");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // A busy hour: 40 earlier calls, one of them the fraud check that lets this refund through.
+    let mut history = Recorded::default();
+    for i in 0..40u64 {
+        let (tool, order) = if i == 39 {
+            ("fraud.check", "O-17")
+        } else {
+            ("kb.search", "x")
+        };
+        history.0.push((
+            "support-bot".to_owned(),
+            PastCall {
+                tool: tool.into(),
+                at_ms: now_ms - (40 - i) * 60_000,
+                session: None,
+                values: vec![("order_id".into(), hash_value(&json!(order)))],
+            },
+        ));
+    }
+    let body = br#"{"order_id": "O-17", "amount": 20, "note": "duplicate charge on the March invoice"}"#;
+    let call = ToolCall::new("support-bot", "billing.refund", body);
+    assert!(ruled.evaluate(&call, limits, &history).decision.is_allow());
+    assert!(plain.evaluate(&call, limits, &history).decision.is_allow());
+    c.bench_function("evaluate_refund_without_rules", |b| {
+        b.iter(|| plain.evaluate(black_box(&call), limits, &history))
+    });
+    c.bench_function("evaluate_refund_with_5_rules_and_history", |b| {
+        b.iter(|| ruled.evaluate(black_box(&call), limits, &history))
+    });
+    let args = json!({"order_id": "O-17", "amount": 20, "note": "duplicate charge on the March invoice"});
+    let args = args.as_object().unwrap();
+    c.bench_function("rules_only_refund", |b| {
+        b.iter(|| {
+            ruled
+                .rules
+                .evaluate(
+                    "support-bot",
+                    "billing.refund",
+                    None,
+                    call.now,
+                    black_box(args),
+                    &history,
+                )
+                .unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, pipeline, rules);
 criterion_main!(benches);

@@ -97,6 +97,40 @@ async fn each_rule_kind_decides_and_is_audited() {
 }
 
 #[tokio::test]
+async fn a_rule_that_errors_denies_instead_of_being_skipped() {
+    let h = start("").await;
+    assert_eq!(
+        h.call("fraud.check", Some(OPS_KEY), r#"{"order_id": "O-1"}"#)
+            .await
+            .status,
+        200
+    );
+    let r = h
+        .call(
+            "refund.issue",
+            Some(OPS_KEY),
+            r#"{"order_id": "O-1", "amount": 400000000000}"#,
+        )
+        .await;
+    let body = r.assert_error(403, "rule_denied");
+    assert_eq!(body["error"]["rule"], "overflow-guard");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be evaluated"),
+        "{body}"
+    );
+    audited(&h, &r);
+    // The same rule evaluates normally for an ordinary amount.
+    let r = h
+        .call("refund.issue", Some(OPS_KEY), r#"{"order_id": "O-1", "amount": 40}"#)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(h.upstream.count("/refunds/"), 1);
+}
+
+#[tokio::test]
 async fn decimals_cannot_be_dodged_at_the_boundary() {
     let h = start("").await;
     for (amount, expect) in [

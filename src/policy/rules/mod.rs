@@ -19,8 +19,8 @@ use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cedar_policy::{
-    ActionConstraint, AuthorizationError, Authorizer, Context, Decision as CedarDecision, Effect, Entities, Entity,
-    EntityUid, Policy, PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    ActionConstraint, AuthorizationError, Authorizer, Context, Effect, Entities, Entity, EntityUid, Policy, PolicyId,
+    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
 use serde_json::{Map, Value, json};
@@ -46,8 +46,15 @@ struct ToolRules {
     resource: EntityUid,
     input: ArgType,
     facts: Vec<Fact>,
-    enforced: PolicySet,
-    shadow: Option<PolicySet>,
+    /// Whether any of the tool's rules reads `context.time` / `context.session` (by their text:
+    /// a false positive only costs the attribute). Absent attributes a rule did read would be
+    /// an evaluation error, which denies.
+    needs_time: bool,
+    needs_session: bool,
+    /// Every forbid that can apply, shadow ones included: one `is_authorized` answers for both.
+    /// There is no permit (the allowlist already permitted the call), so Cedar's decision is
+    /// always deny; what counts is its diagnostics: the forbids that matched, and the errors.
+    policies: PolicySet,
 }
 
 /// Every rule file, compiled.
@@ -75,8 +82,6 @@ pub struct Verdict {
     /// Shadow rules that would have denied.
     pub would_deny: Vec<String>,
 }
-
-const PERMIT_ID: &str = "toolgate:allowlist-permit";
 
 impl Rules {
     pub fn empty() -> Rules {
@@ -263,8 +268,6 @@ impl Rules {
             return Rules::empty();
         }
 
-        let permit = Policy::parse(Some(PolicyId::new(PERMIT_ID)), "permit(principal, action, resource);")
-            .expect("the internal permit parses");
         let mut per_tool = HashMap::new();
         for (name, tool) in tools {
             let action = uid("Action", name);
@@ -279,18 +282,12 @@ impl Rules {
             if applicable.is_empty() {
                 continue;
             }
-            let mut enforced = PolicySet::new();
-            let mut shadow = PolicySet::new();
-            enforced.add(permit.clone()).expect("unique");
-            shadow.add(permit.clone()).expect("unique");
-            let mut any_shadow = false;
+            let texts: Vec<String> = applicable.iter().map(|p| p.to_string()).collect();
+            let needs_time = texts.iter().any(|t| t.contains("time"));
+            let needs_session = texts.iter().any(|t| t.contains("session"));
+            let mut policies = PolicySet::new();
             for p in applicable {
-                if meta[p.id().as_ref() as &str].shadow {
-                    any_shadow = true;
-                    shadow.add(p.clone()).expect("unique");
-                } else {
-                    enforced.add(p.clone()).expect("unique");
-                }
+                policies.add(p.clone()).expect("unique");
             }
             per_tool.insert(
                 name.clone(),
@@ -299,8 +296,9 @@ impl Rules {
                     resource: uid("Tool", name),
                     input: inputs[name.as_str()].clone(),
                     facts: tool.facts.clone(),
-                    enforced,
-                    shadow: any_shadow.then_some(shadow),
+                    needs_time,
+                    needs_session,
+                    policies,
                 },
             );
         }
@@ -330,30 +328,31 @@ impl Rules {
         let Some(principal) = self.agents.get(agent) else {
             return Ok(Verdict::default());
         };
-        let input = t.input.to_expr(&Value::Object(args.clone()), "")?;
+        let input = t.input.to_record_expr(args)?;
         let now_ms = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let secs = (now_ms / 1000) as i64;
-        let time = RestrictedExpression::new_record([
-            ("unix".to_owned(), RestrictedExpression::new_long(secs)),
-            (
-                "hour".to_owned(),
-                RestrictedExpression::new_long(secs.rem_euclid(86_400) / 3600),
-            ),
-            // 1970-01-01 was a Thursday; ISO weekday, Monday = 1.
-            (
-                "weekday".to_owned(),
-                RestrictedExpression::new_long((secs.div_euclid(86_400) + 3).rem_euclid(7) + 1),
-            ),
-        ])
-        .expect("distinct keys");
-        let mut pairs = vec![
-            ("input".to_owned(), input),
-            (
-                "session".to_owned(),
-                RestrictedExpression::new_string(session.unwrap_or("").to_owned()),
-            ),
-            ("time".to_owned(), time),
-        ];
+        let mut pairs = Vec::with_capacity(4);
+        pairs.push(("input".to_owned(), input));
+        if t.needs_session {
+            let session = RestrictedExpression::new_string(session.unwrap_or("").to_owned());
+            pairs.push(("session".to_owned(), session));
+        }
+        if t.needs_time {
+            let time = RestrictedExpression::new_record([
+                ("unix".to_owned(), RestrictedExpression::new_long(secs)),
+                (
+                    "hour".to_owned(),
+                    RestrictedExpression::new_long(secs.rem_euclid(86_400) / 3600),
+                ),
+                // 1970-01-01 was a Thursday; ISO weekday, Monday = 1.
+                (
+                    "weekday".to_owned(),
+                    RestrictedExpression::new_long((secs.div_euclid(86_400) + 3).rem_euclid(7) + 1),
+                ),
+            ])
+            .expect("distinct keys");
+            pairs.push(("time".to_owned(), time));
+        }
         if !t.facts.is_empty() {
             let results = history::compute(&t.facts, history, agent, session, now_ms, args);
             let fields = t.facts.iter().zip(results).map(|(f, r)| {
@@ -372,22 +371,32 @@ impl Rules {
         let request = Request::new(principal.clone(), t.action.clone(), t.resource.clone(), context, None)
             .map_err(|_| "the arguments cannot be compared by rules".to_owned())?;
 
+        let r = self.authorizer.is_authorized(&request, &t.policies, &self.entities);
         let mut verdict = Verdict::default();
-        if let Some(shadow) = &t.shadow {
-            let r = self.authorizer.is_authorized(&request, shadow, &self.entities);
-            let fired = r
-                .diagnostics()
-                .reason()
-                .chain(r.diagnostics().errors().map(failed_policy));
-            verdict.would_deny = fired.map(ToString::to_string).filter(|id| id != PERMIT_ID).collect();
-            verdict.would_deny.sort();
-            verdict.would_deny.dedup();
+        let mut errored: Vec<&RuleMeta> = Vec::new();
+        for id in r.diagnostics().errors().map(failed_policy) {
+            let m = &self.meta[id.as_ref() as &str];
+            if m.shadow {
+                verdict.would_deny.push(m.id.clone());
+            } else {
+                errored.push(m);
+            }
         }
-        let r = self.authorizer.is_authorized(&request, &t.enforced, &self.entities);
-        let mut errored: Vec<&str> = r.diagnostics().errors().map(|e| failed_policy(e).as_ref()).collect();
-        errored.sort_unstable();
-        if let Some(id) = errored.first() {
-            let m = &self.meta[*id];
+        let mut fired: Vec<&RuleMeta> = Vec::new();
+        for id in r.diagnostics().reason() {
+            let Some(m) = self.meta.get(id.as_ref() as &str) else {
+                continue;
+            };
+            if m.shadow {
+                verdict.would_deny.push(m.id.clone());
+            } else {
+                fired.push(m);
+            }
+        }
+        verdict.would_deny.sort();
+        verdict.would_deny.dedup();
+        errored.sort_by(|a, b| a.id.cmp(&b.id));
+        if let Some(m) = errored.first() {
             verdict.blocked = Some(Reason::new(
                 Code::RuleDenied,
                 Stage::Rules,
@@ -399,24 +408,9 @@ impl Rules {
             ));
             return Ok(verdict);
         }
-        if r.decision() == CedarDecision::Allow {
-            return Ok(verdict);
-        }
-        let mut fired: Vec<&RuleMeta> = r
-            .diagnostics()
-            .reason()
-            .filter_map(|id| self.meta.get(id.as_ref() as &str))
-            .collect();
         // A hard forbid outranks any approval; among equals, the first id decides (stable).
         fired.sort_by(|a, b| (a.approval.is_some(), &a.id).cmp(&(b.approval.is_some(), &b.id)));
         let Some(m) = fired.first() else {
-            // Deny without a reason cannot happen with the internal permit; fail closed anyway.
-            verdict.blocked = Some(Reason::new(
-                Code::RuleDenied,
-                Stage::Rules,
-                "rules",
-                "The rules deny this call.",
-            ));
             return Ok(verdict);
         };
         verdict.blocked = Some(match &m.approval {

@@ -123,23 +123,40 @@ impl ArgType {
                     .collect::<Result<Vec<_>, _>>()?;
                 RestrictedExpression::new_set(exprs)
             }
-            ArgType::Record(attrs) => {
-                let obj = v.as_object().ok_or_else(wrong)?;
-                let mut fields = Vec::with_capacity(attrs.len());
-                for (name, t, required) in attrs {
-                    match obj.get(name) {
-                        Some(x) => {
-                            let sub = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
-                            fields.push((name.clone(), t.to_expr(x, &sub)?));
-                        }
-                        None if *required => return Err(format!("argument `{path}.{name}` is missing")),
-                        None => {}
-                    }
-                }
-                RestrictedExpression::new_record(fields).map_err(|_| wrong())?
-            }
+            ArgType::Record(attrs) => record(attrs, v.as_object().ok_or_else(wrong)?, path)?,
         })
     }
+
+    /// The top-level arguments object as a Cedar record (`context.input`).
+    pub fn to_record_expr(&self, args: &Map<String, Value>) -> Result<RestrictedExpression, String> {
+        match self {
+            ArgType::Record(attrs) => record(attrs, args, ""),
+            _ => Err("the arguments are not an object".to_owned()),
+        }
+    }
+}
+
+fn record(
+    attrs: &[(String, ArgType, bool)],
+    obj: &Map<String, Value>,
+    path: &str,
+) -> Result<RestrictedExpression, String> {
+    let mut fields = Vec::with_capacity(attrs.len());
+    for (name, t, required) in attrs {
+        match obj.get(name) {
+            Some(x) => {
+                let sub = if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{path}.{name}")
+                };
+                fields.push((name.clone(), t.to_expr(x, &sub)?));
+            }
+            None if *required => return Err(format!("argument `{path}.{name}` is missing")),
+            None => {}
+        }
+    }
+    RestrictedExpression::new_record(fields).map_err(|_| format!("argument `{path}` cannot be compared by rules"))
 }
 
 fn as_long(v: &Value) -> Option<i64> {
