@@ -176,7 +176,13 @@ async fn policy(State(gw): State<Arc<Gateway>>) -> Response {
             "input_filters": t.input_filters.iter().map(|&i| &p.filters[i].name).collect::<Vec<_>>(),
             "output_filters": t.output_filters.iter().map(|&i| &p.filters[i].name).collect::<Vec<_>>()}))
         .collect();
-    axum::Json(json!({"version": p.version, "files": p.files, "agents": agents, "tools": tools, "filters": p.filters.iter().map(|f| &f.name).collect::<Vec<_>>()})).into_response()
+    let mut rules: Vec<Value> = p
+        .rules
+        .list()
+        .map(|r| json!({"id": r.id, "file": r.file, "mode": if r.shadow { "shadow" } else { "enforce" }, "approval": r.approval, "reason": r.reason}))
+        .collect();
+    rules.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    axum::Json(json!({"version": p.version, "files": p.files, "agents": agents, "tools": tools, "filters": p.filters.iter().map(|f| &f.name).collect::<Vec<_>>(), "rules": rules})).into_response()
 }
 
 /// `{"by": "...", "comment": "...", "duration_seconds": N}`: who acts, why, and for how long.
