@@ -28,6 +28,14 @@ async fn start(extra_config: &str) -> Harness {
     }
     let r = h.admin("POST", "/admin/reload", true).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
+    let policy = h.admin("GET", "/admin/policy", true).await.json();
+    let rules = policy["rules"].as_array().unwrap();
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["id"] == "external-email-trial" && r["mode"] == "shadow"),
+        "{policy}"
+    );
     h
 }
 
