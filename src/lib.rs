@@ -21,6 +21,7 @@ pub mod cases;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod mcp;
 pub mod policy;
 pub mod server;
 pub mod state;

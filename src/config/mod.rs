@@ -37,6 +37,8 @@ struct ServerConfigRaw {
     aws: Option<AwsConfig>,
     #[serde(default)]
     approvals: ApprovalsConfig,
+    #[serde(default)]
+    mcp: McpConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -254,6 +256,45 @@ impl Default for ApprovalsConfig {
     }
 }
 
+/// The MCP endpoint (`/mcp` on the data plane).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpConfig {
+    /// `Origin` values allowed to call `/mcp` (browsers send one; agents usually do not).
+    /// Requests without `Origin` are allowed; with one not listed, refused (default: none listed).
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Open handshake-revision sessions at most (default 10000).
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// A session unused this long ends (default 3600).
+    #[serde(default = "default_session_idle")]
+    pub session_idle_seconds: u64,
+}
+
+fn default_max_sessions() -> usize {
+    10_000
+}
+fn default_session_idle() -> u64 {
+    3600
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            max_sessions: default_max_sessions(),
+            session_idle_seconds: default_session_idle(),
+        }
+    }
+}
+
+impl McpConfig {
+    pub fn session_idle(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.session_idle_seconds)
+    }
+}
+
 /// Where shared state lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateBackend {
@@ -271,6 +312,7 @@ pub struct ServerConfig {
     pub audit: AuditConfig,
     pub aws: Option<AwsConfig>,
     pub approvals: ApprovalsConfig,
+    pub mcp: McpConfig,
 }
 
 impl ServerConfig {
@@ -348,6 +390,14 @@ impl ServerConfig {
                 problems.push(doc.problem(&approvals.key("webhook").key("timeout_ms"), "must be greater than 0"));
             }
         }
+        for (key, zero) in [
+            ("max_sessions", raw.mcp.max_sessions == 0),
+            ("session_idle_seconds", raw.mcp.session_idle_seconds == 0),
+        ] {
+            if zero {
+                problems.push(doc.problem(&root.key("mcp").key(key), "must be greater than 0"));
+            }
+        }
         if raw.admin.token_env.is_empty() {
             problems.push(doc.problem(&root.key("admin").key("token_env"), "must name an environment variable"));
         }
@@ -360,6 +410,7 @@ impl ServerConfig {
             audit: raw.audit,
             aws: raw.aws,
             approvals: raw.approvals,
+            mcp: raw.mcp,
         })
     }
 }

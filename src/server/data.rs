@@ -24,7 +24,8 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
         .route("/v1/approvals/{id}", get(approval_status))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(gateway)
+        .with_state(gateway.clone())
+        .merge(crate::mcp::routes(gateway))
 }
 
 async fn not_found(req: Request) -> Response {
@@ -35,7 +36,7 @@ async fn not_found(req: Request) -> Response {
         .unwrap_or_default();
     error_response(
         Code::NotFound,
-        "No such endpoint. Tool calls are `POST /v1/tools/{tool}`.",
+        "No such endpoint. Tool calls are `POST /v1/tools/{tool}`; MCP clients use `/mcp`.",
         &id,
     )
 }
@@ -128,7 +129,11 @@ async fn approval_status(State(gw): State<Arc<Gateway>>, Path(approval): Path<St
     }
 }
 
-async fn read_body(gw: &Gateway, headers: &axum::http::HeaderMap, body: Body) -> Result<bytes::Bytes, Reason> {
+pub(crate) async fn read_body(
+    gw: &Gateway,
+    headers: &axum::http::HeaderMap,
+    body: Body,
+) -> Result<bytes::Bytes, Reason> {
     let limit = gw.config.limits.max_body_bytes;
     let too_large = || {
         Reason::new(

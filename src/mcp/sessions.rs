@@ -1,0 +1,103 @@
+//! MCP sessions of the handshake revisions (2025-11-25 / 2025-06-18): a random id bound to the
+//! agent that opened it and the revision it negotiated. Bounded in number; idle ones expire.
+//! The stateless revision needs none of this.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct Session {
+    agent: Arc<str>,
+    version: &'static str,
+    last_seen: Instant,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionError {
+    Unknown,
+    /// The id exists but another agent opened it: a hijack attempt, or a leaked id.
+    OtherAgent,
+    Full,
+}
+
+pub struct Sessions {
+    map: Mutex<HashMap<String, Session>>,
+    max: usize,
+    idle: Duration,
+}
+
+impl Sessions {
+    pub fn new(max: usize, idle: Duration) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            max,
+            idle,
+        }
+    }
+
+    /// Opens a session for `agent`; its id is 128 random bits.
+    pub fn open(&self, agent: Arc<str>, version: &'static str) -> Result<String, SessionError> {
+        let mut map = self.map.lock().expect("sessions lock");
+        if map.len() >= self.max {
+            let idle = self.idle;
+            map.retain(|_, s| s.last_seen.elapsed() < idle);
+            if map.len() >= self.max {
+                return Err(SessionError::Full);
+            }
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        map.insert(
+            id.clone(),
+            Session {
+                agent,
+                version,
+                last_seen: Instant::now(),
+            },
+        );
+        Ok(id)
+    }
+
+    /// The session's revision, if `id` is a live session of `agent`.
+    pub fn check(&self, id: &str, agent: &str) -> Result<&'static str, SessionError> {
+        let mut map = self.map.lock().expect("sessions lock");
+        let Some(s) = map.get_mut(id) else {
+            return Err(SessionError::Unknown);
+        };
+        if s.last_seen.elapsed() >= self.idle {
+            map.remove(id);
+            return Err(SessionError::Unknown);
+        }
+        if &*s.agent != agent {
+            return Err(SessionError::OtherAgent);
+        }
+        s.last_seen = Instant::now();
+        Ok(s.version)
+    }
+
+    /// Ends `agent`'s session `id`.
+    pub fn end(&self, id: &str, agent: &str) -> Result<(), SessionError> {
+        self.check(id, agent)?;
+        self.map.lock().expect("sessions lock").remove(id);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_are_bound_to_their_agent_bounded_and_expire() {
+        let s = Sessions::new(2, Duration::from_millis(50));
+        let a = s.open("a".into(), "2025-06-18").unwrap();
+        assert_eq!(s.check(&a, "a"), Ok("2025-06-18"));
+        assert_eq!(s.check(&a, "b"), Err(SessionError::OtherAgent));
+        assert_eq!(s.check("nope", "a"), Err(SessionError::Unknown));
+        s.open("a".into(), "2025-11-25").unwrap();
+        assert_eq!(s.open("a".into(), "2025-11-25"), Err(SessionError::Full));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(s.check(&a, "a"), Err(SessionError::Unknown));
+        assert!(s.open("a".into(), "2025-11-25").is_ok(), "idle sessions make room");
+        assert_eq!(s.end(&a, "a"), Err(SessionError::Unknown));
+    }
+}

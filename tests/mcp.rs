@@ -1,0 +1,376 @@
+//! MCP at `/mcp` with a real MCP client — the official Python SDK (`mcp` 2.x), in each protocol
+//! revision — plus raw HTTP for what a well-behaved client never sends (batches, hijacked
+//! sessions, foreign origins).
+//!
+//! The SDK lives in a virtualenv the tests create on first use (`target/tmp/mcp-venv`, `pip
+//! install mcp==2.3.0`), or the interpreter named by `TOOLGATE_TEST_PYTHON`.
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+use support::{ADMIN_TOKEN, ANALYST_KEY, Harness, SUPPORT_KEY, send};
+
+const MCP_SDK: &str = "mcp==2.3.0";
+
+/// A Python interpreter that can `import mcp`, set up once per test run.
+fn python() -> PathBuf {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        if let Some(p) = std::env::var_os("TOOLGATE_TEST_PYTHON") {
+            return PathBuf::from(p);
+        }
+        let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mcp-venv");
+        let py = venv.join("bin/python");
+        let works = |py: &PathBuf| {
+            std::process::Command::new(py)
+                .args(["-c", "import mcp, mcp_types"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !works(&py) {
+            let status = std::process::Command::new("python3")
+                .args(["-m", "venv", "--clear"])
+                .arg(&venv)
+                .status()
+                .expect("python3 is needed for the MCP client tests");
+            assert!(status.success(), "python3 -m venv failed");
+            let out = std::process::Command::new(&py)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    MCP_SDK,
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "pip install {MCP_SDK} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(works(&py), "the MCP SDK does not import after installing it");
+        }
+        py
+    })
+    .clone()
+}
+
+/// Runs the SDK client with a plan; returns its JSON report.
+async fn client(url: String, key: &str, plan: Value) -> Value {
+    let key = key.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/client.py");
+        let out = std::process::Command::new(python())
+            .arg(script)
+            .arg(&url)
+            .arg(&key)
+            .arg(plan.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "MCP client failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    })
+    .await
+    .unwrap()
+}
+
+fn names(report: &Value) -> Vec<String> {
+    report["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tools in {report}"))
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+const REVISIONS: [&str; 3] = ["2026-07-28", "2025-11-25", "2025-06-18"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_agent_sees_only_its_own_tools_in_every_revision() {
+    let h = Harness::start().await;
+    let url = format!("{}/mcp", h.data);
+    for mode in REVISIONS {
+        let support = client(url.clone(), SUPPORT_KEY, json!({"mode": mode})).await;
+        assert_eq!(support["negotiated"], mode, "{support}");
+        let expected: Vec<String> = [
+            "big.read",
+            "billing.refund",
+            "down.read",
+            "echo.get",
+            "flaky.create",
+            "kb.search",
+            "secret.read",
+            "slow.create",
+            "text.read",
+            "tickets.read",
+            "tickets.reply",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(names(&support), expected, "{mode}");
+        let refund = support["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "billing.refund")
+            .unwrap();
+        assert_eq!(refund["inputSchema"]["required"], json!(["order_id", "amount"]));
+        let analyst = client(url.clone(), ANALYST_KEY, json!({"mode": mode})).await;
+        assert_eq!(
+            names(&analyst),
+            ["kb.search"],
+            "{mode}: a tool the agent may not call is invisible"
+        );
+    }
+    // Auto-negotiation lands on the stateless revision.
+    let auto = client(url, SUPPORT_KEY, json!({"mode": "auto"})).await;
+    assert_eq!(auto["negotiated"], "2026-07-28");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_call_runs_the_same_pipeline_with_the_same_audit_events() {
+    let h = Harness::start().await;
+    let url = format!("{}/mcp", h.data);
+    for mode in ["2026-07-28", "2025-06-18"] {
+        let before = h.upstream.requests().len();
+        let plan = json!({"mode": mode, "calls": [
+            {"tool": "tickets.reply", "args": {"ticket_id": "T-1", "body": "mail ada@example.com"}},
+            {"tool": "billing.delete_account", "args": {"account_id": "A-1"}},
+            {"tool": "admin.shell", "args": {"cmd": "id"}},
+            {"tool": "billing.refund", "args": {"order_id": "O-1", "amount": -3}},
+            {"tool": "kb.search", "args": {"query": "the ｐroject FALCON plan"}},
+            {"tool": "flaky.create", "args": {}},
+        ]});
+        let report = client(url.clone(), SUPPORT_KEY, plan).await;
+        let calls = report["calls"].as_array().unwrap();
+
+        // Allowed: a CallToolResult with text and structured content, redacted on the way in.
+        let ok = &calls[0]["result"];
+        assert_eq!(ok["isError"], false, "{mode}: {report}");
+        assert_eq!(ok["structuredContent"]["ok"], true);
+        assert!(ok["content"][0]["text"].as_str().unwrap().contains("\"ok\":true"));
+        let seen = h.upstream.requests();
+        assert_eq!(
+            seen.len(),
+            before + 2,
+            "{mode}: the reply and the flaky tool were forwarded, nothing else"
+        );
+        assert_eq!(seen[before].json()["body"], "[REDACTED:email]");
+
+        // Blocked: JSON-RPC error -32001 whose data is the contract's error object.
+        for (i, code, rule) in [
+            (1, "tool_not_allowed", "allowlist"),
+            (2, "tool_not_allowed", "allowlist"),
+            (3, "invalid_arguments", "schema"),
+            (4, "content_blocked", "internal-terms"),
+        ] {
+            let e = &calls[i]["error"];
+            assert_eq!(e["code"], -32001, "{mode} call {i}: {report}");
+            assert_eq!(e["data"]["code"], code, "{mode} call {i}");
+            assert_eq!(e["data"]["rule"], rule, "{mode} call {i}");
+            assert_eq!(e["message"], e["data"]["message"]);
+            let rid = e["data"]["request_id"].as_str().unwrap();
+            let events: Vec<Value> = h
+                .audit()
+                .into_iter()
+                .filter(|ev| ev["event"] == "tool_call" && ev["request_id"] == rid)
+                .collect();
+            assert_eq!(events.len(), 1, "{mode} call {i}: one audit event per call");
+            assert_eq!(events[0]["code"], code);
+            assert_eq!(events[0]["agent"], "support-bot");
+        }
+        // Allowed, but the tool failed: the agent sees a tool error, not a protocol error.
+        let failed = &calls[5]["result"];
+        assert_eq!(failed["isError"], true, "{mode}: {report}");
+    }
+    let allowed: Vec<Value> = h
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "tool_call" && e["tool"] == "tickets.reply" && e["decision"] == "allow")
+        .collect();
+    assert_eq!(allowed.len(), 2);
+    assert_eq!(allowed[0]["arguments"]["body"], "[REDACTED:email]");
+}
+
+async fn post_mcp(h: &Harness, key: &str, extra: &[(&str, &str)], body: &str) -> support::Resp {
+    let mut headers = vec![
+        ("authorization", format!("Bearer {key}")),
+        ("content-type", "application/json".to_owned()),
+        ("accept", "application/json, text/event-stream".to_owned()),
+    ];
+    headers.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    send("POST", &format!("{}/mcp", h.data), &headers, body.as_bytes().to_vec()).await
+}
+
+const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+
+#[tokio::test]
+async fn a_session_cannot_be_used_by_another_agent() {
+    let h = Harness::start().await;
+    let r = post_mcp(&h, SUPPORT_KEY, &[], INIT).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["result"]["protocolVersion"], "2025-06-18");
+    let session = r.header("mcp-session-id").unwrap().to_owned();
+    let call =
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"kb.search","arguments":{"query":"x"}}}"#;
+    let own = [
+        ("mcp-session-id", session.as_str()),
+        ("mcp-protocol-version", "2025-06-18"),
+    ];
+    let ok = post_mcp(&h, SUPPORT_KEY, &own, call).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json()["result"]["isError"], false);
+    assert_eq!(h.upstream.count("/kb/search"), 1);
+    // The MCP session is the session session-aware rules and the audit event see.
+    assert_eq!(h.event_for(&ok)["session"], session.as_str());
+
+    // The analyst's credential with the support bot's session: refused, nothing forwarded.
+    let hijack = post_mcp(&h, ANALYST_KEY, &own, call).await;
+    assert_eq!(hijack.status, 403);
+    assert_eq!(hijack.json()["error"]["code"], -32001);
+    let r = post_mcp(
+        &h,
+        ANALYST_KEY,
+        &own,
+        r#"{"jsonrpc":"2.0","id":3,"method":"tools/list"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(h.upstream.count("/kb/search"), 1);
+    // Nor may it end the session.
+    let del = send(
+        "DELETE",
+        &format!("{}/mcp", h.data),
+        &[
+            ("authorization", format!("Bearer {ANALYST_KEY}")),
+            ("mcp-session-id", session.clone()),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(del.status, 403);
+    // Its owner may; afterwards the id is unknown.
+    let del = send(
+        "DELETE",
+        &format!("{}/mcp", h.data),
+        &[
+            ("authorization", format!("Bearer {SUPPORT_KEY}")),
+            ("mcp-session-id", session.clone()),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(del.status, 204);
+    assert_eq!(post_mcp(&h, SUPPORT_KEY, &own, call).await.status, 404);
+    // A made-up session id is unknown, too; no credentials at all is 401.
+    let fake = [("mcp-session-id", "0123456789abcdef0123456789abcdef")];
+    assert_eq!(post_mcp(&h, SUPPORT_KEY, &fake, call).await.status, 404);
+    let anon = send(
+        "POST",
+        &format!("{}/mcp", h.data),
+        &[("content-type", "application/json".to_owned())],
+        INIT.into(),
+    )
+    .await;
+    assert_eq!(anon.status, 401);
+    assert_eq!(anon.json()["error"]["data"]["code"], "unauthenticated");
+}
+
+#[tokio::test]
+async fn batches_foreign_origins_and_unversioned_requests_are_refused() {
+    let h = Harness::start().await;
+    let call = |id: u32| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "kb.search", "arguments": {"query": "q"},
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}})
+    };
+    let batch = json!([call(1), call(2)]).to_string();
+    let r = post_mcp(&h, SUPPORT_KEY, &[], &batch).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], -32600);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("batches"));
+    assert_eq!(h.upstream.count("/kb/search"), 0, "no call of a batch is forwarded");
+
+    let single = call(3).to_string();
+    let r = post_mcp(&h, SUPPORT_KEY, &[("origin", "http://evil.example")], &single).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(h.upstream.count("/kb/search"), 0);
+
+    // Neither a session nor a protocol version: the client is told what to send.
+    let bare = r#"{"jsonrpc":"2.0","id":4,"method":"tools/list"}"#;
+    let r = post_mcp(&h, SUPPORT_KEY, &[], bare).await;
+    assert_eq!(r.status, 400);
+    // An unsupported version names the supported one.
+    let old = r#"{"jsonrpc":"2.0","id":5,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2024-01-01"}}}"#;
+    let r = post_mcp(&h, SUPPORT_KEY, &[], old).await;
+    assert_eq!(r.json()["error"]["code"], -32022);
+    assert_eq!(r.json()["error"]["data"]["supported"], json!(["2026-07-28"]));
+
+    // The stateless call itself works, and so does SSE for a client that only takes streams.
+    let r = send(
+        "POST",
+        &format!("{}/mcp", h.data),
+        &[
+            ("authorization", format!("Bearer {SUPPORT_KEY}")),
+            ("content-type", "application/json".to_owned()),
+            ("accept", "text/event-stream".to_owned()),
+        ],
+        single.into_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let data = text
+        .strip_prefix("event: message\ndata: ")
+        .and_then(|t| t.strip_suffix("\n\n"))
+        .unwrap();
+    let msg: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(msg["result"]["resultType"], "complete");
+    assert_eq!(msg["result"]["isError"], false);
+    assert_eq!(h.upstream.count("/kb/search"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_required_call_says_how_to_approve_and_retry() {
+    let rule = "@id(\"big-refunds\")\n@approval(\"billing\")\nforbid (principal, action == Action::\"billing.refund\", resource) when { context.input.amount > 100 };\n";
+    let h = Harness::start_full("", &[("rules.cedar", rule)]).await;
+    let url = format!("{}/mcp", h.data);
+    let refund = json!({"order_id": "O-1", "amount": 500});
+    let report = client(
+        url.clone(),
+        SUPPORT_KEY,
+        json!({"mode": "2026-07-28", "calls": [{"tool": "billing.refund", "args": refund}]}),
+    )
+    .await;
+    let e = &report["calls"][0]["error"];
+    assert_eq!(e["data"]["code"], "approval_required", "{report}");
+    let id = e["data"]["approval_id"].as_str().unwrap().to_owned();
+    assert!(e["data"]["retry"].as_str().unwrap().contains("io.toolgate/approval"));
+    assert_eq!(h.upstream.count("/refunds/"), 0);
+    let ok = send(
+        "POST",
+        &format!("{}/admin/approvals/{id}/approve", h.admin),
+        &[("authorization", format!("Bearer {ADMIN_TOKEN}"))],
+        br#"{"by": "lee"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    let plan = json!({"mode": "2026-07-28", "calls": [
+        {"tool": "billing.refund", "args": refund, "meta": {"io.toolgate/approval": id}},
+        {"tool": "billing.refund", "args": refund, "meta": {"io.toolgate/approval": id}},
+    ]});
+    let report = client(url, SUPPORT_KEY, plan).await;
+    assert_eq!(report["calls"][0]["result"]["isError"], false, "{report}");
+    assert_eq!(report["calls"][1]["error"]["data"]["code"], "approval_denied");
+    assert_eq!(h.upstream.count("/refunds/O-1"), 1);
+}
