@@ -14,12 +14,14 @@ use bytes::Bytes;
 use http::HeaderValue;
 use serde_json::{Value, json};
 
-use crate::approval::{Approval, Approvals, Hold, Refused};
+use crate::approval::{Approval, Approvals, Hold, Pin, Refused};
 use crate::audit::{AuditLog, PolicyEvent, Tokens, ToolCallEvent, UpstreamInfo};
 use crate::config::{AuditArguments, ConfigError, ServerConfig};
+use crate::mcp::upstream::{McpClient, RpcOutcome};
 use crate::policy::content::Filter;
 use crate::policy::history::{PastCall, hash_value};
 use crate::policy::limits::estimate_tokens;
+use crate::policy::tool::{DiscoveredTool, Target};
 use crate::policy::{Code, Decision, ParseLimits, Policy, Reason, Stage, ToolCall, arguments};
 use crate::state::State;
 use crate::upstream::{Inbound, Outbound, Upstream, UpstreamError};
@@ -105,6 +107,13 @@ pub struct Gateway {
     reload_lock: tokio::sync::Mutex<()>,
     /// Set by the demo only; `serve` reads the token from the environment or a file.
     admin_token: Option<String>,
+    /// toolgate's own client to upstream MCP servers.
+    mcp_client: McpClient,
+    /// The tools upstream MCP servers listed at the last refresh.
+    discovered: std::sync::Mutex<Vec<DiscoveredTool>>,
+    /// Set when the MCP catalog changed: the next reload swaps the policy in even though the
+    /// files (and so the version) are the same.
+    force_reload: std::sync::atomic::AtomicBool,
 }
 
 impl Gateway {
@@ -119,6 +128,7 @@ impl Gateway {
             policy: ArcSwap::from_pointee(policy),
             policy_dir,
             webhook: config.approvals.webhook.as_ref().map(Webhook::new),
+            mcp_client: McpClient::new(config.limits.max_response_bytes),
             config,
             audit,
             state: State::default(),
@@ -127,6 +137,8 @@ impl Gateway {
             audit_redactor: Filter::audit_redactor(),
             reload_lock: tokio::sync::Mutex::new(()),
             admin_token: None,
+            discovered: std::sync::Mutex::new(Vec::new()),
+            force_reload: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -176,15 +188,17 @@ impl Gateway {
         let Some(dir) = self.policy_dir.clone() else {
             return Ok(self.policy().version.clone());
         };
-        let loaded = tokio::task::spawn_blocking(move || Policy::load(&dir))
+        let discovered = self.discovered.lock().expect("discovered lock").clone();
+        let loaded = tokio::task::spawn_blocking(move || Policy::load_with(&dir, &discovered))
             .await
             .expect("policy loading does not panic");
         let previous = self.policy();
         match loaded {
             Ok(policy) => {
                 let version = policy.version.clone();
+                let forced = self.force_reload.swap(false, std::sync::atomic::Ordering::SeqCst);
                 let changed = version != previous.version;
-                if changed {
+                if changed || forced {
                     self.policy.store(Arc::new(policy));
                     tracing::info!(version = %version, previous = %previous.version, trigger, "policy reloaded");
                     metrics::counter!("toolgate_policy_reloads_total", "result" => "ok").increment(1);
@@ -486,7 +500,7 @@ impl Gateway {
             }
         }
         let tool = eval.tool.expect("an allowed call has a tool");
-        let url = eval.url.as_deref().expect("an allowed call has a URL");
+        let url = eval.url.as_deref().unwrap_or("");
         let args = eval
             .arguments
             .as_ref()
@@ -643,6 +657,176 @@ impl Gateway {
         Err(reason)
     }
 
+    /// The tools upstream MCP servers listed at the last refresh.
+    pub fn discovered_tools(&self) -> Vec<DiscoveredTool> {
+        self.discovered.lock().expect("discovered lock").clone()
+    }
+
+    /// Asks every upstream MCP server for its tools, checks each definition against its pin
+    /// (pinning what is seen for the first time), and rebuilds the policy if anything changed.
+    /// A server that cannot be reached keeps the tools it had.
+    pub async fn refresh_mcp(&self, trigger: &str) {
+        let policy = self.policy();
+        if policy.mcp_servers.is_empty() && self.discovered.lock().expect("discovered lock").is_empty() {
+            return;
+        }
+        let previous = self.discovered_tools();
+        let timeout = Duration::from_millis(self.config.limits.upstream_timeout_ms);
+        let mut found = Vec::new();
+        for server in policy.mcp_servers.values() {
+            match self
+                .mcp_client
+                .list_tools(server, server.timeout.unwrap_or(timeout))
+                .await
+            {
+                Ok(tools) => {
+                    for t in tools {
+                        let Some(name) = t.get("name").and_then(Value::as_str) else {
+                            continue;
+                        };
+                        found.push(DiscoveredTool {
+                            server: server.name.clone(),
+                            tool: name.to_owned(),
+                            description: t.get("description").and_then(Value::as_str).unwrap_or("").to_owned(),
+                            input_schema: t
+                                .get("inputSchema")
+                                .cloned()
+                                .unwrap_or_else(|| json!({"type": "object"})),
+                            changed: false,
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(server = %server.name, "MCP server tools/list failed, keeping its last known tools: {e}");
+                    found.extend(previous.iter().filter(|d| d.server == server.name).cloned());
+                }
+            }
+        }
+        for d in &mut found {
+            let name = d.exposed_name();
+            let sha = d.definition_sha256();
+            let (store, n) = (self.approvals.clone(), name.clone());
+            let pin = match tokio::task::spawn_blocking(move || store.pin(&n))
+                .await
+                .expect("no panic")
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    // Without the pin store a definition cannot be checked: hide the tool.
+                    tracing::error!(tool = %name, "cannot read the tool pin: {e}");
+                    d.changed = true;
+                    continue;
+                }
+            };
+            match pin {
+                Some(p) if p.sha256 == sha => {}
+                Some(p) => {
+                    d.changed = true;
+                    let already = previous
+                        .iter()
+                        .any(|o| o.exposed_name() == name && o.changed && o.definition_sha256() == sha);
+                    if !already {
+                        tracing::warn!(tool = %name, "an upstream MCP tool's definition changed; blocked until approved");
+                        metrics::counter!("toolgate_tool_definition_changes_total", "tool" => name.clone())
+                            .increment(1);
+                        self.audit
+                            .emit_or_log(
+                                "tool_definition_changed",
+                                &json!({
+                                    "ts": crate::audit::now(), "event": "tool_definition_changed", "tool": name,
+                                    "server": d.server, "pinned_sha256": p.sha256, "seen_sha256": sha,
+                                    "description_changed": p.description != d.description,
+                                    "schema_changed": p.input_schema != d.input_schema, "trigger": trigger,
+                                }),
+                            )
+                            .await;
+                    }
+                }
+                None => {
+                    let pin = Pin {
+                        sha256: sha.clone(),
+                        description: d.description.clone(),
+                        input_schema: d.input_schema.clone(),
+                        pinned_at: crate::state::unix_now(),
+                        pinned_by: "first-seen".to_owned(),
+                    };
+                    let (store, n, p) = (self.approvals.clone(), name.clone(), pin);
+                    if let Err(e) = tokio::task::spawn_blocking(move || store.set_pin(&n, &p))
+                        .await
+                        .expect("no panic")
+                    {
+                        tracing::error!(tool = %name, "cannot pin the tool: {e}");
+                        d.changed = true;
+                        continue;
+                    }
+                    self.audit
+                        .emit_or_log(
+                            "tool_pinned",
+                            &json!({
+                                "ts": crate::audit::now(), "event": "tool_pinned", "tool": name, "server": d.server,
+                                "sha256": sha, "by": "first-seen",
+                            }),
+                        )
+                        .await;
+                }
+            }
+        }
+        found.sort_by_key(DiscoveredTool::exposed_name);
+        if found != previous {
+            *self.discovered.lock().expect("discovered lock") = found;
+            let _ = self.reload_now(trigger).await;
+        }
+    }
+
+    /// Approves an upstream MCP tool's current definition: it is pinned, visible and callable.
+    pub async fn approve_tool(
+        &self,
+        name: &str,
+        by: &str,
+        comment: &str,
+    ) -> Result<Option<DiscoveredTool>, crate::approval::ApprovalError> {
+        let Some(tool) = self.discovered_tools().into_iter().find(|d| d.exposed_name() == name) else {
+            return Ok(None);
+        };
+        let sha = tool.definition_sha256();
+        let pin = Pin {
+            sha256: sha.clone(),
+            description: tool.description.clone(),
+            input_schema: tool.input_schema.clone(),
+            pinned_at: crate::state::unix_now(),
+            pinned_by: by.to_owned(),
+        };
+        let (store, n) = (self.approvals.clone(), name.to_owned());
+        tokio::task::spawn_blocking(move || store.set_pin(&n, &pin))
+            .await
+            .expect("no panic")?;
+        for d in self.discovered.lock().expect("discovered lock").iter_mut() {
+            if d.exposed_name() == name {
+                d.changed = false;
+            }
+        }
+        self.audit
+            .emit_or_log(
+                "tool_approved",
+                &json!({
+                    "ts": crate::audit::now(), "event": "tool_approved", "tool": name, "server": tool.server,
+                    "sha256": sha, "by": by, "comment": comment,
+                }),
+            )
+            .await;
+        let _ = self.reload_now("tool_approved").await;
+        Ok(Some(DiscoveredTool { changed: false, ..tool }))
+    }
+
+    /// Rebuilds the policy with the current MCP catalog, whether or not the files changed.
+    async fn reload_now(&self, trigger: &str) -> Result<String, ConfigError> {
+        if self.policy_dir.is_none() {
+            return Ok(self.policy().version.clone());
+        }
+        self.force_reload.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.reload(trigger).await
+    }
+
     /// An approver's decision, stored and audited with who, when and why.
     pub async fn decide_approval(
         &self,
@@ -690,8 +874,35 @@ impl Gateway {
         let timeout = tool
             .timeout
             .unwrap_or(Duration::from_millis(self.config.limits.upstream_timeout_ms));
+        let method = match &tool.target {
+            Target::Http { method, .. } => *method,
+            Target::Mcp { server, tool: name } => {
+                let server = policy.mcp_servers.get(server).expect("discovered tools have a server");
+                let started = Instant::now();
+                let result = self
+                    .mcp_client
+                    .call_tool(server, name, &Value::Object(args.clone()), timeout)
+                    .await
+                    .map(|outcome| {
+                        let (status, body) = match outcome {
+                            RpcOutcome::Result(r) => (200, r),
+                            RpcOutcome::Error { code, message } => (
+                                502,
+                                json!({"error": {"code": "upstream_error", "message": format!("The MCP server refused the call ({code}): {message}")}}),
+                            ),
+                        };
+                        Inbound {
+                            status,
+                            content_type: Some(HeaderValue::from_static("application/json")),
+                            body: Bytes::from(serde_json::to_vec(&body).expect("JSON serialises")),
+                            duration: started.elapsed(),
+                        }
+                    });
+                return self.finish_forward(policy, req, rec, tool, started, result);
+            }
+        };
         let out = Outbound {
-            method: tool.method,
+            method,
             url,
             arguments: args,
             body,
@@ -704,6 +915,19 @@ impl Gateway {
         };
         let started = Instant::now();
         let result = self.upstream.forward(&out).await;
+        self.finish_forward(policy, req, rec, tool, started, result)
+    }
+
+    /// Metrics, the audit record and error mapping for a forwarded call, then output filters.
+    fn finish_forward(
+        &self,
+        policy: &Policy,
+        req: &CallRequest<'_>,
+        rec: &mut Record,
+        tool: &crate::policy::tool::Tool,
+        started: Instant,
+        result: Result<Inbound, UpstreamError>,
+    ) -> Result<(Inbound, Bytes), Reason> {
         let elapsed = started.elapsed();
         metrics::histogram!("toolgate_upstream_duration_seconds", "tool" => tool.name.clone())
             .record(elapsed.as_secs_f64());

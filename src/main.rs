@@ -309,7 +309,7 @@ fn explain(config_path: &Path, agent: &str, tool: &str, args: &str, session: Opt
     if let (Some(t), Some(url)) = (eval.tool, &eval.url)
         && eval.decision.is_allow()
     {
-        out["upstream"] = json!({"method": t.method.as_str(), "url": url});
+        out["upstream"] = json!({"method": t.target.kind(), "url": url});
         out["arguments"] = eval.arguments.clone().unwrap_or_default();
     }
     println!("{}", serde_json::to_string_pretty(&out)?);

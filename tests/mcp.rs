@@ -374,3 +374,153 @@ async fn an_approval_required_call_says_how_to_approve_and_retry() {
     assert_eq!(report["calls"][1]["error"]["data"]["code"], "approval_denied");
     assert_eq!(h.upstream.count("/refunds/O-1"), 1);
 }
+
+/// A real upstream MCP server (the SDK's own), killed when dropped.
+struct UpstreamMcp {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for UpstreamMcp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn upstream_mcp(rug_pull: &std::path::Path) -> UpstreamMcp {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/upstream_server.py");
+    let python = tokio::task::spawn_blocking(python).await.unwrap();
+    let child = std::process::Command::new(python)
+        .arg(script)
+        .arg(port.to_string())
+        .arg(rug_pull)
+        .spawn()
+        .unwrap();
+    let server = UpstreamMcp { child, port };
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return server;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the upstream MCP server did not start");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_mcp_tools_are_exposed_filtered_and_pinned_against_rug_pulls() {
+    let dir = tempfile::tempdir().unwrap();
+    let trigger = dir.path().join("rug-pull");
+    let crm = upstream_mcp(&trigger).await;
+    let policy = format!(
+        "mcp_servers:\n  crm: {{ url: \"http://127.0.0.1:{}/mcp\", filters: {{ output: [ pii ] }} }}\nagents:\n  crm-bot:\n    credentials: {{ api_key_sha256: [ \"{}\" ] }}\n    tools: [ crm.* ]\n",
+        crm.port,
+        support::sha256_hex("crm-key")
+    );
+    let h = Harness::start_full("mcp: { refresh_seconds: 3600 }\n", &[("crm.yaml", &policy)]).await;
+    assert_eq!(h.admin("POST", "/admin/reload", true).await.status, 200);
+    let listed = h.admin("GET", "/admin/tools", true).await.json();
+    assert_eq!(listed["tools"].as_array().unwrap().len(), 2, "{listed}");
+    assert!(
+        listed["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["state"] == "approved")
+    );
+    let url = format!("{}/mcp", h.data);
+
+    // Exposed under the server's prefix, to the agents whose allowlist names them.
+    let plan = json!({"mode": "2026-07-28", "calls": [
+        {"tool": "crm.lookup", "args": {"customer_id": "C-1"}},
+        {"tool": "crm.notes", "args": {"customer_id": "C-1"}},
+    ]});
+    let report = client(url.clone(), "crm-key", plan.clone()).await;
+    assert_eq!(names(&report), ["crm.lookup", "crm.notes"]);
+    let result = &report["calls"][0]["result"];
+    assert_eq!(result["isError"], false, "{report}");
+    // The server's output went through the output filter before the agent saw it.
+    let text = result.to_string();
+    assert!(!text.contains("ada@example.com"), "{text}");
+    assert!(text.contains("[REDACTED:email]"), "{text}");
+    // The server's own CallToolResult passes through.
+    assert_eq!(
+        report["calls"][1]["result"]["content"][0]["text"],
+        "Customer C-1 prefers email."
+    );
+    let support = client(url.clone(), SUPPORT_KEY, json!({"mode": "2026-07-28"})).await;
+    assert!(!names(&support).iter().any(|n| n.starts_with("crm.")));
+    let event = h
+        .audit()
+        .into_iter()
+        .find(|e| e["event"] == "tool_call" && e["tool"] == "crm.lookup")
+        .unwrap();
+    assert_eq!(event["decision"], "allow");
+    assert_eq!(event["agent"], "crm-bot");
+
+    // The rug pull: the server changes the tool's description. It is hidden and refused.
+    std::fs::write(&trigger, "now").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(h.admin("POST", "/admin/reload", true).await.status, 200);
+    let report = client(url.clone(), "crm-key", plan.clone()).await;
+    assert_eq!(names(&report), ["crm.notes"], "a changed tool is invisible");
+    let e = &report["calls"][0]["error"];
+    assert_eq!(e["data"]["code"], "tool_changed", "{report}");
+    assert!(
+        e["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/admin/tools/crm.lookup/approve")
+    );
+    let changed: Vec<Value> = h
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "tool_definition_changed")
+        .collect();
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0]["tool"], "crm.lookup");
+    assert_eq!(changed[0]["description_changed"], true);
+    assert_eq!(changed[0]["schema_changed"], false);
+    // Asking again does not re-announce the same change.
+    assert_eq!(h.admin("POST", "/admin/reload", true).await.status, 200);
+    assert_eq!(
+        h.audit()
+            .iter()
+            .filter(|e| e["event"] == "tool_definition_changed")
+            .count(),
+        1
+    );
+    let listed = h.admin("GET", "/admin/tools", true).await.json();
+    let lookup = listed["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "crm.lookup")
+        .unwrap()
+        .clone();
+    assert_eq!(lookup["state"], "changed");
+
+    // An operator reviews the new definition and approves it: visible and callable again.
+    let ok = h
+        .admin_json(
+            "POST",
+            "/admin/tools/crm.lookup/approve",
+            &json!({"by": "sam", "comment": "reviewed"}),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    let report = client(url, "crm-key", plan).await;
+    assert_eq!(names(&report), ["crm.lookup", "crm.notes"]);
+    assert_eq!(report["calls"][0]["result"]["isError"], false, "{report}");
+    let approved: Vec<Value> = h
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "tool_approved")
+        .collect();
+    assert_eq!(approved[0]["by"], "sam");
+}

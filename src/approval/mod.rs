@@ -1,5 +1,6 @@
 //! Human approval: calls held by an `@approval` rule, persisted in an embedded store (redb) so a
-//! restart between request and decision loses nothing.
+//! restart between request and decision loses nothing. The same store keeps the pinned
+//! definitions of upstream MCP tools (a restart must not forget what was approved).
 //!
 //! An approval is bound to the agent, the tool and the SHA-256 of the call's canonical
 //! arguments. It is used at most once: the check and the `used` mark happen in one write
@@ -18,6 +19,21 @@ use serde_json::Value;
 const APPROVALS: TableDefinition<&str, &[u8]> = TableDefinition::new("approvals");
 /// `agent \0 tool \0 arguments_sha256` → id of the pending approval for that exact call.
 const PENDING: TableDefinition<&str, &str> = TableDefinition::new("pending");
+
+/// Exposed tool name → the pinned definition of an upstream MCP tool (JSON [`Pin`]).
+const PINS: TableDefinition<&str, &[u8]> = TableDefinition::new("tool_pins");
+
+/// An upstream MCP tool's definition as first seen (or last approved by an operator).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Pin {
+    pub sha256: String,
+    pub description: String,
+    pub input_schema: Value,
+    /// Unix seconds.
+    pub pinned_at: u64,
+    /// `first-seen`, or the operator who approved this definition.
+    pub pinned_by: String,
+}
 
 /// Decided, used or expired approvals are pruned this long after they stopped mattering.
 const KEEP_FOR_SECS: u64 = 7 * 24 * 3600;
@@ -368,6 +384,31 @@ impl Approvals {
             txn.abort().map_err(|e| ApprovalError::Store(e.to_string()))?;
         }
         Ok(outcome)
+    }
+
+    /// The pinned definition of an upstream MCP tool.
+    pub fn pin(&self, tool: &str) -> Result<Option<Pin>, ApprovalError> {
+        let txn = self.db.begin_read()?;
+        let table = match txn.open_table(PINS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match table.get(tool)? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(bytes.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Pins (or re-pins) a tool's definition.
+    pub fn set_pin(&self, tool: &str, pin: &Pin) -> Result<(), ApprovalError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(PINS)?;
+            table.insert(tool, serde_json::to_vec(pin)?.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     fn prune(&self, now: u64) -> Result<(), ApprovalError> {

@@ -270,6 +270,14 @@ pub struct McpConfig {
     /// A session unused this long ends (default 3600).
     #[serde(default = "default_session_idle")]
     pub session_idle_seconds: u64,
+    /// How often upstream MCP servers (`mcp_servers:` in policy) are asked for their tools
+    /// (default 60; also at start and on `POST /admin/reload`).
+    #[serde(default = "default_refresh")]
+    pub refresh_seconds: u64,
+}
+
+fn default_refresh() -> u64 {
+    60
 }
 
 fn default_max_sessions() -> usize {
@@ -285,6 +293,7 @@ impl Default for McpConfig {
             allowed_origins: Vec::new(),
             max_sessions: default_max_sessions(),
             session_idle_seconds: default_session_idle(),
+            refresh_seconds: default_refresh(),
         }
     }
 }
@@ -393,6 +402,7 @@ impl ServerConfig {
         for (key, zero) in [
             ("max_sessions", raw.mcp.max_sessions == 0),
             ("session_idle_seconds", raw.mcp.session_idle_seconds == 0),
+            ("refresh_seconds", raw.mcp.refresh_seconds == 0),
         ] {
             if zero {
                 problems.push(doc.problem(&root.key("mcp").key(key), "must be greater than 0"));

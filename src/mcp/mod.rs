@@ -18,6 +18,7 @@
 //! calls past other gateways.
 
 pub mod sessions;
+pub mod upstream;
 
 use std::sync::Arc;
 
@@ -488,7 +489,7 @@ fn tools_list(mcp: &Mcp, id: &Value, agent: &str, revision: &Revision) -> Reply 
     let tools: Vec<Value> = policy
         .tools
         .values()
-        .filter(|t| a.allowlist.allows(&t.name))
+        .filter(|t| a.allowlist.allows(&t.name) && !t.changed)
         .map(|t| {
             let mut schema = t.schema_source.clone().unwrap_or_else(|| json!({"type": "object"}));
             if let Some(obj) = schema.as_object_mut() {
@@ -583,8 +584,27 @@ async fn tools_call(
         return Reply::error(StatusCode::OK, id, BLOCKED, message, Some(data));
     }
 
-    // Allowed: the tool ran (or failed trying). Its answer becomes a CallToolResult.
+    // Allowed: the tool ran (or failed trying). Its answer becomes a CallToolResult; an
+    // upstream MCP server's own CallToolResult passes through (after output filters).
     let ok = (200..300).contains(&resp.status);
+    let from_mcp_server = matches!(
+        mcp.gateway.policy().tools.get(name).map(|t| &t.target),
+        Some(crate::policy::tool::Target::Mcp { .. })
+    );
+    if ok
+        && from_mcp_server
+        && let Ok(Value::Object(mut result)) = serde_json::from_slice::<Value>(&resp.body)
+    {
+        if *revision == Revision::Stateless {
+            result.insert("resultType".into(), json!("complete"));
+        } else {
+            result.remove("resultType");
+            if result.get("structuredContent").is_some_and(|v| !v.is_object()) {
+                result.remove("structuredContent");
+            }
+        }
+        return Reply::result(id, Value::Object(result));
+    }
     let text = String::from_utf8_lossy(&resp.body).into_owned();
     let mut result = json!({"content": [{"type": "text", "text": text}], "isError": !ok});
     let is_json = resp

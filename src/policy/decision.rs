@@ -17,6 +17,8 @@ pub enum Code {
     RateLimited,
     BudgetExceeded,
     AgentQuarantined,
+    /// An upstream MCP tool's definition changed since it was pinned.
+    ToolChanged,
     PayloadTooLarge,
     UpstreamTimeout,
     UpstreamError,
@@ -45,6 +47,7 @@ impl Code {
             Code::RateLimited => "rate_limited",
             Code::BudgetExceeded => "budget_exceeded",
             Code::AgentQuarantined => "agent_quarantined",
+            Code::ToolChanged => "tool_changed",
             Code::PayloadTooLarge => "payload_too_large",
             Code::UpstreamTimeout => "upstream_timeout",
             Code::UpstreamError => "upstream_error",
@@ -66,7 +69,8 @@ impl Code {
             | Code::ContentBlocked
             | Code::RuleDenied
             | Code::ApprovalDenied
-            | Code::AgentQuarantined => 403,
+            | Code::AgentQuarantined
+            | Code::ToolChanged => 403,
             Code::InvalidArguments => 422,
             Code::ApprovalRequired => 202,
             Code::RateLimited | Code::BudgetExceeded => 429,

@@ -33,7 +33,7 @@ use history::{Fact, History};
 use identity::{Authenticator, JwtConfig, JwtVerifier, parse_key_digest};
 use limits::{AgentLimits, AnomalyConfig};
 use rules::Rules;
-use tool::{Method, Tool, ToolConfig, UrlTemplate};
+use tool::{DiscoveredTool, McpServer, McpServerConfig, Method, Target, Tool, ToolConfig, UrlTemplate};
 
 /// One policy file as written. Each entry is decoded on its own so one mistake hides no other.
 #[derive(Debug, Deserialize)]
@@ -49,6 +49,8 @@ struct PolicyFileRaw {
     auth: Option<Value>,
     #[serde(default)]
     anomaly: Option<Value>,
+    #[serde(default)]
+    mcp_servers: Map<String, Value>,
 }
 
 /// `agents.<id>` in a policy file.
@@ -169,12 +171,19 @@ pub struct Policy {
     pub recorded: HashMap<String, Vec<Arc<str>>>,
     /// How long history must be kept: the longest fact window.
     pub history_retention: Duration,
+    /// Upstream MCP servers; their tools are in `tools` once discovered.
+    pub mcp_servers: BTreeMap<String, McpServer>,
 }
 
 impl Policy {
     /// Loads every `*.yaml`/`*.yml` and `*.cedar` file in `dir` (not subdirectories: test cases
     /// live in `dir/tests/`).
     pub fn load(dir: &Path) -> Result<Policy, ConfigError> {
+        Self::load_with(dir, &[])
+    }
+
+    /// [`Policy::load`], with the tools discovered on upstream MCP servers.
+    pub fn load_with(dir: &Path, discovered: &[DiscoveredTool]) -> Result<Policy, ConfigError> {
         let shown = dir.display().to_string();
         let entries = std::fs::read_dir(dir)
             .map_err(|e| ConfigError::file(&shown, format!("cannot read the policy directory: {e}")))?;
@@ -198,7 +207,7 @@ impl Policy {
                     .remove(0),
             );
         }
-        match Self::compile(&sources, |p| std::fs::read_to_string(p)) {
+        match Self::compile_with(&sources, |p| std::fs::read_to_string(p), discovered) {
             Ok(policy) => problems.finish(policy),
             Err(e) => {
                 problems.extend(e);
@@ -219,6 +228,7 @@ impl Policy {
             rules: Rules::empty(),
             recorded: HashMap::new(),
             history_retention: Duration::ZERO,
+            mcp_servers: BTreeMap::new(),
         }
     }
 
@@ -227,6 +237,17 @@ impl Policy {
     pub fn compile(
         sources: &[(String, String)],
         read: impl Fn(&Path) -> std::io::Result<String>,
+    ) -> Result<Policy, ConfigError> {
+        Self::compile_with(sources, read, &[])
+    }
+
+    /// [`Policy::compile`], with the tools discovered on upstream MCP servers (exposed as
+    /// `<server>.<tool>`, with the server's filters; a tool whose definition changed since it
+    /// was pinned is marked `changed`).
+    pub fn compile_with(
+        sources: &[(String, String)],
+        read: impl Fn(&Path) -> std::io::Result<String>,
+        discovered: &[DiscoveredTool],
     ) -> Result<Policy, ConfigError> {
         let mut problems = Problems::default();
         let mut hasher = Sha256::new();
@@ -332,6 +353,109 @@ impl Policy {
             }
         }
 
+        let mut mcp_servers = BTreeMap::new();
+        for (doc, raw) in &raw_files {
+            for (name, value) in &raw.mcp_servers {
+                let path = KeyPath::root().key("mcp_servers").key(name);
+                if name.is_empty()
+                    || name.len() > 64
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                {
+                    problems.push(doc.problem(
+                        &path,
+                        "MCP server names are 1 to 64 letters, digits, `_` or `-` (its tools are `<name>.<tool>`)",
+                    ));
+                    continue;
+                }
+                if !first_definition("mcp_servers", name, doc, &path, &mut problems) {
+                    continue;
+                }
+                let Ok(c) = doc
+                    .decode::<McpServerConfig>(&path, value)
+                    .map_err(|p| problems.push(p))
+                else {
+                    continue;
+                };
+                if let Err(e) = UrlTemplate::parse(&c.url).and_then(|t| match t.placeholders().next() {
+                    Some(_) => Err("must not have placeholders".to_owned()),
+                    None => Ok(()),
+                }) {
+                    problems.push(doc.problem(&path.key("url"), e));
+                }
+                if c.timeout_ms == Some(0) {
+                    problems.push(doc.problem(&path.key("timeout_ms"), "must be greater than 0"));
+                }
+                let prefix = format!("{name}.");
+                for tool in defined_tools.iter().filter(|t| t.starts_with(&prefix)) {
+                    problems.push(doc.problem(&path, format!("the tool `{tool}` is also defined in `tools:`; names under `{prefix}` belong to this MCP server")));
+                }
+                let resolve = |list: &[String], key: &str, problems: &mut Problems| -> Vec<usize> {
+                    list.iter()
+                        .enumerate()
+                        .filter_map(|(i, f)| {
+                            let idx = filter_index.get(f).copied();
+                            if idx.is_none() {
+                                problems.push(doc.problem(
+                                    &path.key("filters").key(key).index(i),
+                                    format!("no filter named `{f}` is defined"),
+                                ));
+                            }
+                            idx
+                        })
+                        .collect()
+                };
+                let input_filters = resolve(&c.filters.input, "input", &mut problems);
+                let output_filters = resolve(&c.filters.output, "output", &mut problems);
+                mcp_servers.insert(
+                    name.clone(),
+                    McpServer {
+                        name: name.clone(),
+                        url: c.url,
+                        timeout: c.timeout_ms.map(Duration::from_millis),
+                        input_filters,
+                        output_filters,
+                    },
+                );
+            }
+        }
+        for d in discovered {
+            let Some(server) = mcp_servers.get(&d.server) else {
+                continue;
+            };
+            // The version covers what the servers listed: a decision records the catalog too.
+            hasher.update(d.exposed_name().as_bytes());
+            hasher.update(d.definition_sha256().as_bytes());
+            hasher.update([u8::from(d.changed)]);
+            let name = d.exposed_name();
+            // A tool the gateway cannot name or validate is not exposed at all.
+            if !is_valid_tool_name(&name) || tools.contains_key(&name) || !d.input_schema.is_object() {
+                continue;
+            }
+            let Ok(schema) = ArgumentSchema::compile(&d.input_schema) else {
+                continue;
+            };
+            tools.insert(
+                name.clone(),
+                Tool {
+                    name,
+                    description: d.description.clone(),
+                    target: Target::Mcp {
+                        server: d.server.clone(),
+                        tool: d.tool.clone(),
+                    },
+                    timeout: server.timeout,
+                    schema: Some(schema),
+                    schema_source: Some(d.input_schema.clone()),
+                    input_filters: server.input_filters.clone(),
+                    output_filters: server.output_filters.clone(),
+                    facts: Vec::new(),
+                    changed: d.changed,
+                },
+            );
+        }
+
         let mut jwt = None;
         for (doc, raw) in &raw_files {
             let Some(auth) = &raw.auth else { continue };
@@ -377,7 +501,12 @@ impl Policy {
                 for (i, entry) in config.tools.iter().enumerate() {
                     let at = path.key("tools").index(i);
                     match ToolPattern::parse(entry) {
-                        Ok(ToolPattern::Exact(name)) if !defined_tools.contains(name.as_str()) => {
+                        Ok(ToolPattern::Exact(name))
+                            if !defined_tools.contains(name.as_str())
+                                && !raw_files
+                                    .iter()
+                                    .any(|(_, r)| r.mcp_servers.keys().any(|s| name.starts_with(&format!("{s}.")))) =>
+                        {
                             problems.push(doc.problem(&at, format!("no tool named `{name}` is defined")));
                         }
                         Ok(p) => patterns.push(p),
@@ -465,6 +594,7 @@ impl Policy {
             rules,
             recorded,
             history_retention,
+            mcp_servers,
         })
     }
 
@@ -527,6 +657,17 @@ impl Policy {
             );
         };
         eval.tool = Some(tool);
+        if tool.changed {
+            eval.arguments_sha256 = arguments::sha256_hex(call.body);
+            let msg = format!(
+                "The definition of tool '{}' changed on its MCP server since it was approved; it is blocked until an operator reviews it (POST /admin/tools/{}/approve).",
+                tool.name, tool.name
+            );
+            return deny(
+                eval,
+                Reason::new(Code::ToolChanged, Stage::Allowlist, "tool-pinning", msg),
+            );
+        }
 
         let args = match arguments::parse(call.body, limits.max_json_depth) {
             Ok(args) => args,
@@ -550,13 +691,15 @@ impl Policy {
             );
         }
         // Placeholders are filled from the arguments as validated, before any redaction.
-        match tool.url.fill(args.as_object().expect("parsed as an object")) {
-            Ok(url) => eval.url = Some(url),
-            Err(message) => {
-                return deny(
-                    eval,
-                    Reason::new(Code::InvalidArguments, Stage::Arguments, "url", message),
-                );
+        if let Target::Http { url, .. } = &tool.target {
+            match url.fill(args.as_object().expect("parsed as an object")) {
+                Ok(url) => eval.url = Some(url),
+                Err(message) => {
+                    return deny(
+                        eval,
+                        Reason::new(Code::InvalidArguments, Stage::Arguments, "url", message),
+                    );
+                }
             }
         }
 
@@ -705,14 +848,17 @@ fn compile_tool(
     Some(Tool {
         name: name.to_owned(),
         description: c.description,
-        url: url?,
-        method: method?,
+        target: Target::Http {
+            url: url?,
+            method: method?,
+        },
         timeout: c.upstream.timeout_ms.map(std::time::Duration::from_millis),
         schema,
         schema_source: c.arguments,
         input_filters,
         output_filters,
         facts,
+        changed: false,
     })
 }
 

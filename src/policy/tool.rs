@@ -206,8 +206,7 @@ impl UrlTemplate {
 pub struct Tool {
     pub name: String,
     pub description: String,
-    pub url: UrlTemplate,
-    pub method: Method,
+    pub target: Target,
     pub timeout: Option<Duration>,
     pub schema: Option<ArgumentSchema>,
     /// The schema as written, for `tools/list` and `explain`.
@@ -216,6 +215,82 @@ pub struct Tool {
     pub output_filters: Vec<usize>,
     /// Facts about earlier calls, computed for this tool's rules.
     pub facts: Vec<super::history::Fact>,
+    /// An upstream MCP tool whose definition differs from the one pinned: hidden from
+    /// `tools/list` and refused (`tool_changed`) until an admin approves the new definition.
+    pub changed: bool,
+}
+
+/// Where an allowed call goes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// An HTTP tool: the URL template and method from `upstream:`.
+    Http { url: UrlTemplate, method: Method },
+    /// A tool of an upstream MCP server (`mcp_servers:`), called with `tools/call`.
+    Mcp { server: String, tool: String },
+}
+
+impl Target {
+    /// For summaries: the HTTP method, or `MCP`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Http { method, .. } => method.as_str(),
+            Target::Mcp { .. } => "MCP",
+        }
+    }
+}
+
+/// `mcp_servers.<name>` in a policy file: an upstream MCP server whose tools are exposed as
+/// `<name>.<tool>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerConfig {
+    /// Its Streamable HTTP endpoint, `http://host:port/mcp`.
+    pub url: String,
+    #[serde(default)]
+    pub description: String,
+    /// Per call (default `limits.upstream_timeout_ms`).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Filters for every tool of this server (input: arguments; output: results).
+    #[serde(default)]
+    pub filters: FilterRefs,
+}
+
+/// A compiled upstream MCP server.
+#[derive(Debug, Clone)]
+pub struct McpServer {
+    pub name: String,
+    pub url: String,
+    pub timeout: Option<Duration>,
+    pub input_filters: Vec<usize>,
+    pub output_filters: Vec<usize>,
+}
+
+/// A tool an upstream MCP server listed, as the gateway discovered it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoveredTool {
+    pub server: String,
+    /// The upstream's own name for it (the exposed name is `<server>.<tool>`).
+    pub tool: String,
+    pub description: String,
+    pub input_schema: Value,
+    /// The definition differs from the pinned one.
+    pub changed: bool,
+}
+
+impl DiscoveredTool {
+    pub fn exposed_name(&self) -> String {
+        format!("{}.{}", self.server, self.tool)
+    }
+
+    /// SHA-256 over name, description and input schema (canonical): the pinned identity.
+    pub fn definition_sha256(&self) -> String {
+        let mut def = Map::new();
+        def.insert("name".into(), Value::from(self.tool.clone()));
+        def.insert("description".into(), Value::from(self.description.clone()));
+        def.insert("inputSchema".into(), self.input_schema.clone());
+        super::arguments::sha256_hex(&super::arguments::canonical(&def))
+    }
 }
 
 #[cfg(test)]

@@ -62,6 +62,8 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
         .route("/admin/policy", get(policy))
         .route("/admin/agents/{id}", get(agent_status))
         .route("/admin/agents/{id}/quarantine", post(quarantine).delete(release))
+        .route("/admin/tools", get(list_mcp_tools))
+        .route("/admin/tools/{name}/approve", post(approve_tool))
         .route("/admin/approvals", get(list_approvals))
         .route("/admin/approvals/{id}", get(get_approval))
         .route("/admin/approvals/{id}/approve", post(approve))
@@ -132,7 +134,17 @@ async fn render_metrics() -> Response {
 async fn reload(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let id = request_id(&req);
     let before = gw.policy().version.clone();
-    match gw.reload("admin").await {
+    let reloaded = gw.reload("admin").await;
+    // Upstream MCP servers are asked again too (their tools are part of the policy).
+    gw.refresh_mcp("admin").await;
+    let reloaded = reloaded.map(|v| {
+        if gw.policy().version != v {
+            gw.policy().version.clone()
+        } else {
+            v
+        }
+    });
+    match reloaded {
         Ok(version) => axum::Json(json!({
             "status": if version == before { "unchanged" } else { "reloaded" },
             "policy_version": version,
@@ -172,7 +184,7 @@ async fn policy(State(gw): State<Arc<Gateway>>) -> Response {
     let tools: Vec<Value> = p
         .tools
         .values()
-        .map(|t| json!({"name": t.name, "description": t.description, "method": t.method.as_str(), "has_schema": t.schema.is_some(),
+        .map(|t| json!({"name": t.name, "description": t.description, "method": t.target.kind(), "changed": t.changed, "has_schema": t.schema.is_some(),
             "input_filters": t.input_filters.iter().map(|&i| &p.filters[i].name).collect::<Vec<_>>(),
             "output_filters": t.output_filters.iter().map(|&i| &p.filters[i].name).collect::<Vec<_>>()}))
         .collect();
@@ -375,6 +387,43 @@ async fn decide(gw: Arc<Gateway>, id: String, approve: bool, req: Request) -> Re
                 "This approval is {}: only a pending approval can be decided.",
                 status.as_str()
             ),
+            &rid,
+        ),
+        Err(e) => store_unavailable(e, &rid),
+    }
+}
+
+/// The tools upstream MCP servers listed, and whether each matches its pinned definition.
+async fn list_mcp_tools(State(gw): State<Arc<Gateway>>) -> Response {
+    let tools: Vec<Value> = gw
+        .discovered_tools()
+        .iter()
+        .map(|d| {
+            json!({"name": d.exposed_name(), "server": d.server, "description": d.description,
+                "sha256": d.definition_sha256(), "state": if d.changed { "changed" } else { "approved" }})
+        })
+        .collect();
+    axum::Json(json!({"tools": tools})).into_response()
+}
+
+/// Approves an upstream MCP tool's current definition (`{"by": "...", "comment": "..."}`).
+async fn approve_tool(State(gw): State<Arc<Gateway>>, Path(name): Path<String>, req: Request) -> Response {
+    let rid = request_id(&req);
+    let a = match action(req).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    match gw
+        .approve_tool(&name, &a.by.unwrap_or_default(), &a.comment.unwrap_or_default())
+        .await
+    {
+        Ok(Some(t)) => {
+            axum::Json(json!({"name": t.exposed_name(), "sha256": t.definition_sha256(), "state": "approved"}))
+                .into_response()
+        }
+        Ok(None) => error_response(
+            Code::NotFound,
+            "No upstream MCP tool by that name was discovered.",
             &rid,
         ),
         Err(e) => store_unavailable(e, &rid),

@@ -150,6 +150,18 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
             wait(stopped.clone()),
         )),
     ];
+    // Upstream MCP servers: discover their tools at once, then every `mcp.refresh_seconds`.
+    let gw = gateway.clone();
+    let mut stop_refresh = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(gw.config.mcp.refresh_seconds));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => gw.refresh_mcp("refresh").await,
+                _ = stop_refresh.changed() => return,
+            }
+        }
+    }));
     let gw = gateway.clone();
     let mut stop_watch = stopped.clone();
     tasks.push(tokio::spawn(async move {
