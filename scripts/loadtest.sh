@@ -2,7 +2,9 @@
 # Load test: toolgate (bundled policies: API-key auth, allowlist, JSON Schema, content filter,
 # redacted audit to a file, metrics) and a bare hyper pass-through proxy in front of the same
 # upstream, measured in one run with wrk. Prints throughput, p50/p99 latency and the proxy's CPU
-# time per request, and toolgate's ratios to the bare proxy.
+# time per request, and toolgate's ratios to the bare proxy. A third run sends the same call as
+# an MCP `tools/call` (stateless revision 2026-07-28) to `/mcp`, and compares it with the plain
+# HTTP path.
 #
 #   scripts/loadtest.sh                 # 64 connections, 10 s per target
 #   CONNS=64 DURATION=20 scripts/loadtest.sh
@@ -25,7 +27,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 mkdir -p "$work/policies"
-for f in policies/*.yaml; do
+for f in policies/*.yaml policies/*.cedar; do
   sed 's#http://127.0.0.1:9001#http://127.0.0.1:19100#g' "$f" > "$work/policies/$(basename "$f")"
 done
 # A load-test agent on the bundled policies, with limits high enough never to refuse but still
@@ -59,15 +61,23 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer bench-key"
 LUA
 
+cat > "$work/mcp.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "kb.search", "arguments": {"query": "${query:0:270}", "limit": 5}, "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Accept"] = "application/json, text/event-stream"
+wrk.headers["Authorization"] = "Bearer bench-key"
+LUA
+
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 clk=$(getconf CLK_TCK)
 
-# run NAME PID URL -> "rps p50_ms p99_ms cpu_us_per_req requests"
+# run NAME PID URL [SCRIPT] -> "rps p50_ms p99_ms cpu_us_per_req requests"
 run() {
-  local pid=$2 url=$3
-  wrk -t"$THREADS" -c"$CONNS" -d2s -s "$work/post.lua" "$url" >/dev/null 2>&1   # warm-up
+  local pid=$2 url=$3 script=${4:-$work/post.lua}
+  wrk -t"$THREADS" -c"$CONNS" -d2s -s "$script" "$url" >/dev/null 2>&1   # warm-up
   local before; before=$(ticks "$pid")
-  wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s "$work/post.lua" "$url" > "$work/$1.txt"
+  wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s "$script" "$url" > "$work/$1.txt"
   local after; after=$(ticks "$pid")
   awk -v t=$((after - before)) -v clk="$clk" '
     function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
@@ -78,8 +88,13 @@ run() {
 
 read -r b_rps b_p50 b_p99 b_cpu b_n < <(run bare "$bare_pid" "http://127.0.0.1:19101/v1/tools/kb.search")
 read -r t_rps t_p50 t_p99 t_cpu t_n < <(run toolgate "$tg_pid" "http://127.0.0.1:19102/v1/tools/kb.search")
-if grep -q "Non-2xx" "$work/bare.txt" "$work/toolgate.txt"; then
-  grep -H "Non-2xx" "$work/bare.txt" "$work/toolgate.txt" >&2
+read -r m_rps m_p50 m_p99 m_cpu m_n < <(run mcp "$tg_pid" "http://127.0.0.1:19102/mcp" "$work/mcp.lua")
+# Every MCP answer must be a CallToolResult, not a JSON-RPC error (which is also HTTP 200).
+body=$(curl -s -X POST http://127.0.0.1:19102/mcp -H 'Content-Type: application/json' -H 'Authorization: Bearer bench-key' \
+  -d '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"kb.search","arguments":{"query":"q"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}')
+case "$body" in *'"isError":false'*) ;; *) echo "loadtest: the MCP call did not succeed: $body" >&2; exit 1 ;; esac
+if grep -q "Non-2xx" "$work/bare.txt" "$work/toolgate.txt" "$work/mcp.txt"; then
+  grep -H "Non-2xx" "$work/bare.txt" "$work/toolgate.txt" "$work/mcp.txt" >&2
   echo "loadtest: some responses were not 2xx, so these figures do not measure forwarded calls" >&2
   exit 1
 fi
@@ -88,6 +103,9 @@ events=$( [ -f "$work/audit.jsonl" ] && wc -l < "$work/audit.jsonl" || echo 0)
 printf '\n%-28s %10s %9s %9s %14s\n' "proxy ($CONNS conns, ${DURATION}s)" "req/s" "p50 ms" "p99 ms" "CPU us/req"
 printf '%-28s %10s %9s %9s %14s\n' "bare hyper pass-through" "$b_rps" "$b_p50" "$b_p99" "$b_cpu"
 printf '%-28s %10s %9s %9s %14s\n' "toolgate (full pipeline)" "$t_rps" "$t_p50" "$t_p99" "$t_cpu"
+printf '%-28s %10s %9s %9s %14s\n' "toolgate, MCP tools/call" "$m_rps" "$m_p50" "$m_p99" "$m_cpu"
 awk -v br="$b_rps" -v tr="$t_rps" -v bc="$b_cpu" -v tc="$t_cpu" -v b50="$b_p50" -v t50="$t_p50" 'BEGIN {
   printf "ratios: CPU per request %.2fx the bare proxy, throughput %.0f%% of it, p50 %.2fx\n", tc / bc, 100 * tr / br, t50 / b50 }'
+awk -v tr="$t_rps" -v mr="$m_rps" -v tc="$t_cpu" -v mc="$m_cpu" 'BEGIN {
+  printf "MCP vs plain HTTP path: CPU per request %.2fx, throughput %.0f%%\n", mc / tc, 100 * mr / tr }'
 echo "audit events written: $events (one per toolgate request, warm-up included)"
