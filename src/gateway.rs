@@ -466,37 +466,61 @@ impl Gateway {
             .now
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        // A pinned MCP tool whose definition changed is refused here too, whatever policy is in
+        // force: if the policy rebuilt with the change failed to load, the last good policy
+        // would still list the tool as approved.
+        if self.is_changed_tool(req.tool) && policy.is_allowed(&agent, req.tool) {
+            return Err(Reason::new(
+                Code::ToolChanged,
+                Stage::Allowlist,
+                "tool-pinning",
+                format!(
+                    "The definition of tool '{}' changed on its MCP server since it was approved; it is blocked until an operator reviews it (POST /admin/tools/{}/approve).",
+                    req.tool, req.tool
+                ),
+            ));
+        }
         let eval = policy.evaluate(&call, self.parse_limits(), &self.state);
         rec.decided_at = Some(Instant::now());
         rec.known_tool = eval.tool.is_some();
         rec.arguments_sha256 = eval.arguments_sha256;
         rec.notes = eval.notes;
-        let mut audit_args = eval.arguments.clone();
-        if let (Some(args), AuditArguments::Redacted) = (&mut audit_args, self.config.audit.arguments) {
+        // Redacted by every detector: what audit events (in `redacted` mode), approvers and the
+        // approval webhook see, whatever the audit mode.
+        let mut redacted_args = eval.arguments.clone();
+        if let Some(args) = &mut redacted_args {
             crate::policy::content::apply(&[&self.audit_redactor], args);
         }
         rec.would_deny = eval.would_deny;
         rec.arguments = match self.config.audit.arguments {
             AuditArguments::Shape => eval.arguments.as_ref().map(arguments::shape),
-            AuditArguments::Redacted => audit_args.clone(),
+            AuditArguments::Redacted => redacted_args.clone(),
         };
+        // A held call with an approval presented passes once the limits admit it; the approval
+        // is spent only then, so a 429 does not use it up.
+        let mut approved: Option<(HoldOwned, String)> = None;
         if let Decision::Deny(reason) = eval.decision {
-            match (reason.code, eval.approval) {
-                (Code::ApprovalRequired, Some(group)) => {
-                    let held = HoldOwned {
-                        agent: agent.to_string(),
-                        tool: req.tool.to_owned(),
-                        rule: reason.rule.clone(),
-                        group,
-                        reason: reason.message.clone(),
-                        arguments: audit_args,
-                        arguments_sha256: rec.arguments_sha256.clone(),
-                        request_id: req.request_id.to_owned(),
-                        session: req.session.map(str::to_owned),
-                    };
-                    self.approval_gate(held, req.approval, reason, rec).await?;
-                }
-                _ => return Err(reason),
+            if reason.code != Code::ApprovalRequired || eval.approvals.is_empty() {
+                return Err(reason);
+            }
+            let mut groups: Vec<&str> = eval.approvals.iter().map(|(_, g)| g.as_str()).collect();
+            groups.sort_unstable();
+            groups.dedup();
+            let held = HoldOwned {
+                agent: agent.to_string(),
+                tool: req.tool.to_owned(),
+                rule: reason.rule.clone(),
+                rules: eval.approvals.iter().map(|(r, _)| r.clone()).collect(),
+                group: groups.join(", "),
+                reason: reason.message.clone(),
+                arguments: redacted_args,
+                arguments_sha256: rec.arguments_sha256.clone(),
+                request_id: req.request_id.to_owned(),
+                session: req.session.map(str::to_owned),
+            };
+            match req.approval {
+                Some(id) => approved = Some((held, id.to_owned())),
+                None => return Err(self.hold(held, reason, rec).await),
             }
         }
         let tool = eval.tool.expect("an allowed call has a tool");
@@ -521,6 +545,11 @@ impl Gateway {
             })?),
             None => None,
         };
+        let give_back = |reservation: Option<crate::state::Reservation>| {
+            if let Some(r) = reservation {
+                self.state.release_tokens(r);
+            }
+        };
         let rate_keys = [
             limits.tools.get(&tool.name).map(|t| {
                 (
@@ -535,9 +564,7 @@ impl Gateway {
         ];
         for (key, per_minute, rule) in rate_keys.into_iter().flatten() {
             if let Err(wait) = self.state.take_rate(&key, per_minute) {
-                if let Some(r) = reservation {
-                    self.state.release_tokens(r);
-                }
+                give_back(reservation);
                 let secs = wait.as_secs_f64().ceil() as u64;
                 return Err(Reason::new(
                     Code::RateLimited,
@@ -555,8 +582,15 @@ impl Gateway {
                 .retry_after(secs));
             }
         }
+        if let Some((held, id)) = approved
+            && let Err(reason) = self.use_approval(held, &id, rec).await
+        {
+            give_back(reservation);
+            return Err(reason);
+        }
 
-        // What history keeps of this call, if some rule looks back at this tool.
+        // History records the call when it is decided, not when the tool answers, so calls in
+        // flight count for the rules of the calls that follow; a call that fails is taken back.
         let past = policy.recorded.get(&tool.name).map(|fields| PastCall {
             tool: tool.name.as_str().into(),
             at_ms: call_ms,
@@ -566,13 +600,19 @@ impl Gateway {
                 .filter_map(|f| args.get(&**f).map(|v| (f.clone(), hash_value(v))))
                 .collect(),
         });
+        if let Some(p) = &past {
+            self.state.record_call(&agent, p.clone(), policy.history_retention);
+        }
         let forwarded = self
             .forward(policy, req, rec, &agent, tool, url, args, body_bytes)
             .await;
-        if let (Some(past), Ok((inbound, _))) = (past, &forwarded)
-            && (200..300).contains(&inbound.status)
-        {
-            self.state.record_call(&agent, past, policy.history_retention);
+        if let Some(p) = past {
+            let succeeded = forwarded
+                .as_ref()
+                .is_ok_and(|(inbound, body)| (200..300).contains(&inbound.status) && !is_mcp_error_result(tool, body));
+            if !succeeded {
+                self.state.forget_call(&agent, &p);
+            }
         }
         let output_tokens = forwarded.as_ref().map_or(0, |(_, body)| estimate_tokens(body.len()));
         rec.tokens = Some(Tokens {
@@ -586,61 +626,76 @@ impl Gateway {
         forwarded
     }
 
-    /// A call a rule holds for approval: with a valid `X-Toolgate-Approval` it passes (once);
-    /// without one it is held, and the approvers are told.
-    async fn approval_gate(
-        &self,
-        held: HoldOwned,
-        presented: Option<&str>,
-        reason: Reason,
-        rec: &mut Record,
-    ) -> Result<(), Reason> {
+    /// Whether an upstream MCP tool is currently marked as changed since its pin.
+    fn is_changed_tool(&self, name: &str) -> bool {
+        self.discovered
+            .lock()
+            .expect("discovered lock")
+            .iter()
+            .any(|d| d.changed && d.exposed_name() == name)
+    }
+
+    fn store_failed(request_id: &str, e: crate::approval::ApprovalError) -> Reason {
+        tracing::error!(request_id, "approval store failed: {e}");
+        Reason::new(
+            Code::Unavailable,
+            Stage::Approval,
+            "approval",
+            "The approval store is unavailable, so the call was refused. Try again later.",
+        )
+    }
+
+    /// Spends the approval `id` on this exact call (checked and marked used in one transaction).
+    async fn use_approval(&self, held: HoldOwned, id: &str, rec: &mut Record) -> Result<(), Reason> {
         let now = crate::state::unix_now();
         let request_id = held.request_id.clone();
-        let store_failed = |e: crate::approval::ApprovalError| {
-            tracing::error!(request_id, "approval store failed: {e}");
-            Reason::new(
-                Code::Unavailable,
-                Stage::Approval,
-                "approval",
-                "The approval store is unavailable, so the call was refused. Try again later.",
-            )
-        };
-        if let Some(id) = presented {
-            let (store, id) = (self.approvals.clone(), id.to_owned());
-            let outcome = tokio::task::spawn_blocking(move || {
-                store.consume(
-                    &id,
-                    &held.agent,
-                    &held.tool,
-                    &held.arguments_sha256,
-                    &held.request_id,
-                    now,
-                )
-            })
+        let rule = held.rule.clone();
+        let (store, id) = (self.approvals.clone(), id.to_owned());
+        let outcome = tokio::task::spawn_blocking(move || store.consume(&id, &held.as_hold(), now))
             .await
             .expect("the approval store does not panic")
-            .map_err(store_failed)?;
-            return match outcome {
-                Ok(approval) => {
-                    rec.approval_id = Some(approval.id);
-                    Ok(())
-                }
-                Err(Refused(why)) => Err(Reason::new(
-                    Code::ApprovalDenied,
+            .map_err(|e| Self::store_failed(&request_id, e))?;
+        match outcome {
+            Ok(approval) => {
+                rec.approval_id = Some(approval.id);
+                Ok(())
+            }
+            Err(Refused(why)) => Err(Reason::new(
+                Code::ApprovalDenied,
+                Stage::Approval,
+                rule,
+                format!(
+                    "The approval presented cannot be used: {why}. Send the call without `X-Toolgate-Approval` to request a new approval."
+                ),
+            )),
+        }
+    }
+
+    /// Holds a call for approval (or finds the pending approval for this exact call) and tells
+    /// the approvers; the reason for the 202.
+    async fn hold(&self, held: HoldOwned, reason: Reason, rec: &mut Record) -> Reason {
+        let now = crate::state::unix_now();
+        let request_id = held.request_id.clone();
+        let store = self.approvals.clone();
+        let outcome = tokio::task::spawn_blocking(move || store.request(held.as_hold(), now))
+            .await
+            .expect("the approval store does not panic");
+        let (approval, new) = match outcome {
+            Ok(Ok(found)) => found,
+            Ok(Err(crate::approval::TooMany)) => {
+                return Reason::new(
+                    Code::RateLimited,
                     Stage::Approval,
                     reason.rule,
                     format!(
-                        "The approval presented cannot be used: {why}. Send the call without `X-Toolgate-Approval` to request a new approval."
+                        "This agent already has {} approvals pending; wait for them to be decided before asking for more.",
+                        crate::approval::MAX_PENDING_PER_AGENT
                     ),
-                )),
-            };
-        }
-        let store = self.approvals.clone();
-        let (approval, new) = tokio::task::spawn_blocking(move || store.request(held.as_hold(), now))
-            .await
-            .expect("the approval store does not panic")
-            .map_err(store_failed)?;
+                )
+                .retry_after(60);
+            }
+            Err(e) => return Self::store_failed(&request_id, e),
+        };
         rec.approval_id = Some(approval.id.clone());
         if new {
             metrics::counter!("toolgate_approvals_requested_total", "tool" => approval.tool.clone()).increment(1);
@@ -654,7 +709,7 @@ impl Gateway {
             reason.message, approval.group, approval.id, approval.id
         );
         reason.approval_id = Some(approval.id);
-        Err(reason)
+        reason
     }
 
     /// The tools upstream MCP servers listed at the last refresh.
@@ -778,17 +833,22 @@ impl Gateway {
         }
     }
 
-    /// Approves an upstream MCP tool's current definition: it is pinned, visible and callable.
+    /// Approves an upstream MCP tool's definition — the one with hash `reviewed`, which must be
+    /// the current one (`Err(Some(current))` otherwise): it is pinned, visible and callable.
     pub async fn approve_tool(
         &self,
         name: &str,
+        reviewed: &str,
         by: &str,
         comment: &str,
-    ) -> Result<Option<DiscoveredTool>, crate::approval::ApprovalError> {
+    ) -> Result<Result<DiscoveredTool, Option<String>>, crate::approval::ApprovalError> {
         let Some(tool) = self.discovered_tools().into_iter().find(|d| d.exposed_name() == name) else {
-            return Ok(None);
+            return Ok(Err(None));
         };
         let sha = tool.definition_sha256();
+        if sha != reviewed {
+            return Ok(Err(Some(sha)));
+        }
         let pin = Pin {
             sha256: sha.clone(),
             description: tool.description.clone(),
@@ -801,7 +861,7 @@ impl Gateway {
             .await
             .expect("no panic")?;
         for d in self.discovered.lock().expect("discovered lock").iter_mut() {
-            if d.exposed_name() == name {
+            if d.exposed_name() == name && d.definition_sha256() == sha {
                 d.changed = false;
             }
         }
@@ -815,7 +875,7 @@ impl Gateway {
             )
             .await;
         let _ = self.reload_now("tool_approved").await;
-        Ok(Some(DiscoveredTool { changed: false, ..tool }))
+        Ok(Ok(DiscoveredTool { changed: false, ..tool }))
     }
 
     /// Rebuilds the policy with the current MCP catalog, whether or not the files changed.
@@ -1030,6 +1090,7 @@ struct HoldOwned {
     agent: String,
     tool: String,
     rule: String,
+    rules: Vec<String>,
     group: String,
     reason: String,
     arguments: Option<Value>,
@@ -1044,6 +1105,7 @@ impl HoldOwned {
             agent: &self.agent,
             tool: &self.tool,
             rule: &self.rule,
+            rules: &self.rules,
             group: &self.group,
             reason: &self.reason,
             arguments: self.arguments.clone(),
@@ -1111,6 +1173,12 @@ impl Webhook {
             }
         });
     }
+}
+
+/// An upstream MCP server's `CallToolResult` with `isError: true`: the tool ran and failed.
+fn is_mcp_error_result(tool: &crate::policy::tool::Tool, body: &[u8]) -> bool {
+    matches!(tool.target, Target::Mcp { .. })
+        && serde_json::from_slice::<Value>(body).is_ok_and(|v| v.get("isError") == Some(&Value::Bool(true)))
 }
 
 fn is_valid_session(s: &str) -> bool {

@@ -300,8 +300,13 @@ fn explain(config_path: &Path, agent: &str, tool: &str, args: &str, session: Opt
         "arguments_sha256": eval.arguments_sha256,
         "policy_version": policy.version,
     });
-    if let Some(group) = &eval.approval {
-        out["approval_group"] = json!(group);
+    if !eval.approvals.is_empty() {
+        out["approval_rules"] = json!(
+            eval.approvals
+                .iter()
+                .map(|(r, g)| json!({"rule": r, "group": g}))
+                .collect::<Vec<_>>()
+        );
     }
     if !eval.would_deny.is_empty() {
         out["would_deny"] = json!(eval.would_deny);

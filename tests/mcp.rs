@@ -505,12 +505,21 @@ async fn upstream_mcp_tools_are_exposed_filtered_and_pinned_against_rug_pulls() 
         .clone();
     assert_eq!(lookup["state"], "changed");
 
-    // An operator reviews the new definition and approves it: visible and callable again.
+    // An operator reviews the new definition and approves that very definition (by its hash):
+    // visible and callable again.
+    let stale = h
+        .admin_json(
+            "POST",
+            "/admin/tools/crm.lookup/approve",
+            &json!({"by": "sam", "sha256": "0".repeat(64)}),
+        )
+        .await;
+    stale.assert_error(409, "conflict");
     let ok = h
         .admin_json(
             "POST",
             "/admin/tools/crm.lookup/approve",
-            &json!({"by": "sam", "comment": "reviewed"}),
+            &json!({"by": "sam", "comment": "reviewed", "sha256": lookup["sha256"]}),
         )
         .await;
     assert_eq!(ok.status, 200, "{:?}", ok.body);

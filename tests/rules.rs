@@ -495,3 +495,57 @@ async fn approvals_expire() {
     let r = h.call("pay.send", Some(OPS_KEY), &payment(500)).await;
     assert_ne!(r.assert_error(202, "approval_required")["approval_id"], id.as_str());
 }
+
+#[tokio::test]
+async fn an_approval_covers_only_the_rules_that_held_the_call() {
+    let h = start("").await;
+    let r = h.call("pay.send", Some(OPS_KEY), &payment(500)).await;
+    let id = r.assert_error(202, "approval_required")["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ok = h
+        .admin_json("POST", &format!("/admin/approvals/{id}/approve"), &json!({"by": "lee"}))
+        .await;
+    assert_eq!(ok.status, 200);
+    // Security adds a second approval rule that this very call now also matches.
+    let extra = "@id(\"new-vendor-payments\")\n@approval(\"security\")\nforbid (principal, action == Action::\"pay.send\", resource) when { context.input.to == \"acme\" };\n";
+    std::fs::write(h.policy_dir.join("extra.cedar"), extra).unwrap();
+    assert_eq!(h.admin("POST", "/admin/reload", true).await.status, 200);
+    let r = h
+        .call_with("pay.send", OPS_KEY, &payment(500), &[("x-toolgate-approval", &id)])
+        .await;
+    let body = r.assert_error(403, "approval_denied");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not cover every rule"),
+        "{body}"
+    );
+    assert_eq!(h.upstream.count("/pay"), 0);
+    // A new request names both rules and both groups; one approval then covers both.
+    let r = h.call("pay.send", Some(OPS_KEY), &payment(500)).await;
+    let held = r.assert_error(202, "approval_required");
+    let both = held["approval_id"].as_str().unwrap().to_owned();
+    assert_ne!(both, id);
+    let listed = h.admin("GET", &format!("/admin/approvals/{both}"), true).await.json();
+    assert_eq!(
+        listed["rules"],
+        json!(["new-vendor-payments", "payments-over-100-need-finance"])
+    );
+    assert_eq!(listed["group"], "finance-leads, security");
+    let ok = h
+        .admin_json(
+            "POST",
+            &format!("/admin/approvals/{both}/approve"),
+            &json!({"by": "lee"}),
+        )
+        .await;
+    assert_eq!(ok.status, 200);
+    let r = h
+        .call_with("pay.send", OPS_KEY, &payment(500), &[("x-toolgate-approval", &both)])
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(h.upstream.count("/pay"), 1);
+}

@@ -106,9 +106,12 @@ pub struct Approval {
     pub status: Status,
     pub agent: String,
     pub tool: String,
-    /// The rule that held the call, and the group asked to approve it.
+    /// The rule that held the call (the first), and the group(s) asked to approve it.
     pub rule: String,
     pub group: String,
+    /// Every approval rule that matched; the approval covers exactly these.
+    #[serde(default)]
+    pub rules: Vec<String>,
     pub reason: String,
     /// The call's arguments with every detector's redaction applied (for the approver to read).
     pub arguments: Option<Value>,
@@ -146,12 +149,27 @@ pub struct Hold<'a> {
     pub agent: &'a str,
     pub tool: &'a str,
     pub rule: &'a str,
+    pub rules: &'a [String],
     pub group: &'a str,
     pub reason: &'a str,
     pub arguments: Option<Value>,
     pub arguments_sha256: &'a str,
     pub request_id: &'a str,
     pub session: Option<&'a str>,
+}
+
+/// Pending approvals one agent may have at once: more is refused, so one agent cannot bury
+/// the approvers (or fill the disk).
+pub const MAX_PENDING_PER_AGENT: usize = 100;
+
+/// The agent already has [`MAX_PENDING_PER_AGENT`] pending approvals.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooMany;
+
+fn pending_for(pending: &redb::Table<'_, &str, &str>, agent: &str) -> Result<usize, ApprovalError> {
+    let start = format!("{agent}\0");
+    let end = format!("{agent}\u{1}");
+    Ok(pending.range(start.as_str()..end.as_str())?.count())
 }
 
 /// Why an approval could not be decided.
@@ -205,7 +223,7 @@ impl Approvals {
     /// Holds a call for approval. The same agent, tool and arguments while a request is still
     /// pending get that request back (`false`: not new), so a retrying agent does not flood
     /// the approvers.
-    pub fn request(&self, hold: Hold<'_>, now: u64) -> Result<(Approval, bool), ApprovalError> {
+    pub fn request(&self, hold: Hold<'_>, now: u64) -> Result<Result<(Approval, bool), TooMany>, ApprovalError> {
         let key = pending_key(hold.agent, hold.tool, hold.arguments_sha256);
         let txn = self.db.begin_write()?;
         let result = {
@@ -225,6 +243,9 @@ impl Approvals {
             };
             match live {
                 Some(a) => (a, false),
+                None if pending_for(&pending, hold.agent)? >= MAX_PENDING_PER_AGENT => {
+                    return Ok(Err(TooMany));
+                }
                 None => {
                     let a = Approval {
                         id: format!("apr_{}", uuid::Uuid::new_v4().simple()),
@@ -233,6 +254,7 @@ impl Approvals {
                         tool: hold.tool.to_owned(),
                         rule: hold.rule.to_owned(),
                         group: hold.group.to_owned(),
+                        rules: hold.rules.to_vec(),
                         reason: hold.reason.to_owned(),
                         arguments: hold.arguments,
                         arguments_sha256: hold.arguments_sha256.to_owned(),
@@ -257,7 +279,7 @@ impl Approvals {
         } else {
             txn.abort().map_err(|e| ApprovalError::Store(e.to_string()))?;
         }
-        Ok(result)
+        Ok(Ok(result))
     }
 
     pub fn get(&self, id: &str, now: u64) -> Result<Option<Approval>, ApprovalError> {
@@ -309,15 +331,14 @@ impl Approvals {
 
     /// Lets the exact approved call through once: checks the binding and marks the approval
     /// used in one transaction.
-    pub fn consume(
-        &self,
-        id: &str,
-        agent: &str,
-        tool: &str,
-        arguments_sha256: &str,
-        request_id: &str,
-        now: u64,
-    ) -> Result<Result<Approval, Refused>, ApprovalError> {
+    pub fn consume(&self, id: &str, call: &Hold<'_>, now: u64) -> Result<Result<Approval, Refused>, ApprovalError> {
+        let (agent, tool, arguments_sha256, rules, request_id) = (
+            call.agent,
+            call.tool,
+            call.arguments_sha256,
+            call.rules,
+            call.request_id,
+        );
         let outcome = self.update(id, now, |a| {
             // The same answer for "not yours" as for "no such approval": no enumeration.
             if a.agent != agent {
@@ -326,6 +347,13 @@ impl Approvals {
             if a.tool != tool || a.arguments_sha256 != arguments_sha256 {
                 return Err(Refused(
                     "the approval is for another call: the tool and the arguments must be exactly those approved",
+                ));
+            }
+            // Records from before `rules` existed cover their one rule.
+            let covered = |r: &String| a.rules.contains(r) || (a.rules.is_empty() && *r == a.rule);
+            if !rules.iter().all(covered) {
+                return Err(Refused(
+                    "the approval does not cover every rule that now holds this call: request a new approval",
                 ));
             }
             match a.status {
@@ -447,6 +475,7 @@ mod tests {
             agent,
             tool: "billing.refund",
             rule: "r",
+            rules: &[],
             group: "g",
             reason: "why",
             arguments: None,
@@ -460,16 +489,23 @@ mod tests {
     fn one_pending_request_per_exact_call_and_single_use() {
         let dir = tempfile::tempdir().unwrap();
         let store = Approvals::open(&dir.path().join("a.redb"), Duration::from_secs(60)).unwrap();
-        let (a, new) = store.request(hold("bot", "h1"), 1000).unwrap();
+        let (a, new) = store.request(hold("bot", "h1"), 1000).unwrap().unwrap();
         assert!(new);
-        let (again, new) = store.request(hold("bot", "h1"), 1001).unwrap();
+        let (again, new) = store.request(hold("bot", "h1"), 1001).unwrap().unwrap();
         assert!(!new);
         assert_eq!(again.id, a.id);
-        let (other, new) = store.request(hold("bot", "h2"), 1001).unwrap();
+        let (other, new) = store.request(hold("bot", "h2"), 1001).unwrap().unwrap();
         assert!(new);
         assert_ne!(other.id, a.id);
 
-        let consume = |sha, agent, now| store.consume(&a.id, agent, "billing.refund", sha, "r2", now).unwrap();
+        let rules = ["r".to_owned()];
+        let consume = |sha: &str, agent: &str, now| {
+            let call = Hold {
+                rules: &rules,
+                ..hold(agent, sha)
+            };
+            store.consume(&a.id, &call, now).unwrap()
+        };
         assert_eq!(
             consume("h1", "bot", 1002).unwrap_err().0,
             "the approval is still pending: no one has approved it yet"
@@ -485,9 +521,7 @@ mod tests {
         assert!(consume("h1", "bot", 1005).is_err(), "second use");
         // Expiry: the second request, approved, then read after its ttl.
         store.decide(&other.id, true, "lead", "", 1006).unwrap().unwrap();
-        let expired = store
-            .consume(&other.id, "bot", "billing.refund", "h2", "r3", 1001 + 60)
-            .unwrap();
+        let expired = store.consume(&other.id, &hold("bot", "h2"), 1001 + 60).unwrap();
         assert_eq!(expired.unwrap_err().0, "the approval has expired");
         assert_eq!(store.get(&other.id, 2000).unwrap().unwrap().status, Status::Expired);
         assert_eq!(store.list(Some(Status::Used), 2000).unwrap().len(), 1);

@@ -35,13 +35,18 @@ impl Sessions {
         }
     }
 
-    /// Opens a session for `agent`; its id is 128 random bits.
+    /// Opens a session for `agent`; its id is 128 random bits. One agent may hold at most a
+    /// tenth of all sessions, so it cannot lock the others out.
     pub fn open(&self, agent: Arc<str>, version: &'static str) -> Result<String, SessionError> {
         let mut map = self.map.lock().expect("sessions lock");
-        if map.len() >= self.max {
+        let per_agent = (self.max / 10).max(1);
+        let full = |map: &HashMap<String, Session>| {
+            map.len() >= self.max || map.values().filter(|s| s.agent == agent).count() >= per_agent
+        };
+        if full(&map) {
             let idle = self.idle;
             map.retain(|_, s| s.last_seen.elapsed() < idle);
-            if map.len() >= self.max {
+            if full(&map) {
                 return Err(SessionError::Full);
             }
         }
@@ -88,13 +93,21 @@ mod tests {
 
     #[test]
     fn sessions_are_bound_to_their_agent_bounded_and_expire() {
-        let s = Sessions::new(2, Duration::from_millis(50));
+        let s = Sessions::new(20, Duration::from_millis(50));
         let a = s.open("a".into(), "2025-06-18").unwrap();
         assert_eq!(s.check(&a, "a"), Ok("2025-06-18"));
         assert_eq!(s.check(&a, "b"), Err(SessionError::OtherAgent));
         assert_eq!(s.check("nope", "a"), Err(SessionError::Unknown));
         s.open("a".into(), "2025-11-25").unwrap();
-        assert_eq!(s.open("a".into(), "2025-11-25"), Err(SessionError::Full));
+        assert_eq!(
+            s.open("a".into(), "2025-11-25"),
+            Err(SessionError::Full),
+            "2 of 20 per agent"
+        );
+        assert!(
+            s.open("b".into(), "2025-11-25").is_ok(),
+            "another agent is not locked out"
+        );
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(s.check(&a, "a"), Err(SessionError::Unknown));
         assert!(s.open("a".into(), "2025-11-25").is_ok(), "idle sessions make room");

@@ -106,6 +106,10 @@ pub type ValueHash = [u8; 16];
 pub fn hash_value(v: &Value) -> ValueHash {
     let canonical = match v {
         Value::Object(m) => super::arguments::canonical(m),
+        // `123`, `123.0` and `1.23e2` are one number: one hash.
+        Value::Number(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0 && f.abs() < 9.0e15) => {
+            format!("{}", n.as_f64().unwrap_or_default() as i64).into_bytes()
+        }
         other => serde_json::to_vec(other).expect("JSON serialises"),
     };
     let digest = Sha256::digest(&canonical);
@@ -231,6 +235,17 @@ mod tests {
                 values: values.iter().map(|(n, v)| ((*n).into(), hash_value(v))).collect(),
             },
         )
+    }
+
+    #[test]
+    fn one_number_one_hash() {
+        assert_eq!(hash_value(&json!(123)), hash_value(&json!(123.0)));
+        assert_eq!(
+            hash_value(&json!(123)),
+            hash_value(&serde_json::from_str::<Value>("1.23e2").unwrap())
+        );
+        assert_ne!(hash_value(&json!(123)), hash_value(&json!("123")));
+        assert_ne!(hash_value(&json!(123.5)), hash_value(&json!(123)));
     }
 
     #[test]

@@ -149,8 +149,8 @@ pub struct Evaluation<'p> {
     pub url: Option<String>,
     /// Non-blocking findings (redactions), for the audit event.
     pub notes: Vec<Reason>,
-    /// The approver group, when the decision is `approval_required`.
-    pub approval: Option<String>,
+    /// When the decision is `approval_required`: the approval rules that matched, `(id, group)`.
+    pub approvals: Vec<(String, String)>,
     /// Shadow-mode rules that would have denied the call.
     pub would_deny: Vec<String>,
 }
@@ -622,7 +622,7 @@ impl Policy {
             body: None,
             url: None,
             notes: Vec::new(),
-            approval: None,
+            approvals: Vec::new(),
             would_deny: Vec::new(),
         };
         let deny = |mut eval: Evaluation<'p>, reason: Reason| {
@@ -734,7 +734,7 @@ impl Policy {
             {
                 Ok(verdict) => {
                     eval.would_deny = verdict.would_deny;
-                    eval.approval = verdict.approval;
+                    eval.approvals = verdict.approvals;
                     if let Some(reason) = verdict.blocked {
                         return deny(eval, reason);
                     }

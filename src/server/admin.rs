@@ -202,6 +202,8 @@ async fn policy(State(gw): State<Arc<Gateway>>) -> Response {
 #[serde(deny_unknown_fields)]
 struct AdminAction {
     by: Option<String>,
+    /// For `POST /admin/tools/{name}/approve`: the definition hash the operator reviewed.
+    sha256: Option<String>,
     #[serde(alias = "reason")]
     comment: Option<String>,
     duration_seconds: Option<u64>,
@@ -400,30 +402,43 @@ async fn list_mcp_tools(State(gw): State<Arc<Gateway>>) -> Response {
         .iter()
         .map(|d| {
             json!({"name": d.exposed_name(), "server": d.server, "description": d.description,
-                "sha256": d.definition_sha256(), "state": if d.changed { "changed" } else { "approved" }})
+                "sha256": d.definition_sha256(), "input_schema": d.input_schema,
+                "state": if d.changed { "changed" } else { "approved" }})
         })
         .collect();
     axum::Json(json!({"tools": tools})).into_response()
 }
 
-/// Approves an upstream MCP tool's current definition (`{"by": "...", "comment": "..."}`).
+/// Approves an upstream MCP tool's definition: `{"by": "...", "sha256": "<reviewed>", "comment": "..."}`.
 async fn approve_tool(State(gw): State<Arc<Gateway>>, Path(name): Path<String>, req: Request) -> Response {
     let rid = request_id(&req);
     let a = match action(req).await {
         Ok(a) => a,
         Err(r) => return r,
     };
-    match gw
-        .approve_tool(&name, &a.by.unwrap_or_default(), &a.comment.unwrap_or_default())
-        .await
-    {
-        Ok(Some(t)) => {
+    let Some(sha) = a.sha256.filter(|s| !s.is_empty()) else {
+        return error_response(
+            Code::InvalidRequest,
+            "Say which definition you reviewed: the body needs `sha256` (from GET /admin/tools).",
+            &rid,
+        );
+    };
+    let (by, comment) = (a.by.unwrap_or_default(), a.comment.unwrap_or_default());
+    match gw.approve_tool(&name, &sha, &by, &comment).await {
+        Ok(Ok(t)) => {
             axum::Json(json!({"name": t.exposed_name(), "sha256": t.definition_sha256(), "state": "approved"}))
                 .into_response()
         }
-        Ok(None) => error_response(
+        Ok(Err(None)) => error_response(
             Code::NotFound,
             "No upstream MCP tool by that name was discovered.",
+            &rid,
+        ),
+        Ok(Err(Some(current))) => error_response(
+            Code::Conflict,
+            format!(
+                "The tool's definition is now {current}, not the one reviewed: review it again (GET /admin/tools)."
+            ),
             &rid,
         ),
         Err(e) => store_unavailable(e, &rid),

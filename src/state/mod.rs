@@ -305,6 +305,26 @@ impl State {
     }
 }
 
+impl State {
+    /// Takes back a recorded call (its tool failed).
+    pub fn forget_call(&self, agent: &str, call: &PastCall) {
+        match self {
+            State::Memory(m) => {
+                let Some(list) = read(&m.history).get(agent).cloned() else {
+                    return;
+                };
+                let mut list = list.lock().expect("history lock");
+                if let Some(i) = list
+                    .iter()
+                    .rposition(|c| c.at_ms == call.at_ms && c.tool == call.tool && c.session == call.session)
+                {
+                    list.remove(i);
+                }
+            }
+        }
+    }
+}
+
 impl History for State {
     fn visit(&self, agent: &str, since_ms: u64, visit: &mut dyn FnMut(&PastCall)) {
         match self {

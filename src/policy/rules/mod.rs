@@ -77,8 +77,9 @@ impl std::fmt::Debug for Rules {
 pub struct Verdict {
     /// `rule_denied`, or `approval_required` when every forbid that matched asks for approval.
     pub blocked: Option<Reason>,
-    /// The approver group, when `blocked` is `approval_required`.
-    pub approval: Option<String>,
+    /// When `blocked` is `approval_required`: every approval rule that matched, `(id, group)`,
+    /// sorted. One approval must cover all of them.
+    pub approvals: Vec<(String, String)>,
     /// Shadow rules that would have denied.
     pub would_deny: Vec<String>,
 }
@@ -415,7 +416,10 @@ impl Rules {
         };
         verdict.blocked = Some(match &m.approval {
             Some(group) => {
-                verdict.approval = Some(group.clone());
+                verdict.approvals = fired
+                    .iter()
+                    .filter_map(|r| r.approval.as_ref().map(|g| (r.id.clone(), g.clone())))
+                    .collect();
                 Reason::new(
                     Code::ApprovalRequired,
                     Stage::Rules,
