@@ -24,6 +24,7 @@ use crate::policy::limits::estimate_tokens;
 use crate::policy::tool::{DiscoveredTool, Target};
 use crate::policy::{Code, Decision, ParseLimits, Policy, Reason, Stage, ToolCall, arguments};
 use crate::state::State;
+use crate::upstream::aws::{RoleError, Roles};
 use crate::upstream::{Inbound, Outbound, Upstream, UpstreamError};
 
 /// A tool call as received, before anything is checked.
@@ -109,6 +110,8 @@ pub struct Gateway {
     admin_token: Option<String>,
     /// toolgate's own client to upstream MCP servers.
     mcp_client: McpClient,
+    /// AWS role credentials for tools with `aws_role`.
+    roles: Roles,
     /// The tools upstream MCP servers listed at the last refresh.
     discovered: std::sync::Mutex<Vec<DiscoveredTool>>,
     /// Set when the MCP catalog changed: the next reload swaps the policy in even though the
@@ -129,6 +132,7 @@ impl Gateway {
             policy_dir,
             webhook: config.approvals.webhook.as_ref().map(Webhook::new),
             mcp_client: McpClient::new(config.limits.max_response_bytes),
+            roles: Roles::new(config.aws.as_ref().and_then(|a| a.region.clone())),
             config,
             audit,
             state: State::default(),
@@ -961,6 +965,57 @@ impl Gateway {
                 return self.finish_forward(policy, req, rec, tool, started, result);
             }
         };
+        // Under the tool's own AWS role: credentials first (cached), and never an unsigned call.
+        let role_arn = tool.aws_role.as_ref().map(|r| r.arn.clone());
+        let mut signing_parts = None;
+        if let Some(role) = &tool.aws_role {
+            let fail = |code: Code, msg: String, rec: &mut Record| {
+                rec.upstream = Some(UpstreamInfo {
+                    status: None,
+                    duration_ms: 0.0,
+                    role_arn: Some(role.arn.clone()),
+                });
+                Reason::new(code, Stage::Upstream, "aws_role", msg)
+            };
+            let credentials = match self.roles.credentials(role, agent, &tool.name, req.request_id).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(request_id = req.request_id, tool = %tool.name, "{e}");
+                    let (code, msg) = match e {
+                        RoleError::Refused { .. } => (
+                            Code::UpstreamError,
+                            format!(
+                                "toolgate could not assume the AWS role of tool '{}' ({}): STS refused. The call was not sent.",
+                                tool.name, role.arn
+                            ),
+                        ),
+                        RoleError::Unavailable { .. } => (
+                            Code::Unavailable,
+                            format!(
+                                "toolgate could not get credentials for the AWS role of tool '{}' ({}): STS is unavailable. The call was not sent; try again later.",
+                                tool.name, role.arn
+                            ),
+                        ),
+                    };
+                    return Err(fail(code, msg, rec));
+                }
+            };
+            let Some(region) = self.roles.region_for(role).await else {
+                let msg = format!(
+                    "No AWS region is configured to sign calls to tool '{}': set `aws.region` or the role's `region`.",
+                    tool.name
+                );
+                return Err(fail(Code::Unavailable, msg, rec));
+            };
+            signing_parts = Some((credentials, region, role.sign.clone()));
+        }
+        let signing = signing_parts
+            .as_ref()
+            .map(|(credentials, region, service)| crate::upstream::Signing {
+                credentials,
+                region,
+                service,
+            });
         let out = Outbound {
             method,
             url,
@@ -972,9 +1027,18 @@ impl Gateway {
             tracestate: req.tracestate,
             timeout,
             max_response_bytes: self.config.limits.max_response_bytes,
+            headers: &tool.headers,
+            signing,
         };
         let started = Instant::now();
         let result = self.upstream.forward(&out).await;
+        if role_arn.is_some() {
+            let r = self.finish_forward(policy, req, rec, tool, started, result);
+            if let Some(u) = &mut rec.upstream {
+                u.role_arn = role_arn;
+            }
+            return r;
+        }
         self.finish_forward(policy, req, rec, tool, started, result)
     }
 

@@ -18,46 +18,8 @@ const MCP_SDK: &str = "mcp==2.3.0";
 /// A Python interpreter that can `import mcp`, set up once per test run.
 fn python() -> PathBuf {
     static PY: OnceLock<PathBuf> = OnceLock::new();
-    PY.get_or_init(|| {
-        if let Some(p) = std::env::var_os("TOOLGATE_TEST_PYTHON") {
-            return PathBuf::from(p);
-        }
-        let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mcp-venv");
-        let py = venv.join("bin/python");
-        let works = |py: &PathBuf| {
-            std::process::Command::new(py)
-                .args(["-c", "import mcp, mcp_types"])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        };
-        if !works(&py) {
-            let status = std::process::Command::new("python3")
-                .args(["-m", "venv", "--clear"])
-                .arg(&venv)
-                .status()
-                .expect("python3 is needed for the MCP client tests");
-            assert!(status.success(), "python3 -m venv failed");
-            let out = std::process::Command::new(&py)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    MCP_SDK,
-                ])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "pip install {MCP_SDK} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(works(&py), "the MCP SDK does not import after installing it");
-        }
-        py
-    })
-    .clone()
+    PY.get_or_init(|| support::python_venv("mcp-venv", &[MCP_SDK], "import mcp, mcp_types"))
+        .clone()
 }
 
 /// Runs the SDK client with a plan; returns its JSON report.

@@ -446,6 +446,8 @@ impl Policy {
                         tool: d.tool.clone(),
                     },
                     timeout: server.timeout,
+                    headers: Vec::new(),
+                    aws_role: None,
                     schema: Some(schema),
                     schema_source: Some(d.input_schema.clone()),
                     input_filters: server.input_filters.clone(),
@@ -782,11 +784,28 @@ fn compile_tool(
     if c.upstream.timeout_ms == Some(0) {
         problems.push(doc.problem(&up.key("timeout_ms"), "must be greater than 0"));
     }
-    if c.aws_role.is_some() {
-        problems.push(doc.problem(
-            &path.key("aws_role"),
-            "AWS roles are not available in this build; remove `aws_role` rather than forward unsigned",
-        ));
+    if let Some(role) = &c.aws_role {
+        for (key, msg) in role.check() {
+            problems.push(doc.problem(&path.key("aws_role").key(key), msg));
+        }
+    }
+    let mut headers = Vec::new();
+    for (name, value) in &c.upstream.headers {
+        let at = up.key("headers").key(name);
+        if !tool::is_settable_header(name) {
+            problems.push(doc.problem(
+                &at,
+                "this header cannot be set here (toolgate or SigV4 sets it, or it is hop-by-hop or a credential)",
+            ));
+            continue;
+        }
+        match (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) {
+            (Ok(n), Ok(v)) => headers.push((n, v)),
+            _ => problems.push(doc.problem(&at, "not a valid header value")),
+        }
     }
     let schema = c.arguments.as_ref().and_then(|s| {
         ArgumentSchema::compile(s)
@@ -852,6 +871,8 @@ fn compile_tool(
             url: url?,
             method: method?,
         },
+        headers,
+        aws_role: c.aws_role,
         timeout: c.upstream.timeout_ms.map(std::time::Duration::from_millis),
         schema,
         schema_source: c.arguments,

@@ -17,10 +17,10 @@ pub struct ToolConfig {
     #[serde(default)]
     pub description: String,
     pub upstream: UpstreamConfig,
-    /// Reserved for per-tool AWS roles; refused until they are built, so a policy never believes
-    /// a tool runs under a role it does not.
+    /// Call the tool under this AWS role: credentials from STS AssumeRole, request signed with
+    /// SigV4.
     #[serde(default)]
-    pub aws_role: Option<Value>,
+    pub aws_role: Option<crate::upstream::aws::AwsRoleConfig>,
     /// JSON Schema for the arguments object. Without one, any JSON object is accepted.
     #[serde(default)]
     pub arguments: Option<Value>,
@@ -43,6 +43,39 @@ pub struct UpstreamConfig {
     /// Overrides `limits.upstream_timeout_ms` for this tool.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Fixed headers sent with every call (e.g. `X-Amz-Target` and `Content-Type` for an AWS
+    /// JSON API; a `Content-Type` here replaces toolgate's `application/json`). Never
+    /// `Authorization`, `Host`, hop-by-hop headers or what toolgate or SigV4 sets itself.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// Whether a fixed upstream header may be configured.
+pub fn is_settable_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    !matches!(
+        lower.as_str(),
+        "authorization"
+            | "host"
+            | "content-length"
+            | "connection"
+            | "keep-alive"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "cookie"
+            | "x-request-id"
+            | "traceparent"
+            | "tracestate"
+            | "user-agent"
+            | "x-amz-date"
+            | "x-amz-security-token"
+            | "x-amz-content-sha256"
+    ) && !lower.starts_with("x-toolgate-")
+        && http::HeaderName::from_bytes(name.as_bytes()).is_ok()
 }
 
 fn default_method() -> String {
@@ -208,6 +241,10 @@ pub struct Tool {
     pub description: String,
     pub target: Target,
     pub timeout: Option<Duration>,
+    /// Fixed headers for every call.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// The AWS role calls run under.
+    pub aws_role: Option<crate::upstream::aws::AwsRoleConfig>,
     pub schema: Option<ArgumentSchema>,
     /// The schema as written, for `tools/list` and `explain`.
     pub schema_source: Option<Value>,

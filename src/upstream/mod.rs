@@ -5,6 +5,8 @@
 //! started on a pooled connection the upstream had already closed — nothing was sent, so nothing
 //! can have happened twice.
 
+pub mod aws;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -45,6 +47,18 @@ pub struct Outbound<'a> {
     pub tracestate: Option<&'a HeaderValue>,
     pub timeout: Duration,
     pub max_response_bytes: usize,
+    /// Fixed headers from the tool's config.
+    pub headers: &'a [(http::HeaderName, HeaderValue)],
+    /// SigV4: sign with these role credentials for this region and service.
+    pub signing: Option<Signing<'a>>,
+}
+
+/// How to sign an outbound request.
+#[derive(Debug)]
+pub struct Signing<'a> {
+    pub credentials: &'a aws_credential_types::Credentials,
+    pub region: &'a str,
+    pub service: &'a str,
 }
 
 /// What the tool answered.
@@ -136,7 +150,7 @@ fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamErr
         .header("x-request-id", out.request_id)
         .header("x-toolgate-agent", out.agent)
         .header("user-agent", concat!("toolgate/", env!("CARGO_PKG_VERSION")));
-    if out.method.has_body() {
+    if out.method.has_body() && !out.headers.iter().any(|(n, _)| n == CONTENT_TYPE) {
         b = b.header(CONTENT_TYPE, "application/json");
     }
     if let Some(tp) = out.traceparent {
@@ -145,8 +159,17 @@ fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamErr
     if let Some(ts) = out.tracestate {
         b = b.header("tracestate", ts);
     }
-    b.body(Full::new(body))
-        .map_err(|e| UpstreamError::Protocol(e.to_string()))
+    for (name, value) in out.headers {
+        b = b.header(name, value);
+    }
+    let mut request = b
+        .body(Full::new(body.clone()))
+        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+    if let Some(s) = &out.signing {
+        aws::sign_request(&mut request, &body, s.credentials, s.region, s.service)
+            .map_err(|e| UpstreamError::Protocol(format!("cannot sign the request: {e}")))?;
+    }
+    Ok(request)
 }
 
 /// Appends arguments as a query string (for methods without a body): scalars as text, anything

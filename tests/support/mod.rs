@@ -346,3 +346,41 @@ pub async fn send(method: &str, url: &str, headers: &[(&str, String)], body: Vec
     let body = res.into_body().collect().await.unwrap().to_bytes();
     Resp { status, headers, body }
 }
+
+/// A Python interpreter with `packages` installed, in a virtualenv under the target directory
+/// (created on first use), or the one named by `TOOLGATE_TEST_PYTHON`. `check` is Python code
+/// that must run for the environment to count as ready.
+#[allow(dead_code)]
+pub fn python_venv(name: &str, packages: &[&str], check: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os("TOOLGATE_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let py = venv.join("bin/python");
+    let works = |py: &PathBuf| {
+        std::process::Command::new(py)
+            .args(["-c", check])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !works(&py) {
+        let status = std::process::Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv)
+            .status()
+            .expect("python3 is needed for these tests");
+        assert!(status.success(), "python3 -m venv failed");
+        let out = std::process::Command::new(&py)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args(packages)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pip install {packages:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(works(&py), "{packages:?} do not import after installing them");
+    }
+    py
+}

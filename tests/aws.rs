@@ -1,0 +1,392 @@
+//! Tools under their own AWS roles, against a real local emulator: moto's server (from PyPI,
+//! started here) in auth mode, so it checks every SigV4 signature and evaluates the role's
+//! policies. toolgate runs as the real binary with the standard AWS environment pointing at it.
+//!
+//! The tools are CloudWatch Logs API calls on moto itself: a 200 proves toolgate assumed the
+//! role, signed the request correctly (moto recomputes the signature) and the role allowed it.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+use support::{TestUpstream, send};
+
+const MOTO: &str = "moto[server]==5.2.5";
+const ACCOUNT: &str = "123456789012";
+
+fn python() -> PathBuf {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| support::python_venv("moto-venv", &[MOTO], "import moto.server"))
+        .clone()
+}
+
+/// A process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_for(port: u16) {
+    for _ in 0..400 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("nothing listens on {port}");
+}
+
+/// An unsigned IAM query-API call to moto (counted among its first, unauthenticated requests).
+async fn iam(moto: &str, params: &[(&str, &str)]) -> String {
+    let mut body = String::from("Version=2010-05-08");
+    for (k, v) in params {
+        body.push('&');
+        body.push_str(k);
+        body.push('=');
+        body.push_str(&percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string());
+    }
+    let r = send(
+        "POST",
+        moto,
+        &[
+            ("content-type", "application/x-www-form-urlencoded".to_owned()),
+            // Routes the query API to IAM.
+            ("authorization", format!("AWS4-HMAC-SHA256 Credential=AKIASETUP/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=00")),
+        ],
+        body.into_bytes(),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert_eq!(r.status, 200, "{params:?}: {text}");
+    text
+}
+
+fn xml(text: &str, tag: &str) -> String {
+    let open = format!("<{tag}>");
+    let start = text.find(&open).unwrap_or_else(|| panic!("no <{tag}> in {text}")) + open.len();
+    let end = text[start..].find(&format!("</{tag}>")).unwrap() + start;
+    text[start..end].to_owned()
+}
+
+fn policy(actions: &[&str], resource: &str) -> String {
+    json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": resource}]})
+        .to_string()
+}
+
+/// Starts toolgate serve with `env`; returns it and its data and admin URLs.
+fn serve(cfg: &std::path::Path, env: &[(&str, String)]) -> (Proc, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_toolgate"));
+    cmd.arg("serve")
+        .arg("-c")
+        .arg(cfg)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped());
+    for k in [
+        "AWS_PROFILE",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_SESSION_TOKEN",
+    ] {
+        cmd.env_remove(k);
+    }
+    cmd.env("AWS_EC2_METADATA_DISABLED", "true");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut data, mut admin) = (None, None);
+    for line in stderr.by_ref() {
+        let line = line.unwrap();
+        if let Some(a) = line.strip_prefix("toolgate: data plane listening on ") {
+            data = Some(a.to_owned());
+        }
+        if let Some(a) = line.strip_prefix("toolgate: admin plane listening on ") {
+            admin = Some(a.to_owned());
+            break;
+        }
+    }
+    // Keep draining stderr (a full pipe would stall the server); echo it for failures.
+    std::thread::spawn(move || {
+        for line in stderr.map_while(Result::ok) {
+            eprintln!("toolgate: {line}");
+        }
+    });
+    (Proc(child), data.expect("data address"), admin.expect("admin address"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_run_under_their_own_assumed_roles_signed_and_checked_by_the_emulator() {
+    let port = free_port();
+    let python = tokio::task::spawn_blocking(python).await.unwrap();
+    let _moto = Proc(
+        Command::new(python)
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("INITIAL_NO_AUTH_ACTION_COUNT", "7")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(port).await;
+    let moto = format!("http://127.0.0.1:{port}/");
+
+    // The identity toolgate runs as may assume two roles, not a third.
+    iam(&moto, &[("Action", "CreateUser"), ("UserName", "toolgate")]).await;
+    let key = iam(&moto, &[("Action", "CreateAccessKey"), ("UserName", "toolgate")]).await;
+    let (key_id, secret) = (xml(&key, "AccessKeyId"), xml(&key, "SecretAccessKey"));
+    let assume = policy(&["sts:AssumeRole"], &format!("arn:aws:iam::{ACCOUNT}:role/logs-*"));
+    iam(
+        &moto,
+        &[
+            ("Action", "PutUserPolicy"),
+            ("UserName", "toolgate"),
+            ("PolicyName", "assume"),
+            ("PolicyDocument", &assume),
+        ],
+    )
+    .await;
+    let trust = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": {"AWS": format!("arn:aws:iam::{ACCOUNT}:user/toolgate")}, "Action": ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"]}]}).to_string();
+    for role in ["logs-writer", "logs-reader"] {
+        iam(
+            &moto,
+            &[
+                ("Action", "CreateRole"),
+                ("RoleName", role),
+                ("AssumeRolePolicyDocument", &trust),
+            ],
+        )
+        .await;
+    }
+    let writer = policy(&["logs:CreateLogGroup", "logs:DescribeLogGroups"], "*");
+    iam(
+        &moto,
+        &[
+            ("Action", "PutRolePolicy"),
+            ("RoleName", "logs-writer"),
+            ("PolicyName", "w"),
+            ("PolicyDocument", &writer),
+        ],
+    )
+    .await;
+    let reader = policy(&["logs:DescribeLogGroups"], "*");
+    iam(
+        &moto,
+        &[
+            ("Action", "PutRolePolicy"),
+            ("RoleName", "logs-reader"),
+            ("PolicyName", "r"),
+            ("PolicyDocument", &reader),
+        ],
+    )
+    .await;
+    // From here on moto authenticates every request.
+
+    let echo = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let role = |name: &str, sign: &str| format!("{{ arn: \"arn:aws:iam::{ACCOUNT}:role/{name}\", sign: {sign} }}");
+    let logs_tool = |target: &str, role_name: &str| {
+        format!(
+            "    upstream: {{ url: \"{moto}\", method: POST, headers: {{ X-Amz-Target: \"Logs_20140328.{target}\", Content-Type: \"application/x-amz-json-1.1\" }} }}\n    aws_role: {}\n",
+            role(role_name, "logs")
+        )
+    };
+    let digest = support::sha256_hex("ops-key");
+    let batch = support::sha256_hex("batch-key");
+    let text = format!(
+        "agents:\n  ops-bot:\n    credentials: {{ api_key_sha256: [ \"{digest}\" ] }}\n    tools: [ logs.*, echo.signed ]\n  batch-bot:\n    credentials: {{ api_key_sha256: [ \"{batch}\" ] }}\n    tools: [ echo.signed ]\ntools:\n  logs.create_group:\n{}    arguments: {{ type: object, required: [ logGroupName ], properties: {{ logGroupName: {{ type: string }} }} }}\n  logs.create_group_as_reader:\n{}  logs.describe:\n{}  logs.create_group_unassumable:\n{}  echo.signed:\n    upstream: {{ url: \"{}/signed\", method: POST }}\n    aws_role: {}\n",
+        logs_tool("CreateLogGroup", "logs-writer"),
+        logs_tool("CreateLogGroup", "logs-reader"),
+        logs_tool("DescribeLogGroups", "logs-writer"),
+        logs_tool("CreateLogGroup", "admin-role"),
+        echo.url,
+        role("logs-writer", "execute-api"),
+    );
+    std::fs::write(policies.join("aws.yaml"), text).unwrap();
+    let d = dir.path().display();
+    let cfg = dir.path().join("toolgate.yaml");
+    std::fs::write(
+        &cfg,
+        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/a.redb }}\naws: {{ region: us-east-1 }}\n"),
+    )
+    .unwrap();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", key_id.clone()),
+        ("AWS_SECRET_ACCESS_KEY", secret),
+        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+        ("AWS_REGION", "us-east-1".to_owned()),
+    ];
+    let (_toolgate, data, admin) = serve(&cfg, &env);
+    let call = |tool: &str, body: Value| {
+        let url = format!("{data}/v1/tools/{tool}");
+        async move {
+            send(
+                "POST",
+                &url,
+                &[
+                    ("authorization", "Bearer ops-key".to_owned()),
+                    ("content-type", "application/json".to_owned()),
+                ],
+                body.to_string().into_bytes(),
+            )
+            .await
+        }
+    };
+
+    // Signed with the writer role's credentials, verified and permitted by the emulator.
+    let r = call("logs.create_group", json!({"logGroupName": "/toolgate/test"})).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = call("logs.describe", json!({})).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("/toolgate/test"));
+
+    // The reader role may not create groups: the emulator refuses the signed call.
+    let r = call("logs.create_group_as_reader", json!({"logGroupName": "/toolgate/nope"})).await;
+    assert!(
+        r.status == 400 || r.status == 403,
+        "{} {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("AccessDenied"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+
+    // A role toolgate may not assume: STS refuses, nothing is sent, the event names the role.
+    let r = call("logs.create_group_unassumable", json!({"logGroupName": "/toolgate/x"})).await;
+    let body = r.assert_error(502, "upstream_error");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("role/admin-role"),
+        "{body}"
+    );
+
+    // What a tool receives: SigV4 with the role's session token, never the caller's credential.
+    for _ in 0..2 {
+        assert_eq!(call("echo.signed", json!({"q": 1})).await.status, 200);
+    }
+    let seen = echo.requests();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        let auth = s.headers["authorization"].to_str().unwrap();
+        assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential="), "{auth}");
+        assert!(auth.contains("/us-east-1/execute-api/aws4_request"), "{auth}");
+        assert!(
+            auth.contains("x-amz-security-token"),
+            "the session token is signed: {auth}"
+        );
+        assert!(
+            !auth.contains(&key_id),
+            "signed with the role's credentials, not toolgate's own"
+        );
+        assert!(!auth.contains("ops-key"));
+        assert!(s.headers.contains_key("x-amz-security-token"));
+        assert!(s.headers.contains_key("x-amz-date"));
+    }
+
+    // Concurrent first calls of another agent (its own session tags): one AssumeRole for all.
+    let mut burst = Vec::new();
+    for i in 0..16 {
+        let url = format!("{data}/v1/tools/echo.signed");
+        burst.push(tokio::spawn(async move {
+            send(
+                "POST",
+                &url,
+                &[("authorization", "Bearer batch-key".to_owned())],
+                format!("{{\"i\": {i}}}").into_bytes(),
+            )
+            .await
+            .status
+        }));
+    }
+    for b in burst {
+        assert_eq!(b.await.unwrap(), 200);
+    }
+
+    // Credentials are cached per role and agent: logs-writer once for ops-bot, once for
+    // batch-bot (16 concurrent calls), logs-reader once; the refused role is counted apart.
+    let metrics = send("GET", &format!("{admin}/metrics"), &[], Vec::new()).await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let ok = text
+        .lines()
+        .find(|l| l.starts_with("toolgate_sts_assume_role_total{result=\"ok\"}"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(ok.ends_with(" 3"), "{ok}");
+
+    // Audit events carry the role.
+    let events = support::read_events(&dir.path().join("audit.jsonl"));
+    let arns: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "tool_call")
+        .filter_map(|e| e["upstream"]["role_arn"].as_str())
+        .collect();
+    assert!(
+        arns.contains(&format!("arn:aws:iam::{ACCOUNT}:role/logs-writer").as_str()),
+        "{arns:?}"
+    );
+    assert!(
+        arns.contains(&format!("arn:aws:iam::{ACCOUNT}:role/admin-role").as_str()),
+        "{arns:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_sts_blocks_the_call_and_never_forwards_it_unsigned() {
+    let echo = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    let digest = support::sha256_hex("ops-key");
+    std::fs::write(
+        dir.path().join("policies/aws.yaml"),
+        format!("agents:\n  ops-bot:\n    credentials: {{ api_key_sha256: [ \"{digest}\" ] }}\n    tools: [ echo.signed ]\ntools:\n  echo.signed:\n    upstream: {{ url: \"{}/signed\" }}\n    aws_role: {{ arn: \"arn:aws:iam::{ACCOUNT}:role/x\", sign: execute-api }}\n", echo.url),
+    )
+    .unwrap();
+    let d = dir.path().display();
+    let cfg = dir.path().join("toolgate.yaml");
+    std::fs::write(
+        &cfg,
+        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/a.redb }}\naws: {{ region: us-east-1 }}\n"),
+    )
+    .unwrap();
+    let closed = free_port();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "secret".to_owned()),
+        ("AWS_ENDPOINT_URL_STS", format!("http://127.0.0.1:{closed}")),
+        ("AWS_MAX_ATTEMPTS", "1".to_owned()),
+    ];
+    let (_toolgate, data, _) = serve(&cfg, &env);
+    let r = send(
+        "POST",
+        &format!("{data}/v1/tools/echo.signed"),
+        &[("authorization", "Bearer ops-key".to_owned())],
+        b"{}".to_vec(),
+    )
+    .await;
+    let body = r.assert_error(503, "unavailable");
+    assert!(body["error"]["message"].as_str().unwrap().contains("role/x"), "{body}");
+    assert!(echo.requests().is_empty(), "nothing was forwarded");
+    let events = support::read_events(&dir.path().join("audit.jsonl"));
+    let e = events.iter().find(|e| e["event"] == "tool_call").unwrap();
+    assert_eq!(e["code"], "unavailable");
+    assert_eq!(e["upstream"]["role_arn"], format!("arn:aws:iam::{ACCOUNT}:role/x"));
+}
