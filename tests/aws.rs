@@ -67,7 +67,7 @@ async fn iam(moto: &str, params: &[(&str, &str)]) -> String {
         &[
             ("content-type", "application/x-www-form-urlencoded".to_owned()),
             // Routes the query API to IAM.
-            ("authorization", format!("AWS4-HMAC-SHA256 Credential=AKIASETUP/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=00")),
+            ("authorization", "AWS4-HMAC-SHA256 Credential=AKIASETUP/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=00".to_owned()),
         ],
         body.into_bytes(),
     )
