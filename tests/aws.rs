@@ -390,3 +390,145 @@ async fn an_unreachable_sts_blocks_the_call_and_never_forwards_it_unsigned() {
     assert_eq!(e["code"], "unavailable");
     assert_eq!(e["upstream"]["role_arn"], format!("arn:aws:iam::{ACCOUNT}:role/x"));
 }
+
+/// Every event in a CloudWatch Logs stream on moto, read back with GetLogEvents.
+async fn read_stream(moto: &str, group: &str, stream: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut body = json!({"logGroupName": group, "logStreamName": stream, "startFromHead": true});
+        if let Some(t) = &token {
+            body["nextToken"] = json!(t);
+        }
+        let r = send(
+            "POST",
+            moto,
+            &[
+                ("x-amz-target", "Logs_20140328.GetLogEvents".to_owned()),
+                ("content-type", "application/x-amz-json-1.1".to_owned()),
+                (
+                    "authorization",
+                    "AWS4-HMAC-SHA256 Credential=AKIAREAD/20260101/us-east-1/logs/aws4_request, SignedHeaders=host, Signature=00"
+                        .to_owned(),
+                ),
+            ],
+            body.to_string().into_bytes(),
+        )
+        .await;
+        if r.status != 200 {
+            return out; // no stream yet
+        }
+        let v = r.json();
+        let events = v["events"].as_array().cloned().unwrap_or_default();
+        out.extend(events.iter().filter_map(|e| e["message"].as_str().map(str::to_owned)));
+        let next = v["nextForwardToken"].as_str().map(str::to_owned);
+        if events.is_empty() || next == token {
+            return out;
+        }
+        token = next;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_reach_cloudwatch_exactly_once_across_a_kill_9() {
+    let port = free_port();
+    let python = tokio::task::spawn_blocking(python).await.unwrap();
+    let _moto = Proc(
+        Command::new(python)
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(port).await;
+    let moto = format!("http://127.0.0.1:{port}/");
+    let echo = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    let digest = support::sha256_hex("ops-key");
+    std::fs::write(
+        dir.path().join("policies/p.yaml"),
+        format!("agents:\n  ops-bot:\n    credentials: {{ api_key_sha256: [ \"{digest}\" ] }}\n    tools: [ echo.post ]\ntools:\n  echo.post:\n    upstream: {{ url: \"{}/echo\" }}\n", echo.url),
+    )
+    .unwrap();
+    let d = dir.path().display();
+    let cfg = dir.path().join("toolgate.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\napprovals: {{ store: {d}/a.redb }}\naws: {{ region: us-east-1 }}\naudit:\n  file: {d}/audit.jsonl\n  cloudwatch: {{ log_group: /toolgate/audit, log_stream: test-stream, batch_max_events: 7, flush_interval_ms: 100 }}\n"
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "secret".to_owned()),
+        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+    ];
+    let calls = |data: String, n: usize, from: usize| async move {
+        let mut tasks = Vec::new();
+        for i in from..from + n {
+            let url = format!("{data}/v1/tools/echo.post");
+            tasks.push(tokio::spawn(async move {
+                let headers = [("authorization", "Bearer ops-key".to_owned())];
+                let r = support::try_send("POST", &url, &headers, format!("{{\"i\": {i}}}").into_bytes()).await;
+                r.map(|r| r.status)
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            if t.await.unwrap() == Some(200) {
+                ok += 1;
+            }
+        }
+        ok
+    };
+
+    let (mut first, data, _) = serve(&cfg, &env);
+    assert_eq!(calls(data.clone(), 20, 0).await, 20);
+    for _ in 0..100 {
+        if read_stream(&moto, "/toolgate/audit", "test-stream").await.len() >= 20 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Calls in flight while the process is killed: whatever was answered is in the file.
+    let burst = tokio::spawn(calls(data.clone(), 30, 20));
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let _ = burst.await;
+    // The worst crash: everything shipped so far was acknowledged but never checkpointed.
+    std::fs::write(
+        dir.path().join("audit.jsonl.cloudwatch"),
+        r#"{"log_group":"/toolgate/audit","log_stream":"test-stream","offset":0,"last_ts_ms":0}"#,
+    )
+    .unwrap();
+
+    let (_second, data, admin) = serve(&cfg, &env);
+    assert_eq!(calls(data, 15, 100).await, 15);
+
+    let file: Vec<String> = std::fs::read_to_string(dir.path().join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(file.len() >= 35, "{} events", file.len());
+    let mut shipped = Vec::new();
+    for _ in 0..100 {
+        shipped = read_stream(&moto, "/toolgate/audit", "test-stream").await;
+        if shipped.len() >= file.len() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (mut a, mut b) = (file.clone(), shipped.clone());
+    a.sort();
+    b.sort();
+    assert_eq!(b.len(), a.len(), "every event shipped, none twice");
+    assert_eq!(a, b, "CloudWatch holds exactly the audit file's events");
+    let metrics =
+        String::from_utf8_lossy(&send("GET", &format!("{admin}/metrics"), &[], Vec::new()).await.body).into_owned();
+    assert!(metrics.contains("toolgate_cloudwatch_backlog_bytes 0"), "{metrics}");
+}

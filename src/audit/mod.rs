@@ -8,6 +8,8 @@
 //! threads) until their line is written. Uncontended, that is one `write` per event, as before;
 //! under load, one per batch, and no thread ever sleeps on a lock while another is in the kernel.
 
+pub mod cloudwatch;
+
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;

@@ -173,10 +173,9 @@ pub struct AuditConfig {
     /// every built-in PII/secret detector applied) or `shape` (keys and value types only).
     #[serde(default)]
     pub arguments: AuditArguments,
-    /// Reserved for the CloudWatch Logs sink; refused until that sink is built, so a config
-    /// never believes it ships events it does not.
+    /// Ship the audit file's events to CloudWatch Logs (the file is the spool).
     #[serde(default)]
-    pub cloudwatch: Option<serde_json::Value>,
+    pub cloudwatch: Option<CloudWatchConfig>,
 }
 
 fn default_audit_file() -> Option<PathBuf> {
@@ -193,6 +192,44 @@ impl Default for AuditConfig {
             cloudwatch: None,
         }
     }
+}
+
+/// `audit.cloudwatch`: where the shipper puts the events.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudWatchConfig {
+    /// Created if missing.
+    pub log_group: String,
+    /// Created if missing; `{hostname}` is replaced by the machine's host name (default
+    /// `{hostname}`).
+    #[serde(default = "default_log_stream")]
+    pub log_stream: String,
+    /// Events per PutLogEvents (default and maximum 10000).
+    #[serde(default = "default_cw_events")]
+    pub batch_max_events: usize,
+    /// Bytes per PutLogEvents, counted as the service does (message + 26 per event); default
+    /// and maximum 1048576.
+    #[serde(default = "default_cw_bytes")]
+    pub batch_max_bytes: usize,
+    /// How long to gather events before shipping a partial batch (default 1000).
+    #[serde(default = "default_cw_flush")]
+    pub flush_interval_ms: u64,
+    /// Where the shipped offset is kept (default: the audit file's path + `.cloudwatch`).
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
+}
+
+fn default_log_stream() -> String {
+    "{hostname}".to_owned()
+}
+fn default_cw_events() -> usize {
+    10_000
+}
+fn default_cw_bytes() -> usize {
+    1_048_576
+}
+fn default_cw_flush() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -372,11 +409,29 @@ impl ServerConfig {
                 StateBackend::Memory
             }
         };
-        if raw.audit.cloudwatch.is_some() {
-            problems.push(doc.problem(
-                &root.key("audit").key("cloudwatch"),
-                "the CloudWatch audit sink is not available in this build; remove it or use `file`",
-            ));
+        if let Some(cw) = &raw.audit.cloudwatch {
+            let at = root.key("audit").key("cloudwatch");
+            if raw.audit.file.is_none() {
+                problems.push(doc.problem(
+                    &at,
+                    "needs `audit.file`: events are shipped from the file, which is the spool",
+                ));
+            }
+            if cw.log_group.is_empty() || cw.log_group.len() > 512 {
+                problems.push(doc.problem(&at.key("log_group"), "must be 1 to 512 characters"));
+            }
+            if cw.log_stream.is_empty() || cw.log_stream.contains(':') || cw.log_stream.contains('*') {
+                problems.push(doc.problem(&at.key("log_stream"), "must be non-empty, without `:` or `*`"));
+            }
+            if !(1..=10_000).contains(&cw.batch_max_events) {
+                problems.push(doc.problem(&at.key("batch_max_events"), "must be between 1 and 10000"));
+            }
+            if !(1024..=1_048_576).contains(&cw.batch_max_bytes) {
+                problems.push(doc.problem(&at.key("batch_max_bytes"), "must be between 1024 and 1048576"));
+            }
+            if cw.flush_interval_ms == 0 {
+                problems.push(doc.problem(&at.key("flush_interval_ms"), "must be greater than 0"));
+            }
         }
         if raw.listen == raw.admin.listen && raw.listen.port() != 0 {
             problems.push(doc.problem(

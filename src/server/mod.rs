@@ -150,6 +150,20 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
             wait(stopped.clone()),
         )),
     ];
+    // The CloudWatch Logs sink follows the audit file.
+    if let (Some(cw), Some(file)) = (
+        gateway.config.audit.cloudwatch.clone(),
+        gateway.config.audit.file.clone(),
+    ) {
+        let region = gateway.config.aws.as_ref().and_then(|a| a.region.clone());
+        let stop_ship = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            crate::audit::cloudwatch::Shipper::new(cw, file, region)
+                .await
+                .run(stop_ship)
+                .await;
+        }));
+    }
     // Upstream MCP servers: discover their tools at once, then every `mcp.refresh_seconds`.
     let gw = gateway.clone();
     let mut stop_refresh = stopped.clone();

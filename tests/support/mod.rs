@@ -329,6 +329,25 @@ impl Resp {
     }
 }
 
+/// [`send`], or `None` if the server did not answer (it was killed).
+#[allow(dead_code)]
+pub async fn try_send(method: &str, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Option<Resp> {
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut req = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let res = client
+        .request(req.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .ok()?;
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let body = res.into_body().collect().await.ok()?.to_bytes();
+    Some(Resp { status, headers, body })
+}
+
 /// Sends one HTTP/1.1 request over a fresh connection.
 pub async fn send(method: &str, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Resp {
     let client =

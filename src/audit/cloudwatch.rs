@@ -1,0 +1,405 @@
+//! Ships the audit file to CloudWatch Logs. The file is the spool: calls only ever wait for
+//! the local append (as without this sink), and a shipper task follows the file, sending
+//! complete lines in PutLogEvents batches within the service limits (10 000 events,
+//! 1 048 576 bytes counted as message + 26 per event, 256 KiB per event, chronological within a
+//! batch) and recording a checkpoint — the byte offset acknowledged — after each success.
+//!
+//! Nothing is lost: throttling or an outage only delays shipping (exponential backoff, up to
+//! 30 s between tries) while calls keep flowing; after a restart shipping resumes at the
+//! checkpoint. Nothing is sent twice: a crash between a successful PutLogEvents and writing the
+//! checkpoint would re-send that batch, so on start the shipper reads back the stream's events
+//! since the checkpoint's last timestamp and skips lines already there.
+//! Backlog and lag are on `/metrics`.
+
+use std::collections::HashSet;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_cloudwatchlogs::Client;
+use aws_sdk_cloudwatchlogs::types::InputLogEvent;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::CloudWatchConfig;
+
+/// The service's per-event overhead in the batch size.
+const EVENT_OVERHEAD: usize = 26;
+/// The service's largest event (message + overhead).
+const MAX_EVENT: usize = 256 * 1024;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Checkpoint {
+    log_group: String,
+    log_stream: String,
+    /// Bytes of the audit file acknowledged by CloudWatch.
+    offset: u64,
+    /// Timestamp (ms) of the last event shipped.
+    last_ts_ms: i64,
+}
+
+pub struct Shipper {
+    client: Client,
+    group: String,
+    stream: String,
+    file: PathBuf,
+    checkpoint_path: PathBuf,
+    cfg: CloudWatchConfig,
+}
+
+impl Shipper {
+    pub async fn new(cfg: CloudWatchConfig, file: PathBuf, region: Option<String>) -> Shipper {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(r) = region {
+            loader = loader.region(aws_config::Region::new(r));
+        }
+        let client = Client::new(&loader.load().await);
+        let stream = cfg.log_stream.replace("{hostname}", &hostname());
+        let checkpoint_path = cfg.checkpoint.clone().unwrap_or_else(|| {
+            let mut p = file.clone().into_os_string();
+            p.push(".cloudwatch");
+            PathBuf::from(p)
+        });
+        Shipper {
+            client,
+            group: cfg.log_group.clone(),
+            stream,
+            file,
+            checkpoint_path,
+            cfg,
+        }
+    }
+
+    /// Follows the file until `stop` is set.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut cp = self.load_checkpoint();
+        let mut already = self.already_shipped(&cp).await;
+        let mut backoff = Duration::from_millis(200);
+        let mut ensured = false;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let Chunk { lines, consumed, len } = match read_lines(&self.file, cp.offset, &self.cfg) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(file = %self.file.display(), "cloudwatch shipper cannot read the audit file: {e}");
+                    Chunk {
+                        lines: Vec::new(),
+                        consumed: 0,
+                        len: cp.offset,
+                    }
+                }
+            };
+            metrics::gauge!("toolgate_cloudwatch_backlog_bytes").set(len.saturating_sub(cp.offset) as f64);
+            metrics::gauge!("toolgate_cloudwatch_lag_seconds").set(
+                lines
+                    .first()
+                    .map_or(0.0, |(ts, _)| (now_ms() - ts).max(0) as f64 / 1000.0),
+            );
+            if lines.is_empty() {
+                if self
+                    .sleep(&mut stop, Duration::from_millis(self.cfg.flush_interval_ms))
+                    .await
+                {
+                    return;
+                }
+                continue;
+            }
+            let read = lines.len();
+            let mut events: Vec<(i64, String)> = lines
+                .into_iter()
+                .filter(|(_, msg)| already.is_empty() || !already.contains(msg))
+                .collect();
+            let skipped = read - events.len();
+            events.sort_by_key(|(ts, _)| *ts);
+            let last_ts = events.last().map_or(cp.last_ts_ms, |(ts, _)| *ts);
+            if !ensured {
+                self.ensure_destination().await;
+                ensured = true;
+            }
+            let result = if events.is_empty() {
+                Ok(())
+            } else {
+                let batch: Vec<InputLogEvent> = events
+                    .iter()
+                    .map(|(ts, msg)| {
+                        InputLogEvent::builder()
+                            .timestamp(*ts)
+                            .message(msg.clone())
+                            .build()
+                            .expect("timestamp and message are set")
+                    })
+                    .collect();
+                self.client
+                    .put_log_events()
+                    .log_group_name(&self.group)
+                    .log_stream_name(&self.stream)
+                    .set_log_events(Some(batch))
+                    .send()
+                    .await
+                    .map(|out| {
+                        if let Some(r) = out.rejected_log_events_info() {
+                            tracing::warn!("cloudwatch rejected some events (too old, too new or expired): {r:?}");
+                        }
+                    })
+                    .map_err(|e| aws_sdk_cloudwatchlogs::error::DisplayErrorContext(&e).to_string())
+            };
+            match result {
+                Ok(()) => {
+                    metrics::counter!("toolgate_cloudwatch_events_shipped_total").increment(events.len() as u64);
+                    cp.offset += consumed;
+                    cp.last_ts_ms = last_ts;
+                    if let Err(e) = self.save_checkpoint(&cp) {
+                        tracing::error!("cloudwatch shipper cannot write its checkpoint: {e}");
+                    }
+                    // The read-back matters until the lines shipped before the restart are passed.
+                    if skipped == 0 {
+                        already.clear();
+                    }
+                    backoff = Duration::from_millis(200);
+                }
+                Err(e) => {
+                    metrics::counter!("toolgate_cloudwatch_errors_total").increment(1);
+                    tracing::warn!(retry_in = ?backoff, "cloudwatch PutLogEvents failed, will retry: {e}");
+                    if e.contains("ResourceNotFound") {
+                        ensured = false;
+                    }
+                    if self.sleep(&mut stop, backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// Sleeps; true if asked to stop.
+    async fn sleep(&self, stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = stop.changed() => true,
+        }
+    }
+
+    async fn ensure_destination(&self) {
+        if let Err(e) = self.client.create_log_group().log_group_name(&self.group).send().await
+            && !e
+                .as_service_error()
+                .is_some_and(|s| s.is_resource_already_exists_exception())
+        {
+            tracing::warn!(
+                "cloudwatch CreateLogGroup: {}",
+                aws_sdk_cloudwatchlogs::error::DisplayErrorContext(&e)
+            );
+        }
+        if let Err(e) = self
+            .client
+            .create_log_stream()
+            .log_group_name(&self.group)
+            .log_stream_name(&self.stream)
+            .send()
+            .await
+            && !e
+                .as_service_error()
+                .is_some_and(|s| s.is_resource_already_exists_exception())
+        {
+            tracing::warn!(
+                "cloudwatch CreateLogStream: {}",
+                aws_sdk_cloudwatchlogs::error::DisplayErrorContext(&e)
+            );
+        }
+    }
+
+    fn load_checkpoint(&self) -> Checkpoint {
+        let cp: Checkpoint = std::fs::read(&self.checkpoint_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        if cp.log_group == self.group && cp.log_stream == self.stream {
+            cp
+        } else {
+            // A new destination gets the whole file.
+            Checkpoint {
+                log_group: self.group.clone(),
+                log_stream: self.stream.clone(),
+                ..Checkpoint::default()
+            }
+        }
+    }
+
+    fn save_checkpoint(&self, cp: &Checkpoint) -> std::io::Result<()> {
+        let tmp = self.checkpoint_path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(cp).expect("JSON serialises"))?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &self.checkpoint_path)
+    }
+
+    /// The messages already in the stream since the checkpoint's last event: what a crash after
+    /// PutLogEvents and before the checkpoint left shipped but not recorded.
+    async fn already_shipped(&self, cp: &Checkpoint) -> HashSet<String> {
+        let mut seen = HashSet::new();
+        let mut token: Option<String> = None;
+        for _ in 0..20 {
+            let mut req = self
+                .client
+                .get_log_events()
+                .log_group_name(&self.group)
+                .log_stream_name(&self.stream)
+                .start_from_head(true)
+                .start_time(cp.last_ts_ms);
+            if let Some(t) = &token {
+                req = req.next_token(t);
+            }
+            let Ok(out) = req.send().await else { break };
+            let events = out.events();
+            if events.is_empty() {
+                break;
+            }
+            seen.extend(events.iter().filter_map(|e| e.message().map(str::to_owned)));
+            let next = out.next_forward_token().map(str::to_owned);
+            if next == token {
+                break;
+            }
+            token = next;
+        }
+        seen
+    }
+}
+
+/// What one read of the spool found.
+struct Chunk {
+    /// Complete lines within the batch limits: `(timestamp ms, message)`.
+    lines: Vec<(i64, String)>,
+    /// The bytes they span.
+    consumed: u64,
+    /// The file's length.
+    len: u64,
+}
+
+/// Complete lines from `offset`, within the batch limits.
+fn read_lines(path: &Path, offset: u64, cfg: &CloudWatchConfig) -> std::io::Result<Chunk> {
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    if len <= offset {
+        return Ok(Chunk {
+            lines: Vec::new(),
+            consumed: 0,
+            len,
+        });
+    }
+    f.seek(SeekFrom::Start(offset))?;
+    let want = ((len - offset) as usize).min(cfg.batch_max_bytes.max(MAX_EVENT) + MAX_EVENT);
+    let mut buf = vec![0u8; want];
+    let n = f.read(&mut buf)?;
+    buf.truncate(n);
+    let mut out = Vec::new();
+    let (mut consumed, mut bytes) = (0usize, 0usize);
+    for line in buf.split_inclusive(|b| *b == b'\n') {
+        if !line.ends_with(b"\n") || out.len() >= cfg.batch_max_events {
+            break;
+        }
+        let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+        let msg = fit(text);
+        let size = msg.len() + EVENT_OVERHEAD;
+        if bytes + size > cfg.batch_max_bytes && !out.is_empty() {
+            break;
+        }
+        bytes += size;
+        consumed += line.len();
+        if msg.is_empty() {
+            continue;
+        }
+        out.push((timestamp_ms(&msg), msg));
+    }
+    Ok(Chunk {
+        lines: out,
+        consumed: consumed as u64,
+        len,
+    })
+}
+
+/// A message within the service's event size (cut, and marked, if it is not).
+fn fit(mut msg: String) -> String {
+    let max = MAX_EVENT - EVENT_OVERHEAD - 32;
+    if msg.len() > max {
+        let mut end = max;
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        msg.truncate(end);
+        msg.push_str(" …[truncated by toolgate]");
+    }
+    msg
+}
+
+/// The event's own `ts`, else now.
+fn timestamp_ms(msg: &str) -> i64 {
+    let ts = msg
+        .find("\"ts\":\"")
+        .and_then(|i| msg[i + 6..].split('"').next())
+        .and_then(|t| humantime::parse_rfc3339(t).ok());
+    ts.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or_else(now_ms, |d| d.as_millis() as i64)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "toolgate".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(events: usize, bytes: usize) -> CloudWatchConfig {
+        CloudWatchConfig {
+            log_group: "g".into(),
+            log_stream: "s".into(),
+            batch_max_events: events,
+            batch_max_bytes: bytes,
+            flush_interval_ms: 10,
+            checkpoint: None,
+        }
+    }
+
+    #[test]
+    fn reads_complete_lines_within_the_batch_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        let (l1, l2) = (
+            "{\"ts\":\"2026-11-23T10:00:00.250Z\",\"n\":1}\n",
+            "{\"ts\":\"2026-11-23T10:00:01Z\",\"n\":2}\n",
+        );
+        std::fs::write(&p, format!("{l1}{l2}{{\"n\":3")).unwrap();
+        let Chunk { lines, consumed, len } = read_lines(&p, 0, &cfg(10, 1_048_576)).unwrap();
+        assert_eq!(lines.len(), 2, "the partial last line waits");
+        let expected = humantime::parse_rfc3339("2026-11-23T10:00:00.250Z").unwrap();
+        assert_eq!(
+            lines[0].0,
+            expected.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+        );
+        assert_eq!(consumed as usize, l1.len() + l2.len());
+        assert!(len > consumed);
+        let one = read_lines(&p, 0, &cfg(1, 1_048_576)).unwrap();
+        assert_eq!((one.lines.len(), one.consumed as usize), (1, l1.len()));
+        let rest = read_lines(&p, one.consumed, &cfg(10, 1_048_576)).unwrap();
+        assert_eq!(rest.lines[0].1, "{\"ts\":\"2026-11-23T10:00:01Z\",\"n\":2}");
+    }
+
+    #[test]
+    fn oversized_events_are_cut_to_the_service_limit() {
+        let big = "x".repeat(300_000);
+        assert!(fit(big).len() + EVENT_OVERHEAD <= MAX_EVENT);
+    }
+}
