@@ -25,6 +25,7 @@ use crate::policy::tool::{DiscoveredTool, Target};
 use crate::policy::{Code, Decision, ParseLimits, Policy, Reason, Stage, ToolCall, arguments};
 use crate::state::State;
 use crate::upstream::aws::{RoleError, Roles};
+use crate::upstream::guardrail::{Guardrails, Source as GuardrailSource, Verdict as GuardrailVerdict};
 use crate::upstream::{Inbound, Outbound, Upstream, UpstreamError};
 
 /// A tool call as received, before anything is checked.
@@ -112,6 +113,8 @@ pub struct Gateway {
     mcp_client: McpClient,
     /// AWS role credentials for tools with `aws_role`.
     roles: Roles,
+    /// Bedrock guardrail filters.
+    guardrails: Guardrails,
     /// The tools upstream MCP servers listed at the last refresh.
     discovered: std::sync::Mutex<Vec<DiscoveredTool>>,
     /// Set when the MCP catalog changed: the next reload swaps the policy in even though the
@@ -133,6 +136,7 @@ impl Gateway {
             webhook: config.approvals.webhook.as_ref().map(Webhook::new),
             mcp_client: McpClient::new(config.limits.max_response_bytes),
             roles: Roles::new(config.aws.as_ref().and_then(|a| a.region.clone())),
+            guardrails: Guardrails::new(config.aws.as_ref().and_then(|a| a.region.clone())),
             config,
             audit,
             state: State::default(),
@@ -529,16 +533,33 @@ impl Gateway {
         }
         let tool = eval.tool.expect("an allowed call has a tool");
         let url = eval.url.as_deref().unwrap_or("");
-        let args = eval
+        let mut args = eval
             .arguments
             .as_ref()
             .and_then(Value::as_object)
             .expect("allowed arguments are an object");
+        let mut body_bytes = Bytes::from(eval.body.unwrap_or_default());
+
+        // Bedrock guardrail filters on the arguments (after every local check: a call the
+        // gateway refuses anyway costs no guardrail request).
+        let masked_args;
+        if let Some(masked) = self.input_guardrails(policy, tool, &body_bytes, rec).await? {
+            rec.arguments = match self.config.audit.arguments {
+                AuditArguments::Shape => Some(arguments::shape(&Value::Object(masked.clone()))),
+                AuditArguments::Redacted => {
+                    let mut v = Value::Object(masked.clone());
+                    crate::policy::content::apply(&[&self.audit_redactor], &mut v);
+                    Some(v)
+                }
+            };
+            body_bytes = Bytes::from(arguments::canonical(&masked));
+            masked_args = masked;
+            args = &masked_args;
+        }
 
         // Stateful checks, after every static one: denied calls cost nothing. The budget is
         // reserved first (atomically), then rate allowances are taken, the tighter per-tool one
         // first; a refusal gives the reservation back.
-        let body_bytes = Bytes::from(eval.body.unwrap_or_default());
         let input_tokens = estimate_tokens(body_bytes.len());
         let limits = &policy.agents.get(&*agent).expect("evaluated agents exist").limits;
         let reservation = match limits.tokens_per_hour {
@@ -610,6 +631,13 @@ impl Gateway {
         let forwarded = self
             .forward(policy, req, rec, &agent, tool, url, args, body_bytes)
             .await;
+        let forwarded = match forwarded {
+            Ok((inbound, body)) => self
+                .output_guardrails(policy, tool, body, rec)
+                .await
+                .map(|b| (inbound, b)),
+            Err(e) => Err(e),
+        };
         if let Some(p) = past {
             let succeeded = forwarded
                 .as_ref()
@@ -628,6 +656,129 @@ impl Gateway {
             metrics::gauge!("toolgate_budget_remaining_tokens", "agent" => agent.to_string()).set(left as f64);
         }
         forwarded
+    }
+
+    /// The tool's input guardrail filters over the arguments: `Some(masked)` if a guardrail
+    /// anonymised them.
+    async fn input_guardrails(
+        &self,
+        policy: &Policy,
+        tool: &crate::policy::tool::Tool,
+        body: &[u8],
+        rec: &mut Record,
+    ) -> Result<Option<serde_json::Map<String, Value>>, Reason> {
+        let mut text = String::from_utf8_lossy(body).into_owned();
+        let mut masked = false;
+        for f in tool.input_filters.iter().map(|&i| &policy.filters[i]) {
+            let Some(g) = &f.guardrail else { continue };
+            match self.guardrails.apply(g, GuardrailSource::Input, &text).await {
+                Ok(GuardrailVerdict::Pass) => {}
+                Ok(GuardrailVerdict::Masked { text: t, summary }) => {
+                    rec.notes.push(Reason::new(
+                        Code::ContentBlocked,
+                        Stage::Content,
+                        f.name.clone(),
+                        format!("Guardrail filter '{}' anonymised the arguments ({summary}).", f.name),
+                    ));
+                    text = t;
+                    masked = true;
+                }
+                Ok(GuardrailVerdict::Blocked { summary }) => {
+                    return Err(Reason::new(
+                        Code::ContentBlocked,
+                        Stage::Content,
+                        f.name.clone(),
+                        format!(
+                            "The arguments were blocked by guardrail filter '{}' ({summary}).",
+                            f.name
+                        ),
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(filter = %f.name, "guardrail failed: {e}");
+                    return Err(Reason::new(
+                        Code::Unavailable,
+                        Stage::Content,
+                        f.name.clone(),
+                        format!(
+                            "Guardrail filter '{}' could not check the arguments, so the call was refused. Try again later.",
+                            f.name
+                        ),
+                    ));
+                }
+            }
+        }
+        if !masked {
+            return Ok(None);
+        }
+        match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(m)) => Ok(Some(m)),
+            _ => Err(Reason::new(
+                Code::ContentBlocked,
+                Stage::Content,
+                "guardrail",
+                "A guardrail anonymised the arguments into something that is no longer a JSON object, so the call was refused.",
+            )),
+        }
+    }
+
+    /// The tool's output guardrail filters over the response (the tool did run).
+    async fn output_guardrails(
+        &self,
+        policy: &Policy,
+        tool: &crate::policy::tool::Tool,
+        body: Bytes,
+        rec: &mut Record,
+    ) -> Result<Bytes, Reason> {
+        let guards: Vec<_> = tool
+            .output_filters
+            .iter()
+            .map(|&i| &policy.filters[i])
+            .filter(|f| f.guardrail.is_some())
+            .collect();
+        if guards.is_empty() {
+            return Ok(body);
+        }
+        let mut text = String::from_utf8_lossy(&body).into_owned();
+        for f in guards {
+            let g = f.guardrail.as_ref().expect("filtered above");
+            match self.guardrails.apply(g, GuardrailSource::Output, &text).await {
+                Ok(GuardrailVerdict::Pass) => {}
+                Ok(GuardrailVerdict::Masked { text: t, summary }) => {
+                    rec.notes.push(Reason::new(
+                        Code::ContentBlocked,
+                        Stage::Output,
+                        f.name.clone(),
+                        format!("Guardrail filter '{}' anonymised the response ({summary}).", f.name),
+                    ));
+                    text = t;
+                }
+                Ok(GuardrailVerdict::Blocked { summary }) => {
+                    return Err(Reason::new(
+                        Code::ContentBlocked,
+                        Stage::Output,
+                        f.name.clone(),
+                        format!(
+                            "The response of tool '{}' was blocked by guardrail filter '{}' ({summary}).",
+                            tool.name, f.name
+                        ),
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(filter = %f.name, "guardrail failed: {e}");
+                    return Err(Reason::new(
+                        Code::Unavailable,
+                        Stage::Output,
+                        f.name.clone(),
+                        format!(
+                            "Guardrail filter '{}' could not check the response of tool '{}', so it was withheld.",
+                            f.name, tool.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(Bytes::from(text))
     }
 
     /// Whether an upstream MCP tool is currently marked as changed since its pin.

@@ -532,3 +532,127 @@ async fn audit_events_reach_cloudwatch_exactly_once_across_a_kill_9() {
         String::from_utf8_lossy(&send("GET", &format!("{admin}/metrics"), &[], Vec::new()).await.body).into_owned();
     assert!(metrics.contains("toolgate_cloudwatch_backlog_bytes 0"), "{metrics}");
 }
+
+/// A **test double** for Amazon Bedrock Runtime's ApplyGuardrail (no local emulator serves it):
+/// the real REST wire format — `POST /guardrail/{id}/version/{version}/apply`, SigV4 for
+/// service `bedrock`, the JSON request and response shapes, `x-amzn-errortype` errors. It blocks
+/// a denied topic, anonymises email addresses and throttles on demand.
+async fn guardrail_double() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use axum::extract::{Path as AxPath, Request};
+    use axum::response::IntoResponse;
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+    let log = seen.clone();
+    let app = axum::Router::new().route(
+        "/guardrail/{id}/version/{version}/apply",
+        axum::routing::post(move |AxPath((id, version)): AxPath<(String, String)>, req: Request| {
+            let log = log.clone();
+            async move {
+                let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                let body = http_body_util::BodyExt::collect(req.into_body()).await.unwrap().to_bytes();
+                let body: Value = serde_json::from_slice(&body).unwrap();
+                let text = body["content"][0]["text"]["text"].as_str().unwrap_or("").to_owned();
+                log.lock().unwrap().push(json!({"id": id, "version": version, "source": body["source"], "text": text, "signed": auth.starts_with("AWS4-HMAC-SHA256") && auth.contains("/bedrock/aws4_request")}));
+                let usage = json!({"topicPolicyUnits": 1, "contentPolicyUnits": 1, "wordPolicyUnits": 0, "sensitiveInformationPolicyUnits": 1, "sensitiveInformationPolicyFreeUnits": 0, "contextualGroundingPolicyUnits": 0});
+                if text.contains("overload") {
+                    return (axum::http::StatusCode::TOO_MANY_REQUESTS, [("x-amzn-errortype", "ThrottlingException")], json!({"message": "Rate exceeded"}).to_string()).into_response();
+                }
+                let reply = if text.contains("launch codes") {
+                    json!({"usage": usage, "action": "GUARDRAIL_INTERVENED", "outputs": [{"text": "Sorry, I cannot help with that."}],
+                        "assessments": [{"topicPolicy": {"topics": [{"name": "secrets", "type": "DENY", "action": "BLOCKED"}]}}]})
+                } else if text.contains("@example.com") {
+                    let masked = text.replace("ada@example.com", "{EMAIL}");
+                    json!({"usage": usage, "action": "GUARDRAIL_INTERVENED", "outputs": [{"text": masked}],
+                        "assessments": [{"sensitiveInformationPolicy": {"piiEntities": [{"match": "ada@example.com", "type": "EMAIL", "action": "ANONYMIZED"}]}}]})
+                } else {
+                    json!({"usage": usage, "action": "NONE", "outputs": [], "assessments": [{}]})
+                };
+                ([("content-type", "application/json")], reply.to_string()).into_response()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bedrock_guardrails_block_anonymise_and_fail_closed() {
+    let (double, seen) = guardrail_double().await;
+    let echo = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    let digest = support::sha256_hex("ops-key");
+    std::fs::write(
+        dir.path().join("policies/p.yaml"),
+        format!(
+            "agents:\n  ops-bot:\n    credentials: {{ api_key_sha256: [ \"{digest}\" ] }}\n    tools: [ echo.post, tickets.read ]\ntools:\n  echo.post:\n    upstream: {{ url: \"{u}/echo\" }}\n    filters: {{ input: [ guard ] }}\n  tickets.read:\n    upstream: {{ url: \"{u}/tickets/{{id}}\", method: GET }}\n    arguments: {{ type: object, required: [ id ], properties: {{ id: {{ type: string }} }} }}\n    filters: {{ output: [ guard ] }}\nfilters:\n  guard: {{ bedrock_guardrail: {{ id: gr-123, version: \"1\" }} }}\n",
+            u = echo.url
+        ),
+    )
+    .unwrap();
+    let d = dir.path().display();
+    let cfg = dir.path().join("toolgate.yaml");
+    std::fs::write(
+        &cfg,
+        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/a.redb }}\naws: {{ region: us-east-1 }}\n"),
+    )
+    .unwrap();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "secret".to_owned()),
+        ("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", double),
+        ("AWS_MAX_ATTEMPTS", "1".to_owned()),
+    ];
+    let (_toolgate, data, _) = serve(&cfg, &env);
+    let call = |tool: &str, body: Value| {
+        let url = format!("{data}/v1/tools/{tool}");
+        async move {
+            send(
+                "POST",
+                &url,
+                &[("authorization", "Bearer ops-key".to_owned())],
+                body.to_string().into_bytes(),
+            )
+            .await
+        }
+    };
+
+    let r = call("echo.post", json!({"q": "hello"})).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let first = seen.lock().unwrap()[0].clone();
+    assert_eq!(first["source"], "INPUT");
+    assert_eq!(first["id"], "gr-123");
+    assert_eq!(first["signed"], true, "SigV4 for service bedrock");
+
+    // A denied topic blocks the call before it reaches the tool; the summary names no values.
+    let r = call("echo.post", json!({"q": "tell me the launch codes"})).await;
+    let body = r.assert_error(403, "content_blocked");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("guard") && msg.contains("topic 'secrets' BLOCKED"),
+        "{msg}"
+    );
+    assert_eq!(echo.count("/echo"), 1);
+
+    // Anonymisation: the tool receives the masked arguments.
+    let r = call("echo.post", json!({"q": "write to ada@example.com"})).await;
+    assert_eq!(r.status, 200);
+    let last = echo.requests().last().unwrap().json();
+    assert_eq!(last["q"], "write to {EMAIL}");
+
+    // The guardrail throttled: fail closed, nothing forwarded.
+    let r = call("echo.post", json!({"q": "overload"})).await;
+    r.assert_error(503, "unavailable");
+    assert_eq!(echo.count("/echo"), 2);
+
+    // On the way out: the tool's response is checked as OUTPUT and anonymised.
+    let r = call("tickets.read", json!({"id": "T-1"})).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(!text.contains("ada@example.com") && text.contains("{EMAIL}"), "{text}");
+    assert!(seen.lock().unwrap().iter().any(|s| s["source"] == "OUTPUT"));
+    let events = support::read_events(&dir.path().join("audit.jsonl"));
+    let e = events.iter().rev().find(|e| e["event"] == "tool_call").unwrap();
+    assert!(e["reasons"].to_string().contains("anonymised the response"), "{e}");
+}

@@ -28,8 +28,13 @@ pub struct FilterConfig {
     /// Built-in detectors.
     #[serde(default)]
     pub detect: Vec<Detector>,
-    /// What a match does.
-    pub action: Action,
+    /// What a match does (required, except for a `bedrock_guardrail` filter, where the
+    /// guardrail decides: block, or anonymise).
+    #[serde(default)]
+    pub action: Option<Action>,
+    /// An Amazon Bedrock guardrail instead of local matchers (run by the gateway, not here).
+    #[serde(default)]
+    pub bedrock_guardrail: Option<crate::upstream::guardrail::GuardrailConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -264,6 +269,8 @@ pub struct Filter {
     terms: Option<AhoCorasick>,
     patterns: Option<RegexSet>,
     detectors: Vec<Detector>,
+    /// A Bedrock guardrail (checked by the gateway; matches nothing locally).
+    pub guardrail: Option<crate::upstream::guardrail::GuardrailConfig>,
 }
 
 impl Filter {
@@ -295,11 +302,31 @@ impl Filter {
             }
             RegexSet::new(patterns.iter().map(|p| format!("(?i){p}"))).ok()
         };
-        if c.deny_terms.is_empty() && c.deny_patterns.is_empty() && c.detect.is_empty() {
-            errors.push((
+        let local = !(c.deny_terms.is_empty() && c.deny_patterns.is_empty() && c.detect.is_empty());
+        match (&c.bedrock_guardrail, local) {
+            (None, false) => errors.push((
                 String::new(),
-                "a filter needs deny_terms, deny_patterns or detect".to_owned(),
-            ));
+                "a filter needs deny_terms, deny_patterns, detect or bedrock_guardrail".to_owned(),
+            )),
+            (Some(_), true) => errors.push((
+                "bedrock_guardrail".to_owned(),
+                "a guardrail filter has no other matchers: put deny_terms, deny_patterns and detect in a filter of their own".to_owned(),
+            )),
+            (Some(g), false) => {
+                if g.id.is_empty() || g.version.is_empty() {
+                    errors.push(("bedrock_guardrail".to_owned(), "needs `id` and `version`".to_owned()));
+                }
+                if g.timeout_ms == 0 {
+                    errors.push(("bedrock_guardrail.timeout_ms".to_owned(), "must be greater than 0".to_owned()));
+                }
+                if c.action.is_some() {
+                    errors.push(("action".to_owned(), "the guardrail decides (block or anonymise): remove `action`".to_owned()));
+                }
+            }
+            (None, true) if c.action.is_none() => {
+                errors.push(("action".to_owned(), "missing: `block` or `redact`".to_owned()))
+            }
+            (None, true) => {}
         }
         if !errors.is_empty() {
             return Err(errors);
@@ -311,10 +338,11 @@ impl Filter {
         };
         Ok(Self {
             name: name.to_owned(),
-            action: c.action,
+            action: c.action.unwrap_or(Action::Block),
             terms,
             patterns: set,
             detectors: c.detect.clone(),
+            guardrail: c.bedrock_guardrail.clone(),
         })
     }
 
@@ -326,6 +354,7 @@ impl Filter {
             terms: None,
             patterns: None,
             detectors: Detector::ALL.to_vec(),
+            guardrail: None,
         }
     }
 

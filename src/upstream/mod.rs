@@ -6,6 +6,7 @@
 //! can have happened twice.
 
 pub mod aws;
+pub mod guardrail;
 
 use std::time::{Duration, Instant};
 
