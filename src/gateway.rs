@@ -884,9 +884,31 @@ impl Gateway {
         let timeout = Duration::from_millis(self.config.limits.upstream_timeout_ms);
         let mut found = Vec::new();
         for server in policy.mcp_servers.values() {
+            // Discovery runs as toolgate itself (agent `toolgate`), under the server's role if any.
+            let signing_parts = match &server.aws_role {
+                None => None,
+                Some(role) => match (
+                    self.roles.credentials(role, "toolgate", &server.name, trigger).await,
+                    self.roles.region_for(role).await,
+                ) {
+                    (Ok(c), Some(region)) => Some((c, region, role.sign.clone())),
+                    (creds, _) => {
+                        tracing::warn!(server = %server.name, "no AWS credentials to ask the MCP server for its tools: {:?}", creds.err());
+                        found.extend(previous.iter().filter(|d| d.server == server.name).cloned());
+                        continue;
+                    }
+                },
+            };
+            let signing = signing_parts
+                .as_ref()
+                .map(|(credentials, region, service)| crate::upstream::Signing {
+                    credentials,
+                    region,
+                    service,
+                });
             match self
                 .mcp_client
-                .list_tools(server, server.timeout.unwrap_or(timeout))
+                .list_tools(server, server.timeout.unwrap_or(timeout), signing.as_ref())
                 .await
             {
                 Ok(tools) => {
@@ -1089,33 +1111,6 @@ impl Gateway {
         let timeout = tool
             .timeout
             .unwrap_or(Duration::from_millis(self.config.limits.upstream_timeout_ms));
-        let method = match &tool.target {
-            Target::Http { method, .. } => *method,
-            Target::Mcp { server, tool: name } => {
-                let server = policy.mcp_servers.get(server).expect("discovered tools have a server");
-                let started = Instant::now();
-                let result = self
-                    .mcp_client
-                    .call_tool(server, name, &Value::Object(args.clone()), timeout)
-                    .await
-                    .map(|outcome| {
-                        let (status, body) = match outcome {
-                            RpcOutcome::Result(r) => (200, r),
-                            RpcOutcome::Error { code, message } => (
-                                502,
-                                json!({"error": {"code": "upstream_error", "message": format!("The MCP server refused the call ({code}): {message}")}}),
-                            ),
-                        };
-                        Inbound {
-                            status,
-                            content_type: Some(HeaderValue::from_static("application/json")),
-                            body: Bytes::from(serde_json::to_vec(&body).expect("JSON serialises")),
-                            duration: started.elapsed(),
-                        }
-                    });
-                return self.finish_forward(policy, req, rec, tool, started, result);
-            }
-        };
         // Under the tool's own AWS role: credentials first (cached), and never an unsigned call.
         let role_arn = tool.aws_role.as_ref().map(|r| r.arn.clone());
         let mut signing_parts = None;
@@ -1167,6 +1162,37 @@ impl Gateway {
                 region,
                 service,
             });
+        let method = match &tool.target {
+            Target::Http { method, .. } => *method,
+            Target::Mcp { server, tool: name } => {
+                let server = policy.mcp_servers.get(server).expect("discovered tools have a server");
+                let started = Instant::now();
+                let result = self
+                    .mcp_client
+                    .call_tool(server, name, &Value::Object(args.clone()), timeout, signing.as_ref())
+                    .await
+                    .map(|outcome| {
+                        let (status, body) = match outcome {
+                            RpcOutcome::Result(r) => (200, r),
+                            RpcOutcome::Error { code, message } => (
+                                502,
+                                json!({"error": {"code": "upstream_error", "message": format!("The MCP server refused the call ({code}): {message}")}}),
+                            ),
+                        };
+                        Inbound {
+                            status,
+                            content_type: Some(HeaderValue::from_static("application/json")),
+                            body: Bytes::from(serde_json::to_vec(&body).expect("JSON serialises")),
+                            duration: started.elapsed(),
+                        }
+                    });
+                let r = self.finish_forward(policy, req, rec, tool, started, result);
+                if let Some(u) = &mut rec.upstream {
+                    u.role_arn = role_arn;
+                }
+                return r;
+            }
+        };
         let out = Outbound {
             method,
             url,

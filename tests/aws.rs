@@ -656,3 +656,108 @@ async fn bedrock_guardrails_block_anonymise_and_fail_closed() {
     let e = events.iter().rev().find(|e| e["event"] == "tool_call").unwrap();
     assert!(e["reasons"].to_string().contains("anonymised the response"), "{e}");
 }
+
+/// A minimal upstream MCP server (JSON responses) that records the SigV4 headers of every
+/// request it gets.
+async fn signed_mcp_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+    use axum::extract::Request;
+    use axum::response::IntoResponse;
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let log = seen.clone();
+    let app = axum::Router::new().route(
+        "/mcp",
+        axum::routing::post(move |req: Request| {
+            let log = log.clone();
+            async move {
+                let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                let token = req.headers().get("x-amz-security-token").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                let body = http_body_util::BodyExt::collect(req.into_body()).await.unwrap().to_bytes();
+                let msg: Value = serde_json::from_slice(&body).unwrap();
+                log.lock().unwrap().push((auth, token));
+                let id = msg["id"].clone();
+                let result = match msg["method"].as_str().unwrap_or("") {
+                    "initialize" => json!({"protocolVersion": "2025-06-18", "capabilities": {"tools": {}}, "serverInfo": {"name": "inv", "version": "1"}}),
+                    "tools/list" => json!({"tools": [{"name": "count", "description": "Count stock", "inputSchema": {"type": "object", "properties": {"sku": {"type": "string"}}}}]}),
+                    "tools/call" => json!({"content": [{"type": "text", "text": "42"}], "isError": false}),
+                    _ => return axum::http::StatusCode::ACCEPTED.into_response(),
+                };
+                ([("content-type", "application/json")], json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string()).into_response()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_mcp_servers_are_called_under_their_aws_role() {
+    let port = free_port();
+    let python = tokio::task::spawn_blocking(python).await.unwrap();
+    let _moto = Proc(
+        Command::new(python)
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(port).await;
+    let (mcp_url, seen) = signed_mcp_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    let digest = support::sha256_hex("ops-key");
+    std::fs::write(
+        dir.path().join("policies/p.yaml"),
+        format!("mcp_servers:\n  inv: {{ url: \"{mcp_url}\", aws_role: {{ arn: \"arn:aws:iam::{ACCOUNT}:role/inventory\", sign: execute-api }} }}\nagents:\n  ops-bot:\n    credentials: {{ api_key_sha256: [ \"{digest}\" ] }}\n    tools: [ inv.* ]\n"),
+    )
+    .unwrap();
+    let d = dir.path().display();
+    let cfg = dir.path().join("toolgate.yaml");
+    std::fs::write(
+        &cfg,
+        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/a.redb }}\naws: {{ region: us-east-1 }}\n"),
+    )
+    .unwrap();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "secret".to_owned()),
+        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+    ];
+    let (_toolgate, data, _) = serve(&cfg, &env);
+    let mut r = None;
+    for _ in 0..50 {
+        let resp = send(
+            "POST",
+            &format!("{data}/v1/tools/inv.count"),
+            &[("authorization", "Bearer ops-key".to_owned())],
+            br#"{"sku": "A-1"}"#.to_vec(),
+        )
+        .await;
+        if resp.status == 200 {
+            r = Some(resp);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await; // discovery runs at start
+    }
+    let r = r.expect("the discovered tool becomes callable");
+    assert!(String::from_utf8_lossy(&r.body).contains("42"));
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.len() >= 4,
+        "initialize, initialized, tools/list, tools/call: {seen:?}"
+    );
+    for (auth, token) in &seen {
+        assert!(
+            auth.starts_with("AWS4-HMAC-SHA256 Credential="),
+            "every request signed: {auth}"
+        );
+        assert!(auth.contains("/execute-api/aws4_request"), "{auth}");
+        assert!(
+            !auth.contains("AKIAEXAMPLE"),
+            "the role's credentials, not toolgate's own"
+        );
+        assert!(!token.is_empty(), "with the role session's token");
+    }
+}

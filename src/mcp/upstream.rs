@@ -20,7 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
 use crate::policy::tool::McpServer;
-use crate::upstream::UpstreamError;
+use crate::upstream::{Signing, UpstreamError};
 
 const OFFERED: &str = "2025-11-25";
 /// Pages of `tools/list` followed at most (a server listing more is cut off there).
@@ -62,7 +62,12 @@ impl McpClient {
     }
 
     /// Every tool the server lists (following `nextCursor`).
-    pub async fn list_tools(&self, server: &McpServer, timeout: Duration) -> Result<Vec<Value>, UpstreamError> {
+    pub async fn list_tools(
+        &self,
+        server: &McpServer,
+        timeout: Duration,
+        signing: Option<&Signing<'_>>,
+    ) -> Result<Vec<Value>, UpstreamError> {
         let mut tools = Vec::new();
         let mut cursor: Option<String> = None;
         for _ in 0..MAX_PAGES {
@@ -70,7 +75,7 @@ impl McpClient {
                 Some(c) => json!({"cursor": c}),
                 None => json!({}),
             };
-            let result = match self.request(server, "tools/list", params, timeout).await? {
+            let result = match self.request(server, "tools/list", params, timeout, signing).await? {
                 RpcOutcome::Result(r) => r,
                 RpcOutcome::Error { code, message } => {
                     return Err(UpstreamError::Protocol(format!("tools/list failed: {code} {message}")));
@@ -94,12 +99,14 @@ impl McpClient {
         tool: &str,
         arguments: &Value,
         timeout: Duration,
+        signing: Option<&Signing<'_>>,
     ) -> Result<RpcOutcome, UpstreamError> {
         self.request(
             server,
             "tools/call",
             json!({"name": tool, "arguments": arguments}),
             timeout,
+            signing,
         )
         .await
     }
@@ -110,13 +117,16 @@ impl McpClient {
         method: &str,
         params: Value,
         timeout: Duration,
+        signing: Option<&Signing<'_>>,
     ) -> Result<RpcOutcome, UpstreamError> {
         tokio::time::timeout(timeout, async {
             for attempt in 0..2 {
-                let (session, version) = self.session(server).await?;
+                let (session, version) = self.session(server, signing).await?;
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 let msg = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-                let (status, headers, body) = self.post(&server.url, &msg, session.as_deref(), Some(&version)).await?;
+                let (status, headers, body) = self
+                    .post(&server.url, &msg, session.as_deref(), Some(&version), signing)
+                    .await?;
                 if status == 404 && session.is_some() && attempt == 0 {
                     self.sessions.lock().expect("sessions lock").remove(&server.name);
                     continue;
@@ -137,7 +147,11 @@ impl McpClient {
     }
 
     /// The session for `server`, opened if needed: `(session id, negotiated revision)`.
-    async fn session(&self, server: &McpServer) -> Result<(Option<String>, String), UpstreamError> {
+    async fn session(
+        &self,
+        server: &McpServer,
+        signing: Option<&Signing<'_>>,
+    ) -> Result<(Option<String>, String), UpstreamError> {
         if let Some(s) = self.sessions.lock().expect("sessions lock").get(&server.name) {
             return Ok((s.id.clone(), s.version.clone()));
         }
@@ -145,7 +159,7 @@ impl McpClient {
         let init = json!({"jsonrpc": "2.0", "id": id, "method": "initialize", "params": {
             "protocolVersion": OFFERED, "capabilities": {},
             "clientInfo": {"name": "toolgate", "version": env!("CARGO_PKG_VERSION")}}});
-        let (status, headers, body) = self.post(&server.url, &init, None, None).await?;
+        let (status, headers, body) = self.post(&server.url, &init, None, None, signing).await?;
         if !(200..300).contains(&status) {
             return Err(UpstreamError::Protocol(format!("initialize answered HTTP {status}")));
         }
@@ -165,7 +179,7 @@ impl McpClient {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-        self.post(&server.url, &note, session.as_deref(), Some(&version))
+        self.post(&server.url, &note, session.as_deref(), Some(&version), signing)
             .await?;
         self.sessions.lock().expect("sessions lock").insert(
             server.name.clone(),
@@ -183,6 +197,7 @@ impl McpClient {
         msg: &Value,
         session: Option<&str>,
         version: Option<&str>,
+        signing: Option<&Signing<'_>>,
     ) -> Result<(u16, http::HeaderMap, Bytes), UpstreamError> {
         let mut req = http::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -197,9 +212,14 @@ impl McpClient {
         if let Some(v) = version {
             req = req.header("mcp-protocol-version", v);
         }
-        let req = req
-            .body(Full::new(Bytes::from(msg.to_string())))
+        let body = Bytes::from(msg.to_string());
+        let mut req = req
+            .body(Full::new(body.clone()))
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        if let Some(s) = signing {
+            crate::upstream::aws::sign_request(&mut req, &body, s.credentials, s.region, s.service)
+                .map_err(|e| UpstreamError::Protocol(format!("cannot sign the request: {e}")))?;
+        }
         let res = self
             .client
             .request(req)

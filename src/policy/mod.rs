@@ -387,6 +387,11 @@ impl Policy {
                 if c.timeout_ms == Some(0) {
                     problems.push(doc.problem(&path.key("timeout_ms"), "must be greater than 0"));
                 }
+                if let Some(role) = &c.aws_role {
+                    for (key, msg) in role.check() {
+                        problems.push(doc.problem(&path.key("aws_role").key(key), msg));
+                    }
+                }
                 let prefix = format!("{name}.");
                 for tool in defined_tools.iter().filter(|t| t.starts_with(&prefix)) {
                     problems.push(doc.problem(&path, format!("the tool `{tool}` is also defined in `tools:`; names under `{prefix}` belong to this MCP server")));
@@ -416,6 +421,7 @@ impl Policy {
                         timeout: c.timeout_ms.map(Duration::from_millis),
                         input_filters,
                         output_filters,
+                        aws_role: c.aws_role,
                     },
                 );
             }
@@ -447,7 +453,7 @@ impl Policy {
                     },
                     timeout: server.timeout,
                     headers: Vec::new(),
-                    aws_role: None,
+                    aws_role: server.aws_role.clone(),
                     schema: Some(schema),
                     schema_source: Some(d.input_schema.clone()),
                     input_filters: server.input_filters.clone(),

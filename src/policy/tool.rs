@@ -291,6 +291,9 @@ pub struct McpServerConfig {
     /// Filters for every tool of this server (input: arguments; output: results).
     #[serde(default)]
     pub filters: FilterRefs,
+    /// Call the server under this AWS role, every request SigV4-signed (as for HTTP tools).
+    #[serde(default)]
+    pub aws_role: Option<crate::upstream::aws::AwsRoleConfig>,
 }
 
 /// A compiled upstream MCP server.
@@ -301,6 +304,7 @@ pub struct McpServer {
     pub timeout: Option<Duration>,
     pub input_filters: Vec<usize>,
     pub output_filters: Vec<usize>,
+    pub aws_role: Option<crate::upstream::aws::AwsRoleConfig>,
 }
 
 /// A tool an upstream MCP server listed, as the gateway discovered it.
