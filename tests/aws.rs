@@ -52,6 +52,40 @@ async fn wait_for(port: u16) {
     panic!("nothing listens on {port}");
 }
 
+/// moto's server on a free port (auth mode after `auth_after` requests, if given).
+async fn start_moto(auth_after: Option<&str>) -> (Proc, u16) {
+    let port = free_port();
+    let python = tokio::task::spawn_blocking(python).await.unwrap();
+    let mut cmd = Command::new(python);
+    cmd.args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(n) = auth_after {
+        cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", n);
+    }
+    let moto = Proc(cmd.spawn().unwrap());
+    wait_for(port).await;
+    (moto, port)
+}
+
+/// `dir/toolgate.yaml` for the policies in `dir/policies` (ports picked by the OS, region
+/// us-east-1), with `audit` as the audit section; returns its path.
+fn write_config(dir: &std::path::Path, audit: &str) -> PathBuf {
+    let d = dir.display();
+    let cfg = dir.join("toolgate.yaml");
+    let audit = if audit.is_empty() {
+        format!("audit: {{ file: {d}/audit.jsonl }}\n")
+    } else {
+        audit.to_owned()
+    };
+    std::fs::write(
+        &cfg,
+        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\napprovals: {{ store: {d}/a.redb }}\naws: {{ region: us-east-1 }}\n{audit}"),
+    )
+    .unwrap();
+    cfg
+}
+
 /// An unsigned IAM query-API call to moto (counted among its first, unauthenticated requests).
 async fn iam(moto: &str, params: &[(&str, &str)]) -> String {
     let mut body = String::from("Version=2010-05-08");
@@ -133,18 +167,7 @@ fn serve(cfg: &std::path::Path, env: &[(&str, String)]) -> (Proc, String, String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tools_run_under_their_own_assumed_roles_signed_and_checked_by_the_emulator() {
-    let port = free_port();
-    let python = tokio::task::spawn_blocking(python).await.unwrap();
-    let _moto = Proc(
-        Command::new(python)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .env("INITIAL_NO_AUTH_ACTION_COUNT", "7")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(port).await;
+    let (_moto, port) = start_moto(Some("7")).await;
     let moto = format!("http://127.0.0.1:{port}/");
 
     // The identity toolgate runs as may assume two roles, not a third.
@@ -221,13 +244,7 @@ async fn tools_run_under_their_own_assumed_roles_signed_and_checked_by_the_emula
         role("logs-writer", "execute-api"),
     );
     std::fs::write(policies.join("aws.yaml"), text).unwrap();
-    let d = dir.path().display();
-    let cfg = dir.path().join("toolgate.yaml");
-    std::fs::write(
-        &cfg,
-        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/a.redb }}\naws: {{ region: us-east-1 }}\n"),
-    )
-    .unwrap();
+    let cfg = write_config(dir.path(), "");
     let env = [
         ("AWS_ACCESS_KEY_ID", key_id.clone()),
         ("AWS_SECRET_ACCESS_KEY", secret),
@@ -360,13 +377,7 @@ async fn an_unreachable_sts_blocks_the_call_and_never_forwards_it_unsigned() {
         format!("agents:\n  ops-bot:\n    credentials: {{ api_key_sha256: [ \"{digest}\" ] }}\n    tools: [ echo.signed ]\ntools:\n  echo.signed:\n    upstream: {{ url: \"{}/signed\" }}\n    aws_role: {{ arn: \"arn:aws:iam::{ACCOUNT}:role/x\", sign: execute-api }}\n", echo.url),
     )
     .unwrap();
-    let d = dir.path().display();
-    let cfg = dir.path().join("toolgate.yaml");
-    std::fs::write(
-        &cfg,
-        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/a.redb }}\naws: {{ region: us-east-1 }}\n"),
-    )
-    .unwrap();
+    let cfg = write_config(dir.path(), "");
     let closed = free_port();
     let env = [
         ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE".to_owned()),
@@ -431,17 +442,7 @@ async fn read_stream(moto: &str, group: &str, stream: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_events_reach_cloudwatch_exactly_once_across_a_kill_9() {
-    let port = free_port();
-    let python = tokio::task::spawn_blocking(python).await.unwrap();
-    let _moto = Proc(
-        Command::new(python)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(port).await;
+    let (_moto, port) = start_moto(None).await;
     let moto = format!("http://127.0.0.1:{port}/");
     let echo = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -453,14 +454,12 @@ async fn audit_events_reach_cloudwatch_exactly_once_across_a_kill_9() {
     )
     .unwrap();
     let d = dir.path().display();
-    let cfg = dir.path().join("toolgate.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\napprovals: {{ store: {d}/a.redb }}\naws: {{ region: us-east-1 }}\naudit:\n  file: {d}/audit.jsonl\n  cloudwatch: {{ log_group: /toolgate/audit, log_stream: test-stream, batch_max_events: 7, flush_interval_ms: 100 }}\n"
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "audit:\n  file: {d}/audit.jsonl\n  cloudwatch: {{ log_group: /toolgate/audit, log_stream: test-stream, batch_max_events: 7, flush_interval_ms: 100 }}\n"
         ),
-    )
-    .unwrap();
+    );
     let env = [
         ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE".to_owned()),
         ("AWS_SECRET_ACCESS_KEY", "secret".to_owned()),
@@ -591,13 +590,7 @@ async fn bedrock_guardrails_block_anonymise_and_fail_closed() {
         ),
     )
     .unwrap();
-    let d = dir.path().display();
-    let cfg = dir.path().join("toolgate.yaml");
-    std::fs::write(
-        &cfg,
-        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/a.redb }}\naws: {{ region: us-east-1 }}\n"),
-    )
-    .unwrap();
+    let cfg = write_config(dir.path(), "");
     let env = [
         ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE".to_owned()),
         ("AWS_SECRET_ACCESS_KEY", "secret".to_owned()),
@@ -693,17 +686,7 @@ async fn signed_mcp_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_mcp_servers_are_called_under_their_aws_role() {
-    let port = free_port();
-    let python = tokio::task::spawn_blocking(python).await.unwrap();
-    let _moto = Proc(
-        Command::new(python)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(port).await;
+    let (_moto, port) = start_moto(None).await;
     let (mcp_url, seen) = signed_mcp_server().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("policies")).unwrap();
@@ -713,13 +696,7 @@ async fn upstream_mcp_servers_are_called_under_their_aws_role() {
         format!("mcp_servers:\n  inv: {{ url: \"{mcp_url}\", aws_role: {{ arn: \"arn:aws:iam::{ACCOUNT}:role/inventory\", sign: execute-api }} }}\nagents:\n  ops-bot:\n    credentials: {{ api_key_sha256: [ \"{digest}\" ] }}\n    tools: [ inv.* ]\n"),
     )
     .unwrap();
-    let d = dir.path().display();
-    let cfg = dir.path().join("toolgate.yaml");
-    std::fs::write(
-        &cfg,
-        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/a.redb }}\naws: {{ region: us-east-1 }}\n"),
-    )
-    .unwrap();
+    let cfg = write_config(dir.path(), "");
     let env = [
         ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE".to_owned()),
         ("AWS_SECRET_ACCESS_KEY", "secret".to_owned()),

@@ -396,23 +396,8 @@ impl Policy {
                 for tool in defined_tools.iter().filter(|t| t.starts_with(&prefix)) {
                     problems.push(doc.problem(&path, format!("the tool `{tool}` is also defined in `tools:`; names under `{prefix}` belong to this MCP server")));
                 }
-                let resolve = |list: &[String], key: &str, problems: &mut Problems| -> Vec<usize> {
-                    list.iter()
-                        .enumerate()
-                        .filter_map(|(i, f)| {
-                            let idx = filter_index.get(f).copied();
-                            if idx.is_none() {
-                                problems.push(doc.problem(
-                                    &path.key("filters").key(key).index(i),
-                                    format!("no filter named `{f}` is defined"),
-                                ));
-                            }
-                            idx
-                        })
-                        .collect()
-                };
-                let input_filters = resolve(&c.filters.input, "input", &mut problems);
-                let output_filters = resolve(&c.filters.output, "output", &mut problems);
+                let (input_filters, output_filters) =
+                    resolve_filters(&c.filters, &filter_index, doc, &path, &mut problems);
                 mcp_servers.insert(
                     name.clone(),
                     McpServer {
@@ -835,23 +820,7 @@ fn compile_tool(
             }
         }
     }
-    let mut resolve = |list: &[String], key: &str| -> Vec<usize> {
-        list.iter()
-            .enumerate()
-            .filter_map(|(i, f)| {
-                let idx = filter_index.get(f).copied();
-                if idx.is_none() {
-                    problems.push(doc.problem(
-                        &path.key("filters").key(key).index(i),
-                        format!("no filter named `{f}` is defined"),
-                    ));
-                }
-                idx
-            })
-            .collect()
-    };
-    let input_filters = resolve(&c.filters.input, "input");
-    let output_filters = resolve(&c.filters.output, "output");
+    let (input_filters, output_filters) = resolve_filters(&c.filters, filter_index, doc, path, problems);
     let mut facts = Vec::new();
     for (fact, config) in &c.history {
         let at = path.key("history").key(fact);
@@ -887,6 +856,33 @@ fn compile_tool(
         facts,
         changed: false,
     })
+}
+
+/// A tool's (or MCP server's) `filters:` names, as indexes into the compiled filters; a name
+/// that is not defined is a problem at its place.
+fn resolve_filters(
+    refs: &tool::FilterRefs,
+    filter_index: &HashMap<String, usize>,
+    doc: &Document,
+    path: &KeyPath,
+    problems: &mut Problems,
+) -> (Vec<usize>, Vec<usize>) {
+    let mut resolve = |list: &[String], key: &str| -> Vec<usize> {
+        list.iter()
+            .enumerate()
+            .filter_map(|(i, f)| {
+                let idx = filter_index.get(f).copied();
+                if idx.is_none() {
+                    problems.push(doc.problem(
+                        &path.key("filters").key(key).index(i),
+                        format!("no filter named `{f}` is defined"),
+                    ));
+                }
+                idx
+            })
+            .collect()
+    };
+    (resolve(&refs.input, "input"), resolve(&refs.output, "output"))
 }
 
 fn is_cedar_identifier(s: &str) -> bool {

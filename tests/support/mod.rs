@@ -330,7 +330,6 @@ impl Resp {
 }
 
 /// [`send`], or `None` if the server did not answer (it was killed).
-#[allow(dead_code)]
 pub async fn try_send(method: &str, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Option<Resp> {
     let client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
@@ -350,20 +349,7 @@ pub async fn try_send(method: &str, url: &str, headers: &[(&str, String)], body:
 
 /// Sends one HTTP/1.1 request over a fresh connection.
 pub async fn send(method: &str, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Resp {
-    let client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut req = http::Request::builder().method(method).uri(url);
-    for (k, v) in headers {
-        req = req.header(*k, v);
-    }
-    let res = client
-        .request(req.body(Full::new(Bytes::from(body))).unwrap())
-        .await
-        .expect("gateway answers");
-    let status = res.status().as_u16();
-    let headers = res.headers().clone();
-    let body = res.into_body().collect().await.unwrap().to_bytes();
-    Resp { status, headers, body }
+    try_send(method, url, headers, body).await.expect("gateway answers")
 }
 
 /// A Python interpreter with `packages` installed, in a virtualenv under the target directory
