@@ -8,13 +8,15 @@ use support::{Harness, Resp, TestUpstream, fixture, send, sha256_hex};
 
 const OPS_KEY: &str = "ops-key";
 const FIN_KEY: &str = "fin-key";
+const LIMITED_KEY: &str = "limited-key";
 
 fn rule_files(upstream: &str) -> Vec<(&'static str, String)> {
     let tools = std::fs::read_to_string(fixture("rules/tools.yaml"))
         .unwrap()
         .replace("{{UPSTREAM}}", upstream)
         .replace("OPS_DIGEST", &sha256_hex(OPS_KEY))
-        .replace("FIN_DIGEST", &sha256_hex(FIN_KEY));
+        .replace("FIN_DIGEST", &sha256_hex(FIN_KEY))
+        .replace("LIMITED_DIGEST", &sha256_hex(LIMITED_KEY));
     let rules = std::fs::read_to_string(fixture("rules/rules.cedar")).unwrap();
     vec![("rules-tools.yaml", tools), ("rules.cedar", rules)]
 }
@@ -547,5 +549,35 @@ async fn an_approval_covers_only_the_rules_that_held_the_call() {
         .call_with("pay.send", OPS_KEY, &payment(500), &[("x-toolgate-approval", &both)])
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(h.upstream.count("/pay"), 1);
+}
+
+#[tokio::test]
+async fn a_call_refused_by_a_rate_limit_does_not_spend_its_approval() {
+    let h = start("").await;
+    let r = h.call("pay.send", Some(LIMITED_KEY), &payment(500)).await;
+    let id = r.assert_error(202, "approval_required")["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ok = h
+        .admin_json("POST", &format!("/admin/approvals/{id}/approve"), &json!({"by": "lee"}))
+        .await;
+    assert_eq!(ok.status, 200);
+    // The agent's one call a minute goes to a small payment...
+    assert_eq!(h.call("pay.send", Some(LIMITED_KEY), &payment(5)).await.status, 200);
+    // ...so the approved call is refused by the limit, and the approval is still there.
+    let r = h
+        .call_with("pay.send", LIMITED_KEY, &payment(500), &[("x-toolgate-approval", &id)])
+        .await;
+    r.assert_error(429, "rate_limited");
+    let status = send(
+        "GET",
+        &format!("{}/v1/approvals/{id}", h.data),
+        &[("authorization", format!("Bearer {LIMITED_KEY}"))],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status.json()["status"], "approved");
     assert_eq!(h.upstream.count("/pay"), 1);
 }
