@@ -658,8 +658,60 @@ impl Gateway {
         forwarded
     }
 
-    /// The tool's input guardrail filters over the arguments: `Some(masked)` if a guardrail
-    /// anonymised them.
+    /// The Bedrock guardrail filters among `filters` over `body` (`source` says which side of
+    /// the call it is): `Some(masked text)` if one anonymised it. Nothing is allocated for a
+    /// tool without guardrail filters.
+    async fn guardrails(
+        &self,
+        policy: &Policy,
+        filters: &[usize],
+        source: GuardrailSource,
+        what: &str,
+        body: &[u8],
+        rec: &mut Record,
+    ) -> Result<Option<String>, Reason> {
+        let stage = match source {
+            GuardrailSource::Input => Stage::Content,
+            GuardrailSource::Output => Stage::Output,
+        };
+        let mut text: Option<String> = None;
+        for f in filters.iter().map(|&i| &policy.filters[i]) {
+            let Some(g) = &f.guardrail else { continue };
+            let current = text
+                .clone()
+                .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+            let reason = |code: Code, message: String| Reason::new(code, stage, f.name.clone(), message);
+            match self.guardrails.apply(g, source, &current).await {
+                Ok(GuardrailVerdict::Pass) => {}
+                Ok(GuardrailVerdict::Masked { text: t, summary }) => {
+                    rec.notes.push(reason(
+                        Code::ContentBlocked,
+                        format!("Guardrail filter '{}' anonymised {what} ({summary}).", f.name),
+                    ));
+                    text = Some(t);
+                }
+                Ok(GuardrailVerdict::Blocked { summary }) => {
+                    return Err(reason(
+                        Code::ContentBlocked,
+                        format!("Guardrail filter '{}' blocked {what} ({summary}).", f.name),
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(filter = %f.name, "guardrail failed: {e}");
+                    return Err(reason(
+                        Code::Unavailable,
+                        format!(
+                            "Guardrail filter '{}' could not check {what}, so the call was refused. Try again later.",
+                            f.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(text)
+    }
+
+    /// Input guardrails over the arguments: `Some(masked)` if one anonymised them.
     async fn input_guardrails(
         &self,
         policy: &Policy,
@@ -667,53 +719,20 @@ impl Gateway {
         body: &[u8],
         rec: &mut Record,
     ) -> Result<Option<serde_json::Map<String, Value>>, Reason> {
-        let mut text = String::from_utf8_lossy(body).into_owned();
-        let mut masked = false;
-        for f in tool.input_filters.iter().map(|&i| &policy.filters[i]) {
-            let Some(g) = &f.guardrail else { continue };
-            match self.guardrails.apply(g, GuardrailSource::Input, &text).await {
-                Ok(GuardrailVerdict::Pass) => {}
-                Ok(GuardrailVerdict::Masked { text: t, summary }) => {
-                    rec.notes.push(Reason::new(
-                        Code::ContentBlocked,
-                        Stage::Content,
-                        f.name.clone(),
-                        format!("Guardrail filter '{}' anonymised the arguments ({summary}).", f.name),
-                    ));
-                    text = t;
-                    masked = true;
-                }
-                Ok(GuardrailVerdict::Blocked { summary }) => {
-                    return Err(Reason::new(
-                        Code::ContentBlocked,
-                        Stage::Content,
-                        f.name.clone(),
-                        format!(
-                            "The arguments were blocked by guardrail filter '{}' ({summary}).",
-                            f.name
-                        ),
-                    ));
-                }
-                Err(e) => {
-                    tracing::warn!(filter = %f.name, "guardrail failed: {e}");
-                    return Err(Reason::new(
-                        Code::Unavailable,
-                        Stage::Content,
-                        f.name.clone(),
-                        format!(
-                            "Guardrail filter '{}' could not check the arguments, so the call was refused. Try again later.",
-                            f.name
-                        ),
-                    ));
-                }
-            }
-        }
-        if !masked {
-            return Ok(None);
-        }
-        match serde_json::from_str::<Value>(&text) {
-            Ok(Value::Object(m)) => Ok(Some(m)),
-            _ => Err(Reason::new(
+        let masked = self
+            .guardrails(
+                policy,
+                &tool.input_filters,
+                GuardrailSource::Input,
+                "the arguments",
+                body,
+                rec,
+            )
+            .await?;
+        match masked.map(|t| serde_json::from_str::<Value>(&t)) {
+            None => Ok(None),
+            Some(Ok(Value::Object(m))) => Ok(Some(m)),
+            Some(_) => Err(Reason::new(
                 Code::ContentBlocked,
                 Stage::Content,
                 "guardrail",
@@ -722,7 +741,7 @@ impl Gateway {
         }
     }
 
-    /// The tool's output guardrail filters over the response (the tool did run).
+    /// Output guardrails over the response (the tool did run).
     async fn output_guardrails(
         &self,
         policy: &Policy,
@@ -730,55 +749,11 @@ impl Gateway {
         body: Bytes,
         rec: &mut Record,
     ) -> Result<Bytes, Reason> {
-        let guards: Vec<_> = tool
-            .output_filters
-            .iter()
-            .map(|&i| &policy.filters[i])
-            .filter(|f| f.guardrail.is_some())
-            .collect();
-        if guards.is_empty() {
-            return Ok(body);
-        }
-        let mut text = String::from_utf8_lossy(&body).into_owned();
-        for f in guards {
-            let g = f.guardrail.as_ref().expect("filtered above");
-            match self.guardrails.apply(g, GuardrailSource::Output, &text).await {
-                Ok(GuardrailVerdict::Pass) => {}
-                Ok(GuardrailVerdict::Masked { text: t, summary }) => {
-                    rec.notes.push(Reason::new(
-                        Code::ContentBlocked,
-                        Stage::Output,
-                        f.name.clone(),
-                        format!("Guardrail filter '{}' anonymised the response ({summary}).", f.name),
-                    ));
-                    text = t;
-                }
-                Ok(GuardrailVerdict::Blocked { summary }) => {
-                    return Err(Reason::new(
-                        Code::ContentBlocked,
-                        Stage::Output,
-                        f.name.clone(),
-                        format!(
-                            "The response of tool '{}' was blocked by guardrail filter '{}' ({summary}).",
-                            tool.name, f.name
-                        ),
-                    ));
-                }
-                Err(e) => {
-                    tracing::warn!(filter = %f.name, "guardrail failed: {e}");
-                    return Err(Reason::new(
-                        Code::Unavailable,
-                        Stage::Output,
-                        f.name.clone(),
-                        format!(
-                            "Guardrail filter '{}' could not check the response of tool '{}', so it was withheld.",
-                            f.name, tool.name
-                        ),
-                    ));
-                }
-            }
-        }
-        Ok(Bytes::from(text))
+        let what = format!("the response of tool '{}'", tool.name);
+        let masked = self
+            .guardrails(policy, &tool.output_filters, GuardrailSource::Output, &what, &body, rec)
+            .await?;
+        Ok(masked.map_or(body, Bytes::from))
     }
 
     /// Whether an upstream MCP tool is currently marked as changed since its pin.
