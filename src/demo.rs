@@ -294,40 +294,26 @@ pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
         .await;
         println!("  -> {status}\n");
         let args = json!({"order_id": "O-18", "amount": 250});
-        let (status, decision, body) = post_json(
-            &base,
-            "billing.refund",
-            Some(SUPPORT_KEY),
-            &args,
-            &[("x-toolgate-approval", &id)],
-        )
-        .await;
-        print_row(
-            script.len() + 1,
-            "the same refund, with the approval",
-            Some(SUPPORT_KEY),
-            "billing.refund",
-            status,
-            &decision,
-            &body,
-        );
-        let (status, decision, body) = post_json(
-            &base,
-            "billing.refund",
-            Some(SUPPORT_KEY),
-            &args,
-            &[("x-toolgate-approval", &id)],
-        )
-        .await;
-        print_row(
-            script.len() + 2,
-            "the approval again (single use)",
-            Some(SUPPORT_KEY),
-            "billing.refund",
-            status,
-            &decision,
-            &body,
-        );
+        let retries = ["the same refund, with the approval", "the approval again (single use)"];
+        for (n, what) in retries.into_iter().enumerate() {
+            let (status, decision, body) = post_json(
+                &base,
+                "billing.refund",
+                Some(SUPPORT_KEY),
+                &args,
+                &[("x-toolgate-approval", &id)],
+            )
+            .await;
+            print_row(
+                script.len() + n + 1,
+                what,
+                Some(SUPPORT_KEY),
+                "billing.refund",
+                status,
+                &decision,
+                &body,
+            );
+        }
     }
     println!(
         "\nTry it yourself:\n  curl -s -X POST {base}/v1/tools/kb.search -H 'Authorization: Bearer {SUPPORT_KEY}' -d '{{\"query\":\"2fa\"}}'\n  curl -s http://{admin}/admin/policy -H 'Authorization: Bearer {ADMIN_TOKEN}'\n  curl -s http://{admin}/metrics | grep toolgate_calls_total\n\nServing until Ctrl-C.",
