@@ -9,7 +9,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::Path;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::{BodyExt, Limited};
@@ -17,6 +17,11 @@ use http_body_util::{BodyExt, Limited};
 use super::{RequestId, error_response};
 use crate::gateway::{CallRequest, Gateway};
 use crate::policy::{Code, Reason, Stage};
+
+const X_TOOLGATE_SESSION: HeaderName = HeaderName::from_static("x-toolgate-session");
+const X_TOOLGATE_APPROVAL: HeaderName = HeaderName::from_static("x-toolgate-approval");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 pub fn routes(gateway: Arc<Gateway>) -> Router {
     Router::new()
@@ -65,17 +70,17 @@ async fn call_tool(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     // not a dot.
     let tool = parts.uri.path().strip_prefix("/v1/tools/").unwrap_or_default();
     let body = read_body(&gw, &parts.headers, body).await;
-    let header = |name: &str| parts.headers.get(name);
+    let header = |name: &HeaderName| parts.headers.get(name);
     let resp = gw
         .call(CallRequest {
             request_id: &id,
-            authorization: header("authorization").and_then(|v| v.to_str().ok()),
+            authorization: header(&header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
             tool,
             body,
-            session: header("x-toolgate-session").map(|v| v.to_str().unwrap_or("\u{fffd}")),
-            approval: header("x-toolgate-approval").map(|v| v.to_str().unwrap_or("\u{fffd}")),
-            traceparent: header("traceparent").filter(|v| is_traceparent(v)),
-            tracestate: header("tracestate").filter(|v| v.len() <= 512),
+            session: header(&X_TOOLGATE_SESSION).map(|v| v.to_str().unwrap_or("\u{fffd}")),
+            approval: header(&X_TOOLGATE_APPROVAL).map(|v| v.to_str().unwrap_or("\u{fffd}")),
+            traceparent: header(&TRACEPARENT).filter(|v| is_traceparent(v)),
+            tracestate: header(&TRACESTATE).filter(|v| v.len() <= 512),
         })
         .await;
     let mut out = Response::new(Body::from(resp.body));

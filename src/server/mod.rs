@@ -1,6 +1,6 @@
 //! The two listeners: the data plane (agents) and the admin plane (operators), each an axum
 //! router served by hyper with bounded headers and read timeouts. Every transport concern is a
-//! layer, listed in order in [`data_plane`].
+//! layer around the whole router, listed in order in [`data_plane`].
 
 pub mod admin;
 pub mod data;
@@ -10,16 +10,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use axum::body::Body;
 use axum::extract::Request;
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use std::convert::Infallible;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::gateway::{Gateway, error_body};
 use crate::policy::{Code, Reason, Stage};
@@ -47,29 +52,35 @@ fn is_sane_request_id(v: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
-async fn request_id(mut req: Request, next: Next) -> Response {
+/// The id every response carries: the caller's `X-Request-Id` if it is sane, else a fresh one.
+fn assign_request_id(req: &mut Request) -> Arc<str> {
     let id: Arc<str> = match req.headers().get("x-request-id").and_then(|v| v.to_str().ok()) {
         Some(v) if is_sane_request_id(v) => v.into(),
         _ => uuid::Uuid::new_v4().to_string().into(),
     };
     req.extensions_mut().insert(RequestId(id.clone()));
-    let mut res = next.run(req).await;
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    id
+}
+
+fn with_request_id(mut res: Response, id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(id) {
         res.headers_mut().insert("x-request-id", v);
     }
     res
 }
 
-/// Sheds load instead of queueing: a call over the limit is answered at once with 503.
-async fn concurrency_limit(limit: Arc<Semaphore>, req: Request, next: Next) -> Response {
-    match limit.try_acquire() {
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = assign_request_id(&mut req);
+    with_request_id(next.run(req).await, &id)
+}
+
+/// The request id, then load shedding instead of queueing: a call over the concurrency limit is
+/// answered at once with 503 (and its id). One layer, not two: each layer costs every call.
+async fn request_id_and_limit(limit: Arc<Semaphore>, mut req: Request, next: Next) -> Response {
+    let id = assign_request_id(&mut req);
+    let res = match limit.try_acquire() {
         Ok(_permit) => next.run(req).await,
         Err(_) => {
-            let id = req
-                .extensions()
-                .get::<RequestId>()
-                .map(|r| r.0.clone())
-                .unwrap_or_else(|| "".into());
             metrics::counter!("toolgate_shed_total").increment(1);
             error_response(
                 Code::Unavailable,
@@ -77,7 +88,8 @@ async fn concurrency_limit(limit: Arc<Semaphore>, req: Request, next: Next) -> R
                 &id,
             )
         }
-    }
+    };
+    with_request_id(res, &id)
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -88,25 +100,36 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     )
 }
 
-/// The data-plane router with its layers, outermost first:
-/// 1. catch-panic — a bug answers 500 with a JSON body instead of dropping the connection;
-/// 2. request id — before anything that may answer, so every response carries it;
-/// 3. concurrency limit — after the id, so a shed call's 503 has one too.
-pub fn data_plane(gateway: Arc<Gateway>) -> Router {
+/// A listener's whole service: its router inside its transport layers.
+pub type Plane = BoxCloneSyncService<axum::http::Request<Incoming>, Response, Infallible>;
+
+/// The data-plane service: catch-panic, then the request id (before anything that may answer,
+/// so every response carries one) and the concurrency limit (after the id, so a shed call's 503
+/// has one too), then the routes.
+pub fn data_plane(gateway: Arc<Gateway>) -> Plane {
     let limit = Arc::new(Semaphore::new(gateway.config.limits.max_concurrent_requests));
-    data::routes(gateway)
+    // Layers wrap the whole router, not each route (as `Router::layer` would), outermost first.
+    let svc = ServiceBuilder::new()
+        .map_response(IntoResponse::into_response)
+        .layer(CatchPanicLayer::custom(panic_response))
+        .map_request(|r: axum::http::Request<Incoming>| r.map(Body::new))
         .layer(middleware::from_fn(move |req, next| {
-            concurrency_limit(limit.clone(), req, next)
+            request_id_and_limit(limit.clone(), req, next)
         }))
-        .layer(middleware::from_fn(request_id))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .service(data::routes(gateway));
+    BoxCloneSyncService::new(svc)
 }
 
-/// The admin-plane router: the same request-id and panic layers; its own token check.
-pub fn admin_plane(gateway: Arc<Gateway>) -> Router {
-    admin::routes(gateway)
+/// The admin-plane service: the same panic and request-id layers; its own token check.
+pub fn admin_plane(gateway: Arc<Gateway>) -> Plane {
+    // Layers wrap the whole router, not each route (as `Router::layer` would), outermost first.
+    let svc = ServiceBuilder::new()
+        .map_response(IntoResponse::into_response)
+        .layer(CatchPanicLayer::custom(panic_response))
+        .map_request(|r: axum::http::Request<Incoming>| r.map(Body::new))
         .layer(middleware::from_fn(request_id))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .service(admin::routes(gateway));
+    BoxCloneSyncService::new(svc)
 }
 
 /// A running gateway: its addresses, and a handle to stop it.
@@ -207,7 +230,7 @@ async fn wait(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
-async fn serve(listener: TcpListener, app: Router, read_timeout: Duration, shutdown: impl Future<Output = ()>) {
+async fn serve(listener: TcpListener, app: Plane, read_timeout: Duration, shutdown: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     // Bounded headers: at most 64 KiB buffered and 100 headers; slow senders are cut off.
