@@ -11,7 +11,7 @@ pub mod guardrail;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT};
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
@@ -20,6 +20,11 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Map, Value};
 
 use crate::policy::tool::Method;
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_TOOLGATE_AGENT: HeaderName = HeaderName::from_static("x-toolgate-agent");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Why a forward failed. The call was allowed; the tool did not answer usefully.
 #[derive(Debug, thiserror::Error)]
@@ -145,27 +150,30 @@ fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamErr
     let uri: Uri = uri
         .parse()
         .map_err(|e| UpstreamError::Protocol(format!("bad upstream URL: {e}")))?;
-    let mut b = Request::builder()
-        .method(out.method.as_str())
-        .uri(uri)
-        .header("x-request-id", out.request_id)
-        .header("x-toolgate-agent", out.agent)
-        .header("user-agent", concat!("toolgate/", env!("CARGO_PKG_VERSION")));
+    // Headers straight into the map: `Request::builder` moves its parts through every call.
+    let mut request = Request::new(Full::new(body.clone()));
+    *request.method_mut() = out.method.as_http();
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    let text = |v: &str| HeaderValue::from_str(v).map_err(|e| UpstreamError::Protocol(e.to_string()));
+    headers.insert(X_REQUEST_ID, text(out.request_id)?);
+    headers.insert(X_TOOLGATE_AGENT, text(out.agent)?);
+    headers.insert(
+        USER_AGENT,
+        HeaderValue::from_static(concat!("toolgate/", env!("CARGO_PKG_VERSION"))),
+    );
     if out.method.has_body() && !out.headers.iter().any(|(n, _)| n == CONTENT_TYPE) {
-        b = b.header(CONTENT_TYPE, "application/json");
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
     if let Some(tp) = out.traceparent {
-        b = b.header("traceparent", tp);
+        headers.insert(TRACEPARENT, tp.clone());
     }
     if let Some(ts) = out.tracestate {
-        b = b.header("tracestate", ts);
+        headers.insert(TRACESTATE, ts.clone());
     }
     for (name, value) in out.headers {
-        b = b.header(name, value);
+        headers.append(name, value.clone());
     }
-    let mut request = b
-        .body(Full::new(body.clone()))
-        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
     if let Some(s) = &out.signing {
         aws::sign_request(&mut request, &body, s.credentials, s.region, s.service)
             .map_err(|e| UpstreamError::Protocol(format!("cannot sign the request: {e}")))?;
