@@ -22,6 +22,7 @@ pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod mcp;
+pub mod meters;
 pub mod policy;
 pub mod server;
 pub mod state;

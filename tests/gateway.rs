@@ -344,6 +344,53 @@ async fn blocked_content_names_the_filter_but_not_the_text() {
     assert_eq!(h.upstream.requests().len(), 0);
 }
 
+/// A tool whose own filters do not redact PII still never puts it in the audit trail: the
+/// event's arguments pass every detector (values and keys, at any depth), while a call with
+/// nothing to redact records exactly the canonical body that was forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_redact_pii_the_tools_own_filters_let_through() {
+    let h = Harness::start().await;
+    let args = r#"{"query": "mail ada@example.com", "ada@example.com": 1, "more": [{"ssn": "123-45-6789"}]}"#;
+    let r = h.call("kb.search", Some(SUPPORT_KEY), args).await;
+    assert_eq!(r.status, 200);
+    // kb.search only blocks internal terms: the tool gets the arguments as they were sent.
+    let seen = h.upstream.requests()[0].json();
+    assert_eq!(seen["query"], "mail ada@example.com");
+    assert_eq!(seen["more"][0]["ssn"], "123-45-6789");
+    let e = h.event_for(&r);
+    let text = e.to_string();
+    assert!(
+        !text.contains("ada@example.com") && !text.contains("123-45-6789"),
+        "{text}"
+    );
+    assert_eq!(e["arguments"]["query"], "[REDACTED:email]");
+    assert_eq!(e["arguments"]["[REDACTED:email]"], 1);
+    assert_eq!(e["arguments"]["more"][0]["ssn"], "[REDACTED:ssn]");
+
+    // Nothing to redact: the event records the forwarded body, keys sorted.
+    let r = h
+        .call(
+            "kb.search",
+            Some(SUPPORT_KEY),
+            r#"{"query": "reset password", "limit": 3}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let e = h.event_for(&r);
+    assert_eq!(e["arguments"], json!({"limit": 3, "query": "reset password"}));
+    assert_eq!(e["arguments"], h.upstream.requests()[1].json());
+    // A tool without any filter: the event is still redacted.
+    let r = h
+        .call(
+            "billing.refund",
+            Some(SUPPORT_KEY),
+            r#"{"order_id": "ada@example.com", "amount": 5}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(h.event_for(&r)["arguments"]["order_id"], "[REDACTED:email]");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pii_is_redacted_before_the_tool_sees_it_and_in_the_audit_event() {
     let h = Harness::start().await;

@@ -67,6 +67,30 @@ pub struct UpstreamInfo {
     pub role_arn: Option<String>,
 }
 
+/// `arguments` in a tool-call event.
+#[derive(Debug)]
+pub enum RecordedArguments {
+    /// Built for the event: the shape, or a redacted copy.
+    Value(Value),
+    /// JSON text already serialised: the canonical body that was forwarded, when the audit
+    /// redactor had nothing to change in it. Spliced in as it is instead of serialised again.
+    Json(bytes::Bytes),
+}
+
+impl Serialize for RecordedArguments {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Value(v) => v.serialize(s),
+            Self::Json(bytes) => {
+                let text = std::str::from_utf8(bytes).map_err(serde::ser::Error::custom)?;
+                let raw: &serde_json::value::RawValue =
+                    serde_json::from_str(text).map_err(serde::ser::Error::custom)?;
+                raw.serialize(s)
+            }
+        }
+    }
+}
+
 /// One decision on one tool call.
 #[derive(Debug, Serialize)]
 pub struct ToolCallEvent<'a> {
@@ -81,7 +105,7 @@ pub struct ToolCallEvent<'a> {
     pub reasons: &'a [Reason],
     /// The arguments as forwarded (after redaction), or their shape: never raw caller values
     /// that no filter has seen.
-    pub arguments: Option<Value>,
+    pub arguments: Option<RecordedArguments>,
     pub arguments_sha256: &'a str,
     pub upstream: Option<UpstreamInfo>,
     pub tokens: Option<Tokens>,

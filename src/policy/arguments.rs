@@ -177,7 +177,10 @@ fn write_canonical(v: &Value, out: &mut Vec<u8>) {
 
 /// Lowercase hex SHA-256.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+    // Into a buffer: `hex::encode` builds its `String` one `char` at a time.
+    let mut out = [0u8; 64];
+    hex::encode_to_slice(Sha256::digest(bytes), &mut out).expect("64 hex digits for 32 bytes");
+    String::from_utf8(out.to_vec()).expect("hex is ASCII")
 }
 
 /// The arguments' shape, keys with the type of each value, for audit events that must not carry

@@ -347,7 +347,7 @@ impl Filter {
     }
 
     /// A redacting filter with every built-in detector: what audit events pass arguments through.
-    pub fn audit_redactor() -> Self {
+    fn audit_redactor() -> Self {
         Self {
             name: "audit".to_owned(),
             action: Action::Redact,
@@ -374,10 +374,12 @@ impl Filter {
         if self.detectors.is_empty() {
             return None;
         }
-        let hits = DETECTORS.set.matches(n);
-        if !hits.matched_any() {
+        // `is_match` stops at the first hit and allocates nothing; the overlapping search that
+        // says which detectors matched runs only for the rare string that has one.
+        if !DETECTORS.set.is_match(n) {
             return None;
         }
+        let hits = DETECTORS.set.matches(n);
         self.detectors
             .iter()
             .copied()
@@ -386,6 +388,10 @@ impl Filter {
     }
 }
 
+/// Every built-in detector, redacting: what audit events, approvers and approval webhooks see
+/// arguments through, whatever the tool's own filters are.
+pub static AUDIT_REDACTOR: LazyLock<Filter> = LazyLock::new(Filter::audit_redactor);
+
 /// What running filters over a value did.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -393,17 +399,32 @@ pub struct Outcome {
     pub blocked: Option<(String, &'static str)>,
     /// Every redaction: (filter name, kind), once per pair.
     pub redacted: Vec<(String, &'static str)>,
+    /// Whether the audit filter given to [`apply_audited`] found something the filters left in
+    /// place (the value then needs its own pass before it is recorded).
+    pub audit_hit: bool,
 }
 
 /// Runs `filters` over every string value and key of `value`, in place: redacting filters
 /// rewrite, the first blocking finding stops the walk.
 pub fn apply(filters: &[&Filter], value: &mut Value) -> Outcome {
+    apply_audited(filters, None, value)
+}
+
+/// As [`apply`], and also asks `audit` (on the same normalised text: one normalisation per
+/// string for all of them) whether it would find anything in what the filters leave. Most
+/// arguments hold nothing for it, and then the value as filtered is also the value to record.
+pub fn apply_audited(filters: &[&Filter], audit: Option<&Filter>, value: &mut Value) -> Outcome {
     let mut out = Outcome::default();
-    walk(filters, value, &mut out);
+    walk(&Scan { filters, audit }, value, &mut out);
     out
 }
 
-fn walk(filters: &[&Filter], value: &mut Value, out: &mut Outcome) {
+struct Scan<'a> {
+    filters: &'a [&'a Filter],
+    audit: Option<&'a Filter>,
+}
+
+fn walk(filters: &Scan<'_>, value: &mut Value, out: &mut Outcome) {
     if out.blocked.is_some() {
         return;
     }
@@ -415,27 +436,37 @@ fn walk(filters: &[&Filter], value: &mut Value, out: &mut Outcome) {
         }
         Value::Array(items) => items.iter_mut().for_each(|v| walk(filters, v, out)),
         Value::Object(map) => {
-            let old = std::mem::take(map);
-            let mut new = Map::new();
-            for (k, mut v) in old {
-                let key = match check(filters, &k, out) {
-                    Some(r) => unique_key(&new, r),
-                    None => k,
-                };
-                walk(filters, &mut v, out);
-                new.insert(key, v);
+            // Keys are checked first; the map is rebuilt only if one of them is rewritten.
+            let renamed: Vec<(usize, String)> = map
+                .keys()
+                .enumerate()
+                .filter_map(|(i, k)| check(filters, k, out).map(|r| (i, r)))
+                .collect();
+            if out.blocked.is_some() {
+                return;
             }
-            *map = new;
+            if !renamed.is_empty() {
+                let old = std::mem::take(map);
+                let mut renamed = renamed.into_iter().peekable();
+                for (i, (k, v)) in old.into_iter().enumerate() {
+                    let key = match renamed.next_if(|(j, _)| *j == i) {
+                        Some((_, r)) => unique_key(map, r),
+                        None => k,
+                    };
+                    map.insert(key, v);
+                }
+            }
+            map.values_mut().for_each(|v| walk(filters, v, out));
         }
         _ => {}
     }
 }
 
 /// `Some(replacement)` if a redacting filter matched; records blocks and redactions.
-fn check(filters: &[&Filter], text: &str, out: &mut Outcome) -> Option<String> {
+fn check(scan: &Scan<'_>, text: &str, out: &mut Outcome) -> Option<String> {
     let mut replacement = None;
     let n = normalize(text);
-    for f in filters {
+    for f in scan.filters {
         if let Some(found) = f.scan_normalized(&n) {
             match f.action {
                 Action::Block => {
@@ -451,6 +482,12 @@ fn check(filters: &[&Filter], text: &str, out: &mut Outcome) -> Option<String> {
                 }
             }
         }
+    }
+    if replacement.is_none()
+        && !out.audit_hit
+        && let Some(audit) = scan.audit
+    {
+        out.audit_hit = audit.scan_normalized(&n).is_some();
     }
     replacement
 }

@@ -153,6 +153,10 @@ pub struct Evaluation<'p> {
     pub approvals: Vec<(String, String)>,
     /// Shadow-mode rules that would have denied the call.
     pub would_deny: Vec<String>,
+    /// The audit redactor would change nothing in `arguments` (the content walk asked it), so
+    /// `body` is also what audit events, approvers and webhooks may see. False whenever that
+    /// walk did not finish: then `arguments` need their own redaction pass.
+    pub audit_clean: bool,
 }
 
 /// The loaded, compiled policy. Immutable: a reload builds a new one and swaps it in.
@@ -617,6 +621,7 @@ impl Policy {
             notes: Vec::new(),
             approvals: Vec::new(),
             would_deny: Vec::new(),
+            audit_clean: false,
         };
         let deny = |mut eval: Evaluation<'p>, reason: Reason| {
             eval.decision = Decision::Deny(reason);
@@ -696,15 +701,18 @@ impl Policy {
             }
         }
 
-        if !tool.input_filters.is_empty() {
+        {
+            // One walk for the tool's input filters and the audit redactor's detectors.
             let filters: Vec<&Filter> = tool.input_filters.iter().map(|&i| &self.filters[i]).collect();
-            let outcome = content::apply(&filters, args);
+            let outcome = content::apply_audited(&filters, Some(&content::AUDIT_REDACTOR), args);
+            eval.audit_clean = !outcome.audit_hit;
             for (filter, kind) in outcome.redacted {
                 let msg = format!("Redacted {kind} found by filter '{filter}'.");
                 eval.notes
                     .push(Reason::new(Code::ContentBlocked, Stage::Content, filter, msg));
             }
             if let Some((filter, kind)) = outcome.blocked {
+                eval.audit_clean = false;
                 let msg = format!("The arguments were blocked by content filter '{filter}' ({kind}).");
                 return deny(eval, Reason::new(Code::ContentBlocked, Stage::Content, filter, msg));
             }

@@ -1,0 +1,109 @@
+//! Metric handles for the per-call metrics, cached by their label values.
+//!
+//! The `metrics` macros build a key with owned label strings, hash it and look it up in the
+//! recorder's registry on every call: several allocations and a few thousand instructions per
+//! call, for metrics that every call updates. The label values here come from the policy (agent
+//! ids, tool names, decisions and codes), so the caches stay as small as the policy; a tool name
+//! the policy does not know is recorded as `(unknown)`, never as what the caller sent.
+//!
+//! A handle is made on first use, after the server has installed the Prometheus recorder.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use metrics::{Counter, Gauge, Histogram};
+
+/// One cache: label value → handle.
+struct Cache<H> {
+    map: RwLock<HashMap<Box<str>, H>>,
+}
+
+impl<H: Clone> Cache<H> {
+    fn new() -> Self {
+        Self {
+            map: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, label: &str, make: impl FnOnce() -> H) -> H {
+        if let Some(h) = self.map.read().expect("meters lock").get(label) {
+            return h.clone();
+        }
+        let mut map = self.map.write().expect("meters lock");
+        map.entry(label.into()).or_insert_with(make).clone()
+    }
+}
+
+/// `toolgate_calls_total` handles of one agent and tool: by (decision, code).
+type Outcomes = Arc<RwLock<Vec<(&'static str, &'static str, Counter)>>>;
+
+/// The handles of the metrics every call updates.
+pub struct Meters {
+    /// agent → tool → (decision, code) → `toolgate_calls_total`.
+    calls: Cache<Arc<Cache<Outcomes>>>,
+    upstream_duration: Cache<Histogram>,
+    budget_remaining: Cache<Gauge>,
+    decision_duration: std::sync::OnceLock<Histogram>,
+}
+
+impl Default for Meters {
+    fn default() -> Self {
+        Self {
+            calls: Cache::new(),
+            upstream_duration: Cache::new(),
+            budget_remaining: Cache::new(),
+            decision_duration: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl Meters {
+    /// Counts one call: `toolgate_calls_total{agent, tool, decision, code}`.
+    pub fn call(&self, agent: &str, tool: &str, decision: &'static str, code: &'static str) {
+        let tools = self.calls.get(agent, || Arc::new(Cache::new()));
+        let outcomes = tools.get(tool, Outcomes::default);
+        let found = outcomes
+            .read()
+            .expect("meters lock")
+            .iter()
+            .find(|(d, c, _)| *d == decision && *c == code)
+            .map(|(_, _, counter)| counter.clone());
+        let counter = found.unwrap_or_else(|| {
+            let counter = metrics::counter!("toolgate_calls_total",
+                "agent" => agent.to_owned(), "tool" => tool.to_owned(), "decision" => decision, "code" => code);
+            outcomes
+                .write()
+                .expect("meters lock")
+                .push((decision, code, counter.clone()));
+            counter
+        });
+        counter.increment(1);
+    }
+
+    /// `toolgate_decision_duration_seconds`.
+    pub fn decision_duration(&self, seconds: f64) {
+        self.decision_duration
+            .get_or_init(|| metrics::histogram!("toolgate_decision_duration_seconds"))
+            .record(seconds);
+    }
+
+    /// `toolgate_upstream_duration_seconds{tool}`.
+    pub fn upstream_duration(&self, tool: &str, seconds: f64) {
+        self.upstream_duration
+            .get(
+                tool,
+                || metrics::histogram!("toolgate_upstream_duration_seconds", "tool" => tool.to_owned()),
+            )
+            .record(seconds);
+    }
+
+    /// `toolgate_budget_remaining_tokens{agent}`.
+    pub fn budget_remaining(&self, agent: &str, tokens: f64) {
+        self.budget_remaining
+            .get(
+                agent,
+                || metrics::gauge!("toolgate_budget_remaining_tokens", "agent" => agent.to_owned()),
+            )
+            .set(tokens);
+    }
+}
