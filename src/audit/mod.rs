@@ -119,6 +119,22 @@ pub struct ToolCallEvent<'a> {
     pub policy_version: &'a str,
 }
 
+/// A request refused before it became a tool call: at the MCP protocol level (origin, body,
+/// batch, not JSON-RPC, credentials, session, protocol version). `message` is toolgate's own
+/// text, never the caller's.
+#[derive(Debug, Serialize)]
+pub struct RefusalEvent<'a> {
+    pub ts: String,
+    pub event: &'static str,
+    pub request_id: &'a str,
+    pub endpoint: &'static str,
+    pub method: Option<&'static str>,
+    pub agent: Option<&'a str>,
+    pub status: u16,
+    pub code: &'static str,
+    pub message: &'a str,
+}
+
 /// A policy (re)load, good or bad.
 #[derive(Debug, Serialize)]
 pub struct PolicyEvent<'a> {

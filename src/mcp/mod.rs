@@ -182,36 +182,42 @@ async fn no_stream(req: Request) -> Response {
 }
 
 /// `DELETE /mcp`: ends a handshake session (only its own agent may).
+/// `DELETE /mcp`: the session's own agent ends it. A refusal is audited as on `POST`.
 async fn end_session(State(mcp): State<Arc<Mcp>>, req: Request) -> Response {
     let rid = request_id(&req);
     let headers = req.headers().clone();
-    if !origin_allowed(&mcp, &headers) {
-        return crate::server::error_response(Code::ToolNotAllowed, "This Origin may not use the MCP endpoint.", &rid);
+    let mut asked = Asked {
+        method: Some("DELETE"),
+        agent: None,
+    };
+    let refused = match end(&mcp, &headers, &mut asked) {
+        Ok(()) => return StatusCode::NO_CONTENT.into_response(),
+        Err(refused) => refused,
+    };
+    let status = StatusCode::from_u16(refused.0.http_status()).expect("contract statuses are valid");
+    audit_refusal(&mcp, &rid, &asked, status, &refused.1).await;
+    crate::server::error_response(refused.0, refused.1, &rid)
+}
+
+fn end(mcp: &Mcp, headers: &HeaderMap, asked: &mut Asked) -> Result<(), (Code, String)> {
+    let refuse = |code: Code, message: &str| Err((code, message.to_owned()));
+    if !origin_allowed(mcp, headers) {
+        return refuse(Code::ToolNotAllowed, "This Origin may not use the MCP endpoint.");
     }
-    let agent = match mcp
+    let agent = mcp
         .gateway
         .policy()
         .auth
-        .authenticate(header_str(&headers, "authorization"))
-    {
-        Ok(a) => a,
-        Err(r) => return crate::server::error_response(r.code, r.message, &rid),
-    };
-    let Some(id) = header_str(&headers, "mcp-session-id") else {
-        return crate::server::error_response(
-            Code::InvalidRequest,
-            "DELETE /mcp needs the Mcp-Session-Id header.",
-            &rid,
-        );
+        .authenticate(header_str(headers, "authorization"))
+        .map_err(|r| (r.code, r.message))?;
+    asked.agent = Some(agent.clone());
+    let Some(id) = header_str(headers, "mcp-session-id") else {
+        return refuse(Code::InvalidRequest, "DELETE /mcp needs the Mcp-Session-Id header.");
     };
     match mcp.sessions.end(id, &agent) {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(SessionError::Unknown) => {
-            crate::server::error_response(Code::NotFound, "No such MCP session (it may have expired).", &rid)
-        }
-        Err(SessionError::OtherAgent) => {
-            crate::server::error_response(Code::ToolNotAllowed, "This MCP session belongs to another agent.", &rid)
-        }
+        Ok(()) => Ok(()),
+        Err(SessionError::Unknown) => refuse(Code::NotFound, "No such MCP session (it may have expired)."),
+        Err(SessionError::OtherAgent) => refuse(Code::ToolNotAllowed, "This MCP session belongs to another agent."),
         Err(SessionError::Full) => unreachable!("ending a session never needs room"),
     }
 }
@@ -220,11 +226,72 @@ async fn handle(State(mcp): State<Arc<Mcp>>, req: Request) -> Response {
     let rid = request_id(&req);
     let (parts, body) = req.into_parts();
     let headers = parts.headers;
-    let reply = dispatch(&mcp, &headers, body, &rid).await;
+    let mut asked = Asked::default();
+    let reply = dispatch(&mcp, &headers, body, &rid, &mut asked).await;
+    // Refused at the protocol level (tool calls the policy blocks answer 200 with a JSON-RPC
+    // error and have their own `tool_call` event): a `request_refused` event, so probing with
+    // batches, foreign origins, stolen sessions or bad credentials leaves a trail too.
+    if reply.status.is_client_error() || reply.status.is_server_error() {
+        let message = reply
+            .body
+            .as_ref()
+            .and_then(|b| b["error"]["message"].as_str())
+            .unwrap_or("");
+        audit_refusal(&mcp, &rid, &asked, reply.status, message).await;
+    }
     reply.into_response(&headers)
 }
 
-async fn dispatch(mcp: &Mcp, headers: &HeaderMap, body: Body, rid: &str) -> Reply {
+async fn audit_refusal(mcp: &Mcp, rid: &str, asked: &Asked, status: StatusCode, message: &str) {
+    let event = crate::audit::RefusalEvent {
+        ts: crate::audit::now(),
+        event: "request_refused",
+        request_id: rid,
+        endpoint: "/mcp",
+        method: asked.method,
+        agent: asked.agent.as_deref(),
+        status: status.as_u16(),
+        code: refusal_code(status).as_str(),
+        message,
+    };
+    mcp.gateway.audit.emit_or_log("request_refused", &event).await;
+}
+
+/// What a refused request got as far as saying.
+#[derive(Default)]
+struct Asked {
+    /// The JSON-RPC method, if it is one toolgate serves (never the caller's text otherwise).
+    method: Option<&'static str>,
+    /// The agent, once its credentials were checked.
+    agent: Option<Arc<str>>,
+}
+
+fn known_method(method: &str) -> &'static str {
+    match method {
+        "initialize" => "initialize",
+        "server/discover" => "server/discover",
+        "ping" => "ping",
+        "tools/list" => "tools/list",
+        "tools/call" => "tools/call",
+        m if m.starts_with("notifications/") => "notifications/*",
+        _ => "(other)",
+    }
+}
+
+/// The contract code for a protocol-level refusal's HTTP status.
+fn refusal_code(status: StatusCode) -> Code {
+    match status.as_u16() {
+        401 => Code::Unauthenticated,
+        403 => Code::ToolNotAllowed,
+        404 => Code::NotFound,
+        413 => Code::PayloadTooLarge,
+        429 => Code::RateLimited,
+        s if s >= 500 => Code::Unavailable,
+        _ => Code::InvalidRequest,
+    }
+}
+
+async fn dispatch(mcp: &Mcp, headers: &HeaderMap, body: Body, rid: &str, asked: &mut Asked) -> Reply {
     let null = Value::Null;
     if !origin_allowed(mcp, headers) {
         let data = contract_error(Code::ToolNotAllowed, "This Origin may not use the MCP endpoint.", rid);
@@ -262,6 +329,7 @@ async fn dispatch(mcp: &Mcp, headers: &HeaderMap, body: Body, rid: &str) -> Repl
     };
     let id = message.get("id").cloned();
     let method = message.get("method").and_then(Value::as_str).unwrap_or("");
+    asked.method = (!method.is_empty()).then(|| known_method(method));
     if message.get("jsonrpc").and_then(Value::as_str) != Some("2.0") || method.is_empty() {
         if id.is_some() && (message.contains_key("result") || message.contains_key("error")) {
             // A response to a server request: toolgate sends none, so there is nothing to match.
@@ -285,7 +353,10 @@ async fn dispatch(mcp: &Mcp, headers: &HeaderMap, body: Body, rid: &str) -> Repl
         .auth
         .authenticate(header_str(headers, "authorization"))
     {
-        Ok(a) => a,
+        Ok(a) => {
+            asked.agent = Some(a.clone());
+            a
+        }
         Err(reason) => {
             let data = contract_error(reason.code, &reason.message, rid);
             return Reply::error(
@@ -314,14 +385,11 @@ async fn dispatch(mcp: &Mcp, headers: &HeaderMap, body: Body, rid: &str) -> Repl
         "ping" if revision != Revision::Stateless => Reply::result(&id, json!({})),
         "tools/list" => tools_list(mcp, &id, &agent, &revision),
         "tools/call" => tools_call(mcp, headers, &id, params, &revision, rid).await,
-        other => Reply::error(
+        _ => Reply::error(
             StatusCode::OK,
             &id,
             METHOD_NOT_FOUND,
-            format!(
-                "Method '{}' is not supported by toolgate (it serves tools).",
-                truncate(other)
-            ),
+            "This method is not supported by toolgate (it serves tools): use initialize, tools/list or tools/call.",
             None,
         ),
     }
@@ -334,14 +402,6 @@ impl Reply {
         }
         self
     }
-}
-
-fn truncate(s: &str) -> &str {
-    let mut end = s.len().min(64);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// Which revision a request speaks, and for handshake revisions, its (checked) session.
@@ -392,10 +452,7 @@ fn revision(
                 StatusCode::BAD_REQUEST,
                 &null,
                 INVALID_REQUEST,
-                format!(
-                    "MCP-Protocol-Version {} does not match the session's {version}.",
-                    truncate(v)
-                ),
+                format!("The MCP-Protocol-Version header does not match the session's {version}."),
                 None,
             ));
         }
@@ -409,8 +466,7 @@ fn revision(
             &null,
             UNSUPPORTED_VERSION,
             format!(
-                "Protocol version '{}' is not supported without a session: use {STATELESS}, or initialize a session for {}.",
-                truncate(other),
+                "This protocol version is not supported without a session: use {STATELESS}, or initialize a session for {}.",
                 HANDSHAKE.join(" or ")
             ),
             Some(json!({"supported": [STATELESS], "requested": other})),
