@@ -360,11 +360,13 @@ impl Filter {
 
     /// The first thing this filter finds in `text`.
     pub fn scan(&self, text: &str) -> Option<Finding> {
-        self.scan_normalized(&normalize(text))
+        self.scan_normalized(&normalize(text), &mut None)
     }
 
     /// As `scan`, for text already normalised (several filters share one normalisation).
-    fn scan_normalized(&self, n: &str) -> Option<Finding> {
+    /// `any_detector` remembers, across the filters scanning one string, whether the detector
+    /// set matched anywhere in it: filters share that set, so it runs once per string.
+    fn scan_normalized(&self, n: &str, any_detector: &mut Option<bool>) -> Option<Finding> {
         if self.terms.as_ref().is_some_and(|ac| ac.is_match(n)) {
             return Some(Finding::Term);
         }
@@ -376,7 +378,7 @@ impl Filter {
         }
         // `is_match` stops at the first hit and allocates nothing; the overlapping search that
         // says which detectors matched runs only for the rare string that has one.
-        if !DETECTORS.set.is_match(n) {
+        if !*any_detector.get_or_insert_with(|| DETECTORS.set.is_match(n)) {
             return None;
         }
         let hits = DETECTORS.set.matches(n);
@@ -466,8 +468,9 @@ fn walk(filters: &Scan<'_>, value: &mut Value, out: &mut Outcome) {
 fn check(scan: &Scan<'_>, text: &str, out: &mut Outcome) -> Option<String> {
     let mut replacement = None;
     let n = normalize(text);
+    let mut any_detector = None;
     for f in scan.filters {
-        if let Some(found) = f.scan_normalized(&n) {
+        if let Some(found) = f.scan_normalized(&n, &mut any_detector) {
             match f.action {
                 Action::Block => {
                     out.blocked = Some((f.name.clone(), found.kind()));
@@ -487,7 +490,7 @@ fn check(scan: &Scan<'_>, text: &str, out: &mut Outcome) -> Option<String> {
         && !out.audit_hit
         && let Some(audit) = scan.audit
     {
-        out.audit_hit = audit.scan_normalized(&n).is_some();
+        out.audit_hit = audit.scan_normalized(&n, &mut any_detector).is_some();
     }
     replacement
 }
