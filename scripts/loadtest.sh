@@ -9,6 +9,8 @@
 #   scripts/loadtest.sh                 # 64 connections, 10 s per target
 #   CONNS=64 DURATION=20 scripts/loadtest.sh
 #   AUDIT='{ file: null }' scripts/loadtest.sh    # what the audit file costs
+#   INSTRUCTIONS=1 scripts/loadtest.sh  # user-space instructions per request under callgrind:
+#                                       # repeatable whatever else the machine is doing
 #
 # Needs wrk (apt-get install wrk). Traffic stays on 127.0.0.1; every run is bounded in time.
 set -euo pipefail
@@ -18,12 +20,18 @@ DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 command -v wrk >/dev/null || { echo "loadtest: needs wrk (apt-get install wrk)" >&2; exit 1; }
+INSTRUCTIONS=${INSTRUCTIONS:-}
+wrap=()
+if [ -n "$INSTRUCTIONS" ]; then
+  command -v valgrind >/dev/null || { echo "loadtest: INSTRUCTIONS=1 needs valgrind" >&2; exit 1; }
+  CONNS=8 THREADS=1
+fi
 
 cargo build --release --quiet --bin toolgate --example bench_upstream --example bare_proxy
 bin=target/release
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 
 mkdir -p "$work/policies"
@@ -48,9 +56,13 @@ audit: ${AUDIT:-{ file: $work/audit.jsonl \}}
 YAML
 
 "$bin/examples/bench_upstream" 127.0.0.1:19100 & pids+=($!)
-"$bin/examples/bare_proxy" 127.0.0.1:19101 http://127.0.0.1:19100 & pids+=($!); bare_pid=$!
-RUST_LOG=warn "$bin/toolgate" serve -c "$work/toolgate.yaml" 2>"$work/toolgate.log" & pids+=($!); tg_pid=$!
-sleep 1
+[ -n "$INSTRUCTIONS" ] && wrap=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.%p")
+"${wrap[@]}" "$bin/examples/bare_proxy" 127.0.0.1:19101 http://127.0.0.1:19100 2>"$work/bare.log" & pids+=($!); bare_pid=$!
+RUST_LOG=warn "${wrap[@]}" "$bin/toolgate" serve -c "$work/toolgate.yaml" 2>"$work/toolgate.log" & pids+=($!); tg_pid=$!
+for _ in $(seq 1 60); do
+  curl -s -o /dev/null http://127.0.0.1:19101/ && curl -s -o /dev/null http://127.0.0.1:19103/healthz && break
+  sleep 0.5
+done
 
 # A ~300-byte kb.search call (the anchor's body size), as bench-bot.
 query=$(printf 'customer cannot log in after resetting the password twice; the session expires immediately and the second factor prompt never appears on the mobile app, desktop works, cleared cookies already, %.0s' 1)
@@ -71,6 +83,31 @@ LUA
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 clk=$(getconf CLK_TCK)
+
+# instructions NAME PID URL [SCRIPT] -> user-space instructions per request (callgrind counts
+# from a zeroed counter to a dump, around a fixed-length run)
+instructions() {
+  local pid=$2 url=$3 script=${4:-$work/post.lua}
+  wrk -t1 -c"$CONNS" -d2s -s "$script" "$url" >/dev/null 2>&1   # warm-up
+  callgrind_control -z "$pid" >/dev/null
+  wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$script" "$url" > "$work/$1.txt"
+  callgrind_control -d "$pid" >/dev/null
+  local n; n=$(awk '/requests in/ {print $1}' "$work/$1.txt")
+  local total; total=$(cat "$work"/callgrind."$pid".* | awk '/^summary:/ {s += $2} END {print s}')
+  rm -f "$work"/callgrind."$pid".*
+  echo $((total / n))
+}
+
+if [ -n "$INSTRUCTIONS" ]; then
+  b=$(instructions bare "$bare_pid" "http://127.0.0.1:19101/v1/tools/kb.search")
+  t=$(instructions toolgate "$tg_pid" "http://127.0.0.1:19102/v1/tools/kb.search")
+  m=$(instructions mcp "$tg_pid" "http://127.0.0.1:19102/mcp" "$work/mcp.lua")
+  printf '\n%-28s %24s\n' "proxy (callgrind, $CONNS conns)" "instructions / request"
+  printf '%-28s %24s\n' "bare hyper pass-through" "$b" "toolgate (full pipeline)" "$t" "toolgate, MCP tools/call" "$m"
+  awk -v b="$b" -v t="$t" -v m="$m" 'BEGIN { printf "ratios: toolgate %.2fx the bare proxy; MCP %.2fx the HTTP path\n", t / b, m / t }'
+  echo "(user space only, and SHA-256 runs its portable code under valgrind: native SHA-NI is cheaper)"
+  exit 0
+fi
 
 # run NAME PID URL [SCRIPT] -> "rps p50_ms p99_ms cpu_us_per_req requests"
 run() {
