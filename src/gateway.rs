@@ -495,6 +495,15 @@ impl Gateway {
                 ),
             ));
         }
+        // A call whose rules read history, or that history records, is decided in its agent's
+        // turn, from evaluation until it is recorded (or refused): concurrent calls each see
+        // the ones decided before them, so together they cannot pass a count rule.
+        let touches_history =
+            policy.recorded.contains_key(req.tool) || policy.tools.get(req.tool).is_some_and(|t| !t.facts.is_empty());
+        let history_turn = match touches_history {
+            true => Some(self.state.history_turn(&agent).await),
+            false => None,
+        };
         let eval = policy.evaluate(&call, self.parse_limits(), &self.state);
         rec.decided_at = Some(Instant::now());
         rec.known_tool = eval.tool.is_some();
@@ -644,6 +653,7 @@ impl Gateway {
         if let Some(p) = &past {
             self.state.record_call(&agent, p.clone(), policy.history_retention);
         }
+        drop(history_turn);
         let forwarded = self
             .forward(policy, req, rec, &agent, tool, url, args, body_bytes)
             .await;

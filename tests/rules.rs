@@ -287,6 +287,28 @@ async fn at_most_three_refunds_per_hour() {
     assert_eq!(r.status, 200);
 }
 
+/// Count rules hold under concurrency: calls that read history are decided one at a time per
+/// agent, each seeing the ones decided before it, so 24 refunds sent at once pass exactly 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_refunds_cannot_pass_a_count_rule_together() {
+    let h = start("").await;
+    for i in 0..24 {
+        let r = h
+            .call("fraud.check", Some(OPS_KEY), &format!(r#"{{"order_id": "O-{i}"}}"#))
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let calls = (0..24).map(|i| {
+        let body = format!(r#"{{"order_id": "O-{i}", "amount": 5}}"#);
+        let h = &h;
+        async move { h.call("refund.issue", Some(OPS_KEY), &body).await.status }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 3, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 403).count(), 21, "{statuses:?}");
+    assert_eq!(h.upstream.count("/refunds/"), 3);
+}
+
 #[tokio::test]
 async fn no_email_after_reading_a_customer_in_the_same_session() {
     let h = start("").await;

@@ -78,6 +78,8 @@ pub struct MemoryState {
     quarantines: RwLock<HashMap<String, Quarantine>>,
     /// Recorded calls per agent, oldest first, for session-aware rules.
     history: RwLock<HashMap<String, Arc<Mutex<VecDeque<PastCall>>>>>,
+    /// Per agent: whose turn it is to decide a call that reads or writes history.
+    history_turns: RwLock<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     clock: DefaultClock,
 }
 
@@ -131,6 +133,19 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl State {
+    /// Waits for this agent's turn to decide a call whose rules read history or that history
+    /// records, and holds it until the guard drops: from evaluation to recording, so that
+    /// concurrent calls cannot all pass a count ("at most 3 refunds an hour") together.
+    pub async fn history_turn(&self, agent: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let turn = match self {
+            State::Memory(m) => {
+                let existing = read(&m.history_turns).get(agent).cloned();
+                existing.unwrap_or_else(|| write(&m.history_turns).entry(agent.to_owned()).or_default().clone())
+            }
+        };
+        turn.lock_owned().await
+    }
+
     /// Records a call that rules may look back at; drops what is older than `retention`.
     pub fn record_call(&self, agent: &str, call: PastCall, retention: Duration) {
         match self {
