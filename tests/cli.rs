@@ -161,7 +161,9 @@ async fn audit_events_survive_kill_9_right_after_the_response() {
     let cfg = dir.path().join("toolgate.yaml");
     std::fs::write(
         &cfg,
-        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {}/policies\naudit: {{ file: {}/audit.jsonl }}\n", dir.path().display(), dir.path().display()),
+        // Its own approval store: the default (var/approvals.redb) is locked by any toolgate
+        // already running from this directory.
+        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/approvals.redb }}\n", d = dir.path().display()),
     )
     .unwrap();
     let mut child = toolgate()
