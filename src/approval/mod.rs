@@ -42,6 +42,10 @@ const KEEP_FOR_SECS: u64 = 7 * 24 * 3600;
 pub enum ApprovalError {
     #[error("the approval store at {path}: {source}")]
     Open { path: String, source: redb::DatabaseError },
+    #[error(
+        "the approval store at {path} is in use by another process (another toolgate with the same `approvals.store`?); give each instance its own store"
+    )]
+    InUse { path: String },
     #[error("the approval store failed: {0}")]
     Store(String),
 }
@@ -211,9 +215,14 @@ impl Approvals {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             let _ = std::fs::create_dir_all(dir);
         }
-        let db = Database::create(path).map_err(|source| ApprovalError::Open {
-            path: path.display().to_string(),
-            source,
+        let db = Database::create(path).map_err(|source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => ApprovalError::InUse {
+                path: path.display().to_string(),
+            },
+            source => ApprovalError::Open {
+                path: path.display().to_string(),
+                source,
+            },
         })?;
         let store = Approvals { db, ttl };
         store.prune(crate::state::unix_now())?;
@@ -483,6 +492,18 @@ mod tests {
             request_id: "req",
             session: None,
         }
+    }
+
+    #[test]
+    fn a_store_in_use_says_so_and_names_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.redb");
+        let _first = Approvals::open(&path, Duration::from_secs(60)).unwrap();
+        let Err(e) = Approvals::open(&path, Duration::from_secs(60)) else {
+            panic!("a second open of the same store must fail");
+        };
+        assert!(matches!(e, ApprovalError::InUse { .. }), "{e:?}");
+        assert!(e.to_string().contains("approvals.store"), "{e}");
     }
 
     #[test]
