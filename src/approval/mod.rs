@@ -448,7 +448,9 @@ impl Approvals {
         Ok(())
     }
 
-    fn prune(&self, now: u64) -> Result<(), ApprovalError> {
+    /// Forgets approvals settled (decided, used or expired) more than a week ago. Runs when the
+    /// store opens and then hourly while serving.
+    pub fn prune(&self, now: u64) -> Result<(), ApprovalError> {
         let txn = self.db.begin_write()?;
         {
             let mut approvals = txn.open_table(APPROVALS)?;
@@ -467,7 +469,11 @@ impl Approvals {
             }
             for (id, key) in stale {
                 approvals.remove(id.as_str())?;
-                pending.remove(key.as_str())?;
+                // The same call may have asked again since: its key then names the newer one.
+                let points_here = pending.get(key.as_str())?.is_some_and(|p| p.value() == id);
+                if points_here {
+                    pending.remove(key.as_str())?;
+                }
             }
         }
         txn.commit()?;
@@ -492,6 +498,23 @@ mod tests {
             request_id: "req",
             session: None,
         }
+    }
+
+    #[test]
+    fn pruning_an_old_approval_keeps_a_newer_one_for_the_same_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = KEEP_FOR_SECS + 24 * 3600;
+        let store = Approvals::open(&dir.path().join("a.redb"), Duration::from_secs(ttl)).unwrap();
+        let (old, _) = store.request(hold("bot", "h1"), 0).unwrap().unwrap();
+        // The first expired unanswered; the same call asks again.
+        let (newer, new) = store.request(hold("bot", "h1"), ttl + 1).unwrap().unwrap();
+        assert!(new && newer.id != old.id);
+        let now = ttl + KEEP_FOR_SECS + 1;
+        store.prune(now).unwrap();
+        assert!(store.get(&old.id, now).unwrap().is_none(), "the old one is gone");
+        let (found, new) = store.request(hold("bot", "h1"), now).unwrap().unwrap();
+        assert!(!new, "the newer request is still the pending one");
+        assert_eq!(found.id, newer.id);
     }
 
     #[test]

@@ -204,12 +204,22 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
     tasks.push(tokio::spawn(async move {
         let mut last = gw.policy_fingerprint();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop_watch.changed() => return,
             }
+            ticks += 1;
             metrics.run_upkeep();
+            // Settled approvals older than a week go hourly, not only when the store opens.
+            if ticks % 3600 == 0 {
+                let store = gw.approvals.clone();
+                let pruned = tokio::task::spawn_blocking(move || store.prune(crate::state::unix_now())).await;
+                if let Ok(Err(e)) = pruned {
+                    tracing::error!("pruning the approval store failed: {e}");
+                }
+            }
             let now = gw.policy_fingerprint();
             if now != last {
                 last = now;
