@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use http_body_util::{BodyExt, Limited};
 
 use super::{RequestId, error_response};
+use crate::audit::RefusalEvent;
 use crate::gateway::{CallRequest, Gateway};
 use crate::policy::{Code, Reason, Stage};
 
@@ -33,30 +34,72 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
         .merge(crate::mcp::routes(gateway))
 }
 
-async fn not_found(req: Request) -> Response {
-    let id = req
-        .extensions()
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_default();
-    error_response(
-        Code::NotFound,
-        "No such endpoint. Tool calls are `POST /v1/tools/{tool}`; MCP clients use `/mcp`.",
-        &id,
-    )
+async fn not_found(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let message = "No such endpoint. Tool calls are `POST /v1/tools/{tool}`; MCP clients use `/mcp`.";
+    let refused = Refused {
+        endpoint: "(unknown)",
+        ..Refused::of(&req)
+    };
+    refuse(&gw, refused, Code::NotFound, message).await
 }
 
-async fn method_not_allowed(req: Request) -> Response {
-    let id = req
-        .extensions()
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_default();
-    error_response(
-        Code::MethodNotAllowed,
-        "Tool calls use POST; approval status uses GET.",
-        &id,
-    )
+async fn method_not_allowed(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let message = "Tool calls use POST; approval status uses GET.";
+    refuse(&gw, Refused::of(&req), Code::MethodNotAllowed, message).await
+}
+
+/// What a refused request's event may say about it: the route it hit, never its path.
+struct Refused {
+    id: Arc<str>,
+    endpoint: &'static str,
+    method: &'static str,
+}
+
+impl Refused {
+    fn of(req: &Request) -> Self {
+        let path = req.uri().path();
+        Self {
+            id: req
+                .extensions()
+                .get::<RequestId>()
+                .map(|r| r.0.clone())
+                .unwrap_or_default(),
+            endpoint: match () {
+                _ if path.starts_with("/v1/tools/") => "/v1/tools/{tool}",
+                _ if path.starts_with("/v1/approvals/") => "/v1/approvals/{id}",
+                _ if path == "/mcp" => "/mcp",
+                _ => "(unknown)",
+            },
+            method: match req.method().as_str() {
+                "GET" => "GET",
+                "HEAD" => "HEAD",
+                "POST" => "POST",
+                "PUT" => "PUT",
+                "PATCH" => "PATCH",
+                "DELETE" => "DELETE",
+                "OPTIONS" => "OPTIONS",
+                _ => "(other)",
+            },
+        }
+    }
+}
+
+/// Unknown endpoints and wrong methods are refused and audited (`request_refused`), so probing
+/// the data plane leaves a trail.
+async fn refuse(gw: &Gateway, r: Refused, code: Code, message: &str) -> Response {
+    let event = RefusalEvent {
+        ts: crate::audit::now(),
+        event: "request_refused",
+        request_id: &r.id,
+        endpoint: r.endpoint,
+        method: Some(r.method),
+        agent: None,
+        status: code.http_status(),
+        code: code.as_str(),
+        message,
+    };
+    gw.audit.emit_or_log("request_refused", &event).await;
+    error_response(code, message, &r.id)
 }
 
 async fn call_tool(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
