@@ -181,7 +181,7 @@ async fn dot_segments_and_extra_path_never_reach_another_route() {
         let r = send("POST", &format!("{}{path}", h.data), &auth, b"{}".to_vec()).await;
         r.assert_error(404, "not_found");
         // Audited, without the path the caller made up.
-        let e = refused_event(&h, &r);
+        let e = h.refusal_for(&r);
         assert_eq!(
             (e["endpoint"].as_str(), e["code"].as_str()),
             (Some("(unknown)"), Some("not_found"))
@@ -195,22 +195,11 @@ async fn dot_segments_and_extra_path_never_reach_another_route() {
     r.assert_error(403, "tool_not_allowed");
     let r = send("GET", &format!("{}/v1/tools/kb.search", h.data), &auth, Vec::new()).await;
     r.assert_error(405, "method_not_allowed");
-    let e = refused_event(&h, &r);
+    let e = h.refusal_for(&r);
     assert_eq!(e["endpoint"], "/v1/tools/{tool}");
     assert_eq!(e["method"], "GET");
     assert_eq!(e["status"], 405);
     assert_eq!(h.upstream.requests().len(), 0);
-}
-
-fn refused_event(h: &Harness, r: &support::Resp) -> Value {
-    let id = r.request_id();
-    let events: Vec<Value> = h
-        .audit()
-        .into_iter()
-        .filter(|e| e["request_id"] == id.as_str() && e["event"] == "request_refused")
-        .collect();
-    assert_eq!(events.len(), 1, "{events:?}");
-    events.into_iter().next().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -174,18 +174,6 @@ async fn post_mcp(h: &Harness, key: &str, extra: &[(&str, &str)], body: &str) ->
     send("POST", &format!("{}/mcp", h.data), &headers, body.as_bytes().to_vec()).await
 }
 
-/// The `request_refused` event of a response refused at the protocol level.
-fn refusal(h: &Harness, r: &support::Resp) -> Value {
-    let id = r.request_id();
-    let found: Vec<Value> = h
-        .audit()
-        .into_iter()
-        .filter(|e| e["request_id"] == id.as_str() && e["event"] == "request_refused")
-        .collect();
-    assert_eq!(found.len(), 1, "one request_refused event for {id}: {found:?}");
-    found.into_iter().next().unwrap()
-}
-
 const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
 
 #[tokio::test]
@@ -213,7 +201,7 @@ async fn a_session_cannot_be_used_by_another_agent() {
     assert_eq!(hijack.status, 403);
     assert_eq!(hijack.json()["error"]["code"], -32001);
     // The attempt is on the audit trail: who tried what.
-    let e = refusal(&h, &hijack);
+    let e = h.refusal_for(&hijack);
     assert_eq!(e["agent"], "analyst-bot");
     assert_eq!(e["method"], "tools/call");
     assert_eq!(e["code"], "tool_not_allowed");
@@ -240,7 +228,7 @@ async fn a_session_cannot_be_used_by_another_agent() {
     )
     .await;
     assert_eq!(del.status, 403);
-    assert_eq!(refusal(&h, &del)["method"], "DELETE");
+    assert_eq!(h.refusal_for(&del)["method"], "DELETE");
     // Its owner may; afterwards the id is unknown.
     let del = send(
         "DELETE",
@@ -266,7 +254,7 @@ async fn a_session_cannot_be_used_by_another_agent() {
     .await;
     assert_eq!(anon.status, 401);
     assert_eq!(anon.json()["error"]["data"]["code"], "unauthenticated");
-    let e = refusal(&h, &anon);
+    let e = h.refusal_for(&anon);
     assert_eq!(e["code"], "unauthenticated");
     assert_eq!(e["method"], "initialize");
     assert!(e["agent"].is_null());
@@ -286,7 +274,7 @@ async fn batches_foreign_origins_and_unversioned_requests_are_refused() {
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("batches"));
     assert_eq!(h.upstream.count("/kb/search"), 0, "no call of a batch is forwarded");
     // Refused before anyone was identified: the event has the reason, not the body.
-    let e = refusal(&h, &r);
+    let e = h.refusal_for(&r);
     assert_eq!(e["code"], "invalid_request");
     assert!(e["message"].as_str().unwrap().contains("batches"));
     assert!(!e.to_string().contains("kb.search"), "{e}");
@@ -295,7 +283,7 @@ async fn batches_foreign_origins_and_unversioned_requests_are_refused() {
     let r = post_mcp(&h, SUPPORT_KEY, &[("origin", "http://evil.example")], &single).await;
     assert_eq!(r.status, 403);
     assert_eq!(h.upstream.count("/kb/search"), 0);
-    assert_eq!(refusal(&h, &r)["code"], "tool_not_allowed");
+    assert_eq!(h.refusal_for(&r)["code"], "tool_not_allowed");
 
     // Neither a session nor a protocol version: the client is told what to send.
     let bare = r#"{"jsonrpc":"2.0","id":4,"method":"tools/list"}"#;
@@ -305,7 +293,7 @@ async fn batches_foreign_origins_and_unversioned_requests_are_refused() {
     let old = r#"{"jsonrpc":"2.0","id":5,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2024-01-01"}}}"#;
     let r = post_mcp(&h, SUPPORT_KEY, &[], old).await;
     assert_eq!(r.json()["error"]["code"], -32022);
-    let e = refusal(&h, &r);
+    let e = h.refusal_for(&r);
     assert_eq!(
         (e["agent"].as_str(), e["method"].as_str()),
         (Some("support-bot"), Some("tools/list"))

@@ -269,16 +269,25 @@ impl Harness {
 
     /// The one `tool_call` event for a request id.
     pub fn event_for(&self, resp: &Resp) -> Value {
+        self.one_event(resp, "tool_call")
+    }
+
+    /// The one `request_refused` event for a request id (refused before it was a tool call).
+    pub fn refusal_for(&self, resp: &Resp) -> Value {
+        self.one_event(resp, "request_refused")
+    }
+
+    fn one_event(&self, resp: &Resp, kind: &str) -> Value {
         let id = resp.request_id();
         let events: Vec<Value> = self
             .audit()
             .into_iter()
-            .filter(|e| e["request_id"] == id.as_str() && e["event"] == "tool_call")
+            .filter(|e| e["request_id"] == id.as_str() && e["event"] == kind)
             .collect();
         assert_eq!(
             events.len(),
             1,
-            "expected exactly one audit event for {id}, got {events:?}"
+            "expected exactly one {kind} event for {id}, got {events:?}"
         );
         events.into_iter().next().unwrap()
     }
