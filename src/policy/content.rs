@@ -426,23 +426,23 @@ struct Scan<'a> {
     audit: Option<&'a Filter>,
 }
 
-fn walk(filters: &Scan<'_>, value: &mut Value, out: &mut Outcome) {
+fn walk(scan: &Scan<'_>, value: &mut Value, out: &mut Outcome) {
     if out.blocked.is_some() {
         return;
     }
     match value {
         Value::String(s) => {
-            if let Some(replacement) = check(filters, s, out) {
+            if let Some(replacement) = check(scan, s, out) {
                 *s = replacement;
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(|v| walk(filters, v, out)),
+        Value::Array(items) => items.iter_mut().for_each(|v| walk(scan, v, out)),
         Value::Object(map) => {
             // Keys are checked first; the map is rebuilt only if one of them is rewritten.
             let renamed: Vec<(usize, String)> = map
                 .keys()
                 .enumerate()
-                .filter_map(|(i, k)| check(filters, k, out).map(|r| (i, r)))
+                .filter_map(|(i, k)| check(scan, k, out).map(|r| (i, r)))
                 .collect();
             if out.blocked.is_some() {
                 return;
@@ -458,7 +458,7 @@ fn walk(filters: &Scan<'_>, value: &mut Value, out: &mut Outcome) {
                     map.insert(key, v);
                 }
             }
-            map.values_mut().for_each(|v| walk(filters, v, out));
+            map.values_mut().for_each(|v| walk(scan, v, out));
         }
         _ => {}
     }
