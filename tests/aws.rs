@@ -378,11 +378,15 @@ async fn an_unreachable_sts_blocks_the_call_and_never_forwards_it_unsigned() {
     )
     .unwrap();
     let cfg = write_config(dir.path(), "");
-    let closed = free_port();
+    // STS "answers" by hanging up. A port held open, not one freed and hoped unused: a moto
+    // started by a concurrent test could be given a freed port and answer for real.
+    let sts = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sts_port = sts.local_addr().unwrap().port();
+    std::thread::spawn(move || sts.incoming().for_each(drop));
     let env = [
         ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE".to_owned()),
         ("AWS_SECRET_ACCESS_KEY", "secret".to_owned()),
-        ("AWS_ENDPOINT_URL_STS", format!("http://127.0.0.1:{closed}")),
+        ("AWS_ENDPOINT_URL_STS", format!("http://127.0.0.1:{sts_port}")),
         ("AWS_MAX_ATTEMPTS", "1".to_owned()),
     ];
     let (_toolgate, data, _) = serve(&cfg, &env);
