@@ -4,7 +4,7 @@
 //! Text is normalised before matching — NFKC, lowercase, invisible characters dropped, every run
 //! of whitespace one space — so full-width letters, ligatures, zero-width joiners, non-breaking
 //! spaces and JSON escapes (decoded by the parser first) cannot slip a term past. Deny terms are
-//! one Aho-Corasick automaton and deny patterns one `RegexSet` per filter: linear time.
+//! one Aho-Corasick automaton and deny patterns one regex per filter: linear time.
 
 use std::borrow::Cow;
 use std::sync::LazyLock;
@@ -218,11 +218,12 @@ pub fn normalize(s: &str) -> Cow<'_, str> {
 /// whitespace byte by byte, borrowing when nothing changes.
 fn normalize_ascii(s: &str) -> Cow<'_, str> {
     let b = s.as_bytes();
-    let unchanged = !b
-        .iter()
-        .any(|c| c.is_ascii_uppercase() || (c.is_ascii_whitespace() && *c != b' '))
-        && !s.contains("  ")
-        && !b.contains(&0x0b);
+    // A fold, not `any`: without the early exit the compiler vectorises it (~6x fewer
+    // instructions on a typical argument string).
+    let plain = b.iter().fold(true, |ok, &c| {
+        ok & !c.is_ascii_uppercase() & !matches!(c, b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+    });
+    let unchanged = plain && !s.contains("  ");
     if unchanged {
         return Cow::Borrowed(s);
     }
@@ -241,6 +242,24 @@ fn normalize_ascii(s: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(String::from_utf8(out).expect("ASCII in, ASCII out"))
+}
+
+/// Deny patterns as one case-insensitive regex matching where any of them does. Each is parsed
+/// on its own (its flags and `(?x)` comments cannot reach into the next) and they are joined as
+/// syntax trees, not as text. The filter only asks whether any pattern matches, and one regex
+/// answers that several times faster than a `RegexSet` (which also works out which ones did).
+fn any_of(patterns: &[&str]) -> Result<Regex, String> {
+    let trees = patterns
+        .iter()
+        .map(|p| {
+            regex_syntax::ParserBuilder::new()
+                .case_insensitive(true)
+                .build()
+                .parse(p)
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Regex::new(&regex_syntax::hir::Hir::alternation(trees).to_string()).map_err(|e| e.to_string())
 }
 
 /// What a filter found (never the matched text).
@@ -267,7 +286,8 @@ pub struct Filter {
     pub name: String,
     pub action: Action,
     terms: Option<AhoCorasick>,
-    patterns: Option<RegexSet>,
+    /// Every deny pattern as one regex (see [`any_of`]).
+    patterns: Option<Regex>,
     detectors: Vec<Detector>,
     /// A Bedrock guardrail (checked by the gateway; matches nothing locally).
     pub guardrail: Option<crate::upstream::guardrail::GuardrailConfig>,
@@ -300,7 +320,17 @@ impl Filter {
                     errors.push((format!("deny_patterns[{i}]"), format!("invalid regex: {verdict}")));
                 }
             }
-            RegexSet::new(patterns.iter().map(|p| format!("(?i){p}"))).ok()
+            if errors.is_empty() {
+                match any_of(&patterns) {
+                    Ok(re) => Some(re),
+                    Err(e) => {
+                        errors.push(("deny_patterns".to_owned(), format!("together they do not compile: {e}")));
+                        None
+                    }
+                }
+            } else {
+                None
+            }
         };
         let local = !(c.deny_terms.is_empty() && c.deny_patterns.is_empty() && c.detect.is_empty());
         match (&c.bedrock_guardrail, local) {
@@ -370,7 +400,7 @@ impl Filter {
         if self.terms.as_ref().is_some_and(|ac| ac.is_match(n)) {
             return Some(Finding::Term);
         }
-        if self.patterns.as_ref().is_some_and(|set| set.is_match(n)) {
+        if self.patterns.as_ref().is_some_and(|re| re.is_match(n)) {
             return Some(Finding::Pattern);
         }
         if self.detectors.is_empty() {
@@ -600,6 +630,23 @@ mod tests {
         let f = filter(json!({"deny_patterns": ["falc[o0]n"], "action": "block"}));
         let mut v = json!({"a": {"b": ["FALC0N"]}});
         assert_eq!(apply(&[&f], &mut v).blocked, Some(("f".to_owned(), "deny_pattern")));
+    }
+
+    #[test]
+    fn deny_patterns_keep_their_own_flags_and_comments() {
+        // Joined as text, the first pattern's comment would swallow the second.
+        let f = filter(
+            json!({"deny_patterns": ["(?x) fal con  # verbose, with a comment", "launch(?:pad)?"], "action": "block"}),
+        );
+        for hit in ["FALCON", "the launchpad", "Launch"] {
+            assert_eq!(f.scan(hit), Some(Finding::Pattern), "{hit}");
+        }
+        assert_eq!(
+            f.scan("fal con"),
+            None,
+            "spaces are insignificant only inside the verbose pattern"
+        );
+        assert_eq!(f.scan("eagle"), None);
     }
 
     #[test]
