@@ -314,10 +314,10 @@ impl Gateway {
             tokens: rec.tokens,
             approval_id: rec.approval_id.as_deref(),
             would_deny: &rec.would_deny,
-            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms: crate::audit::millis(started.elapsed()),
             policy_version: &policy.version,
         };
-        if let Err(e) = self.audit.emit(&event).await {
+        if let Err(e) = self.audit.emit_line(&event.to_line()).await {
             tracing::error!(
                 request_id = req.request_id,
                 "audit write failed, refusing the call: {e}"
@@ -1239,7 +1239,7 @@ impl Gateway {
         self.meters.upstream_duration(&tool.name, elapsed.as_secs_f64());
         rec.upstream = Some(UpstreamInfo {
             status: result.as_ref().ok().map(|r| r.status),
-            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            duration_ms: crate::audit::millis(elapsed),
             role_arn: None,
         });
         let inbound = result.map_err(|e| {

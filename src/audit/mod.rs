@@ -9,6 +9,7 @@
 //! under load, one per batch, and no thread ever sleeps on a lock while another is in the kernel.
 
 pub mod cloudwatch;
+mod line;
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -43,6 +44,11 @@ pub enum AuditError {
 /// RFC 3339 UTC with milliseconds, as every event's `ts`.
 pub fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// A duration as the events' `duration_ms`: milliseconds, to the microsecond.
+pub fn millis(d: std::time::Duration) -> f64 {
+    (d.as_micros() as f64) / 1000.0
 }
 
 /// Unix seconds as RFC 3339 UTC.
@@ -243,11 +249,17 @@ impl AuditLog {
     pub async fn emit<E: Serialize>(&self, event: &E) -> Result<(), AuditError> {
         let mut line = serde_json::to_vec(event).expect("audit events always serialise");
         line.push(b'\n');
+        self.emit_line(&line).await
+    }
+
+    /// Writes one event already serialised as one newline-terminated JSON line (see
+    /// [`ToolCallEvent::to_line`]). Returns only after the line is in the file.
+    pub async fn emit_line(&self, line: &[u8]) -> Result<(), AuditError> {
         if self.stdout {
-            let _ = std::io::stdout().lock().write_all(&line);
+            let _ = std::io::stdout().lock().write_all(line);
         }
         let result = match &self.file {
-            Some(sink) => sink.append(&line).await,
+            Some(sink) => sink.append(line).await,
             None => Ok(()),
         };
         self.healthy.store(result.is_ok(), Ordering::Relaxed);
