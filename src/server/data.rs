@@ -23,10 +23,16 @@ const X_TOOLGATE_SESSION: HeaderName = HeaderName::from_static("x-toolgate-sessi
 const X_TOOLGATE_APPROVAL: HeaderName = HeaderName::from_static("x-toolgate-approval");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const X_TOOLGATE_DECISION: HeaderName = HeaderName::from_static("x-toolgate-decision");
 
 pub fn routes(gateway: Arc<Gateway>) -> Router {
     Router::new()
-        .route("/v1/tools/{tool}", post(call_tool))
+        // Taken before the router by `DataPlane` (see `tool_call_path`); routed here too, so a
+        // wrong method on it is a 405, not a 404.
+        .route(
+            "/v1/tools/{tool}",
+            post(|State(gw): State<Arc<Gateway>>, req: Request| call_tool(gw, req)),
+        )
         .route("/v1/approvals/{id}", get(approval_status))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -102,7 +108,18 @@ async fn refuse(gw: &Gateway, r: Refused, code: Code, message: &str) -> Response
     error_response(code, message, &r.id)
 }
 
-async fn call_tool(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+/// Whether `req` is a tool call, `POST /v1/tools/{tool}` with `{tool}` one non-empty segment:
+/// exactly what the router's route matches.
+pub(super) fn is_tool_call(req: &Request) -> bool {
+    req.method() == axum::http::Method::POST
+        && req
+            .uri()
+            .path()
+            .strip_prefix("/v1/tools/")
+            .is_some_and(|tool| !tool.is_empty() && !tool.contains('/'))
+}
+
+pub(super) async fn call_tool(gw: Arc<Gateway>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let id = parts
         .extensions
@@ -132,7 +149,7 @@ async fn call_tool(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         out.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
     out.headers_mut()
-        .insert("x-toolgate-decision", HeaderValue::from_static(resp.decision));
+        .insert(X_TOOLGATE_DECISION, HeaderValue::from_static(resp.decision));
     if let Some(secs) = resp.retry_after {
         out.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }

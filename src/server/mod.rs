@@ -8,7 +8,10 @@ pub mod data;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -16,18 +19,20 @@ use axum::extract::Request;
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
-use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
+use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::gateway::{Gateway, error_body};
 use crate::policy::{Code, Reason, Stage};
+use crate::upstream::X_REQUEST_ID;
 
 /// The request id of the call being served: the caller's `X-Request-Id` if it is sane, else a
 /// fresh UUID. Set by the outermost layer, read by handlers, echoed on every response.
@@ -54,7 +59,7 @@ fn is_sane_request_id(v: &str) -> bool {
 
 /// The id every response carries: the caller's `X-Request-Id` if it is sane, else a fresh one.
 fn assign_request_id(req: &mut Request) -> Arc<str> {
-    let id: Arc<str> = match req.headers().get("x-request-id").and_then(|v| v.to_str().ok()) {
+    let id: Arc<str> = match req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
         Some(v) if is_sane_request_id(v) => v.into(),
         _ => uuid::Uuid::new_v4().to_string().into(),
     };
@@ -64,7 +69,7 @@ fn assign_request_id(req: &mut Request) -> Arc<str> {
 
 fn with_request_id(mut res: Response, id: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(id) {
-        res.headers_mut().insert("x-request-id", v);
+        res.headers_mut().insert(X_REQUEST_ID, v);
     }
     res
 }
@@ -74,50 +79,75 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     with_request_id(next.run(req).await, &id)
 }
 
-/// The request id, then load shedding instead of queueing: a call over the concurrency limit is
-/// answered at once with 503 (and its id). One layer, not two: each layer costs every call.
-async fn request_id_and_limit(limit: Arc<Semaphore>, mut req: Request, next: Next) -> Response {
-    let id = assign_request_id(&mut req);
-    let res = match limit.try_acquire() {
-        Ok(_permit) => next.run(req).await,
-        Err(_) => {
-            metrics::counter!("toolgate_shed_total").increment(1);
-            error_response(
-                Code::Unavailable,
-                "The gateway is at its concurrency limit. Retry shortly.",
-                &id,
-            )
-        }
-    };
-    with_request_id(res, &id)
-}
-
-fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+fn panic_response(request_id: &str) -> Response {
     error_response(
         Code::Internal,
         "The gateway hit an internal error; the call was not forwarded.",
-        "",
+        request_id,
     )
 }
 
 /// A listener's whole service: its router inside its transport layers.
 pub type Plane = BoxCloneSyncService<axum::http::Request<Incoming>, Response, Infallible>;
 
-/// The data-plane service: catch-panic, then the request id (before anything that may answer,
-/// so every response carries one) and the concurrency limit (after the id, so a shed call's 503
-/// has one too), then the routes.
-pub fn data_plane(gateway: Arc<Gateway>) -> Plane {
-    let limit = Arc::new(Semaphore::new(gateway.config.limits.max_concurrent_requests));
-    // Layers wrap the whole router, not each route (as `Router::layer` would), outermost first.
-    let svc = ServiceBuilder::new()
-        .map_response(IntoResponse::into_response)
-        .layer(CatchPanicLayer::custom(panic_response))
-        .map_request(|r: axum::http::Request<Incoming>| r.map(Body::new))
-        .layer(middleware::from_fn(move |req, next| {
-            request_id_and_limit(limit.clone(), req, next)
-        }))
-        .service(data::routes(gateway));
-    BoxCloneSyncService::new(svc)
+/// The data-plane service: the request id (before anything that may answer, so every response
+/// carries one), the concurrency limit (after the id, so a shed call's 503 has one too), panics
+/// caught, then the routes — tool calls straight to their handler, the rest through the router.
+///
+/// Written out rather than stacked from tower layers: every call takes this path, and each
+/// layer costs a boxed future and a request or response map per call (docs/benchmarks.md).
+#[derive(Clone)]
+pub struct DataPlane(Arc<DataPlaneInner>);
+
+struct DataPlaneInner {
+    gateway: Arc<Gateway>,
+    limit: Semaphore,
+    router: axum::Router,
+}
+
+pub fn data_plane(gateway: Arc<Gateway>) -> DataPlane {
+    DataPlane(Arc::new(DataPlaneInner {
+        limit: Semaphore::new(gateway.config.limits.max_concurrent_requests),
+        router: data::routes(gateway.clone()),
+        gateway,
+    }))
+}
+
+impl tower::Service<axum::http::Request<Incoming>> for DataPlane {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::http::Request<Incoming>) -> Self::Future {
+        let plane = self.0.clone();
+        Box::pin(async move {
+            let mut req = req.map(Body::new);
+            let id = assign_request_id(&mut req);
+            // Load shedding instead of queueing: over the limit, a 503 at once.
+            let Ok(_permit) = plane.limit.try_acquire() else {
+                metrics::counter!("toolgate_shed_total").increment(1);
+                let message = "The gateway is at its concurrency limit. Retry shortly.";
+                return Ok(with_request_id(error_response(Code::Unavailable, message, &id), &id));
+            };
+            let routed = async {
+                if data::is_tool_call(&req) {
+                    data::call_tool(plane.gateway.clone(), req).await
+                } else {
+                    let Ok(res) = plane.router.clone().oneshot(req).await;
+                    res
+                }
+            };
+            let res = AssertUnwindSafe(routed)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| panic_response(&id));
+            Ok(with_request_id(res, &id))
+        })
+    }
 }
 
 /// The admin-plane service: the same panic and request-id layers; its own token check.
@@ -125,7 +155,7 @@ pub fn admin_plane(gateway: Arc<Gateway>) -> Plane {
     // Layers wrap the whole router, not each route (as `Router::layer` would), outermost first.
     let svc = ServiceBuilder::new()
         .map_response(IntoResponse::into_response)
-        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(CatchPanicLayer::custom(|_| panic_response("")))
         .map_request(|r: axum::http::Request<Incoming>| r.map(Body::new))
         .layer(middleware::from_fn(request_id))
         .service(admin::routes(gateway));
@@ -240,7 +270,11 @@ async fn wait(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
-async fn serve(listener: TcpListener, app: Plane, read_timeout: Duration, shutdown: impl Future<Output = ()>) {
+async fn serve<S>(listener: TcpListener, app: S, read_timeout: Duration, shutdown: impl Future<Output = ()>)
+where
+    S: tower::Service<axum::http::Request<Incoming>, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     // Bounded headers: at most 64 KiB buffered and 100 headers; slow senders are cut off.

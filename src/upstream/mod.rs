@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 
 use crate::policy::tool::Method;
 
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_TOOLGATE_AGENT: HeaderName = HeaderName::from_static("x-toolgate-agent");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
