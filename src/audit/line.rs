@@ -9,6 +9,7 @@ use std::io::Write;
 use serde::Serialize;
 
 use super::{RecordedArguments, ToolCallEvent};
+use crate::policy::arguments::write_str;
 
 /// One JSON object under construction.
 struct Line(Vec<u8>);
@@ -60,21 +61,6 @@ impl Line {
     fn finish(mut self) -> Vec<u8> {
         self.0.extend_from_slice(b"}\n");
         self.0
-    }
-}
-
-/// A JSON string: copied as it is when nothing in it needs escaping, else serde_json's escaping.
-fn write_str(out: &mut Vec<u8>, s: &str) {
-    // A fold, not `all`: without the early exit the compiler vectorises it.
-    let plain = s
-        .bytes()
-        .fold(true, |ok, b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'));
-    if plain {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-    } else {
-        serde_json::to_writer(out, s).expect("strings serialise");
     }
 }
 
