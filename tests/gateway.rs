@@ -298,6 +298,23 @@ async fn oversized_bodies_get_413_whether_declared_or_streamed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_100_headers_are_refused_before_anything_runs() {
+    let h = Harness::start().await;
+    let url = format!("{}/v1/tools/kb.search", h.data);
+    let names: Vec<String> = (0..110).map(|i| format!("x-filler-{i}")).collect();
+    let with_fillers = |n: usize| {
+        let mut headers: Vec<(&str, String)> = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
+        headers.extend(names[..n].iter().map(|name| (name.as_str(), "1".to_owned())));
+        headers
+    };
+    let r = send("POST", &url, &with_fillers(110), br#"{"query": "q"}"#.to_vec()).await;
+    assert_eq!(r.status, 431, "110 headers");
+    assert_eq!(h.upstream.requests().len(), 0);
+    let r = send("POST", &url, &with_fillers(90), br#"{"query": "q"}"#.to_vec()).await;
+    assert_eq!(r.status, 200, "90 headers: {:?}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_tool_times_out_once_and_is_never_retried() {
     let h = Harness::start().await;
     let r = h.call("slow.create", Some(SUPPORT_KEY), r#"{"x": 1}"#).await;

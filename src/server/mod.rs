@@ -277,11 +277,12 @@ where
 {
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
-    // Bounded headers: at most 64 KiB buffered and 100 headers; slow senders are cut off.
+    // Bounded headers: at most 64 KiB buffered and 100 headers; slow senders are cut off. 100 is
+    // hyper's default, left implicit: set explicitly, hyper builds and fills a 100-slot vector
+    // on every request (~1.7k instructions) instead of using an uninitialised array.
     http.timer(TokioTimer::new())
         .header_read_timeout(read_timeout)
-        .max_buf_size(64 * 1024)
-        .max_headers(100);
+        .max_buf_size(64 * 1024);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
