@@ -5,6 +5,7 @@
 //! freely, and whatever it returns — allow, deny or failure — becomes exactly one event, written
 //! before the response exists. If the event cannot be written the caller gets `unavailable`.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -604,14 +605,14 @@ impl Gateway {
         let rate_keys = [
             limits.tools.get(&tool.name).map(|t| {
                 (
-                    format!("{agent}|{}", tool.name),
+                    Cow::Owned(format!("{agent}|{}", tool.name)),
                     t.calls_per_minute,
                     "tool calls_per_minute",
                 )
             }),
             limits
                 .calls_per_minute
-                .map(|n| (agent.to_string(), n, "calls_per_minute")),
+                .map(|n| (Cow::Borrowed(&*agent), n, "calls_per_minute")),
         ];
         for (key, per_minute, rule) in rate_keys.into_iter().flatten() {
             if let Err(wait) = self.state.take_rate(&key, per_minute) {

@@ -147,9 +147,8 @@ fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamErr
     } else {
         (with_query(out.url, out.arguments), Bytes::new())
     };
-    let uri: Uri = uri
-        .parse()
-        .map_err(|e| UpstreamError::Protocol(format!("bad upstream URL: {e}")))?;
+    // From the `String`, not `&str`: the URI takes over its buffer instead of copying it.
+    let uri = Uri::try_from(uri).map_err(|e| UpstreamError::Protocol(format!("bad upstream URL: {e}")))?;
     // Headers straight into the map: `Request::builder` moves its parts through every call.
     let mut request = Request::new(Full::new(body.clone()));
     *request.method_mut() = out.method.as_http();
