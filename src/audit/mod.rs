@@ -3,10 +3,11 @@
 //! answering has already recorded it. A write that fails makes the call fail closed.
 //!
 //! Writes are group-committed without a lock held across the syscall: a caller appends its line
-//! to a shared buffer; if nobody is writing, it becomes the writer and writes everything buffered
-//! with one `write`, again until the buffer is empty; the others wait (as tasks, not blocked
-//! threads) until their line is written. Uncontended, that is one `write` per event, as before;
-//! under load, one per batch, and no thread ever sleeps on a lock while another is in the kernel.
+//! to a shared buffer; if nobody is writing, it becomes the writer, yields once (so the calls
+//! already runnable on its thread append theirs), and writes everything buffered with one
+//! `write`, again until the buffer is empty; the others wait (as tasks, not blocked threads)
+//! until their line is written. Uncontended, that is one `write` per event; under load, about
+//! one per ten, and no thread ever sleeps on a lock while another is in the kernel.
 
 pub mod cloudwatch;
 mod line;
@@ -278,6 +279,15 @@ impl AuditLog {
     }
 }
 
+/// The writer's duty, done when dropped: after yielding, or if cancelled while yielding.
+struct Writer<'a>(&'a FileSink);
+
+impl Drop for Writer<'_> {
+    fn drop(&mut self) {
+        self.0.write_pending();
+    }
+}
+
 impl FileSink {
     async fn append(&self, line: &[u8]) -> Result<(), AuditError> {
         let (seq, lead) = {
@@ -293,7 +303,13 @@ impl FileSink {
         };
         let mut progress = self.progress.subscribe();
         if lead {
-            self.write_pending();
+            // Let the tasks already runnable on this thread append their lines first, so one
+            // `write` carries them all (under load, ~10 lines per `write` instead of one). With
+            // nothing else runnable this returns at once. The guard writes if this task is
+            // dropped while it yields: a writer that never writes would wedge the log.
+            let writer = Writer(self);
+            tokio::task::yield_now().await;
+            drop(writer);
         }
         let outcome = progress.wait_for(|p| p.done >= seq).await.map(|p| p.has_failed(seq));
         match outcome {
@@ -341,5 +357,60 @@ impl FileSink {
                 p.done = upto;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+    use std::time::Duration;
+
+    fn log_in(dir: &std::path::Path) -> AuditLog {
+        let config: AuditConfig =
+            serde_json::from_value(serde_json::json!({ "file": dir.join("audit.jsonl") })).unwrap();
+        AuditLog::open(&config).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_writer_dropped_before_it_writes_does_not_wedge_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_in(dir.path());
+        let mut first = Box::pin(log.emit_line(b"{\"n\":1}\n"));
+        // One poll: the line is appended, this caller becomes the writer and yields.
+        assert!((&mut first).now_or_never().is_none());
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(5), log.emit_line(b"{\"n\":2}\n"));
+        second
+            .await
+            .expect("the next event is written, not stuck behind a writer that left")
+            .unwrap();
+        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        assert_eq!(
+            text, "{\"n\":1}\n{\"n\":2}\n",
+            "the dropped caller's line is written too"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_events_are_each_written_once_and_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(log_in(dir.path()));
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.emit_line(format!("{{\"n\":{i}}}\n").as_bytes()).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let mut seen: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["n"].as_u64().unwrap())
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..200).collect::<Vec<_>>());
     }
 }
