@@ -12,6 +12,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::FutureExt;
 use http_body_util::{BodyExt, Limited};
 
 use super::{RequestId, error_response};
@@ -216,7 +217,13 @@ pub(crate) async fn read_body(
         return Err(too_large());
     }
     let timeout = Duration::from_millis(gw.config.limits.request_read_timeout_ms);
-    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+    let mut collect = std::pin::pin!(Limited::new(body, limit).collect());
+    // Usually the body came with the headers: then it is read without arming a timer.
+    let read = match (&mut collect).now_or_never() {
+        Some(read) => Ok(read),
+        None => tokio::time::timeout(timeout, collect).await,
+    };
+    match read {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Ok(Err(_)) => Err(Reason::new(
