@@ -8,39 +8,41 @@
 //!
 //! A handle is made on first use, after the server has installed the Prometheus recorder.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use crate::FastMap;
+use std::sync::RwLock;
 
 use metrics::{Counter, Gauge, Histogram};
 
 /// One cache: label value → handle.
 struct Cache<H> {
-    map: RwLock<HashMap<Box<str>, H>>,
+    map: RwLock<FastMap<Box<str>, H>>,
 }
 
-impl<H: Clone> Cache<H> {
+impl<H> Cache<H> {
     fn new() -> Self {
         Self {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(FastMap::default()),
         }
     }
 
-    fn get(&self, label: &str, make: impl FnOnce() -> H) -> H {
+    /// Runs `f` on the handle for `label`, made first if need be. Borrowed, not cloned: a clone
+    /// is an atomic increment and decrement on a line both workers write.
+    fn with<R>(&self, label: &str, make: impl FnOnce() -> H, f: impl FnOnce(&H) -> R) -> R {
         if let Some(h) = self.map.read().expect("meters lock").get(label) {
-            return h.clone();
+            return f(h);
         }
         let mut map = self.map.write().expect("meters lock");
-        map.entry(label.into()).or_insert_with(make).clone()
+        f(map.entry(label.into()).or_insert_with(make))
     }
 }
 
 /// `toolgate_calls_total` handles of one agent and tool: by (decision, code).
-type Outcomes = Arc<RwLock<Vec<(&'static str, &'static str, Counter)>>>;
+type Outcomes = RwLock<Vec<(&'static str, &'static str, Counter)>>;
 
 /// The handles of the metrics every call updates.
 pub struct Meters {
     /// agent → tool → (decision, code) → `toolgate_calls_total`.
-    calls: Cache<Arc<Cache<Outcomes>>>,
+    calls: Cache<Cache<Outcomes>>,
     upstream_duration: Cache<Histogram>,
     budget_remaining: Cache<Gauge>,
     decision_duration: std::sync::OnceLock<Histogram>,
@@ -60,24 +62,22 @@ impl Default for Meters {
 impl Meters {
     /// Counts one call: `toolgate_calls_total{agent, tool, decision, code}`.
     pub fn call(&self, agent: &str, tool: &str, decision: &'static str, code: &'static str) {
-        let tools = self.calls.get(agent, || Arc::new(Cache::new()));
-        let outcomes = tools.get(tool, Outcomes::default);
-        let found = outcomes
-            .read()
-            .expect("meters lock")
-            .iter()
-            .find(|(d, c, _)| *d == decision && *c == code)
-            .map(|(_, _, counter)| counter.clone());
-        let counter = found.unwrap_or_else(|| {
-            let counter = metrics::counter!("toolgate_calls_total",
-                "agent" => agent.to_owned(), "tool" => tool.to_owned(), "decision" => decision, "code" => code);
-            outcomes
-                .write()
-                .expect("meters lock")
-                .push((decision, code, counter.clone()));
-            counter
+        self.calls.with(agent, Cache::new, |tools| {
+            tools.with(tool, Outcomes::default, |outcomes| {
+                let counted = outcomes
+                    .read()
+                    .expect("meters lock")
+                    .iter()
+                    .find(|(d, c, _)| *d == decision && *c == code)
+                    .map(|(_, _, counter)| counter.increment(1));
+                if counted.is_none() {
+                    let counter = metrics::counter!("toolgate_calls_total",
+                        "agent" => agent.to_owned(), "tool" => tool.to_owned(), "decision" => decision, "code" => code);
+                    counter.increment(1);
+                    outcomes.write().expect("meters lock").push((decision, code, counter));
+                }
+            })
         });
-        counter.increment(1);
     }
 
     /// `toolgate_decision_duration_seconds`.
@@ -89,21 +89,19 @@ impl Meters {
 
     /// `toolgate_upstream_duration_seconds{tool}`.
     pub fn upstream_duration(&self, tool: &str, seconds: f64) {
-        self.upstream_duration
-            .get(
-                tool,
-                || metrics::histogram!("toolgate_upstream_duration_seconds", "tool" => tool.to_owned()),
-            )
-            .record(seconds);
+        self.upstream_duration.with(
+            tool,
+            || metrics::histogram!("toolgate_upstream_duration_seconds", "tool" => tool.to_owned()),
+            |h| h.record(seconds),
+        );
     }
 
     /// `toolgate_budget_remaining_tokens{agent}`.
     pub fn budget_remaining(&self, agent: &str, tokens: f64) {
-        self.budget_remaining
-            .get(
-                agent,
-                || metrics::gauge!("toolgate_budget_remaining_tokens", "agent" => agent.to_owned()),
-            )
-            .set(tokens);
+        self.budget_remaining.with(
+            agent,
+            || metrics::gauge!("toolgate_budget_remaining_tokens", "agent" => agent.to_owned()),
+            |g| g.set(tokens),
+        );
     }
 }

@@ -6,7 +6,6 @@
 //! time. The lookup's timing depends only on the digest of what the caller sent, which the caller
 //! already knows; it reveals nothing about stored keys.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use jsonwebtoken::jwk::{Jwk, JwkSet};
@@ -16,6 +15,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::decision::{Code, Reason, Stage};
+use crate::FastMap;
 
 /// Seconds of clock skew tolerated on `exp` and `nbf`.
 const JWT_LEEWAY_SECS: u64 = 30;
@@ -132,9 +132,9 @@ fn key_algorithm(jwk: &Jwk) -> Result<Algorithm, String> {
 /// Maps credentials to agent ids. Built at policy load.
 #[derive(Debug, Default)]
 pub struct Authenticator {
-    api_keys: HashMap<[u8; 32], Arc<str>>,
+    api_keys: FastMap<[u8; 32], Arc<str>>,
     jwt: Option<JwtVerifier>,
-    jwt_subjects: HashMap<String, Arc<str>>,
+    jwt_subjects: FastMap<String, Arc<str>>,
 }
 
 impl Authenticator {

@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::FastMap;
 use crate::config::yaml::{Document, KeyPath};
 use crate::config::{ConfigError, Problem, Problems};
 use allowlist::{Allowlist, ToolPattern, is_valid_tool_name};
@@ -166,13 +167,13 @@ pub struct Policy {
     pub version: String,
     pub files: Vec<String>,
     pub auth: Authenticator,
-    pub agents: HashMap<String, Agent>,
+    pub agents: FastMap<String, Agent>,
     pub tools: BTreeMap<String, Tool>,
     pub filters: Vec<Filter>,
     pub anomaly: AnomalyConfig,
     pub rules: Rules,
     /// Tools whose calls history records, with the argument values facts compare.
-    pub recorded: HashMap<String, Vec<Arc<str>>>,
+    pub recorded: FastMap<String, Vec<Arc<str>>>,
     /// How long history must be kept: the longest fact window.
     pub history_retention: Duration,
     /// Upstream MCP servers; their tools are in `tools` once discovered.
@@ -225,12 +226,12 @@ impl Policy {
             version: String::new(),
             files: Vec::new(),
             auth: Authenticator::default(),
-            agents: HashMap::new(),
+            agents: FastMap::default(),
             tools: BTreeMap::new(),
             filters: Vec::new(),
             anomaly: AnomalyConfig::default(),
             rules: Rules::empty(),
-            recorded: HashMap::new(),
+            recorded: FastMap::default(),
             history_retention: Duration::ZERO,
             mcp_servers: BTreeMap::new(),
         }
@@ -479,7 +480,7 @@ impl Policy {
         }
 
         let mut auth = Authenticator::new(jwt);
-        let mut agents = HashMap::new();
+        let mut agents = FastMap::default();
         for (doc, raw) in &raw_files {
             for (id, value) in &raw.agents {
                 let path = KeyPath::root().key("agents").key(id);
@@ -906,8 +907,8 @@ fn check_history(
     tools: &BTreeMap<String, Tool>,
     raw_files: &[(&Document, PolicyFileRaw)],
     problems: &mut Problems,
-) -> (HashMap<String, Vec<Arc<str>>>, Duration) {
-    let mut recorded: HashMap<String, Vec<Arc<str>>> = HashMap::new();
+) -> (FastMap<String, Vec<Arc<str>>>, Duration) {
+    let mut recorded: FastMap<String, Vec<Arc<str>>> = FastMap::default();
     let mut retention = Duration::ZERO;
     let properties = |t: &Tool| -> Vec<String> {
         t.schema_source

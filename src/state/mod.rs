@@ -15,6 +15,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
 
+use crate::FastMap;
 use crate::policy::history::{History, PastCall};
 
 /// Why an agent is quarantined, and until when.
@@ -72,14 +73,14 @@ impl Default for State {
 /// lock-free compare-and-swap for a rate limiter).
 #[derive(Default)]
 pub struct MemoryState {
-    limiters: RwLock<HashMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
-    budgets: RwLock<HashMap<String, Arc<Mutex<Budget>>>>,
+    limiters: RwLock<FastMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
+    budgets: RwLock<FastMap<String, Arc<Mutex<Budget>>>>,
     denials: Mutex<HashMap<(String, &'static str), VecDeque<Instant>>>,
-    quarantines: RwLock<HashMap<String, Quarantine>>,
+    quarantines: RwLock<FastMap<String, Quarantine>>,
     /// Recorded calls per agent, oldest first, for session-aware rules.
-    history: RwLock<HashMap<String, Arc<Mutex<VecDeque<PastCall>>>>>,
+    history: RwLock<FastMap<String, Arc<Mutex<VecDeque<PastCall>>>>>,
     /// Per agent: whose turn it is to decide a call that reads or writes history.
-    history_turns: RwLock<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    history_turns: RwLock<FastMap<String, Arc<tokio::sync::Mutex<()>>>>,
     clock: DefaultClock,
 }
 

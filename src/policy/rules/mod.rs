@@ -27,6 +27,7 @@ use serde_json::{Map, Value, json};
 
 use super::history::{self, Fact, FactResult, FactValue, History};
 use super::{Agent, Code, Reason, Stage, tool::Tool};
+use crate::FastMap;
 use crate::config::Problem;
 use schema::ArgType;
 
@@ -59,7 +60,7 @@ struct ToolRules {
 
 /// Every rule file, compiled.
 pub struct Rules {
-    tools: HashMap<String, ToolRules>,
+    tools: FastMap<String, ToolRules>,
     agents: HashMap<String, EntityUid>,
     entities: Entities,
     meta: HashMap<String, RuleMeta>,
@@ -87,7 +88,7 @@ pub struct Verdict {
 impl Rules {
     pub fn empty() -> Rules {
         Rules {
-            tools: HashMap::new(),
+            tools: FastMap::default(),
             agents: HashMap::new(),
             entities: Entities::empty(),
             meta: HashMap::new(),
@@ -118,7 +119,7 @@ impl Rules {
     pub fn compile(
         sources: &[(String, String)],
         tools: &BTreeMap<String, Tool>,
-        agents: &HashMap<String, Agent>,
+        agents: &FastMap<String, Agent>,
         problems: &mut Vec<Problem>,
     ) -> Rules {
         let before = problems.len();
@@ -269,7 +270,7 @@ impl Rules {
             return Rules::empty();
         }
 
-        let mut per_tool = HashMap::new();
+        let mut per_tool = FastMap::default();
         for (name, tool) in tools {
             let action = uid("Action", name);
             let applicable: Vec<&Policy> = all
