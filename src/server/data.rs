@@ -28,7 +28,7 @@ const X_TOOLGATE_DECISION: HeaderName = HeaderName::from_static("x-toolgate-deci
 
 pub fn routes(gateway: Arc<Gateway>) -> Router {
     Router::new()
-        // Taken before the router by `DataPlane` (see `tool_call_path`); routed here too, so a
+        // Taken before the router by `DataPlane` (see `is_tool_call`); routed here too, so a
         // wrong method on it is a 405, not a 404.
         .route(
             "/v1/tools/{tool}",

@@ -1,6 +1,7 @@
-//! The two listeners: the data plane (agents) and the admin plane (operators), each an axum
-//! router served by hyper with bounded headers and read timeouts. Every transport concern is a
-//! layer around the whole router, listed in order in [`data_plane`].
+//! The two listeners: the data plane (agents) and the admin plane (operators), each served by
+//! hyper with bounded headers and read timeouts. The data plane is one hand-written service
+//! ([`DataPlane`]: request id, load shedding, panics, then tool calls straight to their handler
+//! and the rest through its axum router); the admin plane is an axum router inside tower layers.
 
 pub mod admin;
 pub mod data;
@@ -87,7 +88,7 @@ fn panic_response(request_id: &str) -> Response {
     )
 }
 
-/// A listener's whole service: its router inside its transport layers.
+/// The admin listener's whole service: its router inside its transport layers.
 pub type Plane = BoxCloneSyncService<axum::http::Request<Incoming>, Response, Infallible>;
 
 /// The data-plane service: the request id (before anything that may answer, so every response
