@@ -584,10 +584,6 @@ async fn tools_call(
             None,
         );
     };
-    let arguments = match params.get("arguments") {
-        None | Some(Value::Null) => Value::Object(Map::new()),
-        Some(v) => v.clone(),
-    };
     let meta = params.get("_meta").and_then(Value::as_object);
     let meta_str = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str);
     // The session for session-aware rules: the explicit header, else the MCP session, else
@@ -600,7 +596,13 @@ async fn tools_call(
         })
         .or_else(|| meta_str(META_SESSION).map(str::to_owned));
     let approval = header_str(headers, "x-toolgate-approval").or_else(|| meta_str(META_APPROVAL));
-    let body = Bytes::from(serde_json::to_vec(&arguments).expect("JSON serialises"));
+    // The pipeline takes the arguments as a body and parses them strictly; written in the
+    // canonical form's writer (no byte-by-byte escaping of plain strings, no copy of the value).
+    let body = match params.get("arguments") {
+        None | Some(Value::Null) => Bytes::from_static(b"{}"),
+        Some(Value::Object(args)) => Bytes::from(crate::policy::arguments::canonical(args)),
+        Some(other) => Bytes::from(serde_json::to_vec(other).expect("JSON serialises")),
+    };
     let resp = mcp
         .gateway
         .call(CallRequest {
