@@ -29,6 +29,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::gateway::{CallRequest, Gateway};
@@ -181,7 +182,6 @@ async fn no_stream(req: Request) -> Response {
     r
 }
 
-/// `DELETE /mcp`: ends a handshake session (only its own agent may).
 /// `DELETE /mcp`: the session's own agent ends it. A refusal is audited as on `POST`.
 async fn end_session(State(mcp): State<Arc<Mcp>>, req: Request) -> Response {
     let rid = request_id(&req);
@@ -195,7 +195,7 @@ async fn end_session(State(mcp): State<Arc<Mcp>>, req: Request) -> Response {
         Err(refused) => refused,
     };
     let status = StatusCode::from_u16(refused.0.http_status()).expect("contract statuses are valid");
-    audit_refusal(&mcp, &rid, &asked, status, &refused.1).await;
+    audit_refusal(&mcp, &rid, &asked, status, refused.0, &refused.1).await;
     crate::server::error_response(refused.0, refused.1, &rid)
 }
 
@@ -232,17 +232,18 @@ async fn handle(State(mcp): State<Arc<Mcp>>, req: Request) -> Response {
     // error and have their own `tool_call` event): a `request_refused` event, so probing with
     // batches, foreign origins, stolen sessions or bad credentials leaves a trail too.
     if reply.status.is_client_error() || reply.status.is_server_error() {
-        let message = reply
-            .body
-            .as_ref()
-            .and_then(|b| b["error"]["message"].as_str())
-            .unwrap_or("");
-        audit_refusal(&mcp, &rid, &asked, reply.status, message).await;
+        let error = reply.body.as_ref().map(|b| &b["error"]);
+        let message = error.and_then(|e| e["message"].as_str()).unwrap_or("");
+        // The code the caller was given (the contract's, in `data`), else the status's.
+        let code = error
+            .and_then(|e| Code::deserialize(&e["data"]["code"]).ok())
+            .unwrap_or_else(|| refusal_code(reply.status));
+        audit_refusal(&mcp, &rid, &asked, reply.status, code, message).await;
     }
     reply.into_response(&headers)
 }
 
-async fn audit_refusal(mcp: &Mcp, rid: &str, asked: &Asked, status: StatusCode, message: &str) {
+async fn audit_refusal(mcp: &Mcp, rid: &str, asked: &Asked, status: StatusCode, code: Code, message: &str) {
     let event = crate::audit::RefusalEvent {
         ts: crate::audit::now(),
         event: "request_refused",
@@ -251,7 +252,7 @@ async fn audit_refusal(mcp: &Mcp, rid: &str, asked: &Asked, status: StatusCode, 
         method: asked.method,
         agent: asked.agent.as_deref(),
         status: status.as_u16(),
-        code: refusal_code(status).as_str(),
+        code: code.as_str(),
         message,
     };
     mcp.gateway.audit.emit_or_log("request_refused", &event).await;
@@ -278,7 +279,8 @@ fn known_method(method: &str) -> &'static str {
     }
 }
 
-/// The contract code for a protocol-level refusal's HTTP status.
+/// The contract code for a protocol-level refusal's HTTP status, for replies that carry none
+/// (batches, unparseable bodies, messages that are not JSON-RPC: all 400).
 fn refusal_code(status: StatusCode) -> Code {
     match status.as_u16() {
         401 => Code::Unauthenticated,

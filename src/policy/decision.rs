@@ -1,10 +1,10 @@
 //! What the pipeline decides, and why: stable reason codes shared by responses, audit events and
 //! tests. A deny is a value, never an error.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A stable reason code (the contract's error table). The string form never changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Code {
     Unauthenticated,
