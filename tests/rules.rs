@@ -492,7 +492,9 @@ async fn the_whole_approval_cycle() {
 
 #[tokio::test]
 async fn approvals_expire() {
-    let h = start("approvals: { store: {{DIR}}/approvals.redb, ttl_seconds: 1 }\n").await;
+    // Expiry is in whole seconds: with a 1 s TTL a request made at x.999 s expires 1 ms later,
+    // before it can be approved. 2 s leaves at least one whole second to approve in.
+    let h = start("approvals: { store: {{DIR}}/approvals.redb, ttl_seconds: 2 }\n").await;
     let r = h.call("pay.send", Some(OPS_KEY), &payment(500)).await;
     let id = r.assert_error(202, "approval_required")["approval_id"]
         .as_str()
@@ -501,8 +503,8 @@ async fn approvals_expire() {
     let ok = h
         .admin_json("POST", &format!("/admin/approvals/{id}/approve"), &json!({"by": "lee"}))
         .await;
-    assert_eq!(ok.status, 200);
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
     let r = h
         .call_with("pay.send", OPS_KEY, &payment(500), &[("x-toolgate-approval", &id)])
         .await;
