@@ -32,7 +32,14 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
         // wrong method on it is a 405, not a 404.
         .route(
             "/v1/tools/{tool}",
-            post(|State(gw): State<Arc<Gateway>>, req: Request| call_tool(gw, req)),
+            post(|State(gw): State<Arc<Gateway>>, req: Request| {
+                let id = req
+                    .extensions()
+                    .get::<RequestId>()
+                    .map(|r| r.0.clone())
+                    .unwrap_or_default();
+                call_tool(gw, id, req)
+            }),
         )
         .route("/v1/approvals/{id}", get(approval_status))
         .fallback(not_found)
@@ -120,13 +127,8 @@ pub(super) fn is_tool_call(req: &Request) -> bool {
             .is_some_and(|tool| !tool.is_empty() && !tool.contains('/'))
 }
 
-pub(super) async fn call_tool(gw: Arc<Gateway>, req: Request) -> Response {
+pub(super) async fn call_tool(gw: Arc<Gateway>, id: Arc<str>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let id = parts
-        .extensions
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_default();
     // The raw path segment, not a percent-decoded one: tool names match exactly, and `%2E` is
     // not a dot.
     let tool = parts.uri.path().strip_prefix("/v1/tools/").unwrap_or_default();

@@ -59,11 +59,20 @@ fn is_sane_request_id(v: &str) -> bool {
 }
 
 /// The id every response carries: the caller's `X-Request-Id` if it is sane, else a fresh one.
-fn assign_request_id(req: &mut Request) -> Arc<str> {
-    let id: Arc<str> = match req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
+fn request_id_of(req: &Request) -> Arc<str> {
+    match req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
         Some(v) if is_sane_request_id(v) => v.into(),
-        _ => uuid::Uuid::new_v4().to_string().into(),
-    };
+        _ => Arc::from(
+            &*uuid::Uuid::new_v4()
+                .hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer()),
+        ),
+    }
+}
+
+/// As [`request_id_of`], also left in the request's extensions for the handlers behind a router.
+fn assign_request_id(req: &mut Request) -> Arc<str> {
+    let id = request_id_of(req);
     req.extensions_mut().insert(RequestId(id.clone()));
     id
 }
@@ -127,7 +136,7 @@ impl tower::Service<axum::http::Request<Incoming>> for DataPlane {
         let plane = self.0.clone();
         Box::pin(async move {
             let mut req = req.map(Body::new);
-            let id = assign_request_id(&mut req);
+            let id = request_id_of(&req);
             // Load shedding instead of queueing: over the limit, a 503 at once.
             let Ok(_permit) = plane.limit.try_acquire() else {
                 metrics::counter!("toolgate_shed_total").increment(1);
@@ -136,8 +145,9 @@ impl tower::Service<axum::http::Request<Incoming>> for DataPlane {
             };
             let routed = async {
                 if data::is_tool_call(&req) {
-                    data::call_tool(plane.gateway.clone(), req).await
+                    data::call_tool(plane.gateway.clone(), id.clone(), req).await
                 } else {
+                    req.extensions_mut().insert(RequestId(id.clone()));
                     let Ok(res) = plane.router.clone().oneshot(req).await;
                     res
                 }
