@@ -316,24 +316,15 @@ async fn more_than_100_headers_are_refused_before_anything_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_stops_arriving_gets_408_and_is_never_forwarded() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::start_with(
         "limits: { max_body_bytes: 4096, request_read_timeout_ms: 300, upstream_timeout_ms: 2000 }\n",
     )
     .await;
-    let addr = h.data.trim_start_matches("http://");
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     // Headers, and a third of the declared body; then nothing.
     let head = format!(
         "POST /v1/tools/kb.search HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {SUPPORT_KEY}\r\ncontent-type: application/json\r\ncontent-length: 30\r\n\r\n{{\"query\": "
     );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    let mut reply = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(5), conn.read_to_end(&mut reply))
-        .await
-        .expect("the gateway answers and closes instead of waiting forever")
-        .unwrap();
-    let reply = String::from_utf8_lossy(&reply);
+    let reply = support::send_stalled(&h.data, &head).await;
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(reply.contains("\"code\":\"request_timeout\""), "{reply}");
     assert_eq!(h.upstream.requests().len(), 0);

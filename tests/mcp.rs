@@ -262,24 +262,14 @@ async fn a_session_cannot_be_used_by_another_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_stops_arriving_is_refused_and_audited_with_its_own_code() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::start_with(
         "limits: { max_body_bytes: 4096, request_read_timeout_ms: 300, upstream_timeout_ms: 2000 }\n",
     )
     .await;
-    let mut conn = tokio::net::TcpStream::connect(h.data.trim_start_matches("http://"))
-        .await
-        .unwrap();
     let head = format!(
         "POST /mcp HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {SUPPORT_KEY}\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\nx-request-id: slow-mcp-1\r\ncontent-length: 60\r\n\r\n{{\"jsonrpc\": "
     );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    let mut reply = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(5), conn.read_to_end(&mut reply))
-        .await
-        .expect("the gateway answers instead of waiting forever")
-        .unwrap();
-    let reply = String::from_utf8_lossy(&reply);
+    let reply = support::send_stalled(&h.data, &head).await;
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     assert!(reply.contains("\"code\":\"request_timeout\""), "{reply}");
     let events: Vec<Value> = h

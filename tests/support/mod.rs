@@ -357,6 +357,23 @@ pub async fn try_send(method: &str, url: &str, headers: &[(&str, String)], body:
 }
 
 /// Sends one HTTP/1.1 request over a fresh connection.
+/// Sends `head` (request line, headers and the start of a body that declares itself longer) to
+/// `base` over a raw connection and then nothing more; returns the raw reply once the gateway
+/// closes the connection. Panics if it has not after 5 s: a stalled sender must be cut off.
+pub async fn send_stalled(base: &str, head: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), conn.read_to_end(&mut reply))
+        .await
+        .expect("the gateway answers and closes instead of waiting forever")
+        .unwrap();
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
 pub async fn send(method: &str, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Resp {
     try_send(method, url, headers, body).await.expect("gateway answers")
 }
