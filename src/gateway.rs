@@ -499,8 +499,7 @@ impl Gateway {
         // A call whose rules read history, or that history records, is decided in its agent's
         // turn, from evaluation until it is recorded (or refused): concurrent calls each see
         // the ones decided before them, so together they cannot pass a count rule.
-        let touches_history =
-            policy.recorded.contains_key(req.tool) || policy.tools.get(req.tool).is_some_and(|t| !t.facts.is_empty());
+        let touches_history = policy.tools.get(req.tool).is_some_and(|t| t.touches_history);
         let history_turn = if touches_history {
             Some(self.state.history_turn(&agent).await)
         } else {

@@ -449,6 +449,7 @@ impl Policy {
                     input_filters: server.input_filters.clone(),
                     output_filters: server.output_filters.clone(),
                     facts: Vec::new(),
+                    touches_history: false,
                     changed: d.changed,
                 },
             );
@@ -569,6 +570,9 @@ impl Policy {
         }
 
         let (recorded, history_retention) = check_history(&tools, &raw_files, &mut problems);
+        for (name, tool) in tools.iter_mut() {
+            tool.touches_history = !tool.facts.is_empty() || recorded.contains_key(name);
+        }
         // Rules are validated against the tools as compiled; with broken tools they would only
         // report knock-on errors, so they wait for a clean pass.
         let rules = if problems.is_empty() {
@@ -863,6 +867,7 @@ fn compile_tool(
         input_filters,
         output_filters,
         facts,
+        touches_history: false,
         changed: false,
     })
 }

@@ -262,6 +262,9 @@ pub struct Tool {
     pub output_filters: Vec<usize>,
     /// Facts about earlier calls, computed for this tool's rules.
     pub facts: Vec<super::history::Fact>,
+    /// Whether its calls are decided in their agent's history turn: history records them, or
+    /// its rules read history facts. Set once the whole policy is known.
+    pub touches_history: bool,
     /// An upstream MCP tool whose definition differs from the one pinned: hidden from
     /// `tools/list` and refused (`tool_changed`) until an admin approves the new definition.
     pub changed: bool,
