@@ -35,6 +35,9 @@ async fn forwards_an_allowed_call_with_only_the_headers_toolgate_chooses() {
     assert_eq!(&s.body[..], br#"{"amount":5,"order_id":"O-17"}"#);
     assert_eq!(s.headers.get("x-request-id").unwrap(), "req-abc-123");
     assert_eq!(s.headers.get("traceparent").unwrap(), trace);
+    // `Host` is the tool URL's authority, once (toolgate sets it, not the client).
+    let host: Vec<_> = s.headers.get_all("host").iter().collect();
+    assert_eq!(host, [h.upstream.url.trim_start_matches("http://")]);
     // Identity comes from the credential, never from the caller's headers.
     assert_eq!(s.headers.get("x-toolgate-agent").unwrap(), "support-bot");
     for never in ["authorization", "cookie", "x-custom"] {

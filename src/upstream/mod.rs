@@ -11,7 +11,7 @@ pub mod guardrail;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT};
+use http::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue, USER_AGENT};
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
@@ -153,8 +153,18 @@ fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamErr
     let mut request = Request::new(Full::new(body.clone()));
     *request.method_mut() = out.method.as_http();
     *request.uri_mut() = uri;
-    let headers = request.headers_mut();
     let text = |v: &str| HeaderValue::from_str(v).map_err(|e| UpstreamError::Protocol(e.to_string()));
+    // `Host` from the URL's authority (tool URLs have no user info; 80 is http's default port).
+    // Set here, the client does not build it with `format!` per request, and a SigV4 signature
+    // covers exactly the value sent.
+    let host = match request.uri().authority() {
+        Some(a) => Some(text(a.as_str().strip_suffix(":80").unwrap_or(a.as_str()))?),
+        None => None,
+    };
+    let headers = request.headers_mut();
+    if let Some(host) = host {
+        headers.insert(HOST, host);
+    }
     headers.insert(X_REQUEST_ID, text(out.request_id)?);
     headers.insert(X_TOOLGATE_AGENT, text(out.agent)?);
     headers.insert(
@@ -230,6 +240,33 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn host_is_the_authority_without_http_s_default_port() {
+        let args = serde_json::Map::new();
+        let host = |url: &str| {
+            let out = Outbound {
+                method: Method::Post,
+                url,
+                arguments: &args,
+                body: Bytes::new(),
+                request_id: "r",
+                agent: "a",
+                traceparent: None,
+                tracestate: None,
+                timeout: Duration::from_secs(1),
+                max_response_bytes: 1,
+                headers: &[],
+                signing: None,
+            };
+            let req = build_request(&out).unwrap();
+            assert_eq!(req.headers().get_all(HOST).iter().count(), 1);
+            req.headers()[HOST].to_str().unwrap().to_owned()
+        };
+        assert_eq!(host("http://tools.internal:8080/x"), "tools.internal:8080");
+        assert_eq!(host("http://tools.internal:80/x"), "tools.internal");
+        assert_eq!(host("http://127.0.0.1/x"), "127.0.0.1");
+    }
 
     #[test]
     fn query_strings_encode_keys_and_values() {
