@@ -4,8 +4,6 @@
 //! That escaping was ~7% of a call's instructions (docs/benchmarks.md). Strings that do need
 //! escaping, and the structured parts (reasons, redacted arguments), still go through serde_json.
 
-use std::io::Write;
-
 use serde::Serialize;
 
 use super::{RecordedArguments, ToolCallEvent};
@@ -52,9 +50,19 @@ impl Line {
         serde_json::to_writer(&mut self.0, value).expect("audit values serialise");
     }
 
-    fn number(&mut self, key: &'static str, n: impl std::fmt::Display) {
+    fn number(&mut self, key: &'static str, n: impl itoa::Integer) {
         self.key(key);
-        write!(self.0, "{n}").expect("writing to a Vec cannot fail");
+        self.0.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    /// Opens a nested object as `key`'s value; [`Line::close`] ends it.
+    fn open(&mut self, key: &'static str) {
+        self.key(key);
+        self.0.push(b'{');
+    }
+
+    fn close(&mut self) {
+        self.0.push(b'}');
     }
 
     /// The line, newline-terminated.
@@ -90,25 +98,24 @@ impl ToolCallEvent<'_> {
         match &self.upstream {
             None => line.raw("upstream", b"null"),
             Some(u) => {
-                line.key("upstream");
-                let mut inner = Line::new();
+                line.open("upstream");
                 if let Some(status) = u.status {
-                    inner.number("status", status);
+                    line.number("status", status);
                 }
-                inner.serde("duration_ms", &u.duration_ms);
+                line.serde("duration_ms", &u.duration_ms);
                 if let Some(arn) = &u.role_arn {
-                    inner.str("role_arn", arn);
+                    line.str("role_arn", arn);
                 }
-                let inner = inner.finish();
-                line.0.extend_from_slice(&inner[..inner.len() - 1]);
+                line.close();
             }
         }
         match self.tokens {
             None => line.raw("tokens", b"null"),
             Some(t) => {
-                line.key("tokens");
-                write!(line.0, "{{\"input\":{},\"output\":{}}}", t.input, t.output)
-                    .expect("writing to a Vec cannot fail");
+                line.open("tokens");
+                line.number("input", t.input);
+                line.number("output", t.output);
+                line.close();
             }
         }
         if let Some(id) = self.approval_id {

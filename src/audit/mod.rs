@@ -44,7 +44,39 @@ pub enum AuditError {
 
 /// RFC 3339 UTC with milliseconds, as every event's `ts`.
 pub fn now() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    rfc3339_millis(SystemTime::now())
+}
+
+/// `t` as `2026-11-30T12:00:00.123Z`. The date and time of day change once a second: each
+/// thread formats them once per second and reuses them (every event has a timestamp, and
+/// calendar arithmetic plus `fmt` cost more than the rest of the line's plain fields).
+fn rfc3339_millis(t: SystemTime) -> String {
+    thread_local! {
+        static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+    }
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let prefix = SECOND.with(|cell| {
+        let (cached, prefix) = cell.get();
+        if cached == secs {
+            return prefix;
+        }
+        let mut prefix = [0; 19];
+        let text =
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)).to_string();
+        prefix.copy_from_slice(&text.as_bytes()[..19]);
+        cell.set((secs, prefix));
+        prefix
+    });
+    let ms = since.subsec_millis();
+    let mut out = String::with_capacity(24);
+    out.push_str(std::str::from_utf8(&prefix).expect("RFC 3339 is ASCII"));
+    out.push('.');
+    for digit in [ms / 100, ms / 10 % 10, ms % 10] {
+        out.push(char::from(b'0' + digit as u8));
+    }
+    out.push('Z');
+    out
 }
 
 /// A duration as the events' `duration_ms`: milliseconds, to the microsecond.
@@ -390,6 +422,29 @@ mod tests {
             text, "{\"n\":1}\n{\"n\":2}\n",
             "the dropped caller's line is written too"
         );
+    }
+
+    #[test]
+    fn timestamps_match_humantime_across_seconds() {
+        let start = std::time::UNIX_EPOCH + Duration::from_millis(1_795_000_000_000);
+        // Steps that stay within a second, cross one, and go back (the cache is per second).
+        for ms in [
+            0,
+            1,
+            999,
+            1000,
+            1001,
+            59_999,
+            60_000,
+            86_399_999,
+            5,
+            86_400_000,
+            123_456_789,
+        ] {
+            let t = start + Duration::from_millis(ms);
+            assert_eq!(rfc3339_millis(t), humantime::format_rfc3339_millis(t).to_string());
+        }
+        assert_eq!(now().len(), "2026-11-30T12:00:00.123Z".len());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
