@@ -1,12 +1,13 @@
-//! Forwarding an allowed call to its tool: one pooled HTTP/1.1 client, a per-call deadline over
-//! the whole exchange, a bounded response, and only the headers toolgate chooses.
+//! Forwarding an allowed call to its tool: pooled keep-alive HTTP/1.1 connections, a per-call
+//! deadline over the whole exchange, a bounded response, and only the headers toolgate chooses.
 //!
-//! No retries of a call that may have acted: the only retry is hyper's, for a request that never
-//! started on a pooled connection the upstream had already closed — nothing was sent, so nothing
-//! can have happened twice.
+//! No retries of a call that may have acted: the only retry is for a request that was never
+//! written, on a pooled connection the upstream had already closed (see [`pool`]) — nothing
+//! was sent, so nothing can have happened twice.
 
 pub mod aws;
 pub mod guardrail;
+pub mod pool;
 
 use std::time::{Duration, Instant};
 
@@ -14,12 +15,11 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue, USER_AGENT};
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Map, Value};
 
 use crate::policy::tool::Method;
+use pool::{Pool, PoolError};
 
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_TOOLGATE_AGENT: HeaderName = HeaderName::from_static("x-toolgate-agent");
@@ -76,10 +76,10 @@ pub struct Inbound {
     pub duration: Duration,
 }
 
-/// The shared upstream client (cheap to clone).
-#[derive(Clone, Debug)]
+/// The shared upstream client.
+#[derive(Debug)]
 pub struct Upstream {
-    client: Client<HttpConnector, Full<Bytes>>,
+    pool: Pool,
 }
 
 impl Default for Upstream {
@@ -94,12 +94,9 @@ impl Upstream {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(512)
-            .retry_canceled_requests(true)
-            .build(connector);
-        Self { client }
+        Self {
+            pool: Pool::new(connector, Duration::from_secs(30), 512),
+        }
     }
 
     /// Sends one call and reads the whole response, all within `out.timeout`.
@@ -107,12 +104,9 @@ impl Upstream {
         let started = Instant::now();
         let request = build_request(out)?;
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| {
-                if e.is_connect() {
-                    UpstreamError::Unreachable(source_chain(&e))
-                } else {
-                    UpstreamError::Protocol(source_chain(&e))
-                }
+            let (response, lease) = self.pool.send(request).await.map_err(|e| match e {
+                PoolError::Connect(e) => UpstreamError::Unreachable(source_chain(&*e)),
+                e => UpstreamError::Protocol(source_chain(&e)),
             })?;
             let status = response.status().as_u16();
             let content_type = response.headers().get(CONTENT_TYPE).cloned();
@@ -127,6 +121,7 @@ impl Upstream {
                     }
                 })?
                 .to_bytes();
+            lease.release();
             Ok::<_, UpstreamError>((status, content_type, body))
         };
         let (status, content_type, body) = tokio::time::timeout(out.timeout, exchange)
