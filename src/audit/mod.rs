@@ -14,15 +14,17 @@ mod line;
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::watch;
 
 use crate::config::AuditConfig;
 use crate::policy::Reason;
@@ -31,6 +33,8 @@ use crate::policy::Reason;
 const MAX_BUFFERED: usize = 64 * 1024 * 1024;
 /// Failed batches remembered so each waiter can learn whether its own line failed.
 const FAILURES_KEPT: usize = 256;
+/// A batch buffer up to this size is kept for the next batch; a larger one (a burst) is freed.
+const SPARE_KEPT: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -187,14 +191,19 @@ pub struct PolicyEvent<'a> {
     pub trigger: &'a str,
 }
 
-/// Lines appended but not yet taken by a writer.
+/// Lines appended but not yet taken by a writer, and what became of those that were.
 #[derive(Debug, Default)]
 struct Pending {
     buf: Vec<u8>,
+    /// The last batch's buffer, emptied, for the next batch: no regrowing it from nothing.
+    spare: Vec<u8>,
     /// Sequence number of the last line appended.
     last: u64,
     /// Whether some caller is writing now.
     writing: bool,
+    progress: Progress,
+    /// Callers waiting for their line's batch: (its sequence number, who to wake).
+    waiters: Vec<(u64, Waker)>,
 }
 
 /// What has been written: everything up to `done`, except the failed ranges.
@@ -212,12 +221,43 @@ impl Progress {
     }
 }
 
+/// Resolves once the batch holding line `seq` was written: `true` if that write failed.
+///
+/// A waker list under the lock the lines are appended under, rather than a `watch` channel:
+/// every call waits here once, and the channel's subscription, sharded notifier and budget
+/// accounting cost ~2k instructions per call (docs/benchmarks.md).
+struct Written<'a> {
+    sink: &'a FileSink,
+    seq: u64,
+    registered: bool,
+}
+
+impl Future for Written<'_> {
+    type Output = bool;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        let seq = self.seq;
+        let mut p = lock(&self.sink.pending);
+        if p.progress.done >= seq {
+            return Poll::Ready(p.progress.has_failed(seq));
+        }
+        if !self.registered {
+            p.waiters.push((seq, cx.waker().clone()));
+            drop(p);
+            self.registered = true;
+        } else if let Some((_, w)) = p.waiters.iter_mut().find(|(s, _)| *s == seq) {
+            // Polled again before its batch was written (by whatever else its task awaits).
+            w.clone_from(cx.waker());
+        }
+        Poll::Pending
+    }
+}
+
 #[derive(Debug)]
 struct FileSink {
     path: PathBuf,
     file: Mutex<File>,
     pending: Mutex<Pending>,
-    progress: watch::Sender<Progress>,
     sync: bool,
 }
 
@@ -256,7 +296,6 @@ impl AuditLog {
                     path: path.clone(),
                     file: Mutex::new(f),
                     pending: Mutex::default(),
-                    progress: watch::Sender::new(Progress::default()),
                     sync: config.fsync,
                 })
             }
@@ -333,7 +372,6 @@ impl FileSink {
             p.writing = true;
             (p.last, lead)
         };
-        let mut progress = self.progress.subscribe();
         if lead {
             // Let the tasks already runnable on this thread append their lines first, so one
             // `write` carries them all (under load, ~10 lines per `write` instead of one). With
@@ -343,25 +381,30 @@ impl FileSink {
             tokio::task::yield_now().await;
             drop(writer);
         }
-        let outcome = progress.wait_for(|p| p.done >= seq).await.map(|p| p.has_failed(seq));
-        match outcome {
-            Ok(false) => Ok(()),
-            _ => Err(AuditError::Write(Arc::new(std::io::Error::other(
+        let written = Written {
+            sink: self,
+            seq,
+            registered: false,
+        };
+        if written.await {
+            return Err(AuditError::Write(Arc::new(std::io::Error::other(
                 "the batch holding this event failed to write",
-            )))),
+            ))));
         }
+        Ok(())
     }
 
     /// Writes batches until nothing is pending, then steps down. Only one caller at a time.
     fn write_pending(&self) {
         loop {
-            let (batch, upto) = {
+            let (mut batch, upto) = {
                 let mut p = lock(&self.pending);
                 if p.buf.is_empty() {
                     p.writing = false;
                     return;
                 }
-                (std::mem::take(&mut p.buf), p.last)
+                let spare = std::mem::take(&mut p.spare);
+                (std::mem::replace(&mut p.buf, spare), p.last)
             };
             let write = || {
                 let mut f = lock(&self.file);
@@ -377,17 +420,29 @@ impl FileSink {
             if let Err(e) = &result {
                 tracing::error!(path = %self.path.display(), "audit write failed: {e}");
             }
-            self.progress.send_modify(|p| {
-                if result.is_err() {
-                    p.failed.push_back((p.done + 1, upto));
-                    while p.failed.len() > FAILURES_KEPT {
-                        if let Some((_, b)) = p.failed.pop_front() {
-                            p.forgotten = b;
-                        }
+            let mut p = lock(&self.pending);
+            let progress = &mut p.progress;
+            if result.is_err() {
+                progress.failed.push_back((progress.done + 1, upto));
+                while progress.failed.len() > FAILURES_KEPT {
+                    if let Some((_, b)) = progress.failed.pop_front() {
+                        progress.forgotten = b;
                     }
                 }
-                p.done = upto;
+            }
+            progress.done = upto;
+            // Waking only schedules the waiters; none runs while the lock is held.
+            p.waiters.retain(|(seq, waker)| {
+                let done = *seq <= upto;
+                if done {
+                    waker.wake_by_ref();
+                }
+                !done
             });
+            if batch.capacity() <= SPARE_KEPT {
+                batch.clear();
+                p.spare = batch;
+            }
         }
     }
 }
@@ -445,6 +500,28 @@ mod tests {
             assert_eq!(rfc3339_millis(t), humantime::format_rfc3339_millis(t).to_string());
         }
         assert_eq!(now().len(), "2026-11-30T12:00:00.123Z".len());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_caller_in_a_failed_batch_is_told() {
+        if !std::path::Path::new("/dev/full").exists() {
+            return;
+        }
+        let config: AuditConfig = serde_json::from_value(serde_json::json!({ "file": "/dev/full" })).unwrap();
+        let log = Arc::new(AuditLog::open(&config).unwrap());
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.emit_line(format!("{{\"n\":{i}}}\n").as_bytes()).await })
+            })
+            .collect();
+        for t in tasks {
+            let result = tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .expect("no caller waits forever");
+            assert!(matches!(result.unwrap(), Err(AuditError::Write(_))));
+        }
+        assert!(!log.is_healthy());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
