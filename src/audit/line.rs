@@ -9,6 +9,13 @@ use serde::Serialize;
 use super::{RecordedArguments, ToolCallEvent};
 use crate::policy::arguments::write_str;
 
+/// A key as [`Line::key`] takes it, `,"name":`, put together at compile time: one copy per key.
+macro_rules! k {
+    ($name:literal) => {
+        concat!(",\"", $name, "\":")
+    };
+}
+
 /// One JSON object under construction.
 struct Line(Vec<u8>);
 
@@ -19,13 +26,10 @@ impl Line {
         Self(out)
     }
 
+    /// `key` is `,"name":` as [`k!`] writes it; the comma is left out after a `{`.
     fn key(&mut self, key: &'static str) {
-        if self.0.last() != Some(&b'{') {
-            self.0.push(b',');
-        }
-        self.0.push(b'"');
+        let key = if self.0.last() == Some(&b'{') { &key[1..] } else { key };
         self.0.extend_from_slice(key.as_bytes());
-        self.0.extend_from_slice(b"\":");
     }
 
     fn str(&mut self, key: &'static str, value: &str) {
@@ -76,56 +80,56 @@ impl ToolCallEvent<'_> {
     /// The event as one newline-terminated JSON line, field for field what serde would write.
     pub fn to_line(&self) -> Vec<u8> {
         let mut line = Line::new();
-        line.str("ts", &self.ts);
-        line.str("event", self.event);
-        line.str("request_id", self.request_id);
-        line.opt_str("session", self.session);
-        line.opt_str("agent", self.agent);
-        line.opt_str("tool", self.tool);
-        line.str("decision", self.decision);
-        line.opt_str("code", self.code);
+        line.str(k!("ts"), &self.ts);
+        line.str(k!("event"), self.event);
+        line.str(k!("request_id"), self.request_id);
+        line.opt_str(k!("session"), self.session);
+        line.opt_str(k!("agent"), self.agent);
+        line.opt_str(k!("tool"), self.tool);
+        line.str(k!("decision"), self.decision);
+        line.opt_str(k!("code"), self.code);
         if self.reasons.is_empty() {
-            line.raw("reasons", b"[]");
+            line.raw(k!("reasons"), b"[]");
         } else {
-            line.serde("reasons", self.reasons);
+            line.serde(k!("reasons"), self.reasons);
         }
         match &self.arguments {
-            None => line.raw("arguments", b"null"),
-            Some(RecordedArguments::Json(json)) => line.raw("arguments", json),
-            Some(RecordedArguments::Value(v)) => line.serde("arguments", v),
+            None => line.raw(k!("arguments"), b"null"),
+            Some(RecordedArguments::Json(json)) => line.raw(k!("arguments"), json),
+            Some(RecordedArguments::Value(v)) => line.serde(k!("arguments"), v),
         }
-        line.str("arguments_sha256", self.arguments_sha256);
+        line.str(k!("arguments_sha256"), self.arguments_sha256);
         match &self.upstream {
-            None => line.raw("upstream", b"null"),
+            None => line.raw(k!("upstream"), b"null"),
             Some(u) => {
-                line.open("upstream");
+                line.open(k!("upstream"));
                 if let Some(status) = u.status {
-                    line.number("status", status);
+                    line.number(k!("status"), status);
                 }
-                line.serde("duration_ms", &u.duration_ms);
+                line.serde(k!("duration_ms"), &u.duration_ms);
                 if let Some(arn) = &u.role_arn {
-                    line.str("role_arn", arn);
+                    line.str(k!("role_arn"), arn);
                 }
                 line.close();
             }
         }
         match self.tokens {
-            None => line.raw("tokens", b"null"),
+            None => line.raw(k!("tokens"), b"null"),
             Some(t) => {
-                line.open("tokens");
-                line.number("input", t.input);
-                line.number("output", t.output);
+                line.open(k!("tokens"));
+                line.number(k!("input"), t.input);
+                line.number(k!("output"), t.output);
                 line.close();
             }
         }
         if let Some(id) = self.approval_id {
-            line.str("approval_id", id);
+            line.str(k!("approval_id"), id);
         }
         if !self.would_deny.is_empty() {
-            line.serde("would_deny", self.would_deny);
+            line.serde(k!("would_deny"), self.would_deny);
         }
-        line.serde("duration_ms", &self.duration_ms);
-        line.str("policy_version", self.policy_version);
+        line.serde(k!("duration_ms"), &self.duration_ms);
+        line.str(k!("policy_version"), self.policy_version);
         line.finish()
     }
 }

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::Path;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use bytes::Bytes;
 use futures_util::FutureExt;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 
 use super::{RequestId, error_response};
 use crate::audit::RefusalEvent;
@@ -118,7 +118,7 @@ async fn refuse(gw: &Gateway, r: Refused, code: Code, message: &str) -> Response
 
 /// Whether `req` is a tool call, `POST /v1/tools/{tool}` with `{tool}` one non-empty segment:
 /// exactly what the router's route matches.
-pub(super) fn is_tool_call(req: &Request) -> bool {
+pub(super) fn is_tool_call<B>(req: &axum::http::Request<B>) -> bool {
     req.method() == axum::http::Method::POST
         && req
             .uri()
@@ -127,7 +127,17 @@ pub(super) fn is_tool_call(req: &Request) -> bool {
             .is_some_and(|tool| !tool.is_empty() && !tool.contains('/'))
 }
 
-pub(super) async fn call_tool(gw: Arc<Gateway>, id: Arc<str>, req: Request) -> Response {
+/// A tool call, from its request (hyper's body straight from the data plane, or axum's from the
+/// router) to its response (the bytes the gateway produced, unboxed).
+pub(super) async fn call_tool<B>(
+    gw: Arc<Gateway>,
+    id: Arc<str>,
+    req: axum::http::Request<B>,
+) -> axum::http::Response<Full<Bytes>>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (parts, body) = req.into_parts();
     // The raw path segment, not a percent-decoded one: tool names match exactly, and `%2E` is
     // not a dot.
@@ -165,7 +175,7 @@ pub(super) async fn call_tool(gw: Arc<Gateway>, id: Arc<str>, req: Request) -> R
             tracestate: tracestate.filter(|v| v.len() <= 512),
         })
         .await;
-    let mut out = Response::new(Body::from(resp.body));
+    let mut out = axum::http::Response::new(Full::new(resp.body));
     *out.status_mut() = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
     if let Some(ct) = resp.content_type {
         out.headers_mut().insert(header::CONTENT_TYPE, ct);
@@ -175,7 +185,7 @@ pub(super) async fn call_tool(gw: Arc<Gateway>, id: Arc<str>, req: Request) -> R
     if let Some(secs) = resp.retry_after {
         out.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
-    out.into_response()
+    out
 }
 
 /// The calling agent's own approval. Another agent's, or an unknown id, is the same 404.
@@ -216,11 +226,11 @@ async fn approval_status(State(gw): State<Arc<Gateway>>, Path(approval): Path<St
     }
 }
 
-pub(crate) async fn read_body(
-    gw: &Gateway,
-    headers: &axum::http::HeaderMap,
-    body: Body,
-) -> Result<bytes::Bytes, Reason> {
+pub(crate) async fn read_body<B>(gw: &Gateway, headers: &axum::http::HeaderMap, body: B) -> Result<Bytes, Reason>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let limit = gw.config.limits.max_body_bytes;
     let too_large = || {
         Reason::new(

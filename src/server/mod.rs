@@ -59,7 +59,7 @@ fn is_sane_request_id(v: &str) -> bool {
 }
 
 /// The id every response carries: the caller's `X-Request-Id` if it is sane, else a fresh one.
-fn request_id_of(req: &Request) -> Arc<str> {
+fn request_id_of<B>(req: &axum::http::Request<B>) -> Arc<str> {
     match req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
         Some(v) if is_sane_request_id(v) => v.into(),
         _ => Arc::from(
@@ -77,7 +77,7 @@ fn assign_request_id(req: &mut Request) -> Arc<str> {
     id
 }
 
-fn with_request_id(mut res: Response, id: &str) -> Response {
+fn with_request_id<B>(mut res: axum::http::Response<B>, id: &str) -> axum::http::Response<B> {
     if let Ok(v) = HeaderValue::from_str(id) {
         res.headers_mut().insert(X_REQUEST_ID, v);
     }
@@ -96,6 +96,10 @@ fn panic_response(request_id: &str) -> Response {
         request_id,
     )
 }
+
+/// A data-plane response body: a tool call's bytes as they are, or whatever the router built.
+/// Tool calls skip axum's boxed `Body` both ways (an allocation and dynamic calls per call).
+pub type DataBody = http_body_util::Either<http_body_util::Full<bytes::Bytes>, Body>;
 
 /// The admin listener's whole service: its router inside its transport layers.
 pub type Plane = BoxCloneSyncService<axum::http::Request<Incoming>, Response, Infallible>;
@@ -124,9 +128,9 @@ pub fn data_plane(gateway: Arc<Gateway>) -> DataPlane {
 }
 
 impl tower::Service<axum::http::Request<Incoming>> for DataPlane {
-    type Response = Response;
+    type Response = axum::http::Response<DataBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -135,27 +139,30 @@ impl tower::Service<axum::http::Request<Incoming>> for DataPlane {
     fn call(&mut self, req: axum::http::Request<Incoming>) -> Self::Future {
         let plane = self.0.clone();
         Box::pin(async move {
-            let mut req = req.map(Body::new);
             let id = request_id_of(&req);
             // Load shedding instead of queueing: over the limit, a 503 at once.
             let Ok(_permit) = plane.limit.try_acquire() else {
                 metrics::counter!("toolgate_shed_total").increment(1);
                 let message = "The gateway is at its concurrency limit. Retry shortly.";
-                return Ok(with_request_id(error_response(Code::Unavailable, message, &id), &id));
+                let res = error_response(Code::Unavailable, message, &id).map(DataBody::Right);
+                return Ok(with_request_id(res, &id));
             };
             let routed = async {
                 if data::is_tool_call(&req) {
-                    data::call_tool(plane.gateway.clone(), id.clone(), req).await
+                    data::call_tool(plane.gateway.clone(), id.clone(), req)
+                        .await
+                        .map(DataBody::Left)
                 } else {
+                    let mut req = req.map(Body::new);
                     req.extensions_mut().insert(RequestId(id.clone()));
                     let Ok(res) = plane.router.clone().oneshot(req).await;
-                    res
+                    res.map(DataBody::Right)
                 }
             };
             let res = AssertUnwindSafe(routed)
                 .catch_unwind()
                 .await
-                .unwrap_or_else(|_| panic_response(&id));
+                .unwrap_or_else(|_| panic_response(&id).map(DataBody::Right));
             Ok(with_request_id(res, &id))
         })
     }
@@ -281,10 +288,15 @@ async fn wait(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
-async fn serve<S>(listener: TcpListener, app: S, read_timeout: Duration, shutdown: impl Future<Output = ()>)
+async fn serve<S, B>(listener: TcpListener, app: S, read_timeout: Duration, shutdown: impl Future<Output = ()>)
 where
-    S: tower::Service<axum::http::Request<Incoming>, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S: tower::Service<axum::http::Request<Incoming>, Response = axum::http::Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
