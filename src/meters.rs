@@ -9,35 +9,53 @@
 //! A handle is made on first use, after the server has installed the Prometheus recorder.
 
 use crate::FastMap;
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use metrics::{Counter, Gauge, Histogram};
 
-/// One cache: label value → handle.
+/// One cache: label value → handle. Read on every call by both workers, written once per new
+/// label: a copy-on-write map behind `ArcSwap`, whose reads write nothing shared (a `RwLock`'s
+/// read lock is an atomic write to a line both workers then pass back and forth).
 struct Cache<H> {
-    map: RwLock<FastMap<Box<str>, H>>,
+    map: ArcSwap<FastMap<Box<str>, Arc<H>>>,
+    /// Serialises the rare writers, so none loses another's insert.
+    write: Mutex<()>,
 }
 
 impl<H> Cache<H> {
     fn new() -> Self {
         Self {
-            map: RwLock::new(FastMap::default()),
+            map: ArcSwap::from_pointee(FastMap::default()),
+            write: Mutex::new(()),
         }
     }
 
-    /// Runs `f` on the handle for `label`, made first if need be. Borrowed, not cloned: a clone
-    /// is an atomic increment and decrement on a line both workers write.
+    /// Runs `f` on the handle for `label`, made first if need be.
     fn with<R>(&self, label: &str, make: impl FnOnce() -> H, f: impl FnOnce(&H) -> R) -> R {
-        if let Some(h) = self.map.read().expect("meters lock").get(label) {
+        if let Some(h) = self.map.load().get(label) {
             return f(h);
         }
-        let mut map = self.map.write().expect("meters lock");
-        f(map.entry(label.into()).or_insert_with(make))
+        let _writing = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.map.load_full();
+        if let Some(h) = current.get(label) {
+            return f(h);
+        }
+        let handle = Arc::new(make());
+        let mut next = (*current).clone();
+        next.insert(label.into(), handle.clone());
+        self.map.store(Arc::new(next));
+        f(&handle)
     }
 }
 
-/// `toolgate_calls_total` handles of one agent and tool: by (decision, code).
-type Outcomes = RwLock<Vec<(&'static str, &'static str, Counter)>>;
+/// `toolgate_calls_total` handles of one agent and tool: by (decision, code), copy-on-write as
+/// [`Cache`] is.
+#[derive(Default)]
+struct Outcomes {
+    list: ArcSwap<Vec<(&'static str, &'static str, Counter)>>,
+    write: Mutex<()>,
+}
 
 /// The handles of the metrics every call updates.
 pub struct Meters {
@@ -62,20 +80,27 @@ impl Default for Meters {
 impl Meters {
     /// Counts one call: `toolgate_calls_total{agent, tool, decision, code}`.
     pub fn call(&self, agent: &str, tool: &str, decision: &'static str, code: &'static str) {
+        let find = |list: &[(&str, &str, Counter)]| {
+            list.iter()
+                .find(|(d, c, _)| *d == decision && *c == code)
+                .map(|(_, _, counter)| counter.increment(1))
+        };
         self.calls.with(agent, Cache::new, |tools| {
             tools.with(tool, Outcomes::default, |outcomes| {
-                let counted = outcomes
-                    .read()
-                    .expect("meters lock")
-                    .iter()
-                    .find(|(d, c, _)| *d == decision && *c == code)
-                    .map(|(_, _, counter)| counter.increment(1));
-                if counted.is_none() {
-                    let counter = metrics::counter!("toolgate_calls_total",
-                        "agent" => agent.to_owned(), "tool" => tool.to_owned(), "decision" => decision, "code" => code);
-                    counter.increment(1);
-                    outcomes.write().expect("meters lock").push((decision, code, counter));
+                if find(&outcomes.list.load()).is_some() {
+                    return;
                 }
+                let _writing = outcomes.write.lock().unwrap_or_else(|p| p.into_inner());
+                let current = outcomes.list.load_full();
+                if find(&current).is_some() {
+                    return;
+                }
+                let counter = metrics::counter!("toolgate_calls_total",
+                    "agent" => agent.to_owned(), "tool" => tool.to_owned(), "decision" => decision, "code" => code);
+                counter.increment(1);
+                let mut next = (*current).clone();
+                next.push((decision, code, counter));
+                outcomes.list.store(Arc::new(next));
             })
         });
     }
