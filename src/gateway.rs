@@ -1164,8 +1164,8 @@ impl Gateway {
                 region,
                 service,
             });
-        let method = match &tool.target {
-            Target::Http { method, .. } => *method,
+        let (method, origin) = match &tool.target {
+            Target::Http { method, url: template } => (*method, template.origin()),
             Target::Mcp { server, tool: name } => {
                 let server = policy.mcp_servers.get(server).expect("discovered tools have a server");
                 let started = Instant::now();
@@ -1202,6 +1202,7 @@ impl Gateway {
         let out = Outbound {
             method,
             url,
+            origin,
             arguments: args,
             body,
             request_id: req.request_id,

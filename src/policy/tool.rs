@@ -154,6 +154,16 @@ enum Part {
 #[derive(Debug, Clone)]
 pub struct UrlTemplate {
     parts: Vec<Part>,
+    origin: Origin,
+}
+
+/// A tool URL's host and port (`http://` is the only scheme), parsed once at load: every
+/// forwarded call's URI and `Host` header are made from it without parsing it again.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub authority: http::uri::Authority,
+    /// The authority without http's default port, as the `Host` header.
+    pub host: http::HeaderValue,
 }
 
 impl UrlTemplate {
@@ -174,6 +184,18 @@ impl UrlTemplate {
         if authority.is_empty() || authority.contains(['{', '}', '@']) {
             return Err("must name a host (no placeholders or user info in the host)".to_owned());
         }
+        let invalid = || format!("`{authority}` is not a valid host[:port]");
+        let parsed: http::uri::Authority = authority.parse().map_err(|_| invalid())?;
+        // `http` accepts any text after the colon; only a number is a port (IPv6 in brackets).
+        let after_host = authority.rsplit(']').next().unwrap_or(authority);
+        if after_host.contains(':') && parsed.port().is_none() {
+            return Err(invalid());
+        }
+        let origin = Origin {
+            authority: parsed,
+            host: http::HeaderValue::from_str(authority.strip_suffix(":80").unwrap_or(authority))
+                .map_err(|_| invalid())?,
+        };
         if url.contains('#') {
             return Err("must not have a fragment".to_owned());
         }
@@ -207,7 +229,11 @@ impl UrlTemplate {
         if !literal.is_empty() {
             parts.push(Part::Literal(literal));
         }
-        Ok(Self { parts })
+        Ok(Self { parts, origin })
+    }
+
+    pub fn origin(&self) -> &Origin {
+        &self.origin
     }
 
     /// The argument names the template needs.
@@ -402,10 +428,15 @@ mod tests {
             "http://h/{a",
             "http://u@h/x",
             "http://h/{a-b}",
+            "http://exa mple/x",
+            "http://h:port/x",
         ] {
             assert!(UrlTemplate::parse(bad).is_err(), "{bad}");
         }
         let t = UrlTemplate::parse("http://h:1/a/{x}/b/{y}?q=1").unwrap();
         assert_eq!(t.placeholders().collect::<Vec<_>>(), ["x", "y"]);
+        assert_eq!(t.origin().authority.as_str(), "h:1");
+        assert_eq!(t.origin().host, "h:1");
+        assert_eq!(UrlTemplate::parse("http://h:80/x").unwrap().origin().host, "h");
     }
 }

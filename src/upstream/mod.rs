@@ -13,12 +13,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue, USER_AGENT};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 
-use crate::policy::tool::Method;
+use crate::policy::tool::{Method, Origin};
 use pool::{Pool, PoolError};
 
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -43,7 +45,9 @@ pub enum UpstreamError {
 #[derive(Debug)]
 pub struct Outbound<'a> {
     pub method: Method,
+    /// The filled URL (`eval.url`), which starts with `origin`.
     pub url: &'a str,
+    pub origin: &'a Origin,
     pub arguments: &'a Map<String, Value>,
     /// The arguments' canonical JSON, sent as the body for methods that have one.
     pub body: Bytes,
@@ -137,29 +141,35 @@ impl Upstream {
 }
 
 fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamError> {
-    let (uri, body) = if out.method.has_body() {
-        (out.url.to_owned(), out.body.clone())
+    let (url, body) = if out.method.has_body() {
+        (Cow::Borrowed(out.url), out.body.clone())
     } else {
-        (with_query(out.url, out.arguments), Bytes::new())
+        (Cow::Owned(with_query(out.url, out.arguments)), Bytes::new())
     };
-    // From the `String`, not `&str`: the URI takes over its buffer instead of copying it.
-    let uri = Uri::try_from(uri).map_err(|e| UpstreamError::Protocol(format!("bad upstream URL: {e}")))?;
+    // Scheme and authority were parsed at load; only the path and query are checked here.
+    let bad = |e: String| UpstreamError::Protocol(format!("bad upstream URL: {e}"));
+    let path = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.strip_prefix(out.origin.authority.as_str()))
+        .ok_or_else(|| bad("it does not start with its tool's origin".to_owned()))?;
+    let path = match path {
+        "" => PathAndQuery::from_static("/"),
+        p => PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(p.as_bytes())).map_err(|e| bad(e.to_string()))?,
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(out.origin.authority.clone());
+    uri.path_and_query = Some(path);
+    let uri = Uri::from_parts(uri).map_err(|e| bad(e.to_string()))?;
     // Headers straight into the map: `Request::builder` moves its parts through every call.
     let mut request = Request::new(Full::new(body.clone()));
     *request.method_mut() = out.method.as_http();
     *request.uri_mut() = uri;
     let text = |v: &str| HeaderValue::from_str(v).map_err(|e| UpstreamError::Protocol(e.to_string()));
-    // `Host` from the URL's authority (tool URLs have no user info; 80 is http's default port).
-    // Set here, the client does not build it with `format!` per request, and a SigV4 signature
-    // covers exactly the value sent.
-    let host = match request.uri().authority() {
-        Some(a) => Some(text(a.as_str().strip_suffix(":80").unwrap_or(a.as_str()))?),
-        None => None,
-    };
     let headers = request.headers_mut();
-    if let Some(host) = host {
-        headers.insert(HOST, host);
-    }
+    // `Host` is set here, so the client does not build it with `format!` per request, and a
+    // SigV4 signature covers exactly the value sent.
+    headers.insert(HOST, out.origin.host.clone());
     headers.insert(X_REQUEST_ID, text(out.request_id)?);
     headers.insert(X_TOOLGATE_AGENT, text(out.agent)?);
     headers.insert(
@@ -240,9 +250,11 @@ mod tests {
     fn host_is_the_authority_without_http_s_default_port() {
         let args = serde_json::Map::new();
         let host = |url: &str| {
+            let template = crate::policy::tool::UrlTemplate::parse(url).unwrap();
             let out = Outbound {
                 method: Method::Post,
                 url,
+                origin: template.origin(),
                 arguments: &args,
                 body: Bytes::new(),
                 request_id: "r",
