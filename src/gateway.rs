@@ -34,6 +34,8 @@ use crate::upstream::{Inbound, Outbound, Upstream, UpstreamError};
 #[derive(Debug)]
 pub struct CallRequest<'a> {
     pub request_id: &'a str,
+    /// `request_id` as a header value, when the transport already made one (it is forwarded).
+    pub request_id_header: Option<&'a HeaderValue>,
     pub authorization: Option<&'a str>,
     pub tool: &'a str,
     /// The body, or why the transport could not read it (too large, too slow).
@@ -1206,6 +1208,7 @@ impl Gateway {
             arguments: args,
             body,
             request_id: req.request_id,
+            request_id_header: req.request_id_header,
             agent,
             traceparent: req.traceparent,
             tracestate: req.tracestate,

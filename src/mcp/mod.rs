@@ -609,6 +609,7 @@ async fn tools_call(
         .gateway
         .call(CallRequest {
             request_id: rid,
+            request_id_header: None,
             authorization: header_str(headers, "authorization"),
             tool: name,
             body: Ok(body),

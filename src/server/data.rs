@@ -38,7 +38,7 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
                     .get::<RequestId>()
                     .map(|r| r.0.clone())
                     .unwrap_or_default();
-                call_tool(gw, id, req)
+                call_tool(gw, id, None, req)
             }),
         )
         .route("/v1/approvals/{id}", get(approval_status))
@@ -132,6 +132,7 @@ pub(super) fn is_tool_call<B>(req: &axum::http::Request<B>) -> bool {
 pub(super) async fn call_tool<B>(
     gw: Arc<Gateway>,
     id: Arc<str>,
+    id_header: Option<&HeaderValue>,
     req: axum::http::Request<B>,
 ) -> axum::http::Response<Full<Bytes>>
 where
@@ -166,6 +167,7 @@ where
     let resp = gw
         .call(CallRequest {
             request_id: &id,
+            request_id_header: id_header,
             authorization: authorization.and_then(|v| v.to_str().ok()),
             tool,
             body,

@@ -59,34 +59,38 @@ fn is_sane_request_id(v: &str) -> bool {
 }
 
 /// The id every response carries: the caller's `X-Request-Id` if it is sane, else a fresh one.
-fn request_id_of<B>(req: &axum::http::Request<B>) -> Arc<str> {
-    match req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        Some(v) if is_sane_request_id(v) => v.into(),
-        _ => Arc::from(
-            &*uuid::Uuid::new_v4()
-                .hyphenated()
-                .encode_lower(&mut uuid::Uuid::encode_buffer()),
-        ),
+/// As text (for events and error bodies) and as the header value it is echoed and forwarded as,
+/// made once: the caller's is reused as it came.
+fn request_id_of<B>(req: &axum::http::Request<B>) -> (Arc<str>, HeaderValue) {
+    if let Some(h) = req.headers().get(X_REQUEST_ID)
+        && let Ok(v) = h.to_str()
+        && is_sane_request_id(v)
+    {
+        return (v.into(), h.clone());
     }
+    let mut buf = uuid::Uuid::encode_buffer();
+    let id = &*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    (
+        id.into(),
+        HeaderValue::from_str(id).expect("a UUID is a valid header value"),
+    )
 }
 
 /// As [`request_id_of`], also left in the request's extensions for the handlers behind a router.
-fn assign_request_id(req: &mut Request) -> Arc<str> {
-    let id = request_id_of(req);
-    req.extensions_mut().insert(RequestId(id.clone()));
-    id
+fn assign_request_id(req: &mut Request) -> HeaderValue {
+    let (id, header) = request_id_of(req);
+    req.extensions_mut().insert(RequestId(id));
+    header
 }
 
-fn with_request_id<B>(mut res: axum::http::Response<B>, id: &str) -> axum::http::Response<B> {
-    if let Ok(v) = HeaderValue::from_str(id) {
-        res.headers_mut().insert(X_REQUEST_ID, v);
-    }
+fn with_request_id<B>(mut res: axum::http::Response<B>, id: HeaderValue) -> axum::http::Response<B> {
+    res.headers_mut().insert(X_REQUEST_ID, id);
     res
 }
 
 async fn request_id(mut req: Request, next: Next) -> Response {
     let id = assign_request_id(&mut req);
-    with_request_id(next.run(req).await, &id)
+    with_request_id(next.run(req).await, id)
 }
 
 fn panic_response(request_id: &str) -> Response {
@@ -139,17 +143,17 @@ impl tower::Service<axum::http::Request<Incoming>> for DataPlane {
     fn call(&mut self, req: axum::http::Request<Incoming>) -> Self::Future {
         let plane = self.0.clone();
         Box::pin(async move {
-            let id = request_id_of(&req);
+            let (id, id_header) = request_id_of(&req);
             // Load shedding instead of queueing: over the limit, a 503 at once.
             let Ok(_permit) = plane.limit.try_acquire() else {
                 metrics::counter!("toolgate_shed_total").increment(1);
                 let message = "The gateway is at its concurrency limit. Retry shortly.";
                 let res = error_response(Code::Unavailable, message, &id).map(DataBody::Right);
-                return Ok(with_request_id(res, &id));
+                return Ok(with_request_id(res, id_header));
             };
             let routed = async {
                 if data::is_tool_call(&req) {
-                    data::call_tool(plane.gateway.clone(), id.clone(), req)
+                    data::call_tool(plane.gateway.clone(), id.clone(), Some(&id_header), req)
                         .await
                         .map(DataBody::Left)
                 } else {
@@ -163,7 +167,7 @@ impl tower::Service<axum::http::Request<Incoming>> for DataPlane {
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| panic_response(&id).map(DataBody::Right));
-            Ok(with_request_id(res, &id))
+            Ok(with_request_id(res, id_header))
         })
     }
 }

@@ -52,6 +52,8 @@ pub struct Outbound<'a> {
     /// The arguments' canonical JSON, sent as the body for methods that have one.
     pub body: Bytes,
     pub request_id: &'a str,
+    /// `request_id` as a header value, if the caller has one (else it is made from the text).
+    pub request_id_header: Option<&'a HeaderValue>,
     pub agent: &'a str,
     pub traceparent: Option<&'a HeaderValue>,
     pub tracestate: Option<&'a HeaderValue>,
@@ -170,7 +172,11 @@ fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamErr
     // `Host` is set here, so the client does not build it with `format!` per request, and a
     // SigV4 signature covers exactly the value sent.
     headers.insert(HOST, out.origin.host.clone());
-    headers.insert(X_REQUEST_ID, text(out.request_id)?);
+    let request_id = match out.request_id_header {
+        Some(h) => h.clone(),
+        None => text(out.request_id)?,
+    };
+    headers.insert(X_REQUEST_ID, request_id);
     headers.insert(X_TOOLGATE_AGENT, text(out.agent)?);
     headers.insert(
         USER_AGENT,
@@ -258,6 +264,7 @@ mod tests {
                 arguments: &args,
                 body: Bytes::new(),
                 request_id: "r",
+                request_id_header: None,
                 agent: "a",
                 traceparent: None,
                 tracestate: None,
