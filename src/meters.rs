@@ -14,48 +14,61 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use metrics::{Counter, Gauge, Histogram};
 
-/// One cache: label value → handle. Read on every call by both workers, written once per new
-/// label: a copy-on-write map behind `ArcSwap`, whose reads write nothing shared (a `RwLock`'s
-/// read lock is an atomic write to a line both workers then pass back and forth).
-struct Cache<H> {
-    map: ArcSwap<FastMap<Box<str>, Arc<H>>>,
-    /// Serialises the rare writers, so none loses another's insert.
+/// A value read on every call by both workers and changed rarely (a new label): copy-on-write
+/// behind `ArcSwap`, whose reads write nothing shared (a `RwLock`'s read lock is an atomic
+/// write to a line both workers then pass back and forth).
+struct Shared<T> {
+    current: ArcSwap<T>,
+    /// Serialises the rare writers, so none loses another's change.
     write: Mutex<()>,
 }
 
-impl<H> Cache<H> {
-    fn new() -> Self {
+impl<T: Clone + Default> Default for Shared<T> {
+    fn default() -> Self {
         Self {
-            map: ArcSwap::from_pointee(FastMap::default()),
+            current: ArcSwap::from_pointee(T::default()),
             write: Mutex::new(()),
         }
     }
+}
 
-    /// Runs `f` on the handle for `label`, made first if need be.
-    fn with<R>(&self, label: &str, make: impl FnOnce() -> H, f: impl FnOnce(&H) -> R) -> R {
-        if let Some(h) = self.map.load().get(label) {
-            return f(h);
+impl<T: Clone> Shared<T> {
+    /// `find` in the current value; if it finds nothing, `add` to a copy, publish the copy and
+    /// `find` in it (it must find then). `find` returns `Some` at most once.
+    fn find_or_add<R>(&self, mut find: impl FnMut(&T) -> Option<R>, add: impl FnOnce(&mut T)) -> R {
+        if let Some(r) = find(&self.current.load()) {
+            return r;
         }
         let _writing = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let current = self.map.load_full();
-        if let Some(h) = current.get(label) {
-            return f(h);
+        let mut next = T::clone(&self.current.load());
+        if let Some(r) = find(&next) {
+            return r;
         }
-        let handle = Arc::new(make());
-        let mut next = (*current).clone();
-        next.insert(label.into(), handle.clone());
-        self.map.store(Arc::new(next));
-        f(&handle)
+        add(&mut next);
+        let r = find(&next).expect("what was just added is found");
+        self.current.store(Arc::new(next));
+        r
     }
 }
 
-/// `toolgate_calls_total` handles of one agent and tool: by (decision, code), copy-on-write as
-/// [`Cache`] is.
-#[derive(Default)]
-struct Outcomes {
-    list: ArcSwap<Vec<(&'static str, &'static str, Counter)>>,
-    write: Mutex<()>,
+/// One cache: label value → handle.
+type Cache<H> = Shared<FastMap<Box<str>, Arc<H>>>;
+
+impl<H> Cache<H> {
+    /// Runs `f` on the handle for `label`, made first if need be.
+    fn with<R>(&self, label: &str, make: impl FnOnce() -> H, f: impl FnOnce(&H) -> R) -> R {
+        let mut f = Some(f);
+        self.find_or_add(
+            |map| map.get(label).map(|h| f.take().expect("found once")(h)),
+            |map| {
+                map.insert(label.into(), Arc::new(make()));
+            },
+        )
+    }
 }
+
+/// `toolgate_calls_total` handles of one agent and tool: by (decision, code).
+type Outcomes = Shared<Vec<(&'static str, &'static str, Counter)>>;
 
 /// The handles of the metrics every call updates.
 pub struct Meters {
@@ -69,9 +82,9 @@ pub struct Meters {
 impl Default for Meters {
     fn default() -> Self {
         Self {
-            calls: Cache::new(),
-            upstream_duration: Cache::new(),
-            budget_remaining: Cache::new(),
+            calls: Cache::default(),
+            upstream_duration: Cache::default(),
+            budget_remaining: Cache::default(),
             decision_duration: std::sync::OnceLock::new(),
         }
     }
@@ -80,27 +93,20 @@ impl Default for Meters {
 impl Meters {
     /// Counts one call: `toolgate_calls_total{agent, tool, decision, code}`.
     pub fn call(&self, agent: &str, tool: &str, decision: &'static str, code: &'static str) {
-        let find = |list: &[(&str, &str, Counter)]| {
-            list.iter()
-                .find(|(d, c, _)| *d == decision && *c == code)
-                .map(|(_, _, counter)| counter.increment(1))
-        };
-        self.calls.with(agent, Cache::new, |tools| {
+        self.calls.with(agent, Cache::default, |tools| {
             tools.with(tool, Outcomes::default, |outcomes| {
-                if find(&outcomes.list.load()).is_some() {
-                    return;
-                }
-                let _writing = outcomes.write.lock().unwrap_or_else(|p| p.into_inner());
-                let current = outcomes.list.load_full();
-                if find(&current).is_some() {
-                    return;
-                }
-                let counter = metrics::counter!("toolgate_calls_total",
-                    "agent" => agent.to_owned(), "tool" => tool.to_owned(), "decision" => decision, "code" => code);
-                counter.increment(1);
-                let mut next = (*current).clone();
-                next.push((decision, code, counter));
-                outcomes.list.store(Arc::new(next));
+                outcomes.find_or_add(
+                    |list| {
+                        list.iter()
+                            .find(|(d, c, _)| *d == decision && *c == code)
+                            .map(|(_, _, counter)| counter.increment(1))
+                    },
+                    |list| {
+                        let counter = metrics::counter!("toolgate_calls_total",
+                            "agent" => agent.to_owned(), "tool" => tool.to_owned(), "decision" => decision, "code" => code);
+                        list.push((decision, code, counter));
+                    },
+                )
             })
         });
     }
@@ -128,5 +134,41 @@ impl Meters {
             || metrics::gauge!("toolgate_budget_remaining_tokens", "agent" => agent.to_owned()),
             |g| g.set(tokens),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_adds_are_all_kept_and_each_found_once() {
+        let shared: Arc<Shared<Vec<u32>>> = Arc::default();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    for i in 0..100 {
+                        let v = (i % 50) * 4 + t;
+                        let mut calls = 0;
+                        let found = shared.find_or_add(
+                            |list| {
+                                calls += 1;
+                                list.contains(&v).then_some(v)
+                            },
+                            |list| list.push(v),
+                        );
+                        assert_eq!(found, v);
+                        assert!(calls <= 3);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut all = Vec::clone(&shared.current.load());
+        all.sort_unstable();
+        assert_eq!(all, (0..200).collect::<Vec<_>>(), "no insert lost, none twice");
     }
 }

@@ -137,7 +137,7 @@ pub(super) async fn call_tool<B>(
 ) -> axum::http::Response<Full<Bytes>>
 where
     B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<axum::BoxError>,
 {
     let (parts, body) = req.into_parts();
     // The raw path segment, not a percent-decoded one: tool names match exactly, and `%2E` is
@@ -231,7 +231,7 @@ async fn approval_status(State(gw): State<Arc<Gateway>>, Path(approval): Path<St
 pub(crate) async fn read_body<B>(gw: &Gateway, headers: &axum::http::HeaderMap, body: B) -> Result<Bytes, Reason>
 where
     B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<axum::BoxError>,
 {
     let limit = gw.config.limits.max_body_bytes;
     let too_large = || {
