@@ -100,6 +100,13 @@ impl RawTool {
     }
 }
 
+/// Call `i` of a test: `raw.ok` with `{"n": i}`, answered 200 by the tool.
+async fn call_ok(h: &Harness, i: usize) {
+    let r = h.call("raw.ok", Some(KEY), &format!(r#"{{"n": {i}}}"#)).await;
+    assert_eq!(r.status, 200, "call {i}: {:?}", r.body);
+    assert_eq!(r.json()["ok"], true);
+}
+
 async fn gateway_for(tool: &RawTool) -> Harness {
     let policy = format!(
         r#"
@@ -124,9 +131,7 @@ async fn sequential_calls_reuse_one_upstream_connection() {
     let tool = RawTool::start(false).await;
     let h = gateway_for(&tool).await;
     for i in 0..5 {
-        let r = h.call("raw.ok", Some(KEY), &format!(r#"{{"n": {i}}}"#)).await;
-        assert_eq!(r.status, 200, "{:?}", r.body);
-        assert_eq!(r.json()["ok"], true);
+        call_ok(&h, i).await;
     }
     assert_eq!(
         tool.requests(),
@@ -141,8 +146,7 @@ async fn a_connection_the_tool_closed_while_idle_is_not_used_again() {
     let tool = RawTool::start(true).await;
     let h = gateway_for(&tool).await;
     for i in 0..3 {
-        let r = h.call("raw.ok", Some(KEY), &format!(r#"{{"n": {i}}}"#)).await;
-        assert_eq!(r.status, 200, "call {i}: {:?}", r.body);
+        call_ok(&h, i).await;
         // The tool hangs up after each response (as an idle timeout would); give toolgate's
         // connection task the moment it needs to see it.
         tokio::time::sleep(Duration::from_millis(100)).await;

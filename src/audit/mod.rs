@@ -502,6 +502,16 @@ mod tests {
         assert_eq!(now().len(), "2026-11-30T12:00:00.123Z".len());
     }
 
+    /// `n` tasks each emitting `{"n":i}` at once.
+    fn emit_concurrently(log: &Arc<AuditLog>, n: u64) -> Vec<tokio::task::JoinHandle<Result<(), AuditError>>> {
+        (0..n)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.emit_line(format!("{{\"n\":{i}}}\n").as_bytes()).await })
+            })
+            .collect()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_caller_in_a_failed_batch_is_told() {
         if !std::path::Path::new("/dev/full").exists() {
@@ -509,13 +519,7 @@ mod tests {
         }
         let config: AuditConfig = serde_json::from_value(serde_json::json!({ "file": "/dev/full" })).unwrap();
         let log = Arc::new(AuditLog::open(&config).unwrap());
-        let tasks: Vec<_> = (0..50)
-            .map(|i| {
-                let log = log.clone();
-                tokio::spawn(async move { log.emit_line(format!("{{\"n\":{i}}}\n").as_bytes()).await })
-            })
-            .collect();
-        for t in tasks {
+        for t in emit_concurrently(&log, 50) {
             let result = tokio::time::timeout(Duration::from_secs(5), t)
                 .await
                 .expect("no caller waits forever");
@@ -528,13 +532,7 @@ mod tests {
     async fn concurrent_events_are_each_written_once_and_whole() {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(log_in(dir.path()));
-        let tasks: Vec<_> = (0..200)
-            .map(|i| {
-                let log = log.clone();
-                tokio::spawn(async move { log.emit_line(format!("{{\"n\":{i}}}\n").as_bytes()).await })
-            })
-            .collect();
-        for t in tasks {
+        for t in emit_concurrently(&log, 200) {
             t.await.unwrap().unwrap();
         }
         let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
