@@ -26,6 +26,7 @@ pub mod meters;
 pub mod policy;
 pub mod server;
 pub mod state;
+pub mod timer;
 pub mod upstream;
 
 /// A hash map with foldhash instead of SipHash, for the maps every call looks up (agents, keys,

@@ -318,6 +318,47 @@ async fn more_than_100_headers_are_refused_before_anything_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_stop_arriving_are_cut_off_on_new_and_reused_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start_with(
+        "limits: { max_body_bytes: 4096, request_read_timeout_ms: 300, upstream_timeout_ms: 2000 }\n",
+    )
+    .await;
+    // Half a request head, then nothing: the connection is closed, without an answer.
+    let started = std::time::Instant::now();
+    let reply = support::send_stalled(&h.data, "POST /v1/tools/kb.search HTTP/1.1\r\nhost: x\r\n").await;
+    assert_eq!(reply, "", "no answer to a head that never ended");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+
+    // A kept-alive connection: a whole call is answered, then the next head stalls and is cut
+    // off by the same deadline (its timer is re-armed for every request).
+    let mut conn = tokio::net::TcpStream::connect(h.data.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let body = r#"{"query": "q"}"#;
+    let call = format!(
+        "POST /v1/tools/kb.search HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {SUPPORT_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    for _ in 0..3 {
+        conn.write_all(call.as_bytes()).await.unwrap();
+        let reply = support::read_response(&mut conn).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await; // idle, under the limit
+    }
+    conn.write_all(b"POST /v1/tools/kb.search HTTP/1.1\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), conn.read_to_end(&mut rest))
+        .await
+        .expect("the stalled connection is closed")
+        .unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(150));
+    assert_eq!(h.upstream.count("/kb/search"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_stops_arriving_gets_408_and_is_never_forwarded() {
     let h = Harness::start_with(
         "limits: { max_body_bytes: 4096, request_read_timeout_ms: 300, upstream_timeout_ms: 2000 }\n",

@@ -22,7 +22,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -307,7 +307,7 @@ where
     // Bounded headers: at most 64 KiB buffered and 100 headers; slow senders are cut off. 100 is
     // hyper's default, left implicit: set explicitly, hyper builds and fills a 100-slot vector
     // on every request (~1.7k instructions) instead of using an uninitialised array.
-    http.timer(TokioTimer::new())
+    http.timer(crate::timer::HyperTimer)
         .header_read_timeout(read_timeout)
         .max_buf_size(64 * 1024);
     tokio::pin!(shutdown);

@@ -130,7 +130,7 @@ impl Upstream {
             lease.release();
             Ok::<_, UpstreamError>((status, content_type, body))
         };
-        let (status, content_type, body) = tokio::time::timeout(out.timeout, exchange)
+        let (status, content_type, body) = crate::timer::within(out.timeout, exchange)
             .await
             .map_err(|_| UpstreamError::Timeout(out.timeout))??;
         Ok(Inbound {

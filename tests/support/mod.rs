@@ -374,6 +374,37 @@ pub async fn send_stalled(base: &str, head: &str) -> String {
     String::from_utf8_lossy(&reply).into_owned()
 }
 
+/// Reads one HTTP/1.1 response (head and a `content-length` body) from a raw connection that
+/// stays open.
+#[allow(dead_code)]
+pub async fn read_response(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .expect("a content-length");
+            if buf.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut chunk))
+            .await
+            .expect("the response arrives")
+            .unwrap();
+        assert!(n > 0, "the connection closed mid-response: {text}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 pub async fn send(method: &str, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Resp {
     try_send(method, url, headers, body).await.expect("gateway answers")
 }
