@@ -395,6 +395,44 @@ async fn a_slow_tool_times_out_once_and_is_never_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_calls_in_flight_and_closes_idle_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut h = Harness::start().await;
+    let running = h.running.take().expect("the harness runs the gateway");
+    let addr = h.data.trim_start_matches("http://").to_owned();
+    // A kept-alive connection, idle after one call.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = r#"{"query": "q"}"#;
+    let call = format!(
+        "POST /v1/tools/kb.search HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {SUPPORT_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    idle.write_all(call.as_bytes()).await.unwrap();
+    assert!(support::read_response(&mut idle).await.starts_with("HTTP/1.1 200"));
+    // A call in flight (its tool answers after its 300 ms timeout).
+    let url = format!("{}/v1/tools/slow.create", h.data);
+    let auth = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
+    let in_flight = tokio::spawn(async move { send("POST", &url, &auth, br#"{"x": 1}"#.to_vec()).await });
+    while h.upstream.count("/slow") == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    let started = std::time::Instant::now();
+    running.shutdown().await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "shutdown waited for the idle connection"
+    );
+    // The call in flight got its whole answer, not a cut connection.
+    in_flight.await.unwrap().assert_error(504, "upstream_timeout");
+    // The idle connection was closed, and nothing new is accepted.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+    assert!(tokio::net::TcpStream::connect(&addr).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_is_an_upstream_error() {
     let h = Harness::start().await;
     let r = h.call("down.read", Some(SUPPORT_KEY), "{}").await;

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod data;
+mod drain;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -23,7 +24,6 @@ use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -302,7 +302,7 @@ where
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<axum::BoxError>,
 {
-    let graceful = GracefulShutdown::new();
+    let drain = drain::Drain::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     // Bounded headers: at most 64 KiB buffered and 100 headers; slow senders are cut off. 100 is
     // hyper's default, left implicit: set explicitly, hyper builds and fills a 100-slot vector
@@ -317,7 +317,7 @@ where
                 let Ok((stream, _)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
                 let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-                let conn = graceful.watch(conn);
+                let conn = drain.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
@@ -325,5 +325,5 @@ where
             _ = &mut shutdown => break,
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), drain.shutdown()).await;
 }
