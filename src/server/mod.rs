@@ -11,9 +11,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -131,44 +129,50 @@ pub fn data_plane(gateway: Arc<Gateway>) -> DataPlane {
     }))
 }
 
-impl tower::Service<axum::http::Request<Incoming>> for DataPlane {
-    type Response = axum::http::Response<DataBody>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
+impl DataPlane {
+    /// The service hyper runs: an unboxed future per call, which hyper keeps in one slot per
+    /// connection (a `tower::Service` here would need a boxed future: an allocation and a copy
+    /// of the whole call's state machine per call).
+    pub fn service(
+        self,
+    ) -> impl hyper::service::Service<
+        axum::http::Request<Incoming>,
+        Response = axum::http::Response<DataBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static {
+        hyper::service::service_fn(move |req| self.clone().handle(req))
     }
 
-    fn call(&mut self, req: axum::http::Request<Incoming>) -> Self::Future {
-        let plane = self.0.clone();
-        Box::pin(async move {
-            let (id, id_header) = request_id_of(&req);
-            // Load shedding instead of queueing: over the limit, a 503 at once.
-            let Ok(_permit) = plane.limit.try_acquire() else {
-                metrics::counter!("toolgate_shed_total").increment(1);
-                let message = "The gateway is at its concurrency limit. Retry shortly.";
-                let res = error_response(Code::Unavailable, message, &id).map(DataBody::Right);
-                return Ok(with_request_id(res, id_header));
-            };
-            let routed = async {
-                if data::is_tool_call(&req) {
-                    data::call_tool(plane.gateway.clone(), id.clone(), Some(&id_header), req)
-                        .await
-                        .map(DataBody::Left)
-                } else {
-                    let mut req = req.map(Body::new);
-                    req.extensions_mut().insert(RequestId(id.clone()));
-                    let Ok(res) = plane.router.clone().oneshot(req).await;
-                    res.map(DataBody::Right)
-                }
-            };
-            let res = AssertUnwindSafe(routed)
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|_| panic_response(&id).map(DataBody::Right));
-            Ok(with_request_id(res, id_header))
-        })
+    async fn handle(self, req: axum::http::Request<Incoming>) -> Result<axum::http::Response<DataBody>, Infallible> {
+        let plane = self.0;
+        let (id, id_header) = request_id_of(&req);
+        // Load shedding instead of queueing: over the limit, a 503 at once.
+        let Ok(_permit) = plane.limit.try_acquire() else {
+            metrics::counter!("toolgate_shed_total").increment(1);
+            let message = "The gateway is at its concurrency limit. Retry shortly.";
+            let res = error_response(Code::Unavailable, message, &id).map(DataBody::Right);
+            return Ok(with_request_id(res, id_header));
+        };
+        let routed = async {
+            if data::is_tool_call(&req) {
+                data::call_tool(plane.gateway.clone(), id.clone(), Some(&id_header), req)
+                    .await
+                    .map(DataBody::Left)
+            } else {
+                let mut req = req.map(Body::new);
+                req.extensions_mut().insert(RequestId(id.clone()));
+                let Ok(res) = plane.router.clone().oneshot(req).await;
+                res.map(DataBody::Right)
+            }
+        };
+        let res = AssertUnwindSafe(routed)
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| panic_response(&id).map(DataBody::Right));
+        Ok(with_request_id(res, id_header))
     }
 }
 
@@ -214,13 +218,13 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
     let mut tasks = vec![
         tokio::spawn(serve(
             data,
-            data_plane(gateway.clone()),
+            data_plane(gateway.clone()).service(),
             read_timeout,
             wait(stopped.clone()),
         )),
         tokio::spawn(serve(
             admin,
-            admin_plane(gateway.clone()),
+            TowerToHyperService::new(admin_plane(gateway.clone())),
             read_timeout,
             wait(stopped.clone()),
         )),
@@ -294,7 +298,7 @@ async fn wait(mut stopped: watch::Receiver<bool>) {
 
 async fn serve<S, B>(listener: TcpListener, app: S, read_timeout: Duration, shutdown: impl Future<Output = ()>)
 where
-    S: tower::Service<axum::http::Request<Incoming>, Response = axum::http::Response<B>, Error = Infallible>
+    S: hyper::service::Service<axum::http::Request<Incoming>, Response = axum::http::Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -316,7 +320,7 @@ where
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
-                let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+                let conn = http.serve_connection(TokioIo::new(stream), app.clone());
                 let conn = drain.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;
