@@ -9,35 +9,58 @@
 //! finished deadline puts its `Sleep` back, still registered. A spare timer that fires while
 //! unused is harmless (whoever polled it last gets a spurious wake-up, which futures allow); the
 //! next deadline that takes it re-registers it under the lock, as before. Each thread keeps at
-//! most [`SPARES_PER_THREAD`] spare timers; past that they are dropped (cancelled) as usual.
+//! most [`SPARES_PER_THREAD`] spare timers, the oldest dropped (cancelled) first.
+//!
+//! A `Sleep` belongs to the runtime it was made in, so spares are kept per owner ([`Timers`]: one
+//! per server and one per upstream client, each living in one runtime), never handed from one
+//! owner to another: a thread that runs two runtimes in turn never gets a timer of the other.
 //!
 //! Deadlines only ever move later in the common case (same timeout, later start); a shorter
 //! timeout than the spare's current deadline falls back to tokio's re-registration: correct,
 //! only slower.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
-/// Spare timers a thread keeps: about the number of calls in flight on one worker.
+/// Spare timers a thread keeps, for all owners: about the number of calls in flight on one worker.
 const SPARES_PER_THREAD: usize = 256;
 
 thread_local! {
-    static SPARES: RefCell<Vec<Pin<Box<Sleep>>>> = const { RefCell::new(Vec::new()) };
+    static SPARES: RefCell<VecDeque<(u64, Pin<Box<Sleep>>)>> = const { RefCell::new(VecDeque::new()) };
 }
 
-/// A sleep until a deadline; completes (with `()`) once the deadline has passed.
-pub struct Deadline {
-    sleep: Option<Pin<Box<Sleep>>>,
+/// Whose spare timers these are: made once per server or upstream client, used in one runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timers {
+    owner: u64,
 }
 
-impl Deadline {
-    pub fn at(deadline: Instant) -> Self {
-        let spare = SPARES.try_with(|s| s.borrow_mut().pop()).ok().flatten();
+impl Timers {
+    pub fn new() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Self {
+            owner: NEXT.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// A deadline at `deadline`, on one of this owner's spare timers if the thread has one.
+    pub fn at(self, deadline: Instant) -> Deadline {
+        let owner = self.owner;
+        let spare = SPARES
+            .try_with(|s| {
+                let mut spares = s.borrow_mut();
+                let i = spares.iter().rposition(|(o, _)| *o == owner)?;
+                spares.remove(i).map(|(_, sleep)| sleep)
+            })
+            .ok()
+            .flatten();
         let sleep = match spare {
             Some(mut sleep) => {
                 sleep.as_mut().reset(deadline);
@@ -45,13 +68,46 @@ impl Deadline {
             }
             None => Box::pin(tokio::time::sleep_until(deadline)),
         };
-        Deadline { sleep: Some(sleep) }
+        Deadline {
+            owner,
+            sleep: Some(sleep),
+        }
     }
 
-    pub fn after(limit: Duration) -> Self {
-        Self::at(Instant::now() + limit)
+    pub fn after(self, limit: Duration) -> Deadline {
+        self.at(Instant::now() + limit)
     }
 
+    /// Runs `work` for at most `limit`, like `tokio::time::timeout`, with a recycled timer that
+    /// is only taken if `work` does not finish on its first poll.
+    pub async fn within<F: Future>(self, limit: Duration, work: F) -> Result<F::Output, Elapsed> {
+        let deadline = Instant::now() + limit;
+        let mut work = std::pin::pin!(work);
+        let mut timer: Option<Deadline> = None;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = work.as_mut().poll(cx) {
+                return Poll::Ready(Ok(out));
+            }
+            let timer = timer.get_or_insert_with(|| self.at(deadline));
+            Pin::new(timer).poll(cx).map(|()| Err(Elapsed))
+        })
+        .await
+    }
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A sleep until a deadline; completes (with `()`) once the deadline has passed.
+pub struct Deadline {
+    owner: u64,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl Deadline {
     fn reset(&mut self, deadline: Instant) {
         if let Some(sleep) = &mut self.sleep {
             sleep.as_mut().reset(deadline);
@@ -76,9 +132,10 @@ impl Drop for Deadline {
         // A thread being torn down has no list left: then the timer is cancelled as usual.
         let _ = SPARES.try_with(|s| {
             let mut spares = s.borrow_mut();
-            if spares.len() < SPARES_PER_THREAD {
-                spares.push(sleep);
+            if spares.len() >= SPARES_PER_THREAD {
+                spares.pop_front();
             }
+            spares.push_back((self.owner, sleep));
         });
     }
 }
@@ -87,25 +144,9 @@ impl Drop for Deadline {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Elapsed;
 
-/// Runs `work` for at most `limit`, like `tokio::time::timeout`, with a recycled timer that is
-/// only taken if `work` does not finish on its first poll.
-pub async fn within<F: Future>(limit: Duration, work: F) -> Result<F::Output, Elapsed> {
-    let deadline = Instant::now() + limit;
-    let mut work = std::pin::pin!(work);
-    let mut timer: Option<Deadline> = None;
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(out) = work.as_mut().poll(cx) {
-            return Poll::Ready(Ok(out));
-        }
-        let timer = timer.get_or_insert_with(|| Deadline::at(deadline));
-        Pin::new(timer).poll(cx).map(|()| Err(Elapsed))
-    })
-    .await
-}
-
 /// hyper's timer (the header-read timeout of each request on a connection), on recycled timers.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct HyperTimer;
+pub struct HyperTimer(pub Timers);
 
 struct HyperSleep(Deadline);
 
@@ -121,11 +162,11 @@ impl hyper::rt::Sleep for HyperSleep {}
 
 impl hyper::rt::Timer for HyperTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(HyperSleep(Deadline::after(duration)))
+        Box::pin(HyperSleep(self.0.after(duration)))
     }
 
     fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(HyperSleep(Deadline::at(deadline.into())))
+        Box::pin(HyperSleep(self.0.at(deadline.into())))
     }
 
     fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, new_deadline: std::time::Instant) {
@@ -160,40 +201,72 @@ mod tests {
         );
     }
 
+    fn spares_of(t: Timers) -> usize {
+        SPARES.with(|s| s.borrow().iter().filter(|(o, _)| *o == t.owner).count())
+    }
+
     #[tokio::test]
     async fn a_deadline_fires_after_its_limit_and_not_before() {
-        fires_after(Deadline::after(30 * MS), 30 * MS).await;
+        let t = Timers::new();
+        fires_after(t.after(30 * MS), 30 * MS).await;
+        assert_eq!(spares_of(t), 1, "a finished deadline leaves its timer for the next");
     }
 
     #[tokio::test]
     async fn a_recycled_timer_takes_its_new_deadline_later_or_earlier() {
+        let t = Timers::new();
         // Leave a registered spare behind with a deadline far away: a shorter deadline taken on
         // the same thread must still fire on time (re-registered)...
-        drop(Deadline::after(Duration::from_secs(60)));
-        fires_after(Deadline::after(20 * MS), 20 * MS).await;
+        drop(t.after(Duration::from_secs(60)));
+        assert_eq!(spares_of(t), 1);
+        let shorter = t.after(20 * MS);
+        assert_eq!(spares_of(t), 0, "the spare was taken");
+        fires_after(shorter, 20 * MS).await;
         // ...and a longer one must not fire at the spare's earlier deadline (extended in place).
-        drop(Deadline::after(10 * MS));
-        fires_after(Deadline::after(80 * MS), 80 * MS).await;
+        drop(t.after(10 * MS));
+        fires_after(t.after(80 * MS), 80 * MS).await;
     }
 
     #[tokio::test]
     async fn a_spare_that_fired_while_unused_is_rearmed() {
-        drop(Deadline::after(10 * MS));
+        let t = Timers::new();
+        drop(t.after(10 * MS));
         tokio::time::sleep(40 * MS).await; // the spare fires with nobody waiting
-        fires_after(Deadline::after(50 * MS), 50 * MS).await;
+        fires_after(t.after(50 * MS), 50 * MS).await;
     }
 
     #[tokio::test]
     async fn within_answers_the_work_or_elapsed() {
-        assert_eq!(within(Duration::from_secs(1), async { 7 }).await, Ok(7));
+        let t = Timers::new();
+        assert_eq!(t.within(Duration::from_secs(1), async { 7 }).await, Ok(7));
         let started = Instant::now();
         let slow = tokio::time::sleep(Duration::from_secs(30));
-        assert_eq!(within(40 * MS, slow).await, Err(Elapsed));
+        assert_eq!(t.within(40 * MS, slow).await, Err(Elapsed));
         assert!(started.elapsed() >= 40 * MS);
         let quick = async {
             tokio::time::sleep(10 * MS).await;
             "done"
         };
-        assert_eq!(within(Duration::from_secs(30), quick).await, Ok("done"));
+        assert_eq!(t.within(Duration::from_secs(30), quick).await, Ok("done"));
+    }
+
+    #[test]
+    fn a_thread_running_two_runtimes_never_reuses_the_first_ones_timers() {
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap()
+        };
+        let (first, second) = (Timers::new(), Timers::new());
+        let old = runtime();
+        old.block_on(async { drop(first.after(Duration::from_secs(60))) });
+        drop(old); // its spare timer, still on this thread, belongs to a runtime that is gone
+        runtime().block_on(async {
+            // Another owner on the same thread makes its own timer (polling one from the dead
+            // runtime would panic, and one from an idle runtime would never fire).
+            fires_after(second.after(20 * MS), 20 * MS).await;
+        });
+        assert_eq!(spares_of(first), 1, "the first owner's spare was left alone");
     }
 }

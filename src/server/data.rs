@@ -12,6 +12,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::{BodyExt, Full, Limited};
 
 use super::{RequestId, error_response};
@@ -249,8 +250,12 @@ where
         return Err(too_large());
     }
     let timeout = Duration::from_millis(gw.config.limits.request_read_timeout_ms);
-    // Usually the body came with the headers: then it is read without taking a timer.
-    let read = crate::timer::within(timeout, Limited::new(body, limit).collect()).await;
+    let mut collect = std::pin::pin!(Limited::new(body, limit).collect());
+    // Usually the body came with the headers: then it is read without arming a timer.
+    let read = match (&mut collect).now_or_never() {
+        Some(read) => Ok(read),
+        None => tokio::time::timeout(timeout, collect).await,
+    };
     match read {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),

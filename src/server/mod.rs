@@ -311,7 +311,7 @@ where
     // Bounded headers: at most 64 KiB buffered and 100 headers; slow senders are cut off. 100 is
     // hyper's default, left implicit: set explicitly, hyper builds and fills a 100-slot vector
     // on every request (~1.7k instructions) instead of using an uninitialised array.
-    http.timer(crate::timer::HyperTimer)
+    http.timer(crate::timer::HyperTimer(crate::timer::Timers::new()))
         .header_read_timeout(read_timeout)
         .max_buf_size(64 * 1024);
     tokio::pin!(shutdown);

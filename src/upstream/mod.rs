@@ -21,6 +21,7 @@ use serde_json::{Map, Value};
 use std::borrow::Cow;
 
 use crate::policy::tool::{Method, Origin};
+use crate::timer::Timers;
 use pool::{Pool, PoolError};
 
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -86,6 +87,8 @@ pub struct Inbound {
 #[derive(Debug)]
 pub struct Upstream {
     pool: Pool,
+    /// The exchanges' deadlines (recycled per thread, see [`crate::timer`]).
+    timers: Timers,
 }
 
 impl Default for Upstream {
@@ -102,6 +105,7 @@ impl Upstream {
         connector.enforce_http(true);
         Self {
             pool: Pool::new(connector, Duration::from_secs(30), 512),
+            timers: Timers::new(),
         }
     }
 
@@ -130,7 +134,9 @@ impl Upstream {
             lease.release();
             Ok::<_, UpstreamError>((status, content_type, body))
         };
-        let (status, content_type, body) = crate::timer::within(out.timeout, exchange)
+        let (status, content_type, body) = self
+            .timers
+            .within(out.timeout, exchange)
             .await
             .map_err(|_| UpstreamError::Timeout(out.timeout))??;
         Ok(Inbound {
