@@ -200,6 +200,7 @@ fn demo(
         };
         let running = toolgate::demo::run(opts).await?;
         if !once {
+            println!("\nServing until Ctrl-C.");
             shutdown_signal().await;
         }
         running.shutdown().await;
