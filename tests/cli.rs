@@ -281,6 +281,36 @@ fn policy_tests_pass_on_the_bundled_policies_and_fail_loudly() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stderr_does_not_fail_calls_that_log() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture_policies(&dir.path().join("policies"), &upstream.url);
+    let cfg = dir.path().join("toolgate.yaml");
+    let d = dir.path().display();
+    std::fs::write(
+        &cfg,
+        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/approvals.redb }}\n"),
+    )
+    .unwrap();
+    // `serve` reads the log until the listeners are up, then drops its end of the pipe.
+    let (mut child, data, _) = serve(&cfg);
+    let key = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
+    // A tool that refuses connections: toolgate logs a warning while serving the call.
+    let r = send("POST", &format!("{data}/v1/tools/down.read"), &key, b"{}".to_vec()).await;
+    r.assert_error(502, "upstream_error");
+    let r = send(
+        "POST",
+        &format!("{data}/v1/tools/kb.search"),
+        &key,
+        br#"{"query": "q"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// Starts `toolgate serve` on a config; returns the child and its data and admin URLs.
 fn serve(cfg: &Path) -> (std::process::Child, String, String) {
     let mut child = toolgate()
