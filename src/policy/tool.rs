@@ -157,27 +157,38 @@ pub struct UrlTemplate {
     origin: Origin,
 }
 
-/// A tool URL's host and port (`http://` is the only scheme), parsed once at load: every
-/// forwarded call's URI and `Host` header are made from it without parsing it again.
+/// A tool URL's scheme, host and port, parsed once at load: every forwarded call's URI and
+/// `Host` header are made from it without parsing it again.
 #[derive(Debug, Clone)]
 pub struct Origin {
+    /// `http` or `https`.
+    pub scheme: http::uri::Scheme,
     pub authority: http::uri::Authority,
-    /// The authority without http's default port, as the `Host` header.
+    /// The authority without the scheme's default port, as the `Host` header.
     pub host: http::HeaderValue,
 }
 
-impl UrlTemplate {
-    /// Parses and checks a template: `http://` only, a host, placeholders only in the path.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = if let Some(rest) = url.strip_prefix("http://") {
-            rest
-        } else if url.starts_with("https://") {
-            return Err(
-                "https upstreams are not supported by this build yet; use http:// (e.g. through a local TLS sidecar)"
-                    .to_owned(),
-            );
+impl Origin {
+    /// `http://` or `https://`: what a filled URL starts with, before the authority.
+    pub fn prefix(&self) -> &'static str {
+        if self.scheme == http::uri::Scheme::HTTPS {
+            "https://"
         } else {
-            return Err("must start with http://".to_owned());
+            "http://"
+        }
+    }
+}
+
+impl UrlTemplate {
+    /// Parses and checks a template: `http://` or `https://`, a host, placeholders only in the
+    /// path.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (scheme, rest, default_port) = if let Some(rest) = url.strip_prefix("http://") {
+            (http::uri::Scheme::HTTP, rest, ":80")
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (http::uri::Scheme::HTTPS, rest, ":443")
+        } else {
+            return Err("must start with http:// or https://".to_owned());
         };
         let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
         let authority = &rest[..authority_end];
@@ -192,8 +203,9 @@ impl UrlTemplate {
             return Err(invalid());
         }
         let origin = Origin {
+            scheme,
             authority: parsed,
-            host: http::HeaderValue::from_str(authority.strip_suffix(":80").unwrap_or(authority))
+            host: http::HeaderValue::from_str(authority.strip_suffix(default_port).unwrap_or(authority))
                 .map_err(|_| invalid())?,
         };
         if url.contains('#') {
@@ -438,5 +450,11 @@ mod tests {
         assert_eq!(t.origin().authority.as_str(), "h:1");
         assert_eq!(t.origin().host, "h:1");
         assert_eq!(UrlTemplate::parse("http://h:80/x").unwrap().origin().host, "h");
+        let tls = UrlTemplate::parse("https://h:443/x/{id}").unwrap();
+        assert_eq!(tls.origin().host, "h");
+        assert_eq!(tls.origin().prefix(), "https://");
+        assert_eq!(UrlTemplate::parse("https://h:8443/x").unwrap().origin().host, "h:8443");
+        assert_eq!(UrlTemplate::parse("https://h:80/x").unwrap().origin().host, "h:80");
+        assert!(UrlTemplate::parse("ftp://h/x").is_err());
     }
 }

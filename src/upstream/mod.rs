@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue, USER_AGENT};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -102,7 +102,12 @@ impl Upstream {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        connector.enforce_http(true);
+        connector.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         Self {
             pool: Pool::new(connector, Duration::from_secs(30), 512),
             timers: Timers::new(),
@@ -148,6 +153,31 @@ impl Upstream {
     }
 }
 
+/// TLS for `https://` tools: TLS 1.2 and 1.3 (aws-lc-rs), HTTP/1.1, and the system's trust
+/// store — `SSL_CERT_FILE` / `SSL_CERT_DIR` replace it, as for OpenSSL (a private CA's bundle).
+/// A trust store that cannot be read leaves no roots: every https call then fails with a
+/// certificate error (a 502 naming it), never unverified.
+fn tls_config() -> rustls::ClientConfig {
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!("cannot read a trusted certificate for https tools: {e}");
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let (_, unparsable) = roots.add_parsable_certificates(found.certs);
+    if unparsable > 0 {
+        tracing::warn!("{unparsable} trusted certificates for https tools could not be parsed");
+    }
+    if roots.is_empty() {
+        tracing::warn!("no trusted certificates for https tools: https calls will fail");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("aws-lc-rs supports the default TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
 fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamError> {
     let (url, body) = if out.method.has_body() {
         (Cow::Borrowed(out.url), out.body.clone())
@@ -157,7 +187,7 @@ fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamErr
     // Scheme and authority were parsed at load; only the path and query are checked here.
     let bad = |e: String| UpstreamError::Protocol(format!("bad upstream URL: {e}"));
     let path = url
-        .strip_prefix("http://")
+        .strip_prefix(out.origin.prefix())
         .and_then(|rest| rest.strip_prefix(out.origin.authority.as_str()))
         .ok_or_else(|| bad("it does not start with its tool's origin".to_owned()))?;
     let path = match path {
@@ -165,7 +195,7 @@ fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamErr
         p => PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(p.as_bytes())).map_err(|e| bad(e.to_string()))?,
     };
     let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
+    uri.scheme = Some(out.origin.scheme.clone());
     uri.authority = Some(out.origin.authority.clone());
     uri.path_and_query = Some(path);
     let uri = Uri::from_parts(uri).map_err(|e| bad(e.to_string()))?;

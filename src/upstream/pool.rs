@@ -1,4 +1,4 @@
-//! Keep-alive HTTP/1.1 connections to the tools, pooled per authority (`host:port`).
+//! Keep-alive HTTP/1.1 connections to the tools, pooled per origin (scheme, `host:port`).
 //!
 //! hyper-util's legacy client did this before, and it was the largest single cost of a
 //! forwarded call after the checks themselves (~6k instructions under callgrind,
@@ -11,7 +11,8 @@
 //!   back after its response was read to the end; connections idle longer than the timeout,
 //!   or closed by the tool, are dropped when met;
 //! - a new connection is opened only when none is idle (hyper's `HttpConnector`: DNS, connect
-//!   timeout, `TCP_NODELAY`), and its connection task runs on its own;
+//!   timeout, `TCP_NODELAY`; for `https://` tools, TLS through `hyper-rustls` with the system's
+//!   trust store), and its connection task runs on its own;
 //! - **a request is sent again only if it was never written**: a pooled connection the tool
 //!   closed while it sat idle hands the request back untouched (`try_send_request`), and it
 //!   goes out once on another connection. Once written, a failure is the caller's to see —
@@ -26,6 +27,7 @@ use http::{Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::Service;
 
@@ -49,8 +51,9 @@ pub enum PoolError {
 /// The pool (cheap to share: the `Upstream` holding it is behind an `Arc`).
 #[derive(Debug)]
 pub struct Pool {
-    connector: HttpConnector,
-    idle: Mutex<FastMap<Box<str>, Vec<Idle>>>,
+    connector: HttpsConnector<HttpConnector>,
+    /// Idle connections per authority: plain HTTP at index 0, TLS at 1.
+    idle: Mutex<[FastMap<Box<str>, Vec<Idle>>; 2]>,
     idle_timeout: Duration,
     max_idle_per_host: usize,
 }
@@ -65,22 +68,32 @@ struct Idle {
 /// been read to the end; dropped instead (an error, a timeout), the connection closes.
 pub struct Lease<'a> {
     pool: &'a Pool,
-    authority: Authority,
+    origin: Origin,
     sender: Sender,
 }
 
 impl Lease<'_> {
     pub fn release(self) {
-        self.pool.put_back(self.authority, self.sender);
+        self.pool.put_back(self.origin, self.sender);
     }
 }
+
+/// What connections are pooled by: an `http` and an `https` connection to the same
+/// `host:port` are different connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Tls {
+    No = 0,
+    Yes = 1,
+}
+
+type Origin = (Tls, Authority);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Pool {
-    pub fn new(connector: HttpConnector, idle_timeout: Duration, max_idle_per_host: usize) -> Self {
+    pub fn new(connector: HttpsConnector<HttpConnector>, idle_timeout: Duration, max_idle_per_host: usize) -> Self {
         Self {
             connector,
             idle: Mutex::default(),
@@ -89,20 +102,24 @@ impl Pool {
         }
     }
 
-    /// Sends `req` (an absolute `http://` URI with a `Host` header) in origin form on a pooled
-    /// or new connection, and returns the response head with the connection it arrived on.
+    /// Sends `req` (an absolute `http://` or `https://` URI with a `Host` header) in origin form
+    /// on a pooled or new connection, and returns the response head with the connection it
+    /// arrived on.
     pub async fn send(&self, mut req: Request<Full<Bytes>>) -> Result<(Response<Incoming>, Lease<'_>), PoolError> {
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         let authority = parts.authority.take().ok_or(PoolError::NoAuthority)?;
-        parts.scheme = None;
+        let tls = match parts.scheme.take() {
+            Some(s) if s == Scheme::HTTPS => Tls::Yes,
+            _ => Tls::No,
+        };
         if parts.path_and_query.is_none() {
             parts.path_and_query = Some(PathAndQuery::from_static("/"));
         }
         *req.uri_mut() = Uri::from_parts(parts).expect("a path alone is a URI");
         loop {
-            let (mut sender, pooled) = match self.take(authority.as_str()) {
+            let (mut sender, pooled) = match self.take(tls, authority.as_str()) {
                 Some(sender) => (sender, true),
-                None => (self.connect(&authority).await?, false),
+                None => (self.connect(tls, &authority).await?, false),
             };
             // A pooled connection the tool has closed since fails here, before anything is
             // sent: take another.
@@ -116,7 +133,7 @@ impl Pool {
                 Ok(response) => {
                     let lease = Lease {
                         pool: self,
-                        authority,
+                        origin: (tls, authority),
                         sender,
                     };
                     return Ok((response, lease));
@@ -132,10 +149,10 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection to `authority` that is still open and fresh.
-    fn take(&self, authority: &str) -> Option<Sender> {
+    /// The most recently used idle connection to the origin that is still open and fresh.
+    fn take(&self, tls: Tls, authority: &str) -> Option<Sender> {
         let mut idle = lock(&self.idle);
-        let list = idle.get_mut(authority)?;
+        let list = idle[tls as usize].get_mut(authority)?;
         let now = Instant::now();
         while let Some(c) = list.pop() {
             if !c.sender.is_closed() && now.duration_since(c.since) < self.idle_timeout {
@@ -145,12 +162,13 @@ impl Pool {
         None
     }
 
-    fn put_back(&self, authority: Authority, sender: Sender) {
+    fn put_back(&self, (tls, authority): Origin, sender: Sender) {
         if sender.is_closed() {
             return;
         }
         let now = Instant::now();
         let mut idle = lock(&self.idle);
+        let idle = &mut idle[tls as usize];
         let list = match idle.get_mut(authority.as_str()) {
             Some(list) => list,
             None => idle.entry(authority.as_str().into()).or_default(),
@@ -163,18 +181,16 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<Sender, PoolError> {
+    async fn connect(&self, tls: Tls, authority: &Authority) -> Result<Sender, PoolError> {
         let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
+        uri.scheme = Some(match tls {
+            Tls::Yes => Scheme::HTTPS,
+            Tls::No => Scheme::HTTP,
+        });
         uri.authority = Some(authority.clone());
         uri.path_and_query = Some(PathAndQuery::from_static("/"));
         let uri = Uri::from_parts(uri).expect("scheme, authority and path make a URI");
-        let io = self
-            .connector
-            .clone()
-            .call(uri)
-            .await
-            .map_err(|e| PoolError::Connect(e.into()))?;
+        let io = self.connector.clone().call(uri).await.map_err(PoolError::Connect)?;
         let (sender, connection) = http1::handshake(io).await.map_err(|e| PoolError::Connect(e.into()))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
