@@ -119,7 +119,9 @@ impl Pool {
         loop {
             let (mut sender, pooled) = match self.take(tls, authority.as_str()) {
                 Some(sender) => (sender, true),
-                None => (self.connect(tls, &authority).await?, false),
+                // Boxed: the TLS connect future is large, and every call's state machine would
+                // carry (and copy) it though few calls connect.
+                None => (Box::pin(self.connect(tls, &authority)).await?, false),
             };
             // A pooled connection the tool has closed since fails here, before anything is
             // sent: take another.
