@@ -3,12 +3,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
-use support::{SUPPORT_KEY, TestUpstream, send, write_fixture_policies};
+use support::{SUPPORT_KEY, TestUpstream, listeners, send, write_fixture_policies, write_serve_config};
 
 fn toolgate() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_toolgate"));
@@ -158,14 +157,7 @@ async fn audit_events_survive_kill_9_right_after_the_response() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     write_fixture_policies(&dir.path().join("policies"), &upstream.url);
-    let cfg = dir.path().join("toolgate.yaml");
-    std::fs::write(
-        &cfg,
-        // Its own approval store: the default (var/approvals.redb) is locked by any toolgate
-        // already running from this directory.
-        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/approvals.redb }}\n", d = dir.path().display()),
-    )
-    .unwrap();
+    let cfg = write_serve_config(dir.path());
     let mut child = toolgate()
         .arg("serve")
         .arg("-c")
@@ -173,18 +165,7 @@ async fn audit_events_survive_kill_9_right_after_the_response() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut data = None;
-    for line in stderr.lines() {
-        let line = line.unwrap();
-        if let Some(addr) = line.strip_prefix("toolgate: data plane listening on ") {
-            data = Some(addr.to_owned());
-        }
-        if line.contains("admin plane listening") {
-            break;
-        }
-    }
-    let data = data.expect("serve prints its data-plane address");
+    let (data, _, _log) = listeners(&mut child);
     let mut ids = Vec::new();
     for i in 0..5 {
         let headers = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
@@ -286,13 +267,7 @@ async fn a_closed_stderr_does_not_fail_calls_that_log() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     write_fixture_policies(&dir.path().join("policies"), &upstream.url);
-    let cfg = dir.path().join("toolgate.yaml");
-    let d = dir.path().display();
-    std::fs::write(
-        &cfg,
-        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/approvals.redb }}\n"),
-    )
-    .unwrap();
+    let cfg = write_serve_config(dir.path());
     // `serve` reads the log until the listeners are up, then drops its end of the pipe.
     let (mut child, data, _) = serve(&cfg);
     let key = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
@@ -321,19 +296,8 @@ fn serve(cfg: &Path) -> (std::process::Child, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (mut data, mut admin) = (None, None);
-    for line in stderr.lines() {
-        let line = line.unwrap();
-        if let Some(addr) = line.strip_prefix("toolgate: data plane listening on ") {
-            data = Some(addr.to_owned());
-        }
-        if let Some(addr) = line.strip_prefix("toolgate: admin plane listening on ") {
-            admin = Some(addr.to_owned());
-            break;
-        }
-    }
-    (child, data.expect("data address"), admin.expect("admin address"))
+    let (data, admin, _) = listeners(&mut child); // the rest of the log is not read: the pipe closes
+    (child, data, admin)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,13 +311,7 @@ async fn an_approval_survives_a_restart_between_request_and_decision() {
         "@id(\"big-refunds\")\n@approval(\"billing\")\nforbid (principal, action == Action::\"billing.refund\", resource) when { context.input.amount > 100 };\n",
     )
     .unwrap();
-    let cfg = dir.path().join("toolgate.yaml");
-    let d = dir.path().display();
-    std::fs::write(
-        &cfg,
-        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/approvals.redb }}\n"),
-    )
-    .unwrap();
+    let cfg = write_serve_config(dir.path());
     let key = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
     let refund = br#"{"order_id": "O-7", "amount": 900}"#.to_vec();
 

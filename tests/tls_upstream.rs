@@ -4,14 +4,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use support::{fixture, send, sha256_hex};
+use support::{fixture, listeners, send, sha256_hex, write_serve_config};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -82,13 +81,7 @@ fn serve(dir: &std::path::Path, tool_url: &str, ca: Option<&std::path::Path>) ->
         ),
     )
     .unwrap();
-    let cfg = dir.join("toolgate.yaml");
-    let d = dir.display();
-    std::fs::write(
-        &cfg,
-        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/approvals.redb }}\n"),
-    )
-    .unwrap();
+    let cfg = write_serve_config(dir);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_toolgate"));
     cmd.arg("serve")
         .arg("-c")
@@ -102,24 +95,10 @@ fn serve(dir: &std::path::Path, tool_url: &str, ca: Option<&std::path::Path>) ->
     };
     std::fs::write(dir.join("no-roots.pem"), "").unwrap();
     let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut data = None;
-    for line in stderr.by_ref() {
-        let line = line.unwrap();
-        if let Some(addr) = line.strip_prefix("toolgate: data plane listening on ") {
-            data = Some(addr.to_owned());
-        }
-        if line.contains("admin plane listening") {
-            break;
-        }
-    }
+    let (data, _, log) = listeners(&mut child);
     // Keep reading its log (shown if a test fails): a closed pipe would fail its writes.
-    std::thread::spawn(move || {
-        stderr
-            .map_while(Result::ok)
-            .for_each(|line| eprintln!("toolgate: {line}"))
-    });
-    (child, data.expect("serve prints its data-plane address"))
+    std::thread::spawn(move || log.map_while(Result::ok).for_each(|line| eprintln!("toolgate: {line}")));
+    (child, data)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

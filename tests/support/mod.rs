@@ -123,6 +123,51 @@ pub struct Harness {
     pub running: Option<Running>,
 }
 
+/// Writes `DIR/toolgate.yaml` for `toolgate serve` on free ports, with its policies, audit file
+/// and approval store in `dir` (its own store: the default is locked by any toolgate already
+/// running from the repository).
+#[allow(dead_code)]
+pub fn write_serve_config(dir: &Path) -> PathBuf {
+    let cfg = dir.join("toolgate.yaml");
+    let d = dir.display();
+    std::fs::write(
+        &cfg,
+        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/approvals.redb }}\n"),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Reads a spawned `toolgate serve`'s stderr until both listeners are up; returns the data and
+/// admin URLs and the rest of the log, still open (dropping it closes the pipe).
+#[allow(dead_code)]
+pub fn listeners(
+    child: &mut std::process::Child,
+) -> (
+    String,
+    String,
+    std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
+) {
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr piped")).lines();
+    let (mut data, mut admin) = (None, None);
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(addr) = line.strip_prefix("toolgate: data plane listening on ") {
+            data = Some(addr.to_owned());
+        }
+        if let Some(addr) = line.strip_prefix("toolgate: admin plane listening on ") {
+            admin = Some(addr.to_owned());
+            break;
+        }
+    }
+    (
+        data.expect("serve prints its data-plane address"),
+        admin.expect("serve prints its admin address"),
+        lines,
+    )
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
