@@ -349,3 +349,65 @@ async fn an_approval_survives_a_restart_between_request_and_decision() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_the_data_plane_on_its_configured_threads_and_stops_them_on_sigterm() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture_policies(&dir.path().join("policies"), &upstream.url);
+    let cfg = write_serve_config(dir.path());
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("workers: 3\n");
+    std::fs::write(&cfg, text).unwrap();
+    let (mut child, data, _) = serve(&cfg);
+
+    // A thread names itself as it starts: look until all three have, or 5 s have passed.
+    let threads = |pid: u32| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with("toolgate-data-"))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while threads(child.id()).len() < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut names = threads(child.id());
+    names.sort();
+    assert_eq!(names, ["toolgate-data-0\n", "toolgate-data-1\n", "toolgate-data-2\n"]);
+
+    // Concurrent calls on their own connections, spread over the threads: every one answered
+    // and audited, all of them sharing one policy and one audit file.
+    let calls = (0..24).map(|i| {
+        let url = format!("{data}/v1/tools/kb.search");
+        tokio::spawn(async move {
+            let key = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
+            send("POST", &url, &key, format!("{{\"query\": \"q{i}\"}}").into_bytes()).await
+        })
+    });
+    let mut ids = Vec::new();
+    for call in calls.collect::<Vec<_>>() {
+        let r = call.await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        ids.push(r.request_id());
+    }
+    assert_eq!(upstream.count("/kb/search"), 24);
+    let events = support::read_events(&dir.path().join("audit.jsonl"));
+    for id in &ids {
+        assert!(events.iter().any(|e| e["request_id"] == id.as_str()), "event {id} lost");
+    }
+
+    // SIGTERM: every thread finishes and the process exits cleanly.
+    let term = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    assert!(term.unwrap().success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "serve did not stop on SIGTERM");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}

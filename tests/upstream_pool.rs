@@ -107,7 +107,8 @@ async fn call_ok(h: &Harness, i: usize) {
     assert_eq!(r.json()["ok"], true);
 }
 
-async fn gateway_for(tool: &RawTool) -> Harness {
+/// A gateway in front of `tool` whose data plane runs on `workers` threads.
+async fn gateway_for(tool: &RawTool, workers: usize) -> Harness {
     let policy = format!(
         r#"
 agents:
@@ -123,13 +124,13 @@ tools:
         digest = hex::encode(Sha256::digest(KEY)),
         url = tool.url,
     );
-    Harness::start_full("", &[("pool.yaml", &policy)]).await
+    Harness::start_full(&format!("workers: {workers}\n"), &[("pool.yaml", &policy)]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_calls_reuse_one_upstream_connection() {
     let tool = RawTool::start(false).await;
-    let h = gateway_for(&tool).await;
+    let h = gateway_for(&tool, 1).await;
     for i in 0..5 {
         call_ok(&h, i).await;
     }
@@ -142,9 +143,26 @@ async fn sequential_calls_reuse_one_upstream_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_data_plane_thread_reuses_its_own_connections() {
+    let tool = RawTool::start(false).await;
+    let h = gateway_for(&tool, 2).await;
+    // Each call comes on a new client connection, accepted by either thread; each thread opens
+    // at most one connection to the tool and reuses it.
+    for i in 0..12 {
+        call_ok(&h, i).await;
+    }
+    assert_eq!(tool.requests().len(), 12, "each call sent once");
+    assert!(
+        (1..=2).contains(&tool.connections()),
+        "one pooled connection per thread, not one per call: {}",
+        tool.connections()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_the_tool_closed_while_idle_is_not_used_again() {
     let tool = RawTool::start(true).await;
-    let h = gateway_for(&tool).await;
+    let h = gateway_for(&tool, 1).await;
     for i in 0..3 {
         call_ok(&h, i).await;
         // The tool hangs up after each response (as an idle timeout would); give toolgate's
@@ -158,7 +176,7 @@ async fn a_connection_the_tool_closed_while_idle_is_not_used_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_exchange_leaves_its_connection_out_of_the_pool() {
     let tool = RawTool::start(false).await;
-    let h = gateway_for(&tool).await;
+    let h = gateway_for(&tool, 1).await;
     let r = h.call("raw.hang", Some(KEY), "{}").await;
     r.assert_error(504, "upstream_timeout");
     // The hung connection still waits for its answer: the next call must not queue behind it.

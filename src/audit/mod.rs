@@ -411,8 +411,12 @@ impl FileSink {
                 f.write_all(&batch)?;
                 if self.sync { f.sync_data() } else { Ok(()) }
             };
-            // A sync can take milliseconds: let the runtime move other tasks off this thread.
-            let result = if self.sync {
+            // A sync can take milliseconds: on a work-stealing runtime, let it move other tasks
+            // off this thread. A data-plane thread runs its own loop and has nowhere to move
+            // them: its calls wait for the sync (one per batch, which the batching amortises).
+            let work_stealing = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            let result = if self.sync && work_stealing {
                 tokio::task::block_in_place(write)
             } else {
                 write()

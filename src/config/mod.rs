@@ -17,6 +17,8 @@ use yaml::{Document, KeyPath};
 
 /// The deepest JSON nesting a config may allow: serde_json refuses deeper input on its own.
 const MAX_JSON_DEPTH_CEILING: usize = 128;
+/// More data-plane threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,6 +41,9 @@ struct ServerConfigRaw {
     approvals: ApprovalsConfig,
     #[serde(default)]
     mcp: McpConfig,
+    /// Data-plane threads, each its own event loop (default: one per CPU the process may use).
+    #[serde(default)]
+    workers: Option<usize>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -351,6 +356,8 @@ pub enum StateBackend {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// Data-plane threads (`server::workers`): `workers`, else one per available CPU.
+    pub workers: usize,
     pub admin: AdminConfig,
     pub policies: PathBuf,
     pub limits: Limits,
@@ -463,11 +470,18 @@ impl ServerConfig {
                 problems.push(doc.problem(&root.key("mcp").key(key), "must be greater than 0"));
             }
         }
+        if raw.workers.is_some_and(|w| !(1..=MAX_WORKERS).contains(&w)) {
+            problems.push(doc.problem(&root.key("workers"), format!("must be between 1 and {MAX_WORKERS}")));
+        }
+        let workers = raw
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         if raw.admin.token_env.is_empty() {
             problems.push(doc.problem(&root.key("admin").key("token_env"), "must name an environment variable"));
         }
         problems.finish(ServerConfig {
             listen: raw.listen,
+            workers,
             admin: raw.admin,
             policies: raw.policies,
             limits: raw.limits,
@@ -491,6 +505,24 @@ mod tests {
         assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9090");
         assert_eq!(c.limits.max_body_bytes, 1024 * 1024);
         assert_eq!(c.audit.file.as_deref(), Some(Path::new("var/audit.jsonl")));
+        assert_eq!(
+            c.workers,
+            std::thread::available_parallelism().unwrap().get(),
+            "one data-plane thread per CPU"
+        );
+    }
+
+    #[test]
+    fn workers_are_one_or_more() {
+        assert_eq!(ServerConfig::parse("c.yaml", "workers: 3\n").unwrap().workers, 3);
+        for bad in ["0", "1025"] {
+            let err = ServerConfig::parse("c.yaml", &format!("listen: 127.0.0.1:1\nworkers: {bad}\n")).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "c.yaml:2:1: workers: must be between 1 and 1024",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

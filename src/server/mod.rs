@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod data;
 mod drain;
+mod workers;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -207,7 +208,9 @@ impl Running {
     }
 }
 
-/// Binds both listeners and starts serving, the policy watcher and metrics upkeep.
+/// Binds both listeners and starts serving — the data plane on its own threads (one event loop
+/// per core, [`workers`]), the admin plane, policy watcher and metrics upkeep on the caller's
+/// runtime.
 pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
     let data = TcpListener::bind(gateway.config.listen).await?;
     let admin = TcpListener::bind(gateway.config.admin.listen).await?;
@@ -216,12 +219,13 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
     let read_timeout = Duration::from_millis(gateway.config.limits.request_read_timeout_ms);
     let metrics = admin::metrics_handle();
     let mut tasks = vec![
-        tokio::spawn(serve(
-            data,
+        workers::spawn(
+            data.into_std()?,
+            gateway.config.workers,
             data_plane(gateway.clone()).service(),
             read_timeout,
-            wait(stopped.clone()),
-        )),
+            stopped.clone(),
+        )?,
         tokio::spawn(serve(
             admin,
             TowerToHyperService::new(admin_plane(gateway.clone())),
