@@ -1,7 +1,9 @@
 //! The baseline for load tests: a bare hyper pass-through proxy with the default pooled client,
 //! no checks at all. toolgate's cost is reported as a ratio against this, measured in the same run.
-//! It gets the same transport tuning toolgate has (TCP_NODELAY both ways, mimalloc), so the ratio
-//! measures the checks, not the tuning.
+//! It gets the same transport toolgate has — TCP_NODELAY both ways, mimalloc, and one
+//! single-threaded runtime per core accepting from one socket, each with its own client pool —
+//! so the ratio measures the checks, not the tuning. `BARE_RUNTIME=work-stealing` runs it on
+//! tokio's default multi-threaded runtime instead (one runtime, one pool), for comparison.
 
 use std::convert::Infallible;
 
@@ -15,17 +17,43 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let mut args = std::env::args().skip(1);
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:19101".to_owned());
     let upstream = args.next().unwrap_or_else(|| "http://127.0.0.1:19100".to_owned());
+    let listener = std::net::TcpListener::bind(&listen).expect("bind");
+    listener.set_nonblocking(true).expect("non-blocking");
+    if std::env::var("BARE_RUNTIME").as_deref() == Ok("work-stealing") {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        return runtime.block_on(proxy(listener, upstream));
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads: Vec<_> = (0..cores)
+        .map(|_| {
+            let (listener, upstream) = (listener.try_clone().expect("clone"), upstream.clone());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                runtime.block_on(proxy(listener, upstream));
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+async fn proxy(listener: std::net::TcpListener, upstream: String) {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-    let listener = tokio::net::TcpListener::bind(&listen).await.expect("bind");
+    let listener = tokio::net::TcpListener::from_std(listener).expect("listen");
     loop {
-        let (stream, _) = listener.accept().await.expect("accept");
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let (client, upstream) = (client.clone(), upstream.clone());
         tokio::spawn(async move {

@@ -4,7 +4,8 @@
 # upstream, measured in one run with wrk. Prints throughput, p50/p99 latency and the proxy's CPU
 # time per request, and toolgate's ratios to the bare proxy. A third run sends the same call as
 # an MCP `tools/call` (stateless revision 2026-07-28) to `/mcp`, and compares it with the plain
-# HTTP path.
+# HTTP path; a fourth sends it to `kb.screened`, the same tool with every filter on (deny terms
+# and patterns, and all nine PII/secret detectors, on the arguments and on the tool's answer).
 #
 #   scripts/loadtest.sh                 # 64 connections, 10 s per target
 #   CONNS=64 DURATION=20 scripts/loadtest.sh
@@ -48,6 +49,18 @@ agents:
     credentials: { api_key_sha256: [ "$bench_digest" ] }
     tools: [ kb.* ]
     limits: { calls_per_minute: 1000000000, tokens_per_hour: 1000000000000 }
+tools:
+  kb.screened:
+    description: kb.search with every filter on, input and output (load test)
+    upstream: { url: "http://127.0.0.1:19100/kb/search", method: POST }
+    arguments:
+      type: object
+      required: [ query ]
+      additionalProperties: false
+      properties:
+        query: { type: string, minLength: 1, maxLength: 500 }
+        limit: { type: integer, minimum: 1, maximum: 20 }
+    filters: { input: [ internal-terms, pii ], output: [ pii ] }
 YAML
 cat > "$work/toolgate.yaml" <<YAML
 listen: 127.0.0.1:19102
@@ -103,9 +116,12 @@ if [ -n "$INSTRUCTIONS" ]; then
   b=$(instructions bare "$bare_pid" "http://127.0.0.1:19101/v1/tools/kb.search")
   t=$(instructions toolgate "$tg_pid" "http://127.0.0.1:19102/v1/tools/kb.search")
   m=$(instructions mcp "$tg_pid" "http://127.0.0.1:19102/mcp" "$work/mcp.lua")
+  f=$(instructions screened "$tg_pid" "http://127.0.0.1:19102/v1/tools/kb.screened")
   printf '\n%-28s %24s\n' "proxy (callgrind, $CONNS conns)" "instructions / request"
-  printf '%-28s %24s\n' "bare hyper pass-through" "$b" "toolgate (full pipeline)" "$t" "toolgate, MCP tools/call" "$m"
-  awk -v b="$b" -v t="$t" -v m="$m" 'BEGIN { printf "ratios: toolgate %.2fx the bare proxy; MCP %.2fx the HTTP path\n", t / b, m / t }'
+  printf '%-28s %24s\n' "bare hyper pass-through" "$b" "toolgate (full pipeline)" "$t" "toolgate, MCP tools/call" "$m" \
+    "toolgate, every filter" "$f"
+  awk -v b="$b" -v t="$t" -v m="$m" -v f="$f" 'BEGIN {
+    printf "ratios: toolgate %.2fx the bare proxy (every filter: %.2fx); MCP %.2fx the HTTP path\n", t / b, f / b, m / t }'
   echo "(user space only, and SHA-256 runs its portable code under valgrind: native SHA-NI is cheaper)"
   exit 0
 fi
@@ -124,17 +140,18 @@ run() {
     END { printf "%.0f %.2f %.2f %.1f %d\n", rps, p50, p99, t / clk * 1e6 / n, n }' "$work/$1.txt"
 }
 
-# One round: the three targets back to back, then this round's table and ratios.
+# One round: the four targets back to back, then this round's table and ratios.
 round() {
   read -r b_rps b_p50 b_p99 b_cpu b_n < <(run bare "$bare_pid" "http://127.0.0.1:19101/v1/tools/kb.search")
   read -r t_rps t_p50 t_p99 t_cpu t_n < <(run toolgate "$tg_pid" "http://127.0.0.1:19102/v1/tools/kb.search")
   read -r m_rps m_p50 m_p99 m_cpu m_n < <(run mcp "$tg_pid" "http://127.0.0.1:19102/mcp" "$work/mcp.lua")
+  read -r f_rps f_p50 f_p99 f_cpu f_n < <(run screened "$tg_pid" "http://127.0.0.1:19102/v1/tools/kb.screened")
   # Every MCP answer must be a CallToolResult, not a JSON-RPC error (which is also HTTP 200).
   body=$(curl -s -X POST http://127.0.0.1:19102/mcp -H 'Content-Type: application/json' -H 'Authorization: Bearer bench-key' \
     -d '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"kb.search","arguments":{"query":"q"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}')
   case "$body" in *'"isError":false'*) ;; *) echo "loadtest: the MCP call did not succeed: $body" >&2; exit 1 ;; esac
-  if grep -q "Non-2xx" "$work/bare.txt" "$work/toolgate.txt" "$work/mcp.txt"; then
-    grep -H "Non-2xx" "$work/bare.txt" "$work/toolgate.txt" "$work/mcp.txt" >&2
+  if grep -q "Non-2xx" "$work"/{bare,toolgate,mcp,screened}.txt; then
+    grep -H "Non-2xx" "$work"/{bare,toolgate,mcp,screened}.txt >&2
     echo "loadtest: some responses were not 2xx, so these figures do not measure forwarded calls" >&2
     exit 1
   fi
@@ -143,11 +160,15 @@ round() {
   printf '%-28s %10s %9s %9s %14s\n' "bare hyper pass-through" "$b_rps" "$b_p50" "$b_p99" "$b_cpu"
   printf '%-28s %10s %9s %9s %14s\n' "toolgate (full pipeline)" "$t_rps" "$t_p50" "$t_p99" "$t_cpu"
   printf '%-28s %10s %9s %9s %14s\n' "toolgate, MCP tools/call" "$m_rps" "$m_p50" "$m_p99" "$m_cpu"
+  printf '%-28s %10s %9s %9s %14s\n' "toolgate, every filter" "$f_rps" "$f_p50" "$f_p99" "$f_cpu"
   awk -v br="$b_rps" -v tr="$t_rps" -v bc="$b_cpu" -v tc="$t_cpu" -v b50="$b_p50" -v t50="$t_p50" 'BEGIN {
     printf "ratios: CPU per request %.2fx the bare proxy, throughput %.0f%% of it, p50 %.2fx\n", tc / bc, 100 * tr / br, t50 / b50 }'
+  awk -v br="$b_rps" -v fr="$f_rps" -v bc="$b_cpu" -v fc="$f_cpu" 'BEGIN {
+    printf "every filter on: CPU per request %.2fx the bare proxy, throughput %.0f%% of it\n", fc / bc, 100 * fr / br }'
   awk -v tr="$t_rps" -v mr="$m_rps" -v tc="$t_cpu" -v mc="$m_cpu" 'BEGIN {
     printf "MCP vs plain HTTP path: CPU per request %.2fx, throughput %.0f%%\n", mc / tc, 100 * mr / tr }'
-  awk -v br="$b_rps" -v tr="$t_rps" -v bc="$b_cpu" -v tc="$t_cpu" 'BEGIN { printf "%.4f %.4f\n", tc / bc, tr / br }' >> "$work/ratios"
+  awk -v br="$b_rps" -v tr="$t_rps" -v bc="$b_cpu" -v tc="$t_cpu" -v fr="$f_rps" -v fc="$f_cpu" 'BEGIN {
+    printf "%.4f %.4f %.4f %.4f\n", tc / bc, tr / br, fc / bc, fr / br }' >> "$work/ratios"
 }
 
 # ROUNDS>1 repeats the round and ends with the median of the rounds' ratios: on a shared machine
@@ -158,8 +179,11 @@ if [ "$ROUNDS" -gt 1 ]; then
   median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
   cpu=$(awk '{ print $1 }' "$work/ratios" | median)
   thr=$(awk '{ print $2 }' "$work/ratios" | median)
-  awk -v c="$cpu" -v t="$thr" -v n="$ROUNDS" 'BEGIN {
-    printf "\nmedian over %d rounds: CPU per request %.2fx the bare proxy, throughput %.0f%% of it\n", n, c, 100 * t }'
+  fcpu=$(awk '{ print $3 }' "$work/ratios" | median)
+  fthr=$(awk '{ print $4 }' "$work/ratios" | median)
+  awk -v c="$cpu" -v t="$thr" -v fc="$fcpu" -v ft="$fthr" -v n="$ROUNDS" 'BEGIN {
+    printf "\nmedian over %d rounds: CPU per request %.2fx the bare proxy, throughput %.0f%% of it\n", n, c, 100 * t
+    printf "every filter on, median over %d rounds: CPU per request %.2fx, throughput %.0f%%\n", n, fc, 100 * ft }'
 fi
 events=$( [ -f "$work/audit.jsonl" ] && wc -l < "$work/audit.jsonl" || echo 0)
 echo "audit events written: $events (one per toolgate request, warm-up included)"
