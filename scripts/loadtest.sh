@@ -6,6 +6,8 @@
 # an MCP `tools/call` (stateless revision 2026-07-28) to `/mcp`, and compares it with the plain
 # HTTP path; a fourth sends it to `kb.screened`, the same tool with every filter on (deny terms
 # and patterns, and all nine PII/secret detectors, on the arguments and on the tool's answer).
+# The bare proxy runs on the same per-core runtime as toolgate (the ratios); a second copy on
+# tokio's default work-stealing runtime — the plain ~40-line proxy — is measured for reference.
 #
 #   scripts/loadtest.sh                 # 64 connections, 10 s per target
 #   CONNS=64 DURATION=20 scripts/loadtest.sh
@@ -72,9 +74,10 @@ YAML
 "$bin/examples/bench_upstream" 127.0.0.1:19100 & pids+=($!)
 [ -n "$INSTRUCTIONS" ] && wrap=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.%p")
 "${wrap[@]}" "$bin/examples/bare_proxy" 127.0.0.1:19101 http://127.0.0.1:19100 2>"$work/bare.log" & pids+=($!); bare_pid=$!
+BARE_RUNTIME=work-stealing "$bin/examples/bare_proxy" 127.0.0.1:19104 http://127.0.0.1:19100 2>"$work/bare_ws.log" & pids+=($!); ws_pid=$!
 RUST_LOG=warn "${wrap[@]}" "$bin/toolgate" serve -c "$work/toolgate.yaml" 2>"$work/toolgate.log" & pids+=($!); tg_pid=$!
 for _ in $(seq 1 60); do
-  curl -s -o /dev/null http://127.0.0.1:19101/ && curl -s -o /dev/null http://127.0.0.1:19103/healthz && break
+  curl -s -o /dev/null http://127.0.0.1:19101/ && curl -s -o /dev/null http://127.0.0.1:19104/ && curl -s -o /dev/null http://127.0.0.1:19103/healthz && break
   sleep 0.5
 done
 
@@ -140,9 +143,10 @@ run() {
     END { printf "%.0f %.2f %.2f %.1f %d\n", rps, p50, p99, t / clk * 1e6 / n, n }' "$work/$1.txt"
 }
 
-# One round: the four targets back to back, then this round's table and ratios.
+# One round: the five targets back to back, then this round's table and ratios.
 round() {
   read -r b_rps b_p50 b_p99 b_cpu b_n < <(run bare "$bare_pid" "http://127.0.0.1:19101/v1/tools/kb.search")
+  read -r w_rps w_p50 w_p99 w_cpu w_n < <(run bare_ws "$ws_pid" "http://127.0.0.1:19104/v1/tools/kb.search")
   read -r t_rps t_p50 t_p99 t_cpu t_n < <(run toolgate "$tg_pid" "http://127.0.0.1:19102/v1/tools/kb.search")
   read -r m_rps m_p50 m_p99 m_cpu m_n < <(run mcp "$tg_pid" "http://127.0.0.1:19102/mcp" "$work/mcp.lua")
   read -r f_rps f_p50 f_p99 f_cpu f_n < <(run screened "$tg_pid" "http://127.0.0.1:19102/v1/tools/kb.screened")
@@ -150,14 +154,15 @@ round() {
   body=$(curl -s -X POST http://127.0.0.1:19102/mcp -H 'Content-Type: application/json' -H 'Authorization: Bearer bench-key' \
     -d '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"kb.search","arguments":{"query":"q"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}')
   case "$body" in *'"isError":false'*) ;; *) echo "loadtest: the MCP call did not succeed: $body" >&2; exit 1 ;; esac
-  if grep -q "Non-2xx" "$work"/{bare,toolgate,mcp,screened}.txt; then
-    grep -H "Non-2xx" "$work"/{bare,toolgate,mcp,screened}.txt >&2
+  if grep -q "Non-2xx" "$work"/{bare,bare_ws,toolgate,mcp,screened}.txt; then
+    grep -H "Non-2xx" "$work"/{bare,bare_ws,toolgate,mcp,screened}.txt >&2
     echo "loadtest: some responses were not 2xx, so these figures do not measure forwarded calls" >&2
     exit 1
   fi
 
   printf '\n%-28s %10s %9s %9s %14s\n' "proxy ($CONNS conns, ${DURATION}s)" "req/s" "p50 ms" "p99 ms" "CPU us/req"
   printf '%-28s %10s %9s %9s %14s\n' "bare hyper pass-through" "$b_rps" "$b_p50" "$b_p99" "$b_cpu"
+  printf '%-28s %10s %9s %9s %14s\n' "bare, work-stealing runtime" "$w_rps" "$w_p50" "$w_p99" "$w_cpu"
   printf '%-28s %10s %9s %9s %14s\n' "toolgate (full pipeline)" "$t_rps" "$t_p50" "$t_p99" "$t_cpu"
   printf '%-28s %10s %9s %9s %14s\n' "toolgate, MCP tools/call" "$m_rps" "$m_p50" "$m_p99" "$m_cpu"
   printf '%-28s %10s %9s %9s %14s\n' "toolgate, every filter" "$f_rps" "$f_p50" "$f_p99" "$f_cpu"
@@ -165,10 +170,12 @@ round() {
     printf "ratios: CPU per request %.2fx the bare proxy, throughput %.0f%% of it, p50 %.2fx\n", tc / bc, 100 * tr / br, t50 / b50 }'
   awk -v br="$b_rps" -v fr="$f_rps" -v bc="$b_cpu" -v fc="$f_cpu" 'BEGIN {
     printf "every filter on: CPU per request %.2fx the bare proxy, throughput %.0f%% of it\n", fc / bc, 100 * fr / br }'
+  awk -v wr="$w_rps" -v tr="$t_rps" -v wc="$w_cpu" -v tc="$t_cpu" 'BEGIN {
+    printf "against the work-stealing bare proxy: CPU per request %.2fx, throughput %.0f%%\n", tc / wc, 100 * tr / wr }'
   awk -v tr="$t_rps" -v mr="$m_rps" -v tc="$t_cpu" -v mc="$m_cpu" 'BEGIN {
     printf "MCP vs plain HTTP path: CPU per request %.2fx, throughput %.0f%%\n", mc / tc, 100 * mr / tr }'
-  awk -v br="$b_rps" -v tr="$t_rps" -v bc="$b_cpu" -v tc="$t_cpu" -v fr="$f_rps" -v fc="$f_cpu" 'BEGIN {
-    printf "%.4f %.4f %.4f %.4f\n", tc / bc, tr / br, fc / bc, fr / br }' >> "$work/ratios"
+  awk -v br="$b_rps" -v tr="$t_rps" -v bc="$b_cpu" -v tc="$t_cpu" -v fr="$f_rps" -v fc="$f_cpu" -v wr="$w_rps" -v wc="$w_cpu" 'BEGIN {
+    printf "%.4f %.4f %.4f %.4f %.4f %.4f\n", tc / bc, tr / br, fc / bc, fr / br, tc / wc, tr / wr }' >> "$work/ratios"
 }
 
 # ROUNDS>1 repeats the round and ends with the median of the rounds' ratios: on a shared machine
@@ -181,9 +188,12 @@ if [ "$ROUNDS" -gt 1 ]; then
   thr=$(awk '{ print $2 }' "$work/ratios" | median)
   fcpu=$(awk '{ print $3 }' "$work/ratios" | median)
   fthr=$(awk '{ print $4 }' "$work/ratios" | median)
-  awk -v c="$cpu" -v t="$thr" -v fc="$fcpu" -v ft="$fthr" -v n="$ROUNDS" 'BEGIN {
+  wcpu=$(awk '{ print $5 }' "$work/ratios" | median)
+  wthr=$(awk '{ print $6 }' "$work/ratios" | median)
+  awk -v c="$cpu" -v t="$thr" -v fc="$fcpu" -v ft="$fthr" -v wc="$wcpu" -v wt="$wthr" -v n="$ROUNDS" 'BEGIN {
     printf "\nmedian over %d rounds: CPU per request %.2fx the bare proxy, throughput %.0f%% of it\n", n, c, 100 * t
-    printf "every filter on, median over %d rounds: CPU per request %.2fx, throughput %.0f%%\n", n, fc, 100 * ft }'
+    printf "every filter on, median over %d rounds: CPU per request %.2fx, throughput %.0f%%\n", n, fc, 100 * ft
+    printf "against the work-stealing bare proxy, median over %d rounds: CPU per request %.2fx, throughput %.0f%%\n", n, wc, 100 * wt }'
 fi
 events=$( [ -f "$work/audit.jsonl" ] && wc -l < "$work/audit.jsonl" || echo 0)
 echo "audit events written: $events (one per toolgate request, warm-up included)"
