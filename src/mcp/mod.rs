@@ -86,9 +86,15 @@ struct Reply {
 
 impl Reply {
     fn result(id: &Value, result: Value) -> Reply {
+        // Built as a map: `json!` would serialise `result` into a copy of itself (the tool's
+        // whole answer, twice over for a structured one).
+        let mut body = Map::with_capacity(3);
+        body.insert("jsonrpc".to_owned(), Value::from("2.0"));
+        body.insert("id".to_owned(), id.clone());
+        body.insert("result".to_owned(), result);
         Reply {
             status: StatusCode::OK,
-            body: Some(json!({"jsonrpc": "2.0", "id": id, "result": result})),
+            body: Some(Value::Object(body)),
             session_id: None,
         }
     }
@@ -118,7 +124,10 @@ impl Reply {
         let mut res = match self.body {
             None => Response::new(Body::empty()),
             Some(body) if wants_sse(headers) => {
-                let mut r = Response::new(Body::from(format!("event: message\ndata: {body}\n\n")));
+                let mut event = b"event: message\ndata: ".to_vec();
+                serde_json::to_writer(&mut event, &body).expect("JSON serialises");
+                event.extend_from_slice(b"\n\n");
+                let mut r = Response::new(Body::from(event));
                 r.headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
                 r.headers_mut()
@@ -126,7 +135,8 @@ impl Reply {
                 r
             }
             Some(body) => {
-                let mut r = Response::new(Body::from(body.to_string()));
+                // Straight into bytes: `to_string` goes through `fmt` a piece at a time.
+                let mut r = Response::new(Body::from(serde_json::to_vec(&body).expect("JSON serialises")));
                 r.headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 r
