@@ -565,6 +565,37 @@ async fn output_filters_redact_json_and_text_and_block_secrets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_filters_pass_clean_json_as_it_came_and_withhold_json_they_cannot_vouch_for() {
+    let tools: String = ["clean", "pii", "dup", "deep", "broken"]
+        .iter()
+        .map(|a| format!("  kb.answer_{a}:\n    upstream: {{ url: \"{{{{UPSTREAM}}}}/answer/{a}\", method: POST }}\n    filters: {{ output: [ pii ] }}\n"))
+        .collect();
+    let h = Harness::start_full("", &[("answers.yaml", &format!("tools:\n{tools}"))]).await;
+
+    // Clean: byte for byte what the tool sent.
+    let r = h.call("kb.answer_clean", Some(SUPPORT_KEY), "{}").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        std::str::from_utf8(&r.body).unwrap(),
+        r#"{"b": [1, {"note": "all fine", "x": null}],  "a": "plain text"}"#
+    );
+    // PII at depth: redacted, the rest kept.
+    let r = h.call("kb.answer_pii", Some(SUPPORT_KEY), "{}").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), json!({"k": [{"z": "[REDACTED:email]"}], "n": 1}));
+    // Duplicate keys, nesting past `max_json_depth` (8 here), a truncated body: withheld.
+    for a in ["dup", "deep", "broken"] {
+        let r = h.call(&format!("kb.answer_{a}"), Some(SUPPORT_KEY), "{}").await;
+        let err = r.assert_error(403, "content_blocked");
+        assert!(
+            err["error"]["message"].as_str().unwrap().contains("could not be read"),
+            "{a}: {err}"
+        );
+        assert_eq!(h.event_for(&r)["upstream"]["status"], 200, "{a}: the tool did run");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_request_ids_are_replaced_and_sessions_are_recorded() {
     let h = Harness::start().await;
     let headers = vec![

@@ -27,6 +27,7 @@ pub enum ArgumentsError {
 
 const DUPLICATE: &str = "duplicate key";
 const TOO_DEEP: &str = "too deep";
+const HIT: &str = "a string matched";
 
 /// Parses a body into a JSON object, refusing duplicate keys and nesting deeper than `max_depth`.
 /// An empty body is an empty object.
@@ -46,17 +47,152 @@ pub fn parse_value(body: &[u8], max_depth: usize) -> Result<Value, ArgumentsErro
     let value = Strict { depth_left: max_depth }
         .deserialize(&mut de)
         .and_then(|v| de.end().map(|()| v))
-        .map_err(|e| match e.classify() {
-            serde_json::error::Category::Data if e.to_string().starts_with(DUPLICATE) => ArgumentsError::DuplicateKey,
-            serde_json::error::Category::Data if e.to_string().starts_with(TOO_DEEP) => {
-                ArgumentsError::TooDeep(max_depth)
-            }
-            _ => ArgumentsError::NotJson {
-                line: e.line(),
-                column: e.column(),
-            },
-        })?;
+        .map_err(|e| classify(e, max_depth))?;
     Ok(value)
+}
+
+/// Checks `body` with [`parse_value`]'s strictness — one JSON value, at most `max_depth` deep,
+/// no duplicate keys — and calls `hit` on every object key and string value at any depth,
+/// without building a tree. `Ok(true)` as soon as `hit` returns true (the rest is not read:
+/// a caller that must act on the match parses the body in full); `Ok(false)` if nothing hit.
+///
+/// For tool responses, which are nearly always clean: deciding that costs a fraction of
+/// building a `Value` (no allocation per string, no hashed map per object).
+pub fn any_string(body: &[u8], max_depth: usize, hit: &mut dyn FnMut(&str) -> bool) -> Result<bool, ArgumentsError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let scanned = Strings {
+        depth_left: max_depth,
+        hit,
+    }
+    .deserialize(&mut de)
+    .and_then(|()| de.end());
+    match scanned {
+        Ok(()) => Ok(false),
+        Err(e) if e.classify() == serde_json::error::Category::Data && e.to_string().starts_with(HIT) => Ok(true),
+        Err(e) => Err(classify(e, max_depth)),
+    }
+}
+
+fn classify(e: serde_json::Error, max_depth: usize) -> ArgumentsError {
+    match e.classify() {
+        serde_json::error::Category::Data if e.to_string().starts_with(DUPLICATE) => ArgumentsError::DuplicateKey,
+        serde_json::error::Category::Data if e.to_string().starts_with(TOO_DEEP) => ArgumentsError::TooDeep(max_depth),
+        _ => ArgumentsError::NotJson {
+            line: e.line(),
+            column: e.column(),
+        },
+    }
+}
+
+/// [`any_string`]'s walk: a seed that counts depth, keeps each object's keys (borrowed from
+/// the body unless escaped) to refuse duplicates, and stops at the first string that hits.
+struct Strings<'h> {
+    depth_left: usize,
+    hit: &'h mut dyn FnMut(&str) -> bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Strings<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Strings<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        if (self.hit)(v) { Err(E::custom(HIT)) } else { Ok(()) }
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let depth_left = self
+            .depth_left
+            .checked_sub(1)
+            .ok_or_else(|| A::Error::custom(TOO_DEEP))?;
+        while seq
+            .next_element_seed(Strings {
+                depth_left,
+                hit: &mut *self.hit,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let depth_left = self
+            .depth_left
+            .checked_sub(1)
+            .ok_or_else(|| A::Error::custom(TOO_DEEP))?;
+        let mut keys: Vec<std::borrow::Cow<'de, str>> = Vec::new();
+        while let Some(key) = map.next_key_seed(Key)? {
+            if (self.hit)(&key) {
+                return Err(A::Error::custom(HIT));
+            }
+            keys.push(key);
+            map.next_value_seed(Strings {
+                depth_left,
+                hit: &mut *self.hit,
+            })?;
+        }
+        if has_duplicates(&mut keys) {
+            return Err(A::Error::custom(DUPLICATE));
+        }
+        Ok(())
+    }
+}
+
+/// An object key, borrowed from the body when it has no escapes.
+struct Key;
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = std::borrow::Cow<'de, str>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Borrowed(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v))
+    }
+}
+
+/// Whether a key repeats: pairwise for the small objects nearly all are, sorted beyond.
+fn has_duplicates(keys: &mut [std::borrow::Cow<'_, str>]) -> bool {
+    if keys.len() <= 16 {
+        return keys.iter().enumerate().any(|(i, k)| keys[..i].contains(k));
+    }
+    keys.sort_unstable();
+    keys.windows(2).any(|w| w[0] == w[1])
 }
 
 /// A `serde_json::Value` seed that counts depth and refuses duplicate keys.
@@ -345,6 +481,57 @@ fn join_pointer(at: &str, name: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Every string `any_string` shows `hit`, in order, when nothing hits.
+    fn strings_seen(body: &[u8], depth: usize) -> Result<Vec<String>, ArgumentsError> {
+        let mut seen = Vec::new();
+        let hit = any_string(body, depth, &mut |s| {
+            seen.push(s.to_owned());
+            false
+        })?;
+        assert!(!hit);
+        Ok(seen)
+    }
+
+    #[test]
+    fn any_string_sees_every_key_and_string_at_any_depth_and_stops_at_a_hit() {
+        let body = br#" {"a": [1, true, null, {"b\u0063": "x\n"}], "d": {"e": [["f"]], "g": 2.5}} "#;
+        assert_eq!(strings_seen(body, 8).unwrap(), ["a", "bc", "x\n", "d", "e", "f", "g"]);
+        let mut seen = 0;
+        let hit = any_string(body, 8, &mut |s| {
+            seen += 1;
+            s == "x\n"
+        });
+        assert_eq!(hit, Ok(true));
+        assert_eq!(seen, 3, "nothing after the hit is looked at");
+    }
+
+    #[test]
+    fn any_string_is_as_strict_as_parse_value() {
+        for (body, depth) in [
+            (&br#"{"a": 1, "a": 2}"#[..], 8),
+            (br#"{"a": {"k": 1, "\u006b": 2}}"#, 8),
+            (br#"[[[1]]]"#, 2),
+            (br#"{"a": "#, 8),
+            (br#"{} {}"#, 8),
+            (b"", 8),
+        ] {
+            let expected = parse_value(body, depth).unwrap_err();
+            let got = strings_seen(body, depth).unwrap_err();
+            assert_eq!(
+                std::mem::discriminant(&got),
+                std::mem::discriminant(&expected),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Beyond sixteen keys, duplicates are found by sorting.
+        let many: Vec<String> = (0..40).map(|i| format!("\"k{}\": {i}", i % 39)).collect();
+        let body = format!("{{{}}}", many.join(","));
+        assert_eq!(strings_seen(body.as_bytes(), 8), Err(ArgumentsError::DuplicateKey));
+        let body = body.replace("\"k0\": 39", "\"k39\": 39");
+        assert_eq!(strings_seen(body.as_bytes(), 8).unwrap().len(), 40);
+    }
 
     #[test]
     fn parses_objects_and_treats_an_empty_body_as_no_arguments() {

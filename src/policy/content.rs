@@ -436,6 +436,15 @@ pub struct Outcome {
     pub audit_hit: bool,
 }
 
+/// Whether any of `filters` finds something in `text`: what [`apply`] would act on.
+pub fn finds_any(filters: &[&Filter], text: &str) -> bool {
+    let n = normalize(text);
+    let mut any_detector = None;
+    filters
+        .iter()
+        .any(|f| f.scan_normalized(&n, &mut any_detector).is_some())
+}
+
 /// Runs `filters` over every string value and key of `value`, in place: redacting filters
 /// rewrite, the first blocking finding stops the walk.
 pub fn apply(filters: &[&Filter], value: &mut Value) -> Outcome {

@@ -27,7 +27,7 @@ use crate::FastMap;
 use crate::config::yaml::{Document, KeyPath};
 use crate::config::{ConfigError, Problem, Problems};
 use allowlist::{Allowlist, ToolPattern, is_valid_tool_name};
-use arguments::ArgumentSchema;
+use arguments::{ArgumentSchema, ArgumentsError};
 use content::{Filter, FilterConfig};
 pub use decision::{Code, Decision, Reason, Stage};
 use history::{Fact, History};
@@ -763,8 +763,19 @@ impl Policy {
 
     /// Runs a tool's output filters over its response, in place.
     pub fn filter_output(&self, tool: &Tool, response: &mut Value) -> content::Outcome {
-        let filters: Vec<&Filter> = tool.output_filters.iter().map(|&i| &self.filters[i]).collect();
-        content::apply(&filters, response)
+        content::apply(&self.output_filters(tool), response)
+    }
+
+    /// Whether a JSON response is clean for the tool's output filters, checked in one pass
+    /// without building it (`Ok(true)`: forward it as it came). `Ok(false)` means a filter
+    /// will act: parse it and run [`Policy::filter_output`]. Unreadable JSON is an error.
+    pub fn output_is_clean(&self, tool: &Tool, body: &[u8], max_depth: usize) -> Result<bool, ArgumentsError> {
+        let filters = self.output_filters(tool);
+        arguments::any_string(body, max_depth, &mut |s| content::finds_any(&filters, s)).map(|hit| !hit)
+    }
+
+    fn output_filters(&self, tool: &Tool) -> Vec<&Filter> {
+        tool.output_filters.iter().map(|&i| &self.filters[i]).collect()
     }
 
     /// Whether a tool has output filters (so a response must be parsed at all).

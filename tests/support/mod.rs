@@ -92,6 +92,13 @@ async fn respond(log: Arc<Mutex<Vec<Seen>>>, req: Request) -> Response {
         "/big" => (json_ct, format!("{{\"blob\":\"{}\"}}", "x".repeat(100_000))).into_response(),
         "/text" => ([("content-type", "text/plain")], "hello\ncontact ada@example.com please\nbye").into_response(),
         "/secret" => (json_ct, r#"{"key":"AKIAIOSFODNN7EXAMPLE"}"#).into_response(),
+        // Answers for output filters: clean (with spacing a re-serialisation would lose), PII
+        // deep inside, and three kinds of JSON no filter can vouch for.
+        "/answer/clean" => (json_ct, r#"{"b": [1, {"note": "all fine", "x": null}],  "a": "plain text"}"#).into_response(),
+        "/answer/pii" => (json_ct, r#"{"k": [{"z": "mail ada@example.com"}], "n": 1}"#).into_response(),
+        "/answer/dup" => (json_ct, r#"{"a": "x", "a": "y"}"#).into_response(),
+        "/answer/deep" => (json_ct, format!("{}{}", "[".repeat(20), "]".repeat(20))).into_response(),
+        "/answer/broken" => (json_ct, r#"{"a": "#).into_response(),
         "/status500" => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, json_ct, r#"{"err":"boom"}"#).into_response(),
         p if p.starts_with("/tickets/") && parts.method == "GET" => {
             (json_ct, json!({"id": p.trim_start_matches("/tickets/"), "customer": {"email": "ada@example.com", "card": "4111 1111 1111 1111"}, "status": "open"}).to_string()).into_response()
@@ -196,7 +203,8 @@ impl Harness {
         Self::start_full(extra_config, &[]).await
     }
 
-    /// Starts with extra config lines and extra policy files (`{{DIR}}` is the temp dir).
+    /// Starts with extra config lines and extra policy files (`{{DIR}}` is the temp dir,
+    /// `{{UPSTREAM}}` the test upstream's URL).
     pub async fn start_full(extra_config: &str, extra_policies: &[(&str, &str)]) -> Self {
         let upstream = TestUpstream::start().await;
         let dir = tempfile::tempdir().unwrap();
@@ -205,6 +213,7 @@ impl Harness {
         for (name, text) in extra_policies {
             let text = text
                 .replace("{{DIR}}", &dir.path().display().to_string())
+                .replace("{{UPSTREAM}}", &upstream.url)
                 .replace("{{FIXTURES}}", &fixture("").display().to_string());
             std::fs::write(policy_dir.join(name), text).unwrap();
         }
