@@ -222,7 +222,7 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
         workers::spawn(
             data.into_std()?,
             gateway.config.workers,
-            data_plane(gateway.clone()).service(),
+            data_plane(gateway.clone()),
             read_timeout,
             stopped.clone(),
         )?,

@@ -14,39 +14,28 @@
 //! kernel wakes first (usually an idle one), so many connections spread evenly; a few very busy
 //! kept-alive connections can load one thread more than another, as with any per-core design.
 
-use std::convert::Infallible;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
-use super::{DataBody, serve, wait};
+use super::{DataPlane, serve, wait};
 
-/// Serves `listener` on `threads` threads until `stopped` turns true (or its sender is gone),
-/// each finishing its calls in flight. The task returned ends when every thread has.
-pub(super) fn spawn<S>(
+/// Serves `plane` from `listener` on `threads` threads until `stopped` turns true (or its
+/// sender is gone), each finishing its calls in flight. The task returned ends when every
+/// thread has.
+pub(super) fn spawn(
     listener: std::net::TcpListener,
     threads: usize,
-    app: S,
+    plane: DataPlane,
     read_timeout: Duration,
     stopped: watch::Receiver<bool>,
-) -> std::io::Result<tokio::task::JoinHandle<()>>
-where
-    S: hyper::service::Service<
-            axum::http::Request<Incoming>,
-            Response = axum::http::Response<DataBody>,
-            Error = Infallible,
-            Future: Send + 'static,
-        > + Clone
-        + Send
-        + 'static,
-{
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     let mut done = Vec::with_capacity(threads);
     for i in 0..threads {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (listener, app, stopped) = (listener.try_clone()?, app.clone(), stopped.clone());
+        let (listener, app, stopped) = (listener.try_clone()?, plane.clone().service(), stopped.clone());
         let (finished, on_finish) = oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("toolgate-data-{i}"))
