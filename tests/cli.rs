@@ -293,6 +293,7 @@ fn serve(cfg: &Path) -> (std::process::Child, String, String) {
         .arg("-c")
         .arg(cfg)
         .env("TOOLGATE_ADMIN_TOKEN", "restart-admin-token")
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -359,7 +360,8 @@ async fn serve_runs_the_data_plane_on_its_configured_threads_and_stops_them_on_s
     let mut text = std::fs::read_to_string(&cfg).unwrap();
     text.push_str("workers: 3\n");
     std::fs::write(&cfg, text).unwrap();
-    let (mut child, data, _) = serve(&cfg);
+    let (child, data, _) = serve(&cfg);
+    let mut child = KillOnDrop(child);
 
     // A thread names itself as it starts: look until all three have, or 5 s have passed.
     let threads = |pid: u32| -> Vec<String> {
@@ -370,10 +372,10 @@ async fn serve_runs_the_data_plane_on_its_configured_threads_and_stops_them_on_s
             .collect()
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while threads(child.id()).len() < 3 && std::time::Instant::now() < deadline {
+    while threads(child.0.id()).len() < 3 && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let mut names = threads(child.id());
+    let mut names = threads(child.0.id());
     names.sort();
     assert_eq!(names, ["toolgate-data-0\n", "toolgate-data-1\n", "toolgate-data-2\n"]);
 
@@ -399,15 +401,90 @@ async fn serve_runs_the_data_plane_on_its_configured_threads_and_stops_them_on_s
     }
 
     // SIGTERM: every thread finishes and the process exits cleanly.
-    let term = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let term = Command::new("kill").arg("-TERM").arg(child.0.id().to_string()).status();
     assert!(term.unwrap().success());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             break status;
         }
         assert!(std::time::Instant::now() < deadline, "serve did not stop on SIGTERM");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_fixture_policies(&dir.path().join("policies"), &upstream.url);
+    let cfg = write_serve_config(dir.path());
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("workers: 1\n");
+    std::fs::write(&cfg, text).unwrap();
+    // 32 descriptors: about twenty are taken at start, so a dozen connections use up the rest.
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -n 32 && exec \"$0\" serve -c \"$1\""])
+        .arg(env!("CARGO_BIN_EXE_toolgate"))
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (data, _, log) = listeners(&mut child);
+    let child = KillOnDrop(child);
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || log.map_while(Result::ok).for_each(|l| sink.lock().unwrap().push(l)));
+
+    let addr = data.strip_prefix("http://").unwrap().to_owned();
+    let started = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let errors = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("cannot accept connections"))
+        .count();
+    // One error line per pause of 100 ms; a loop retrying at once would write thousands.
+    let allowed = 20 * started.elapsed().as_secs() as usize + 20;
+    assert!(errors >= 1, "the exhausted descriptors were never reported");
+    assert!(errors <= allowed, "{errors} accept errors: the accept loop spins");
+
+    // The idle connections go; the descriptors come back, and calls are served again.
+    drop(idle);
+    let key = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
+    let mut answered = None;
+    for _ in 0..100 {
+        let url = format!("{data}/v1/tools/kb.search");
+        if let Some(r) = support::try_send("POST", &url, &key, br#"{"query": "q"}"#.to_vec()).await
+            && r.status == 200
+        {
+            answered = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        answered.is_some(),
+        "no call was served after the descriptors were freed"
+    );
+    drop(child);
+}
+
+/// A spawned `toolgate serve` that is killed when the test ends, passed or failed (a child left
+/// running would keep the test's output pipes open).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

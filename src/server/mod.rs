@@ -296,6 +296,17 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
     })
 }
 
+/// How long the accept loop pauses after an error that is not one connection's (e.g. EMFILE).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset | Interrupted
+    )
+}
+
 async fn wait(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
@@ -322,7 +333,18 @@ where
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    // One connection that went away before it was taken: the next one is fine.
+                    Err(e) if is_connection_error(&e) => continue,
+                    // Out of file descriptors or memory: accepting again at once would fail
+                    // again at once, a busy loop on a full core. Pause, and say why.
+                    Err(e) => {
+                        tracing::error!("cannot accept connections: {e}; retrying in {ACCEPT_BACKOFF:?}");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
                 let conn = http.serve_connection(TokioIo::new(stream), app.clone());
                 let conn = drain.watch(conn);
