@@ -157,7 +157,7 @@ async fn audit_events_survive_kill_9_right_after_the_response() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     write_fixture_policies(&dir.path().join("policies"), &upstream.url);
-    let cfg = write_serve_config(dir.path());
+    let cfg = write_serve_config(dir.path(), "");
     let mut child = toolgate()
         .arg("serve")
         .arg("-c")
@@ -267,7 +267,7 @@ async fn a_closed_stderr_does_not_fail_calls_that_log() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     write_fixture_policies(&dir.path().join("policies"), &upstream.url);
-    let cfg = write_serve_config(dir.path());
+    let cfg = write_serve_config(dir.path(), "");
     // `serve` reads the log until the listeners are up, then drops its end of the pipe.
     let (mut child, data, _) = serve(&cfg);
     let key = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
@@ -312,7 +312,7 @@ async fn an_approval_survives_a_restart_between_request_and_decision() {
         "@id(\"big-refunds\")\n@approval(\"billing\")\nforbid (principal, action == Action::\"billing.refund\", resource) when { context.input.amount > 100 };\n",
     )
     .unwrap();
-    let cfg = write_serve_config(dir.path());
+    let cfg = write_serve_config(dir.path(), "");
     let key = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
     let refund = br#"{"order_id": "O-7", "amount": 900}"#.to_vec();
 
@@ -356,10 +356,7 @@ async fn serve_runs_the_data_plane_on_its_configured_threads_and_stops_them_on_s
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     write_fixture_policies(&dir.path().join("policies"), &upstream.url);
-    let cfg = write_serve_config(dir.path());
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str("workers: 3\n");
-    std::fs::write(&cfg, text).unwrap();
+    let cfg = write_serve_config(dir.path(), "workers: 3\n");
     let (child, data, _) = serve(&cfg);
     let mut child = KillOnDrop(child);
 
@@ -419,10 +416,7 @@ async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     write_fixture_policies(&dir.path().join("policies"), &upstream.url);
-    let cfg = write_serve_config(dir.path());
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str("workers: 1\n");
-    std::fs::write(&cfg, text).unwrap();
+    let cfg = write_serve_config(dir.path(), "workers: 1\n");
     // 32 descriptors: about twenty are taken at start, so a dozen connections use up the rest.
     let mut child = Command::new("sh")
         .args(["-c", "ulimit -n 32 && exec \"$0\" serve -c \"$1\""])

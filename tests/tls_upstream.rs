@@ -81,7 +81,7 @@ fn serve(dir: &std::path::Path, tool_url: &str, ca: Option<&std::path::Path>) ->
         ),
     )
     .unwrap();
-    let cfg = write_serve_config(dir);
+    let cfg = write_serve_config(dir, "");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_toolgate"));
     cmd.arg("serve")
         .arg("-c")

@@ -132,14 +132,14 @@ pub struct Harness {
 
 /// Writes `DIR/toolgate.yaml` for `toolgate serve` on free ports, with its policies, audit file
 /// and approval store in `dir` (its own store: the default is locked by any toolgate already
-/// running from the repository).
+/// running from the repository), then the `extra` config lines.
 #[allow(dead_code)]
-pub fn write_serve_config(dir: &Path) -> PathBuf {
+pub fn write_serve_config(dir: &Path, extra: &str) -> PathBuf {
     let cfg = dir.join("toolgate.yaml");
     let d = dir.display();
     std::fs::write(
         &cfg,
-        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/approvals.redb }}\n"),
+        format!("listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0 }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/approvals.redb }}\n{extra}"),
     )
     .unwrap();
     cfg
