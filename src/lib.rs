@@ -23,6 +23,7 @@ pub mod demo;
 pub mod gateway;
 pub mod mcp;
 pub mod meters;
+pub mod per_thread;
 pub mod policy;
 pub mod server;
 pub mod state;

@@ -3,11 +3,17 @@
 //! answering has already recorded it. A write that fails makes the call fail closed.
 //!
 //! Writes are group-committed without a lock held across the syscall: a caller appends its line
-//! to a shared buffer; if nobody is writing, it becomes the writer, yields once (so the calls
-//! already runnable on its thread append theirs), and writes everything buffered with one
-//! `write`, again until the buffer is empty; the others wait (as tasks, not blocked threads)
-//! until their line is written. Uncontended, that is one `write` per event; under load, about
-//! one per ten, and no thread ever sleeps on a lock while another is in the kernel.
+//! to its thread's buffer; if nobody is writing that buffer, it becomes the writer, yields once
+//! (so the calls already runnable on its thread append theirs), and writes everything buffered
+//! with one `write`, again until the buffer is empty; the others wait (as tasks, not blocked
+//! threads) until their line is written. Uncontended, that is one `write` per event; under
+//! load, one per several, and no buffer's lock is held across a syscall.
+//!
+//! The buffer is per thread (`per_thread`): with one buffer for the process, a data-plane
+//! thread's calls waited on the other thread's write, and each was woken across threads (a
+//! syscall to unpark the other event loop). The file's own lock is held for one batch's
+//! `write`, so batches from different threads interleave in the file but never tear a line
+//! (the kernel serialises appends to one file the same way).
 
 pub mod cloudwatch;
 mod line;
@@ -27,6 +33,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::AuditConfig;
+use crate::per_thread;
 use crate::policy::Reason;
 
 /// Bytes waiting to be written; beyond this, calls fail closed rather than buffer without bound.
@@ -227,7 +234,7 @@ impl Progress {
 /// every call waits here once, and the channel's subscription, sharded notifier and budget
 /// accounting cost ~2k instructions per call (docs/benchmarks.md).
 struct Written<'a> {
-    sink: &'a FileSink,
+    pending: &'a Mutex<Pending>,
     seq: u64,
     registered: bool,
 }
@@ -237,7 +244,7 @@ impl Future for Written<'_> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
         let seq = self.seq;
-        let mut p = lock(&self.sink.pending);
+        let mut p = lock(self.pending);
         if p.progress.done >= seq {
             return Poll::Ready(p.progress.has_failed(seq));
         }
@@ -257,7 +264,8 @@ impl Future for Written<'_> {
 struct FileSink {
     path: PathBuf,
     file: Mutex<File>,
-    pending: Mutex<Pending>,
+    /// Lines waiting to be written, one buffer per thread.
+    pending: Box<[per_thread::Shard<Mutex<Pending>>]>,
     sync: bool,
 }
 
@@ -295,7 +303,7 @@ impl AuditLog {
                 Some(FileSink {
                     path: path.clone(),
                     file: Mutex::new(f),
-                    pending: Mutex::default(),
+                    pending: per_thread::shards(),
                     sync: config.fsync,
                 })
             }
@@ -350,19 +358,22 @@ impl AuditLog {
     }
 }
 
-/// The writer's duty, done when dropped: after yielding, or if cancelled while yielding.
-struct Writer<'a>(&'a FileSink);
+/// The writer's duty for one buffer, done when dropped: after yielding, or if cancelled while
+/// yielding.
+struct Writer<'a>(&'a FileSink, &'a Mutex<Pending>);
 
 impl Drop for Writer<'_> {
     fn drop(&mut self) {
-        self.0.write_pending();
+        self.0.write_pending(self.1);
     }
 }
 
 impl FileSink {
     async fn append(&self, line: &[u8]) -> Result<(), AuditError> {
+        // This thread's buffer; the task keeps it even if a work-stealing runtime moves it.
+        let pending = &self.pending[per_thread::index()].0;
         let (seq, lead) = {
-            let mut p = lock(&self.pending);
+            let mut p = lock(pending);
             if p.buf.len() + line.len() > MAX_BUFFERED {
                 return Err(AuditError::Backlog(MAX_BUFFERED));
             }
@@ -377,12 +388,12 @@ impl FileSink {
             // `write` carries them all (under load, ~10 lines per `write` instead of one). With
             // nothing else runnable this returns at once. The guard writes if this task is
             // dropped while it yields: a writer that never writes would wedge the log.
-            let writer = Writer(self);
+            let writer = Writer(self, pending);
             tokio::task::yield_now().await;
             drop(writer);
         }
         let written = Written {
-            sink: self,
+            pending,
             seq,
             registered: false,
         };
@@ -394,11 +405,12 @@ impl FileSink {
         Ok(())
     }
 
-    /// Writes batches until nothing is pending, then steps down. Only one caller at a time.
-    fn write_pending(&self) {
+    /// Writes `pending`'s batches until it is empty, then steps down. Only one caller at a time
+    /// per buffer.
+    fn write_pending(&self, pending: &Mutex<Pending>) {
         loop {
             let (mut batch, upto) = {
-                let mut p = lock(&self.pending);
+                let mut p = lock(pending);
                 if p.buf.is_empty() {
                     p.writing = false;
                     return;
@@ -424,7 +436,7 @@ impl FileSink {
             if let Err(e) = &result {
                 tracing::error!(path = %self.path.display(), "audit write failed: {e}");
             }
-            let mut p = lock(&self.pending);
+            let mut p = lock(pending);
             let progress = &mut p.progress;
             if result.is_err() {
                 progress.failed.push_back((progress.done + 1, upto));
@@ -481,6 +493,42 @@ mod tests {
             text, "{\"n\":1}\n{\"n\":2}\n",
             "the dropped caller's line is written too"
         );
+    }
+
+    #[test]
+    fn each_thread_writes_its_own_lines_without_waiting_on_another_threads_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(log_in(dir.path()));
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        // This thread's caller becomes its buffer's writer and stops at its yield, unpolled.
+        let mut stalled = Box::pin(log.emit_line(b"{\"n\":0}\n"));
+        assert!((&mut stalled).now_or_never().is_none());
+        // Another thread's events do not wait for it (with one buffer they would, forever).
+        let other = log.clone();
+        std::thread::spawn(move || {
+            runtime().block_on(async {
+                for i in 1..=3 {
+                    let line = format!("{{\"n\":{i}}}\n");
+                    tokio::time::timeout(Duration::from_secs(5), other.emit_line(line.as_bytes()))
+                        .await
+                        .expect("written without the other thread's writer")
+                        .unwrap();
+                }
+            })
+        })
+        .join()
+        .unwrap();
+        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        assert_eq!(text, "{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n");
+        // The stalled writer finishes its own buffer when it runs.
+        runtime().block_on(stalled).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        assert!(text.ends_with("{\"n\":0}\n"), "{text}");
     }
 
     #[test]

@@ -24,7 +24,6 @@
 //!   the call may have acted, so it is never retried.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -37,7 +36,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::Service;
 
-use crate::FastMap;
+use crate::{FastMap, per_thread};
 
 type Sender = SendRequest<Full<Bytes>>;
 
@@ -58,20 +57,14 @@ pub enum PoolError {
 #[derive(Debug)]
 pub struct Pool {
     connector: HttpsConnector<HttpConnector>,
-    /// One shard of idle connections per thread (see [`Pool::shard`]).
-    idle: Box<[Shard]>,
+    /// Idle connections, one shard per thread (`per_thread`).
+    idle: Box<[per_thread::Shard<IdleMap>]>,
     idle_timeout: Duration,
     max_idle_per_host: usize,
 }
 
-/// Idle connections per authority: plain HTTP at index 0, TLS at 1. Aligned to its own cache
-/// lines, so threads taking from neighbouring shards do not contend for one.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Shard(Mutex<[FastMap<Box<str>, Vec<Idle>>; 2]>);
-
-/// Shards per pool: more than the threads that serve calls, so each gets its own.
-const SHARDS: usize = 64;
+/// Idle connections per authority: plain HTTP at index 0, TLS at 1.
+type IdleMap = Mutex<[FastMap<Box<str>, Vec<Idle>>; 2]>;
 
 #[derive(Debug)]
 struct Idle {
@@ -111,7 +104,7 @@ impl Pool {
     pub fn new(connector: HttpsConnector<HttpConnector>, idle_timeout: Duration, max_idle_per_host: usize) -> Self {
         Self {
             connector,
-            idle: (0..SHARDS).map(|_| Shard::default()).collect(),
+            idle: per_thread::shards(),
             idle_timeout,
             max_idle_per_host,
         }
@@ -166,19 +159,14 @@ impl Pool {
         }
     }
 
-    /// This thread's idle connections. Threads get consecutive indices when they first ask,
-    /// so up to [`SHARDS`] threads each have a shard to themselves.
-    fn shard(&self) -> &Shard {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
-        }
-        &self.idle[INDEX.with(|i| *i)]
+    /// This thread's idle connections.
+    fn shard(&self) -> &IdleMap {
+        &self.idle[per_thread::index()].0
     }
 
     /// The most recently used idle connection to the origin that is still open and fresh.
     fn take(&self, tls: Tls, authority: &str) -> Option<Sender> {
-        let mut idle = lock(&self.shard().0);
+        let mut idle = lock(self.shard());
         let list = idle[tls as usize].get_mut(authority)?;
         let now = Instant::now();
         while let Some(c) = list.pop() {
@@ -194,7 +182,7 @@ impl Pool {
             return;
         }
         let now = Instant::now();
-        let mut idle = lock(&self.shard().0);
+        let mut idle = lock(self.shard());
         let idle = &mut idle[tls as usize];
         let list = match idle.get_mut(authority.as_str()) {
             Some(list) => list,
