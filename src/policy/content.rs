@@ -126,6 +126,16 @@ const DETECTOR_PATTERNS: [&str; 9] = [
 /// the set itself.
 const DETECTOR_ANCHORS: [&str; 8] = ["akia", "asia", "abia", "acca", "secret", "-----begin", "eyj", "bearer "];
 
+/// An automaton for asking whether any of `literals` occurs. Leftmost-first, though only
+/// `is_match` is ever asked: with aho-corasick's default (standard) semantics it cannot use
+/// its SIMD (Teddy) prefilter and walks the automaton byte by byte — 14× slower on 270 bytes
+/// of prose with eight literals (measured: 563 ns against 40).
+fn literal_search<I: AsRef<[u8]>>(literals: &[I]) -> Result<AhoCorasick, aho_corasick::BuildError> {
+    AhoCorasick::builder()
+        .match_kind(aho_corasick::MatchKind::LeftmostFirst)
+        .build(literals)
+}
+
 /// All detectors as one set (one pass finds which may match) plus each alone (to confirm).
 struct DetectorSet {
     set: RegexSet,
@@ -148,7 +158,7 @@ static DETECTORS: LazyLock<DetectorSet> = LazyLock::new(|| DetectorSet {
         .iter()
         .map(|p| Regex::new(p).expect("built-in detector regexes compile"))
         .collect(),
-    anchors: AhoCorasick::new(DETECTOR_ANCHORS).expect("literal anchors compile"),
+    anchors: literal_search(&DETECTOR_ANCHORS).expect("literal anchors compile"),
 });
 
 fn is_luhn_valid(s: &str) -> bool {
@@ -385,7 +395,7 @@ impl Filter {
         let terms = if terms.is_empty() {
             None
         } else {
-            Some(AhoCorasick::new(&terms).map_err(|e| vec![("deny_terms".to_owned(), e.to_string())])?)
+            Some(literal_search(&terms).map_err(|e| vec![("deny_terms".to_owned(), e.to_string())])?)
         };
         Ok(Self {
             name: name.to_owned(),
