@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -77,6 +78,10 @@ pub struct MemoryState {
     budgets: RwLock<FastMap<String, Arc<Mutex<Budget>>>>,
     denials: Mutex<HashMap<(String, &'static str), VecDeque<Instant>>>,
     quarantines: RwLock<FastMap<String, Quarantine>>,
+    /// Whether `quarantines` has any entry: every call asks, and almost always none is. Set
+    /// under its write lock, so the common answer needs no lock (whose reader count both cores
+    /// would write on every call).
+    any_quarantined: AtomicBool,
     /// Recorded calls per agent, oldest first, for session-aware rules.
     history: RwLock<FastMap<String, Arc<Mutex<VecDeque<PastCall>>>>>,
     /// Per agent: whose turn it is to decide a call that reads or writes history.
@@ -89,12 +94,20 @@ pub struct MemoryState {
 pub const MAX_HISTORY_PER_AGENT: usize = 4096;
 
 impl MemoryState {
-    fn limiter(&self, key: &str, per_minute: NonZeroU32) -> Arc<DefaultDirectRateLimiter> {
+    /// Takes one call from `key`'s allowance. The limiter is used under the map's read lock,
+    /// not cloned out of it: an `Arc` clone and drop are two more writes to a line every core
+    /// shares.
+    fn take(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Duration> {
+        let wait = |not_until: governor::NotUntil<_>| not_until.wait_time_from(self.clock.now());
         if let Some((n, l)) = read(&self.limiters).get(key)
             && *n == per_minute.get()
         {
-            return l.clone();
+            return l.check().map_err(wait);
         }
+        self.limiter(key, per_minute).check().map_err(wait)
+    }
+
+    fn limiter(&self, key: &str, per_minute: NonZeroU32) -> Arc<DefaultDirectRateLimiter> {
         // A new key, or a changed quota (policy reload): a fresh allowance.
         let fresh = Arc::new(RateLimiter::direct(Quota::per_minute(per_minute)));
         let mut map = write(&self.limiters);
@@ -166,10 +179,7 @@ impl State {
     /// Takes one call from the `key`'s per-minute allowance, or says how long to wait.
     pub fn take_rate(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Duration> {
         match self {
-            State::Memory(m) => m
-                .limiter(key, per_minute)
-                .check()
-                .map_err(|not_until| not_until.wait_time_from(m.clock.now())),
+            State::Memory(m) => m.take(key, per_minute),
         }
     }
 
@@ -291,6 +301,7 @@ impl State {
                     return false;
                 }
                 map.insert(agent.to_owned(), q);
+                m.any_quarantined.store(true, Ordering::Release);
                 true
             }
         }
@@ -299,19 +310,32 @@ impl State {
     /// Releases an agent. Returns the quarantine it was under, if any.
     pub fn release(&self, agent: &str) -> Option<Quarantine> {
         match self {
-            State::Memory(m) => write(&m.quarantines).remove(agent),
+            State::Memory(m) => {
+                let mut map = write(&m.quarantines);
+                let q = map.remove(agent);
+                m.any_quarantined.store(!map.is_empty(), Ordering::Release);
+                q
+            }
         }
     }
 
     /// The agent's quarantine, if one is in force (an expired one is dropped).
     pub fn quarantined(&self, agent: &str) -> Option<Quarantine> {
-        let now = unix_now();
         match self {
             State::Memory(m) => {
+                if !m.any_quarantined.load(Ordering::Acquire) {
+                    return None;
+                }
                 let found = read(&m.quarantines).get(agent).cloned();
                 match found {
-                    Some(q) if q.until.is_some_and(|u| u <= now) => {
-                        write(&m.quarantines).remove(agent);
+                    Some(q) if q.until.is_some_and(|u| u <= unix_now()) => {
+                        // Expired: dropped, unless it was renewed meanwhile.
+                        let now = unix_now();
+                        let mut map = write(&m.quarantines);
+                        if map.get(agent).is_some_and(|q| q.until.is_some_and(|u| u <= now)) {
+                            map.remove(agent);
+                        }
+                        m.any_quarantined.store(!map.is_empty(), Ordering::Release);
                         None
                     }
                     other => other,
@@ -411,5 +435,19 @@ mod tests {
         assert!(s.quarantined("a").is_none());
         assert!(s.quarantine("b", Some(Duration::ZERO), "anomaly", "x"));
         assert!(s.quarantined("b").is_none(), "a zero-length quarantine has ended");
+        // Releasing or expiring one agent leaves the others' quarantines in force.
+        assert!(s.quarantine("c", None, "alice", "manual"));
+        assert!(s.quarantine("d", None, "alice", "manual"));
+        assert!(s.quarantine("e", Some(Duration::ZERO), "anomaly", "x"));
+        assert!(s.quarantined("e").is_none());
+        assert!(s.release("c").is_some());
+        assert!(s.quarantined("c").is_none());
+        assert_eq!(s.quarantined("d").unwrap().by, "alice");
+        assert!(s.release("d").is_some());
+        assert!(
+            s.quarantine("c", None, "bob", "again"),
+            "quarantined again after release"
+        );
+        assert_eq!(s.quarantined("c").unwrap().by, "bob");
     }
 }
