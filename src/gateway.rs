@@ -120,6 +120,10 @@ pub struct Gateway {
     guardrails: Guardrails,
     /// The tools upstream MCP servers listed at the last refresh.
     discovered: std::sync::Mutex<Vec<DiscoveredTool>>,
+    /// Whether any discovered tool is marked changed: every call asks, almost always "no",
+    /// and the answer needs no lock then (a lock both data-plane cores would write per call).
+    /// Kept by [`Gateway::update_discovered`].
+    any_changed_tool: std::sync::atomic::AtomicBool,
     /// Set when the MCP catalog changed: the next reload swaps the policy in even though the
     /// files (and so the version) are the same.
     force_reload: std::sync::atomic::AtomicBool,
@@ -150,6 +154,7 @@ impl Gateway {
             reload_lock: tokio::sync::Mutex::new(()),
             admin_token: None,
             discovered: std::sync::Mutex::new(Vec::new()),
+            any_changed_tool: std::sync::atomic::AtomicBool::new(false),
             force_reload: std::sync::atomic::AtomicBool::new(false),
             meters: Meters::default(),
         }
@@ -778,6 +783,13 @@ impl Gateway {
         body: Bytes,
         rec: &mut Record,
     ) -> Result<Bytes, Reason> {
+        if tool
+            .output_filters
+            .iter()
+            .all(|&i| policy.filters[i].guardrail.is_none())
+        {
+            return Ok(body);
+        }
         let what = format!("the response of tool '{}'", tool.name);
         let masked = self
             .guardrails(policy, &tool.output_filters, GuardrailSource::Output, &what, &body, rec)
@@ -787,11 +799,24 @@ impl Gateway {
 
     /// Whether an upstream MCP tool is currently marked as changed since its pin.
     fn is_changed_tool(&self, name: &str) -> bool {
+        if !self.any_changed_tool.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
         self.discovered
             .lock()
             .expect("discovered lock")
             .iter()
             .any(|d| d.changed && d.exposed_name() == name)
+    }
+
+    /// Changes the discovered tools, and whether any is marked changed, under one lock.
+    fn update_discovered(&self, change: impl FnOnce(&mut Vec<DiscoveredTool>)) {
+        let mut discovered = self.discovered.lock().expect("discovered lock");
+        change(&mut discovered);
+        self.any_changed_tool.store(
+            discovered.iter().any(|d| d.changed),
+            std::sync::atomic::Ordering::Release,
+        );
     }
 
     fn store_failed(request_id: &str, e: crate::approval::ApprovalError) -> Reason {
@@ -1009,7 +1034,7 @@ impl Gateway {
         }
         found.sort_by_key(DiscoveredTool::exposed_name);
         if found != previous {
-            *self.discovered.lock().expect("discovered lock") = found;
+            self.update_discovered(|d| *d = found);
             let _ = self.reload_now(trigger).await;
         }
     }
@@ -1041,11 +1066,13 @@ impl Gateway {
         tokio::task::spawn_blocking(move || store.set_pin(&n, &pin))
             .await
             .expect("no panic")?;
-        for d in self.discovered.lock().expect("discovered lock").iter_mut() {
-            if d.exposed_name() == name && d.definition_sha256() == sha {
-                d.changed = false;
+        self.update_discovered(|discovered| {
+            for d in discovered.iter_mut() {
+                if d.exposed_name() == name && d.definition_sha256() == sha {
+                    d.changed = false;
+                }
             }
-        }
+        });
         self.audit
             .emit_or_log(
                 "tool_approved",

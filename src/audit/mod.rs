@@ -342,7 +342,11 @@ impl AuditLog {
             Some(sink) => sink.append(line).await,
             None => Ok(()),
         };
-        self.healthy.store(result.is_ok(), Ordering::Relaxed);
+        // Stored only on a change: a store on every call would make both data-plane cores
+        // write this line on every call.
+        if self.healthy.load(Ordering::Relaxed) != result.is_ok() {
+            self.healthy.store(result.is_ok(), Ordering::Relaxed);
+        }
         if result.is_err() {
             metrics::counter!("toolgate_audit_write_failures_total").increment(1);
         }
