@@ -269,7 +269,10 @@ impl Gateway {
 
     async fn call_inner(&self, req: CallRequest<'_>) -> CallResponse {
         let started = Instant::now();
-        let policy = self.policy();
+        // A guard, not an `Arc` clone: the clone and its drop are two writes per call to the
+        // policy's reference count, which every core's calls share. The guard borrows one of
+        // this thread's debt slots instead (arc-swap falls back to a clone when they run out).
+        let policy = self.policy.load();
         let mut rec = Record::default();
         let result = self.process(&policy, &req, &mut rec).await;
 
