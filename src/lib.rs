@@ -25,6 +25,7 @@ pub mod mcp;
 pub mod meters;
 pub mod per_thread;
 pub mod policy;
+pub mod read_mostly;
 pub mod server;
 pub mod state;
 pub mod timer;

@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::FastMap;
 use crate::policy::history::{History, PastCall};
+use crate::read_mostly::ReadMostly;
 
 /// Why an agent is quarantined, and until when.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -69,13 +70,16 @@ impl Default for State {
 
 /// Process-local state (`state: memory`).
 ///
-/// Maps that every call reads are behind `RwLock`s and hold `Arc`s, so concurrent calls share
-/// read locks and only contend on their own agent's entry (a short `Mutex` for a budget, a
-/// lock-free compare-and-swap for a rate limiter).
+/// The maps every call reads are copy-on-write and hold `Arc`s, so concurrent calls contend
+/// only on their own agent's entry (a short `Mutex` for a budget, a lock-free compare-and-swap
+/// for a rate limiter); the rest are behind locks that calls take only when there is something
+/// to record (a denial, a quarantine, history).
 #[derive(Default)]
 pub struct MemoryState {
-    limiters: RwLock<FastMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
-    budgets: RwLock<FastMap<String, Arc<Mutex<Budget>>>>,
+    /// Read on every call, added to once per key: copy-on-write (`read_mostly`), so reading
+    /// writes nothing both data-plane cores share.
+    limiters: ReadMostly<FastMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
+    budgets: ReadMostly<FastMap<String, Arc<Mutex<Budget>>>>,
     denials: Mutex<HashMap<(String, &'static str), VecDeque<Instant>>>,
     quarantines: RwLock<FastMap<String, Quarantine>>,
     /// Whether `quarantines` has any entry: every call asks, and almost always none is. Set
@@ -94,37 +98,29 @@ pub struct MemoryState {
 pub const MAX_HISTORY_PER_AGENT: usize = 4096;
 
 impl MemoryState {
-    /// Takes one call from `key`'s allowance. The limiter is used under the map's read lock,
-    /// not cloned out of it: an `Arc` clone and drop are two more writes to a line every core
-    /// shares.
+    /// Takes one call from `key`'s allowance (a new key, or a changed quota after a policy
+    /// reload, starts a fresh one).
     fn take(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Duration> {
-        let wait = |not_until: governor::NotUntil<_>| not_until.wait_time_from(self.clock.now());
-        if let Some((n, l)) = read(&self.limiters).get(key)
-            && *n == per_minute.get()
-        {
-            return l.check().map_err(wait);
-        }
-        self.limiter(key, per_minute).check().map_err(wait)
-    }
-
-    fn limiter(&self, key: &str, per_minute: NonZeroU32) -> Arc<DefaultDirectRateLimiter> {
-        // A new key, or a changed quota (policy reload): a fresh allowance.
-        let fresh = Arc::new(RateLimiter::direct(Quota::per_minute(per_minute)));
-        let mut map = write(&self.limiters);
-        let entry = map
-            .entry(key.to_owned())
-            .or_insert_with(|| (per_minute.get(), fresh.clone()));
-        if entry.0 != per_minute.get() {
-            *entry = (per_minute.get(), fresh);
-        }
-        entry.1.clone()
+        let n = per_minute.get();
+        let checked = self.limiters.find_or_add(
+            |map| map.get(key).filter(|(quota, _)| *quota == n).map(|(_, l)| l.check()),
+            |map| {
+                map.insert(
+                    key.to_owned(),
+                    (n, Arc::new(RateLimiter::direct(Quota::per_minute(per_minute)))),
+                );
+            },
+        );
+        checked.map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 
     fn budget(&self, agent: &str) -> Arc<Mutex<Budget>> {
-        if let Some(b) = read(&self.budgets).get(agent) {
-            return b.clone();
-        }
-        write(&self.budgets).entry(agent.to_owned()).or_default().clone()
+        self.budgets.find_or_add(
+            |map| map.get(agent).cloned(),
+            |map| {
+                map.insert(agent.to_owned(), Arc::default());
+            },
+        )
     }
 }
 
@@ -397,6 +393,11 @@ mod tests {
             "{wait:?}"
         );
         assert!(s.take_rate("b", q).is_ok(), "keys are independent");
+        // A reloaded policy with another quota starts a fresh allowance, then keeps it.
+        let q2 = NonZeroU32::new(2).unwrap();
+        assert!((0..2).all(|_| s.take_rate("a", q2).is_ok()));
+        assert!(s.take_rate("a", q2).is_err());
+        assert!(s.take_rate("b", q).is_ok() && s.take_rate("b", q).is_ok() && s.take_rate("b", q).is_err());
     }
 
     #[test]
