@@ -689,8 +689,7 @@ impl Gateway {
             output: output_tokens,
         });
         if let (Some(r), Some(limit)) = (reservation, limits.tokens_per_hour) {
-            let left = self.state.settle_tokens(r, input_tokens + output_tokens, limit.get());
-            self.meters.budget_remaining(&agent, left as f64);
+            self.state.settle_tokens(r, input_tokens + output_tokens, limit.get());
         }
         forwarded
     }
@@ -798,6 +797,20 @@ impl Gateway {
             .guardrails(policy, &tool.output_filters, GuardrailSource::Output, &what, &body, rec)
             .await?;
         Ok(masked.map_or(body, Bytes::from))
+    }
+
+    /// Sets `toolgate_budget_remaining_tokens{agent}` for every agent with an hourly budget,
+    /// as of now: called when `/metrics` is scraped, not on every call (a gauge written per
+    /// call is a line both data-plane cores write, and it went stale when an hour's window
+    /// reset with no call to update it).
+    pub fn report_budgets(&self) {
+        let policy = self.policy.load();
+        for (id, agent) in &policy.agents {
+            if let Some(limit) = agent.limits.tokens_per_hour {
+                let left = self.state.budget(id, limit.get()).remaining;
+                self.meters.budget_remaining(id, left as f64);
+            }
+        }
     }
 
     /// Whether an upstream MCP tool is currently marked as changed since its pin.

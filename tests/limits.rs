@@ -231,10 +231,21 @@ async fn admins_quarantine_by_hand_and_it_is_audited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_and_quarantine_show_on_metrics() {
     let h = harness().await;
-    h.call("kb.search", Some("budget-key"), r#"{"query":"q"}"#).await;
+    let remaining = |text: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("toolgate_budget_remaining_tokens{agent=\"budget-bot\"}"))
+            .unwrap_or_else(|| panic!("no budget gauge for budget-bot: {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    // Reported as of the scrape: the whole hour's budget before any call, less after one.
     let text = String::from_utf8(h.admin("GET", "/metrics", false).await.body.to_vec()).unwrap();
-    assert!(
-        text.contains("toolgate_budget_remaining_tokens{agent=\"budget-bot\"}"),
-        "{text}"
-    );
+    assert_eq!(remaining(&text), 1000.0, "{text}");
+    let r = h.call("kb.search", Some("budget-key"), r#"{"query":"q"}"#).await;
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(h.admin("GET", "/metrics", false).await.body.to_vec()).unwrap();
+    let after = remaining(&text);
+    let budget = h.admin("GET", "/admin/agents/budget-bot", true).await.json();
+    assert_eq!(after, budget["budget"]["remaining"].as_f64().unwrap(), "{text}");
+    assert!(after < 1000.0, "{text}");
 }

@@ -123,7 +123,8 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn render_metrics() -> Response {
+async fn render_metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    gw.report_budgets();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics_handle().render(),
