@@ -13,6 +13,8 @@
 #   CONNS=64 DURATION=20 scripts/loadtest.sh
 #   AUDIT='{ file: null }' scripts/loadtest.sh    # what the audit file costs
 #   ROUNDS=5 DURATION=6 scripts/loadtest.sh   # five rounds, and the median of their ratios
+#   ROUNDS=5 DURATION=12 SLICES=6 scripts/loadtest.sh   # targets alternate in 2 s slices:
+#                                       # steadier ratios on a busy machine (no latency, no MCP)
 #   INSTRUCTIONS=1 scripts/loadtest.sh  # user-space instructions per request under callgrind:
 #                                       # repeatable whatever else the machine is doing
 #
@@ -178,10 +180,55 @@ round() {
     printf "%.4f %.4f %.4f %.4f %.4f %.4f\n", tc / bc, tr / br, fc / bc, fr / br, tc / wc, tr / wr }' >> "$work/ratios"
 }
 
+# SLICES=n: each target's DURATION is cut into n slices, and the slices of the bare proxies and
+# toolgate alternate (the order reversed every other slice), so a burst of other work on the
+# machine falls on all of them rather than on one target's window. CPU and requests are summed
+# per target over its slices. No latency or MCP figures in this mode.
+SLICES=${SLICES:-1}
+slice() {
+  local pid=$2 url=$3 secs=$4
+  local before; before=$(ticks "$pid")
+  wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" -s "$work/post.lua" "$url" > "$work/$1.slice"
+  local after; after=$(ticks "$pid")
+  grep -q "Non-2xx" "$work/$1.slice" && { echo "loadtest: $1 had non-2xx responses" >&2; exit 1; }
+  echo "$((after - before)) $(awk '/requests in/ {print $1}' "$work/$1.slice") $secs" >> "$work/$1.acc"
+}
+sliced_round() {
+  local secs=$((DURATION / SLICES)); [ "$secs" -ge 1 ] || { echo "loadtest: DURATION must be at least SLICES seconds" >&2; exit 1; }
+  local targets=("bare $bare_pid http://127.0.0.1:19101/v1/tools/kb.search"
+    "bare_ws $ws_pid http://127.0.0.1:19104/v1/tools/kb.search"
+    "toolgate $tg_pid http://127.0.0.1:19102/v1/tools/kb.search"
+    "screened $tg_pid http://127.0.0.1:19102/v1/tools/kb.screened")
+  rm -f "$work"/*.acc
+  for t in "${targets[@]}"; do
+    set -- $t; wrk -t"$THREADS" -c"$CONNS" -d2s -s "$work/post.lua" "$3" >/dev/null 2>&1   # warm-up
+  done
+  for i in $(seq 1 "$SLICES"); do
+    if [ $((i % 2)) -eq 1 ]; then order=(0 1 2 3); else order=(3 2 1 0); fi
+    for k in "${order[@]}"; do set -- ${targets[$k]}; slice "$1" "$2" "$3" "$secs"; done
+  done
+  # cpu_and_rps NAME -> "CPU us/req  req/s"
+  cpu_and_rps() { awk -v clk="$clk" '{ t += $1; n += $2; s += $3 } END { printf "%.1f %.0f\n", t / clk * 1e6 / n, n / s }' "$work/$1.acc"; }
+  read -r b_cpu b_rps < <(cpu_and_rps bare)
+  read -r w_cpu w_rps < <(cpu_and_rps bare_ws)
+  read -r t_cpu t_rps < <(cpu_and_rps toolgate)
+  read -r f_cpu f_rps < <(cpu_and_rps screened)
+  printf '\n%-28s %10s %14s\n' "proxy ($CONNS conns, $SLICES x ${secs}s)" "req/s" "CPU us/req"
+  printf '%-28s %10s %14s\n' "bare hyper pass-through" "$b_rps" "$b_cpu" "bare, work-stealing runtime" "$w_rps" "$w_cpu" \
+    "toolgate (full pipeline)" "$t_rps" "$t_cpu" "toolgate, every filter" "$f_rps" "$f_cpu"
+  awk -v br="$b_rps" -v tr="$t_rps" -v bc="$b_cpu" -v tc="$t_cpu" -v fr="$f_rps" -v fc="$f_cpu" -v wr="$w_rps" -v wc="$w_cpu" 'BEGIN {
+    printf "ratios: CPU per request %.2fx the bare proxy, throughput %.0f%% of it\n", tc / bc, 100 * tr / br
+    printf "every filter on: CPU per request %.2fx the bare proxy, throughput %.0f%% of it\n", fc / bc, 100 * fr / br
+    printf "against the work-stealing bare proxy: CPU per request %.2fx, throughput %.0f%%\n", tc / wc, 100 * tr / wr
+    printf "%.4f %.4f %.4f %.4f %.4f %.4f\n", tc / bc, tr / br, fc / bc, fr / br, tc / wc, tr / wr >> "'"$work/ratios"'" }'
+}
+
 # ROUNDS>1 repeats the round and ends with the median of the rounds' ratios: on a shared machine
 # one round's baseline can be an outlier in either direction, and the median of several is not.
 ROUNDS=${ROUNDS:-1}
-for _ in $(seq 1 "$ROUNDS"); do round; done
+for _ in $(seq 1 "$ROUNDS"); do
+  if [ "$SLICES" -gt 1 ]; then sliced_round; else round; fi
+done
 if [ "$ROUNDS" -gt 1 ]; then
   median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
   cpu=$(awk '{ print $1 }' "$work/ratios" | median)
