@@ -152,12 +152,19 @@ fn demo_plays_its_script_and_shows_every_kind_of_decision() {
     assert_eq!(calls[19]["code"], "approval_denied");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_events_survive_kill_9_right_after_the_response() {
+/// A real upstream, the fixture policies pointing at it, and a `serve` config (plus `extra`
+/// lines) in a temporary directory that lives as long as the returned handle.
+async fn serve_fixture(extra: &str) -> (TestUpstream, tempfile::TempDir, std::path::PathBuf) {
     let upstream = TestUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     write_fixture_policies(&dir.path().join("policies"), &upstream.url);
-    let cfg = write_serve_config(dir.path(), "");
+    let cfg = write_serve_config(dir.path(), extra);
+    (upstream, dir, cfg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_survive_kill_9_right_after_the_response() {
+    let (_upstream, dir, cfg) = serve_fixture("").await;
     let mut child = toolgate()
         .arg("serve")
         .arg("-c")
@@ -264,10 +271,7 @@ fn policy_tests_pass_on_the_bundled_policies_and_fail_loudly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_stderr_does_not_fail_calls_that_log() {
-    let upstream = TestUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    write_fixture_policies(&dir.path().join("policies"), &upstream.url);
-    let cfg = write_serve_config(dir.path(), "");
+    let (_upstream, _dir, cfg) = serve_fixture("").await;
     // `serve` reads the log until the listeners are up, then drops its end of the pipe.
     let (mut child, data, _) = serve(&cfg);
     let key = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
@@ -353,10 +357,7 @@ async fn an_approval_survives_a_restart_between_request_and_decision() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_runs_the_data_plane_on_its_configured_threads_and_stops_them_on_sigterm() {
-    let upstream = TestUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    write_fixture_policies(&dir.path().join("policies"), &upstream.url);
-    let cfg = write_serve_config(dir.path(), "workers: 3\n");
+    let (upstream, dir, cfg) = serve_fixture("workers: 3\n").await;
     let (child, data, _) = serve(&cfg);
     let mut child = KillOnDrop(child);
 
@@ -413,10 +414,7 @@ async fn serve_runs_the_data_plane_on_its_configured_threads_and_stops_them_on_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
-    let upstream = TestUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    write_fixture_policies(&dir.path().join("policies"), &upstream.url);
-    let cfg = write_serve_config(dir.path(), "workers: 1\n");
+    let (_upstream, _dir, cfg) = serve_fixture("workers: 1\n").await;
     // 32 descriptors: about twenty are taken at start, so a dozen connections use up the rest.
     let mut child = Command::new("sh")
         .args(["-c", "ulimit -n 32 && exec \"$0\" serve -c \"$1\""])
