@@ -688,8 +688,8 @@ impl Gateway {
             input: input_tokens,
             output: output_tokens,
         });
-        if let (Some(r), Some(limit)) = (reservation, limits.tokens_per_hour) {
-            self.state.settle_tokens(r, input_tokens + output_tokens, limit.get());
+        if let Some(r) = reservation {
+            self.state.settle_tokens(r, input_tokens + output_tokens);
         }
         forwarded
     }

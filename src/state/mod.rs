@@ -207,19 +207,18 @@ impl State {
 
     /// Settles a reservation: the reserved tokens become `used` tokens, plus what the response
     /// added. A response may take the budget past its limit (the call already happened); the
-    /// next call then waits for the window to reset. Returns the tokens left of `limit`.
-    pub fn settle_tokens(&self, r: Reservation, used: u64, limit: u64) -> u64 {
+    /// next call then waits for the window to reset.
+    pub fn settle_tokens(&self, r: Reservation, used: u64) {
         let mut b = lock(&r.budget);
         if b.window == r.window {
             b.reserved = b.reserved.saturating_sub(r.tokens);
             b.used += used;
         }
-        limit.saturating_sub(b.used + b.reserved)
     }
 
     /// Gives a reservation back unused (the call was refused after reserving).
     pub fn release_tokens(&self, r: Reservation) {
-        self.settle_tokens(r, 0, 0);
+        self.settle_tokens(r, 0);
     }
 
     pub fn budget(&self, agent: &str, limit: u64) -> BudgetStatus {
@@ -405,7 +404,7 @@ mod tests {
         let s = State::default();
         let r1 = s.reserve_tokens("a", 100, 60).unwrap();
         assert!(s.reserve_tokens("a", 100, 50).is_err(), "reserved tokens count");
-        assert_eq!(s.settle_tokens(r1, 70, 100), 30);
+        s.settle_tokens(r1, 70);
         assert_eq!(s.budget("a", 100).remaining, 30);
         let r2 = s.reserve_tokens("a", 100, 30).unwrap();
         s.release_tokens(r2);
