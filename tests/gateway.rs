@@ -395,6 +395,47 @@ async fn a_slow_tool_times_out_once_and_is_never_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_over_the_concurrency_limit_are_shed_at_once_and_their_places_come_back() {
+    // Two calls held at a slow tool fill `max_concurrent_requests: 2`; a third is answered 503
+    // at once (never queued), and once the two are answered there is room again.
+    let h = Harness::start_full(
+        "limits: { max_body_bytes: 4096, upstream_timeout_ms: 5000, max_concurrent_requests: 2 }\n",
+        &[(
+            "hold.yaml",
+            "tools:\n  kb.hold:\n    upstream: { url: \"{{UPSTREAM}}/slow\", method: POST, timeout_ms: 5000 }\n",
+        )],
+    )
+    .await;
+    let shed = async {
+        while h.upstream.count("/slow") < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        h.call("kb.search", Some(SUPPORT_KEY), r#"{"query": "q"}"#).await
+    };
+    let (a, b, over) = tokio::join!(
+        h.call("kb.hold", Some(SUPPORT_KEY), "{}"),
+        h.call("kb.hold", Some(SUPPORT_KEY), "{}"),
+        shed,
+    );
+    let err = over.assert_error(503, "unavailable");
+    assert!(
+        err["error"]["message"].as_str().unwrap().contains("concurrency limit"),
+        "{err}"
+    );
+    assert_eq!((a.status, b.status), (200, 200), "the calls in flight are unaffected");
+    assert_eq!(a.json()["late"], true);
+    assert_eq!(h.upstream.count("/kb/"), 0, "a shed call never reaches the tool");
+    let metrics = String::from_utf8(h.admin("GET", "/metrics", false).await.body.to_vec()).unwrap();
+    assert!(metrics.lines().any(|l| l == "toolgate_shed_total 1"), "{metrics}");
+    // Both places were given back: two calls at once fit again.
+    let (c, d) = tokio::join!(
+        h.call("kb.search", Some(SUPPORT_KEY), r#"{"query": "q"}"#),
+        h.call("kb.search", Some(SUPPORT_KEY), r#"{"query": "q"}"#),
+    );
+    assert_eq!((c.status, d.status), (200, 200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_answers_calls_in_flight_and_closes_idle_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut h = Harness::start().await;

@@ -25,7 +25,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
@@ -113,24 +113,74 @@ pub type Plane = BoxCloneSyncService<axum::http::Request<Incoming>, Response, In
 ///
 /// Written out rather than stacked from tower layers: every call takes this path, and each
 /// layer costs a boxed future and a request or response map per call (docs/benchmarks.md).
+///
+/// Each data-plane thread serves its own copy ([`DataPlane::for_thread`]): hyper clones the
+/// service once per call, and a clone shared by every thread would make that a write to a
+/// reference count both cores use.
 #[derive(Clone)]
 pub struct DataPlane(Arc<DataPlaneInner>);
 
 struct DataPlaneInner {
     gateway: Arc<Gateway>,
-    limit: Semaphore,
+    limit: Arc<InFlight>,
     router: axum::Router,
 }
 
 pub fn data_plane(gateway: Arc<Gateway>) -> DataPlane {
     DataPlane(Arc::new(DataPlaneInner {
-        limit: Semaphore::new(gateway.config.limits.max_concurrent_requests),
+        limit: Arc::new(InFlight::new(gateway.config.limits.max_concurrent_requests)),
         router: data::routes(gateway.clone()),
         gateway,
     }))
 }
 
+/// The calls in flight on the data plane, against `limits.max_concurrent_requests`: one
+/// counter for every thread (the limit is the whole gateway's), taken and given back with one
+/// atomic add each. tokio's `Semaphore` also locks its wait list on every release, and a shed
+/// call never waits.
+struct InFlight {
+    calls: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+impl InFlight {
+    fn new(max: usize) -> Self {
+        Self {
+            calls: std::sync::atomic::AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// A place for one more call, or `None` if `max` are in flight.
+    fn try_enter(&self) -> Option<InFlightCall<'_>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.calls.fetch_add(1, Relaxed) >= self.max {
+            self.calls.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(InFlightCall(self))
+    }
+}
+
+/// One call's place; given back when dropped (the call answered, failed or panicked).
+struct InFlightCall<'a>(&'a InFlight);
+
+impl Drop for InFlightCall<'_> {
+    fn drop(&mut self) {
+        self.0.calls.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl DataPlane {
+    /// A copy for one data-plane thread: the same gateway, limit and routes.
+    pub fn for_thread(&self) -> DataPlane {
+        DataPlane(Arc::new(DataPlaneInner {
+            gateway: self.0.gateway.clone(),
+            limit: self.0.limit.clone(),
+            router: self.0.router.clone(),
+        }))
+    }
+
     /// The service hyper runs: an unboxed future per call, which hyper keeps in one slot per
     /// connection (a `tower::Service` here would need a boxed future: an allocation and a copy
     /// of the whole call's state machine per call).
@@ -151,7 +201,7 @@ impl DataPlane {
         let plane = self.0;
         let (id, id_header) = request_id_of(&req);
         // Load shedding instead of queueing: over the limit, a 503 at once.
-        let Ok(_permit) = plane.limit.try_acquire() else {
+        let Some(_in_flight) = plane.limit.try_enter() else {
             metrics::counter!("toolgate_shed_total").increment(1);
             let message = "The gateway is at its concurrency limit. Retry shortly.";
             let res = error_response(Code::Unavailable, message, &id).map(DataBody::Right);
@@ -159,7 +209,7 @@ impl DataPlane {
         };
         let routed = async {
             if data::is_tool_call(&req) {
-                data::call_tool(plane.gateway.clone(), id.clone(), Some(&id_header), req)
+                data::call_tool(&plane.gateway, id.clone(), Some(&id_header), req)
                     .await
                     .map(DataBody::Left)
             } else {

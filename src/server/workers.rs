@@ -35,7 +35,7 @@ pub(super) fn spawn(
     let mut done = Vec::with_capacity(threads);
     for i in 0..threads {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (listener, app, stopped) = (listener.try_clone()?, plane.clone().service(), stopped.clone());
+        let (listener, app, stopped) = (listener.try_clone()?, plane.for_thread().service(), stopped.clone());
         let (finished, on_finish) = oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("toolgate-data-{i}"))
