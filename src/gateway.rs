@@ -83,8 +83,10 @@ pub fn error_body(reason: &Reason, request_id: &str) -> Bytes {
 
 /// What `process` learned, for the audit event, whatever the outcome.
 #[derive(Default)]
-struct Record {
-    agent: Option<Arc<str>>,
+struct Record<'p> {
+    /// Borrowed from the policy the call is decided under (held for the whole call): no write
+    /// to the agent id's reference count, which every call of the agent shares.
+    agent: Option<&'p str>,
     known_tool: bool,
     arguments: Option<RecordedArguments>,
     arguments_sha256: String,
@@ -314,7 +316,7 @@ impl Gateway {
             event: "tool_call",
             request_id: req.request_id,
             session: req.session.filter(|s| is_valid_session(s)),
-            agent: rec.agent.as_deref(),
+            agent: rec.agent,
             tool: Some(truncate(req.tool, 256)),
             decision: decision_str,
             code: code.map(Code::as_str),
@@ -352,7 +354,7 @@ impl Gateway {
         }
 
         self.meters.call(
-            rec.agent.as_deref().unwrap_or("(unauthenticated)"),
+            rec.agent.unwrap_or("(unauthenticated)"),
             if rec.known_tool { req.tool } else { "(unknown)" },
             decision_str,
             code.map_or("ok", Code::as_str),
@@ -440,14 +442,14 @@ impl Gateway {
         true
     }
 
-    async fn process(
+    async fn process<'p>(
         &self,
-        policy: &Policy,
+        policy: &'p Policy,
         req: &CallRequest<'_>,
-        rec: &mut Record,
+        rec: &mut Record<'p>,
     ) -> Result<(Inbound, Bytes), Reason> {
-        let agent = policy.auth.authenticate(req.authorization)?;
-        rec.agent = Some(agent.clone());
+        let agent: &'p str = policy.auth.authenticate(req.authorization)?;
+        rec.agent = Some(agent);
         if req.session.is_some_and(|s| !is_valid_session(s)) {
             return Err(Reason::new(
                 Code::InvalidRequest,
@@ -456,7 +458,7 @@ impl Gateway {
                 "X-Toolgate-Session must be 1 to 128 characters: letters, digits, `-`, `_`, `.`, `:`.",
             ));
         }
-        if let Some(q) = self.state.quarantined(&agent) {
+        if let Some(q) = self.state.quarantined(agent) {
             let until = q.until.map_or("until an admin releases it".to_owned(), |u| {
                 format!("until {}", crate::audit::format_unix(u))
             });
@@ -482,7 +484,7 @@ impl Gateway {
         }
         let body = req.body.clone()?;
         let call = ToolCall {
-            agent: &agent,
+            agent,
             tool: req.tool,
             body: &body,
             session: req.session,
@@ -495,7 +497,7 @@ impl Gateway {
         // A pinned MCP tool whose definition changed is refused here too, whatever policy is in
         // force: if the policy rebuilt with the change failed to load, the last good policy
         // would still list the tool as approved.
-        if self.is_changed_tool(req.tool) && policy.is_allowed(&agent, req.tool) {
+        if self.is_changed_tool(req.tool) && policy.is_allowed(agent, req.tool) {
             return Err(Reason::new(
                 Code::ToolChanged,
                 Stage::Allowlist,
@@ -511,7 +513,7 @@ impl Gateway {
         // the ones decided before them, so together they cannot pass a count rule.
         let touches_history = policy.tools.get(req.tool).is_some_and(|t| t.touches_history);
         let history_turn = if touches_history {
-            Some(self.state.history_turn(&agent).await)
+            Some(self.state.history_turn(agent).await)
         } else {
             None
         };
@@ -597,9 +599,9 @@ impl Gateway {
         // reserved first (atomically), then rate allowances are taken, the tighter per-tool one
         // first; a refusal gives the reservation back.
         let input_tokens = estimate_tokens(body_bytes.len());
-        let limits = &policy.agents.get(&*agent).expect("evaluated agents exist").limits;
+        let limits = &policy.agents.get(agent).expect("evaluated agents exist").limits;
         let reservation = match limits.tokens_per_hour {
-            Some(limit) => Some(self.state.reserve_tokens(&agent, limit.get(), input_tokens).map_err(|wait| {
+            Some(limit) => Some(self.state.reserve_tokens(agent, limit.get(), input_tokens, call_ms / 1000).map_err(|wait| {
                 Reason::new(Code::BudgetExceeded, Stage::Limits, "tokens_per_hour",
                     format!("This call ({input_tokens} tokens) would exceed agent '{agent}''s budget of {limit} tokens for this hour; it resets in {} s.", wait.as_secs()))
                     .retry_after(wait.as_secs())
@@ -662,11 +664,11 @@ impl Gateway {
                 .collect(),
         });
         if let Some(p) = &past {
-            self.state.record_call(&agent, p.clone(), policy.history_retention);
+            self.state.record_call(agent, p.clone(), policy.history_retention);
         }
         drop(history_turn);
         let forwarded = self
-            .forward(policy, req, rec, &agent, tool, url, args, body_bytes)
+            .forward(policy, req, rec, agent, tool, url, args, body_bytes)
             .await;
         let forwarded = match forwarded {
             Ok((inbound, body)) => self
@@ -680,7 +682,7 @@ impl Gateway {
                 .as_ref()
                 .is_ok_and(|(inbound, body)| (200..300).contains(&inbound.status) && !is_mcp_error_result(tool, body));
             if !succeeded {
-                self.state.forget_call(&agent, &p);
+                self.state.forget_call(agent, &p);
             }
         }
         let output_tokens = forwarded.as_ref().map_or(0, |(_, body)| estimate_tokens(body.len()));
@@ -704,7 +706,7 @@ impl Gateway {
         source: GuardrailSource,
         what: &str,
         body: &[u8],
-        rec: &mut Record,
+        rec: &mut Record<'_>,
     ) -> Result<Option<String>, Reason> {
         let stage = match source {
             GuardrailSource::Input => Stage::Content,
@@ -753,7 +755,7 @@ impl Gateway {
         policy: &Policy,
         tool: &crate::policy::tool::Tool,
         body: &[u8],
-        rec: &mut Record,
+        rec: &mut Record<'_>,
     ) -> Result<Option<serde_json::Map<String, Value>>, Reason> {
         let masked = self
             .guardrails(
@@ -783,7 +785,7 @@ impl Gateway {
         policy: &Policy,
         tool: &crate::policy::tool::Tool,
         body: Bytes,
-        rec: &mut Record,
+        rec: &mut Record<'_>,
     ) -> Result<Bytes, Reason> {
         if tool
             .output_filters
@@ -846,7 +848,7 @@ impl Gateway {
     }
 
     /// Spends the approval `id` on this exact call (checked and marked used in one transaction).
-    async fn use_approval(&self, held: HoldOwned, id: &str, rec: &mut Record) -> Result<(), Reason> {
+    async fn use_approval(&self, held: HoldOwned, id: &str, rec: &mut Record<'_>) -> Result<(), Reason> {
         let now = crate::state::unix_now();
         let request_id = held.request_id.clone();
         let rule = held.rule.clone();
@@ -873,7 +875,7 @@ impl Gateway {
 
     /// Holds a call for approval (or finds the pending approval for this exact call) and tells
     /// the approvers; the reason for the 202.
-    async fn hold(&self, held: HoldOwned, reason: Reason, rec: &mut Record) -> Reason {
+    async fn hold(&self, held: HoldOwned, reason: Reason, rec: &mut Record<'_>) -> Reason {
         let now = crate::state::unix_now();
         let request_id = held.request_id.clone();
         let store = self.approvals.clone();
@@ -1148,7 +1150,7 @@ impl Gateway {
         &self,
         policy: &Policy,
         req: &CallRequest<'_>,
-        rec: &mut Record,
+        rec: &mut Record<'_>,
         agent: &str,
         tool: &crate::policy::tool::Tool,
         url: &str,
@@ -1234,7 +1236,6 @@ impl Gateway {
                             status,
                             content_type: Some(HeaderValue::from_static("application/json")),
                             body: Bytes::from(serde_json::to_vec(&body).expect("JSON serialises")),
-                            duration: started.elapsed(),
                         }
                     });
                 let r = self.finish_forward(policy, req, rec, tool, started, result);
@@ -1256,11 +1257,12 @@ impl Gateway {
             traceparent: req.traceparent,
             tracestate: req.tracestate,
             timeout,
+            started: Instant::now(),
             max_response_bytes: self.config.limits.max_response_bytes,
             headers: &tool.headers,
             signing,
         };
-        let started = Instant::now();
+        let started = out.started;
         let result = self.upstream.forward(&out).await;
         if role_arn.is_some() {
             let r = self.finish_forward(policy, req, rec, tool, started, result);
@@ -1277,7 +1279,7 @@ impl Gateway {
         &self,
         policy: &Policy,
         req: &CallRequest<'_>,
-        rec: &mut Record,
+        rec: &mut Record<'_>,
         tool: &crate::policy::tool::Tool,
         started: Instant,
         result: Result<Inbound, UpstreamError>,
@@ -1313,7 +1315,7 @@ impl Gateway {
         policy: &Policy,
         tool: &crate::policy::tool::Tool,
         inbound: &Inbound,
-        rec: &mut Record,
+        rec: &mut Record<'_>,
     ) -> Result<Bytes, Reason> {
         if !policy.has_output_filters(tool) {
             return Ok(inbound.body.clone());

@@ -78,10 +78,10 @@ impl Timers {
         self.at(Instant::now() + limit)
     }
 
-    /// Runs `work` for at most `limit`, like `tokio::time::timeout`, with a recycled timer that
-    /// is only taken if `work` does not finish on its first poll.
-    pub async fn within<F: Future>(self, limit: Duration, work: F) -> Result<F::Output, Elapsed> {
-        let deadline = Instant::now() + limit;
+    /// Runs `work` until `deadline` at most, like `tokio::time::timeout_at`, with a recycled
+    /// timer that is only taken if `work` does not finish on its first poll. A deadline, not a
+    /// duration: the caller has usually read the clock already.
+    pub async fn until<F: Future>(self, deadline: Instant, work: F) -> Result<F::Output, Elapsed> {
         let mut work = std::pin::pin!(work);
         let mut timer: Option<Deadline> = None;
         std::future::poll_fn(|cx| {
@@ -236,18 +236,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn within_answers_the_work_or_elapsed() {
+    async fn until_answers_the_work_or_elapsed() {
         let t = Timers::new();
-        assert_eq!(t.within(Duration::from_secs(1), async { 7 }).await, Ok(7));
+        let within = |limit: Duration| Instant::now() + limit;
+        assert_eq!(t.until(within(Duration::from_secs(1)), async { 7 }).await, Ok(7));
         let started = Instant::now();
         let slow = tokio::time::sleep(Duration::from_secs(30));
-        assert_eq!(t.within(40 * MS, slow).await, Err(Elapsed));
+        assert_eq!(t.until(within(40 * MS), slow).await, Err(Elapsed));
         assert!(started.elapsed() >= 40 * MS);
         let quick = async {
             tokio::time::sleep(10 * MS).await;
             "done"
         };
-        assert_eq!(t.within(Duration::from_secs(30), quick).await, Ok("done"));
+        assert_eq!(t.until(within(Duration::from_secs(30)), quick).await, Ok("done"));
     }
 
     #[test]

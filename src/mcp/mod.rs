@@ -219,6 +219,7 @@ fn end(mcp: &Mcp, headers: &HeaderMap, asked: &mut Asked) -> Result<(), (Code, S
         .policy()
         .auth
         .authenticate(header_str(headers, "authorization"))
+        .cloned()
         .map_err(|r| (r.code, r.message))?;
     asked.agent = Some(agent.clone());
     let Some(id) = header_str(headers, "mcp-session-id") else {
@@ -364,6 +365,7 @@ async fn dispatch(mcp: &Mcp, headers: &HeaderMap, body: Body, rid: &str, asked: 
         .policy()
         .auth
         .authenticate(header_str(headers, "authorization"))
+        .cloned()
     {
         Ok(a) => {
             asked.agent = Some(a.clone());

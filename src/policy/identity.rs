@@ -163,7 +163,7 @@ impl Authenticator {
     }
 
     /// The agent behind an `Authorization` header value, or why not.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<str>, Reason> {
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<&Arc<str>, Reason> {
         let deny = |m: &str| Reason::new(Code::Unauthenticated, Stage::Authentication, "authentication", m);
         let Some(value) = authorization else {
             return Err(deny(
@@ -181,12 +181,11 @@ impl Authenticator {
             return self
                 .jwt_subjects
                 .get(&subject)
-                .cloned()
                 .ok_or_else(|| deny("The token's subject is not a known agent."));
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         match self.api_keys.get_key_value(&digest) {
-            Some((stored, agent)) if bool::from(stored.ct_eq(&digest)) => Ok(agent.clone()),
+            Some((stored, agent)) if bool::from(stored.ct_eq(&digest)) => Ok(agent),
             _ => Err(deny("The API key is not recognised.")),
         }
     }
@@ -218,8 +217,8 @@ mod tests {
     #[test]
     fn resolves_a_known_api_key_to_its_agent() {
         let a = auth_with_key("k-123", "support-bot");
-        assert_eq!(&*a.authenticate(Some("Bearer k-123")).unwrap(), "support-bot");
-        assert_eq!(&*a.authenticate(Some("bearer k-123")).unwrap(), "support-bot");
+        assert_eq!(&**a.authenticate(Some("Bearer k-123")).unwrap(), "support-bot");
+        assert_eq!(&**a.authenticate(Some("bearer k-123")).unwrap(), "support-bot");
     }
 
     #[test]

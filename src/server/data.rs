@@ -32,13 +32,13 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
         // wrong method on it is a 405, not a 404.
         .route(
             "/v1/tools/{tool}",
-            post(|State(gw): State<Arc<Gateway>>, req: Request| {
+            post(|State(gw): State<Arc<Gateway>>, req: Request| async move {
                 let id = req
                     .extensions()
                     .get::<RequestId>()
                     .map(|r| r.0.clone())
                     .unwrap_or_default();
-                call_tool(gw, id, None, req)
+                call_tool(&gw, id, None, req).await
             }),
         )
         .route("/v1/approvals/{id}", get(approval_status))
@@ -130,7 +130,7 @@ pub(super) fn is_tool_call<B>(req: &axum::http::Request<B>) -> bool {
 /// A tool call, from its request (hyper's body straight from the data plane, or axum's from the
 /// router) to its response (the bytes the gateway produced, unboxed).
 pub(super) async fn call_tool<B>(
-    gw: Arc<Gateway>,
+    gw: &Gateway,
     id: Arc<str>,
     id_header: Option<&HeaderValue>,
     req: axum::http::Request<B>,
@@ -143,7 +143,7 @@ where
     // The raw path segment, not a percent-decoded one: tool names match exactly, and `%2E` is
     // not a dot.
     let tool = parts.uri.path().strip_prefix("/v1/tools/").unwrap_or_default();
-    let body = read_body(&gw, &parts.headers, body).await;
+    let body = read_body(gw, &parts.headers, body).await;
     // One pass over the headers for the five the call reads (the first of each name, as
     // `HeaderMap::get` gives): a handful of comparisons instead of five hashed lookups.
     let [
@@ -198,7 +198,7 @@ async fn approval_status(State(gw): State<Arc<Gateway>>, Path(approval): Path<St
         .map(|r| r.0.clone())
         .unwrap_or_default();
     let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let agent = match gw.policy().auth.authenticate(authorization) {
+    let agent = match gw.policy().auth.authenticate(authorization).cloned() {
         Ok(agent) => agent,
         Err(reason) => return error_response(reason.code, reason.message, &id),
     };

@@ -180,9 +180,9 @@ impl State {
     }
 
     /// Reserves `tokens` of the agent's hourly budget if they fit, or says how long until the
-    /// window resets. Checking and reserving happen under one lock.
-    pub fn reserve_tokens(&self, agent: &str, limit: u64, tokens: u64) -> Result<Reservation, Duration> {
-        let now = unix_now();
+    /// window resets. Checking and reserving happen under one lock. `now` is the call's time
+    /// (Unix seconds), read once for all of its checks.
+    pub fn reserve_tokens(&self, agent: &str, limit: u64, tokens: u64, now: u64) -> Result<Reservation, Duration> {
         let window = now / HOUR;
         match self {
             State::Memory(m) => {
@@ -402,14 +402,17 @@ mod tests {
     #[test]
     fn budgets_reserve_settle_and_release() {
         let s = State::default();
-        let r1 = s.reserve_tokens("a", 100, 60).unwrap();
-        assert!(s.reserve_tokens("a", 100, 50).is_err(), "reserved tokens count");
+        let r1 = s.reserve_tokens("a", 100, 60, unix_now()).unwrap();
+        assert!(
+            s.reserve_tokens("a", 100, 50, unix_now()).is_err(),
+            "reserved tokens count"
+        );
         s.settle_tokens(r1, 70);
         assert_eq!(s.budget("a", 100).remaining, 30);
-        let r2 = s.reserve_tokens("a", 100, 30).unwrap();
+        let r2 = s.reserve_tokens("a", 100, 30, unix_now()).unwrap();
         s.release_tokens(r2);
         assert_eq!(s.budget("a", 100).used, 70);
-        let wait = s.reserve_tokens("a", 100, 31).unwrap_err();
+        let wait = s.reserve_tokens("a", 100, 31, unix_now()).unwrap_err();
         assert!(wait <= Duration::from_secs(HOUR));
     }
 

@@ -59,6 +59,9 @@ pub struct Outbound<'a> {
     pub traceparent: Option<&'a HeaderValue>,
     pub tracestate: Option<&'a HeaderValue>,
     pub timeout: Duration,
+    /// When forwarding began (the caller reads the clock for its own timing): `timeout` counts
+    /// from here, and the pool checks its idle connections' age against it.
+    pub started: Instant,
     pub max_response_bytes: usize,
     /// Fixed headers from the tool's config.
     pub headers: &'a [(http::HeaderName, HeaderValue)],
@@ -80,7 +83,6 @@ pub struct Inbound {
     pub status: u16,
     pub content_type: Option<HeaderValue>,
     pub body: Bytes,
-    pub duration: Duration,
 }
 
 /// The shared upstream client.
@@ -116,10 +118,9 @@ impl Upstream {
 
     /// Sends one call and reads the whole response, all within `out.timeout`.
     pub async fn forward(&self, out: &Outbound<'_>) -> Result<Inbound, UpstreamError> {
-        let started = Instant::now();
         let request = build_request(out)?;
         let exchange = async {
-            let (response, lease) = self.pool.send(request).await.map_err(|e| match e {
+            let (response, lease) = self.pool.send(request, out.started).await.map_err(|e| match e {
                 PoolError::Connect(e) => UpstreamError::Unreachable(source_chain(&*e)),
                 e => UpstreamError::Protocol(source_chain(&e)),
             })?;
@@ -141,14 +142,13 @@ impl Upstream {
         };
         let (status, content_type, body) = self
             .timers
-            .within(out.timeout, exchange)
+            .until((out.started + out.timeout).into(), exchange)
             .await
             .map_err(|_| UpstreamError::Timeout(out.timeout))??;
         Ok(Inbound {
             status,
             content_type,
             body,
-            duration: started.elapsed(),
         })
     }
 }
@@ -305,6 +305,7 @@ mod tests {
                 traceparent: None,
                 tracestate: None,
                 timeout: Duration::from_secs(1),
+                started: Instant::now(),
                 max_response_bytes: 1,
                 headers: &[],
                 signing: None,

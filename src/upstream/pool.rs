@@ -112,8 +112,13 @@ impl Pool {
 
     /// Sends `req` (an absolute `http://` or `https://` URI with a `Host` header) in origin form
     /// on a pooled or new connection, and returns the response head with the connection it
-    /// arrived on.
-    pub async fn send(&self, mut req: Request<Full<Bytes>>) -> Result<(Response<Incoming>, Lease<'_>), PoolError> {
+    /// arrived on. `now` is the time the caller read last (an idle connection's age is checked
+    /// against it; a few microseconds early is no matter against an idle timeout of seconds).
+    pub async fn send(
+        &self,
+        mut req: Request<Full<Bytes>>,
+        now: Instant,
+    ) -> Result<(Response<Incoming>, Lease<'_>), PoolError> {
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         let authority = parts.authority.take().ok_or(PoolError::NoAuthority)?;
         let tls = match parts.scheme.take() {
@@ -125,7 +130,7 @@ impl Pool {
         }
         *req.uri_mut() = Uri::from_parts(parts).expect("a path alone is a URI");
         loop {
-            let (mut sender, pooled) = match self.take(tls, authority.as_str()) {
+            let (mut sender, pooled) = match self.take(tls, authority.as_str(), now) {
                 Some(sender) => (sender, true),
                 // Boxed: the TLS connect future is large, and every call's state machine would
                 // carry (and copy) it though few calls connect.
@@ -165,10 +170,9 @@ impl Pool {
     }
 
     /// The most recently used idle connection to the origin that is still open and fresh.
-    fn take(&self, tls: Tls, authority: &str) -> Option<Sender> {
+    fn take(&self, tls: Tls, authority: &str, now: Instant) -> Option<Sender> {
         let mut idle = lock(self.shard());
         let list = idle[tls as usize].get_mut(authority)?;
-        let now = Instant::now();
         while let Some(c) = list.pop() {
             if !c.sender.is_closed() && now.duration_since(c.since) < self.idle_timeout {
                 return Some(c.sender);
