@@ -9,12 +9,15 @@
 # The bare proxy runs on the same per-core runtime as toolgate (the ratios); a second copy on
 # tokio's default work-stealing runtime — the plain ~40-line proxy — is measured for reference.
 #
-#   scripts/loadtest.sh                 # 64 connections, 10 s per target
-#   CONNS=64 DURATION=20 scripts/loadtest.sh
+# The targets take turns in short slices (2 s by default, the order reversed every other slice)
+# and each one's CPU and requests are summed over its slices: a burst of other work on a shared
+# machine then falls on every target alike instead of on one target's whole window.
+#
+#   scripts/loadtest.sh                 # 64 connections, 10 s per target in 5 slices
+#   CONNS=64 DURATION=20 SLICES=10 scripts/loadtest.sh
 #   AUDIT='{ file: null }' scripts/loadtest.sh    # what the audit file costs
-#   ROUNDS=5 DURATION=6 scripts/loadtest.sh   # five rounds, and the median of their ratios
-#   ROUNDS=5 DURATION=12 SLICES=6 scripts/loadtest.sh   # targets alternate in 2 s slices:
-#                                       # steadier ratios on a busy machine (no latency, no MCP)
+#   ROUNDS=5 scripts/loadtest.sh        # five rounds, and the median of their ratios
+#   SLICES=1 scripts/loadtest.sh        # each target for the whole DURATION, back to back
 #   INSTRUCTIONS=1 scripts/loadtest.sh  # user-space instructions per request under callgrind:
 #                                       # repeatable whatever else the machine is doing
 #
@@ -23,6 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}
+SLICES=${SLICES:-5}
 CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 command -v wrk >/dev/null || { echo "loadtest: needs wrk (apt-get install wrk)" >&2; exit 1; }
@@ -131,106 +135,88 @@ if [ -n "$INSTRUCTIONS" ]; then
   exit 0
 fi
 
-# run NAME PID URL [SCRIPT] -> "rps p50_ms p99_ms cpu_us_per_req requests"
-run() {
-  local pid=$2 url=$3 script=${4:-$work/post.lua}
-  wrk -t"$THREADS" -c"$CONNS" -d2s -s "$script" "$url" >/dev/null 2>&1   # warm-up
+# The five targets: name, process whose CPU is read, URL, wrk script.
+targets=("bare $bare_pid http://127.0.0.1:19101/v1/tools/kb.search $work/post.lua"
+  "bare_ws $ws_pid http://127.0.0.1:19104/v1/tools/kb.search $work/post.lua"
+  "toolgate $tg_pid http://127.0.0.1:19102/v1/tools/kb.search $work/post.lua"
+  "mcp $tg_pid http://127.0.0.1:19102/mcp $work/mcp.lua"
+  "screened $tg_pid http://127.0.0.1:19102/v1/tools/kb.screened $work/post.lua")
+
+# slice NAME PID URL SCRIPT SECONDS: one wrk run against one target; appends
+# "cpu_ticks requests seconds p50_ms p99_ms" to NAME.acc.
+slice() {
+  local name=$1 pid=$2 url=$3 script=$4 secs=$5
   local before; before=$(ticks "$pid")
-  wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency -s "$script" "$url" > "$work/$1.txt"
+  wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" --latency -s "$script" "$url" > "$work/$name.slice"
   local after; after=$(ticks "$pid")
-  awk -v t=$((after - before)) -v clk="$clk" '
+  if grep -q "Non-2xx" "$work/$name.slice"; then
+    grep -H "Non-2xx" "$work/$name.slice" >&2
+    echo "loadtest: $name had non-2xx responses, so these figures do not measure forwarded calls" >&2
+    exit 1
+  fi
+  awk -v t=$((after - before)) -v secs="$secs" '
     function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
-    / 50%/ { p50 = ms($2) } / 99%/ { p99 = ms($2) }
-    /requests in/ { n = $1 } /Requests\/sec/ { rps = $2 }
-    END { printf "%.0f %.2f %.2f %.1f %d\n", rps, p50, p99, t / clk * 1e6 / n, n }' "$work/$1.txt"
+    / 50%/ { p50 = ms($2) } / 99%/ { p99 = ms($2) } /requests in/ { n = $1 }
+    END { printf "%d %d %d %.3f %.3f\n", t, n, secs, p50, p99 }' "$work/$name.slice" >> "$work/$name.acc"
 }
 
-# One round: the five targets back to back, then this round's table and ratios.
+# One round: each target's DURATION is cut into SLICES slices, and the targets take turns slice
+# by slice (the order reversed every other slice), so a burst of other work on the machine falls
+# on all of them rather than on one target's window. CPU and requests are summed per target over
+# its slices; p50 and p99 are the median of its slices' figures. SLICES=1 runs the targets back
+# to back for the whole DURATION each.
 round() {
-  read -r b_rps b_p50 b_p99 b_cpu b_n < <(run bare "$bare_pid" "http://127.0.0.1:19101/v1/tools/kb.search")
-  read -r w_rps w_p50 w_p99 w_cpu w_n < <(run bare_ws "$ws_pid" "http://127.0.0.1:19104/v1/tools/kb.search")
-  read -r t_rps t_p50 t_p99 t_cpu t_n < <(run toolgate "$tg_pid" "http://127.0.0.1:19102/v1/tools/kb.search")
-  read -r m_rps m_p50 m_p99 m_cpu m_n < <(run mcp "$tg_pid" "http://127.0.0.1:19102/mcp" "$work/mcp.lua")
-  read -r f_rps f_p50 f_p99 f_cpu f_n < <(run screened "$tg_pid" "http://127.0.0.1:19102/v1/tools/kb.screened")
+  local secs=$((DURATION / SLICES)); [ "$secs" -ge 1 ] || { echo "loadtest: DURATION must be at least SLICES seconds" >&2; exit 1; }
+  rm -f "$work"/*.acc
+  for t in "${targets[@]}"; do
+    set -- $t; wrk -t"$THREADS" -c"$CONNS" -d2s -s "$4" "$3" >/dev/null 2>&1   # warm-up
+  done
+  local last=$((${#targets[@]} - 1))
+  for i in $(seq 1 "$SLICES"); do
+    if [ $((i % 2)) -eq 1 ]; then order=$(seq 0 "$last"); else order=$(seq "$last" -1 0); fi
+    for k in $order; do set -- ${targets[$k]}; slice "$1" "$2" "$3" "$4" "$secs"; done
+  done
   # Every MCP answer must be a CallToolResult, not a JSON-RPC error (which is also HTTP 200).
   body=$(curl -s -X POST http://127.0.0.1:19102/mcp -H 'Content-Type: application/json' -H 'Authorization: Bearer bench-key' \
     -d '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"kb.search","arguments":{"query":"q"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}')
   case "$body" in *'"isError":false'*) ;; *) echo "loadtest: the MCP call did not succeed: $body" >&2; exit 1 ;; esac
-  if grep -q "Non-2xx" "$work"/{bare,bare_ws,toolgate,mcp,screened}.txt; then
-    grep -H "Non-2xx" "$work"/{bare,bare_ws,toolgate,mcp,screened}.txt >&2
-    echo "loadtest: some responses were not 2xx, so these figures do not measure forwarded calls" >&2
-    exit 1
-  fi
 
-  printf '\n%-28s %10s %9s %9s %14s\n' "proxy ($CONNS conns, ${DURATION}s)" "req/s" "p50 ms" "p99 ms" "CPU us/req"
-  printf '%-28s %10s %9s %9s %14s\n' "bare hyper pass-through" "$b_rps" "$b_p50" "$b_p99" "$b_cpu"
-  printf '%-28s %10s %9s %9s %14s\n' "bare, work-stealing runtime" "$w_rps" "$w_p50" "$w_p99" "$w_cpu"
-  printf '%-28s %10s %9s %9s %14s\n' "toolgate (full pipeline)" "$t_rps" "$t_p50" "$t_p99" "$t_cpu"
-  printf '%-28s %10s %9s %9s %14s\n' "toolgate, MCP tools/call" "$m_rps" "$m_p50" "$m_p99" "$m_cpu"
-  printf '%-28s %10s %9s %9s %14s\n' "toolgate, every filter" "$f_rps" "$f_p50" "$f_p99" "$f_cpu"
-  awk -v br="$b_rps" -v tr="$t_rps" -v bc="$b_cpu" -v tc="$t_cpu" -v b50="$b_p50" -v t50="$t_p50" 'BEGIN {
-    printf "ratios: CPU per request %.2fx the bare proxy, throughput %.0f%% of it, p50 %.2fx\n", tc / bc, 100 * tr / br, t50 / b50 }'
-  awk -v br="$b_rps" -v fr="$f_rps" -v bc="$b_cpu" -v fc="$f_cpu" 'BEGIN {
-    printf "every filter on: CPU per request %.2fx the bare proxy, throughput %.0f%% of it\n", fc / bc, 100 * fr / br }'
-  awk -v wr="$w_rps" -v tr="$t_rps" -v wc="$w_cpu" -v tc="$t_cpu" 'BEGIN {
-    printf "against the work-stealing bare proxy: CPU per request %.2fx, throughput %.0f%%\n", tc / wc, 100 * tr / wr }'
-  awk -v tr="$t_rps" -v mr="$m_rps" -v tc="$t_cpu" -v mc="$m_cpu" 'BEGIN {
-    printf "MCP vs plain HTTP path: CPU per request %.2fx, throughput %.0f%%\n", mc / tc, 100 * mr / tr }'
-  awk -v br="$b_rps" -v tr="$t_rps" -v bc="$b_cpu" -v tc="$t_cpu" -v fr="$f_rps" -v fc="$f_cpu" -v wr="$w_rps" -v wc="$w_cpu" 'BEGIN {
-    printf "%.4f %.4f %.4f %.4f %.4f %.4f\n", tc / bc, tr / br, fc / bc, fr / br, tc / wc, tr / wr }' >> "$work/ratios"
-}
+  # figures NAME -> "req/s p50_ms p99_ms CPU_us/req"
+  figures() {
+    local p50 p99
+    p50=$(awk '{ print $4 }' "$work/$1.acc" | median)
+    p99=$(awk '{ print $5 }' "$work/$1.acc" | median)
+    awk -v clk="$clk" -v p50="$p50" -v p99="$p99" '{ t += $1; n += $2; s += $3 }
+      END { printf "%.0f %.2f %.2f %.1f\n", n / s, p50, p99, t / clk * 1e6 / n }' "$work/$1.acc"
+  }
+  read -r b_rps b_p50 b_p99 b_cpu < <(figures bare)
+  read -r w_rps w_p50 w_p99 w_cpu < <(figures bare_ws)
+  read -r t_rps t_p50 t_p99 t_cpu < <(figures toolgate)
+  read -r m_rps m_p50 m_p99 m_cpu < <(figures mcp)
+  read -r f_rps f_p50 f_p99 f_cpu < <(figures screened)
 
-# SLICES=n: each target's DURATION is cut into n slices, and the slices of the bare proxies and
-# toolgate alternate (the order reversed every other slice), so a burst of other work on the
-# machine falls on all of them rather than on one target's window. CPU and requests are summed
-# per target over its slices. No latency or MCP figures in this mode.
-SLICES=${SLICES:-1}
-slice() {
-  local pid=$2 url=$3 secs=$4
-  local before; before=$(ticks "$pid")
-  wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" -s "$work/post.lua" "$url" > "$work/$1.slice"
-  local after; after=$(ticks "$pid")
-  grep -q "Non-2xx" "$work/$1.slice" && { echo "loadtest: $1 had non-2xx responses" >&2; exit 1; }
-  echo "$((after - before)) $(awk '/requests in/ {print $1}' "$work/$1.slice") $secs" >> "$work/$1.acc"
-}
-sliced_round() {
-  local secs=$((DURATION / SLICES)); [ "$secs" -ge 1 ] || { echo "loadtest: DURATION must be at least SLICES seconds" >&2; exit 1; }
-  local targets=("bare $bare_pid http://127.0.0.1:19101/v1/tools/kb.search"
-    "bare_ws $ws_pid http://127.0.0.1:19104/v1/tools/kb.search"
-    "toolgate $tg_pid http://127.0.0.1:19102/v1/tools/kb.search"
-    "screened $tg_pid http://127.0.0.1:19102/v1/tools/kb.screened")
-  rm -f "$work"/*.acc
-  for t in "${targets[@]}"; do
-    set -- $t; wrk -t"$THREADS" -c"$CONNS" -d2s -s "$work/post.lua" "$3" >/dev/null 2>&1   # warm-up
-  done
-  for i in $(seq 1 "$SLICES"); do
-    if [ $((i % 2)) -eq 1 ]; then order=(0 1 2 3); else order=(3 2 1 0); fi
-    for k in "${order[@]}"; do set -- ${targets[$k]}; slice "$1" "$2" "$3" "$secs"; done
-  done
-  # cpu_and_rps NAME -> "CPU us/req  req/s"
-  cpu_and_rps() { awk -v clk="$clk" '{ t += $1; n += $2; s += $3 } END { printf "%.1f %.0f\n", t / clk * 1e6 / n, n / s }' "$work/$1.acc"; }
-  read -r b_cpu b_rps < <(cpu_and_rps bare)
-  read -r w_cpu w_rps < <(cpu_and_rps bare_ws)
-  read -r t_cpu t_rps < <(cpu_and_rps toolgate)
-  read -r f_cpu f_rps < <(cpu_and_rps screened)
-  printf '\n%-28s %10s %14s\n' "proxy ($CONNS conns, $SLICES x ${secs}s)" "req/s" "CPU us/req"
-  printf '%-28s %10s %14s\n' "bare hyper pass-through" "$b_rps" "$b_cpu" "bare, work-stealing runtime" "$w_rps" "$w_cpu" \
-    "toolgate (full pipeline)" "$t_rps" "$t_cpu" "toolgate, every filter" "$f_rps" "$f_cpu"
-  awk -v br="$b_rps" -v tr="$t_rps" -v bc="$b_cpu" -v tc="$t_cpu" -v fr="$f_rps" -v fc="$f_cpu" -v wr="$w_rps" -v wc="$w_cpu" 'BEGIN {
-    printf "ratios: CPU per request %.2fx the bare proxy, throughput %.0f%% of it\n", tc / bc, 100 * tr / br
+  printf '\n%-28s %10s %9s %9s %14s\n' "proxy ($CONNS conns, $SLICES x ${secs}s)" "req/s" "p50 ms" "p99 ms" "CPU us/req"
+  printf '%-28s %10s %9s %9s %14s\n' "bare hyper pass-through" "$b_rps" "$b_p50" "$b_p99" "$b_cpu" \
+    "bare, work-stealing runtime" "$w_rps" "$w_p50" "$w_p99" "$w_cpu" \
+    "toolgate (full pipeline)" "$t_rps" "$t_p50" "$t_p99" "$t_cpu" \
+    "toolgate, MCP tools/call" "$m_rps" "$m_p50" "$m_p99" "$m_cpu" \
+    "toolgate, every filter" "$f_rps" "$f_p50" "$f_p99" "$f_cpu"
+  awk -v br="$b_rps" -v tr="$t_rps" -v bc="$b_cpu" -v tc="$t_cpu" -v b50="$b_p50" -v t50="$t_p50" \
+    -v fr="$f_rps" -v fc="$f_cpu" -v wr="$w_rps" -v wc="$w_cpu" -v mr="$m_rps" -v mc="$m_cpu" 'BEGIN {
+    printf "ratios: CPU per request %.2fx the bare proxy, throughput %.0f%% of it, p50 %.2fx\n", tc / bc, 100 * tr / br, t50 / b50
     printf "every filter on: CPU per request %.2fx the bare proxy, throughput %.0f%% of it\n", fc / bc, 100 * fr / br
     printf "against the work-stealing bare proxy: CPU per request %.2fx, throughput %.0f%%\n", tc / wc, 100 * tr / wr
+    printf "MCP vs plain HTTP path: CPU per request %.2fx, throughput %.0f%%\n", mc / tc, 100 * mr / tr
     printf "%.4f %.4f %.4f %.4f %.4f %.4f\n", tc / bc, tr / br, fc / bc, fr / br, tc / wc, tr / wr >> "'"$work/ratios"'" }'
 }
+
+median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 # ROUNDS>1 repeats the round and ends with the median of the rounds' ratios: on a shared machine
 # one round's baseline can be an outlier in either direction, and the median of several is not.
 ROUNDS=${ROUNDS:-1}
-for _ in $(seq 1 "$ROUNDS"); do
-  if [ "$SLICES" -gt 1 ]; then sliced_round; else round; fi
-done
+for _ in $(seq 1 "$ROUNDS"); do round; done
 if [ "$ROUNDS" -gt 1 ]; then
-  median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
   cpu=$(awk '{ print $1 }' "$work/ratios" | median)
   thr=$(awk '{ print $2 }' "$work/ratios" | median)
   fcpu=$(awk '{ print $3 }' "$work/ratios" | median)
