@@ -1,8 +1,8 @@
 //! The baseline for load tests: a bare hyper pass-through proxy with the default pooled client,
 //! no checks at all. toolgate's cost is reported as a ratio against this, measured in the same run.
 //! It gets the same transport toolgate has — TCP_NODELAY both ways, mimalloc, and one
-//! single-threaded runtime per core accepting from one socket, each with its own client pool —
-//! so the ratio measures the checks, not the tuning. `BARE_RUNTIME=work-stealing` runs it on
+//! single-threaded runtime per core, each with its own listening socket on the same port
+//! (`SO_REUSEPORT`) and its own client pool — so the ratio measures the checks, not the tuning. `BARE_RUNTIME=work-stealing` runs it on
 //! tokio's default multi-threaded runtime instead (one runtime, one pool), for comparison.
 
 use std::convert::Infallible;
@@ -21,16 +21,15 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:19101".to_owned());
     let upstream = args.next().unwrap_or_else(|| "http://127.0.0.1:19100".to_owned());
-    let listener = std::net::TcpListener::bind(&listen).expect("bind");
-    listener.set_nonblocking(true).expect("non-blocking");
+    let addr: std::net::SocketAddr = listen.parse().expect("listen address");
     if std::env::var("BARE_RUNTIME").as_deref() == Ok("work-stealing") {
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        return runtime.block_on(proxy(listener, upstream));
+        return runtime.block_on(proxy(bind(addr), upstream));
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads: Vec<_> = (0..cores)
         .map(|_| {
-            let (listener, upstream) = (listener.try_clone().expect("clone"), upstream.clone());
+            let (listener, upstream) = (bind(addr), upstream.clone());
             std::thread::spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -43,6 +42,17 @@ fn main() {
     for t in threads {
         let _ = t.join();
     }
+}
+
+/// A listening socket on `addr` that others on the same port share connections with.
+fn bind(addr: std::net::SocketAddr) -> std::net::TcpListener {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).expect("socket");
+    s.set_reuse_address(true).expect("SO_REUSEADDR");
+    s.set_reuse_port(true).expect("SO_REUSEPORT");
+    s.bind(&addr.into()).expect("bind");
+    s.listen(1024).expect("listen");
+    s.set_nonblocking(true).expect("non-blocking");
+    s.into()
 }
 
 async fn proxy(listener: std::net::TcpListener, upstream: String) {

@@ -667,9 +667,7 @@ impl Gateway {
             self.state.record_call(agent, p.clone(), policy.history_retention);
         }
         drop(history_turn);
-        let forwarded = self
-            .forward(policy, req, rec, agent, tool, url, args, body_bytes)
-            .await;
+        let forwarded = self.forward(policy, req, rec, agent, tool, url, args, body_bytes).await;
         let forwarded = match forwarded {
             Ok((inbound, body)) => self
                 .output_guardrails(policy, tool, body, rec)

@@ -262,15 +262,15 @@ impl Running {
 /// per core, [`workers`]), the admin plane, policy watcher and metrics upkeep on the caller's
 /// runtime.
 pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
-    let data = TcpListener::bind(gateway.config.listen).await?;
+    let data = workers::bind(gateway.config.listen, gateway.config.workers)?;
     let admin = TcpListener::bind(gateway.config.admin.listen).await?;
-    let (data_addr, admin_addr) = (data.local_addr()?, admin.local_addr()?);
+    let (data_addr, admin_addr) = (data[0].local_addr()?, admin.local_addr()?);
     let (stop, stopped) = watch::channel(false);
     let read_timeout = Duration::from_millis(gateway.config.limits.request_read_timeout_ms);
     let metrics = admin::metrics_handle();
     let mut tasks = vec![
         workers::spawn(
-            data.into_std()?,
+            data,
             gateway.config.workers,
             data_plane(gateway.clone()),
             read_timeout,
