@@ -178,6 +178,12 @@ impl Gateway {
         self.policy.load_full()
     }
 
+    /// The policy in force, for a look within one call: a guard on this thread's arc-swap debt
+    /// slot, not an `Arc` clone (whose count every core's calls would write).
+    pub fn policy_now(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.policy.load()
+    }
+
     pub fn parse_limits(&self) -> ParseLimits {
         ParseLimits {
             max_json_depth: self.config.limits.max_json_depth,

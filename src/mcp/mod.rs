@@ -362,7 +362,7 @@ async fn dispatch(mcp: &Mcp, headers: &HeaderMap, body: Body, rid: &str, asked: 
     // Who is asking: every request authenticates, in both revisions.
     let agent = match mcp
         .gateway
-        .policy()
+        .policy_now()
         .auth
         .authenticate(header_str(headers, "authorization"))
         .cloned()
@@ -661,7 +661,7 @@ async fn tools_call(
     // upstream MCP server's own CallToolResult passes through (after output filters).
     let ok = (200..300).contains(&resp.status);
     let from_mcp_server = matches!(
-        mcp.gateway.policy().tools.get(name).map(|t| &t.target),
+        mcp.gateway.policy_now().tools.get(name).map(|t| &t.target),
         Some(crate::policy::tool::Target::Mcp { .. })
     );
     if ok

@@ -483,12 +483,10 @@ pub struct Outcome {
 }
 
 /// Whether any of `filters` finds something in `text`: what [`apply`] would act on.
-pub fn finds_any(filters: &[&Filter], text: &str) -> bool {
+pub fn finds_any<'f>(mut filters: impl Iterator<Item = &'f Filter>, text: &str) -> bool {
     let n = normalize(text);
     let mut any_detector = None;
-    filters
-        .iter()
-        .any(|f| f.scan_normalized(&n, &mut any_detector).is_some())
+    filters.any(|f| f.scan_normalized(&n, &mut any_detector).is_some())
 }
 
 /// Runs `filters` over every string value and key of `value`, in place: redacting filters

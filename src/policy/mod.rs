@@ -770,8 +770,8 @@ impl Policy {
     /// without building it (`Ok(true)`: forward it as it came). `Ok(false)` means a filter
     /// will act: parse it and run [`Policy::filter_output`]. Unreadable JSON is an error.
     pub fn output_is_clean(&self, tool: &Tool, body: &[u8], max_depth: usize) -> Result<bool, ArgumentsError> {
-        let filters = self.output_filters(tool);
-        arguments::any_string(body, max_depth, &mut |s| content::finds_any(&filters, s)).map(|hit| !hit)
+        let filters = tool.output_filters.iter().map(|&i| &self.filters[i]);
+        arguments::any_string(body, max_depth, &mut |s| content::finds_any(filters.clone(), s)).map(|hit| !hit)
     }
 
     fn output_filters(&self, tool: &Tool) -> Vec<&Filter> {
