@@ -37,10 +37,15 @@ pub(super) fn bind(addr: SocketAddr, threads: usize) -> std::io::Result<Vec<std:
     use socket2::{Domain, Socket, Type};
     let socket = |addr: SocketAddr, reuse_port: bool| -> std::io::Result<std::net::TcpListener> {
         let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        // As tokio's `TcpListener::bind` does: a restart need not wait out TIME_WAIT.
+        #[cfg(unix)]
         s.set_reuse_address(true)?;
+        #[cfg(target_os = "linux")]
         if reuse_port {
             s.set_reuse_port(true)?;
         }
+        #[cfg(not(target_os = "linux"))]
+        let _ = reuse_port;
         s.bind(&addr.into())?;
         s.listen(1024)?;
         s.set_nonblocking(true)?;
@@ -61,9 +66,9 @@ pub(super) fn bind(addr: SocketAddr, threads: usize) -> std::io::Result<Vec<std:
     Ok(all)
 }
 
-/// Serves `plane` from `listeners` (one per thread, or one they share) on `threads` threads until `stopped` turns true (or its
-/// sender is gone), each finishing its calls in flight. The task returned ends when every
-/// thread has.
+/// Serves `plane` from `listeners` (one per thread, or one they share) on `threads` threads
+/// until `stopped` turns true (or its sender is gone), each finishing its calls in flight. The
+/// task returned ends when every thread has.
 pub(super) fn spawn(
     listeners: Vec<std::net::TcpListener>,
     threads: usize,
