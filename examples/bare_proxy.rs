@@ -2,8 +2,9 @@
 //! no checks at all. toolgate's cost is reported as a ratio against this, measured in the same run.
 //! It gets the same transport toolgate has — TCP_NODELAY both ways, mimalloc, and one
 //! single-threaded runtime per core, each with its own listening socket on the same port
-//! (`SO_REUSEPORT`) and its own client pool — so the ratio measures the checks, not the tuning. `BARE_RUNTIME=work-stealing` runs it on
-//! tokio's default multi-threaded runtime instead (one runtime, one pool), for comparison.
+//! (`SO_REUSEPORT`) and its own client pool — so the ratio measures the checks, not the tuning.
+//! `BARE_RUNTIME=work-stealing` runs it on tokio's default multi-threaded runtime instead (one
+//! runtime, one pool), for comparison.
 
 use std::convert::Infallible;
 
