@@ -3,7 +3,7 @@
 # redacted audit to a file, metrics) and a bare hyper pass-through proxy in front of the same
 # upstream, measured in one run with wrk. Prints throughput, p50/p99 latency and the proxy's CPU
 # time per request, and toolgate's ratios to the bare proxy. Another target is the same call as
-# an MCP `tools/call` (stateless revision 2026-07-28) to `/mcp`, and compares it with the plain
+# an MCP `tools/call` (stateless revision 2026-07-28) to `/mcp`, compared with the plain
 # HTTP path; another sends it to `kb.screened`, the same tool with every filter on (deny terms
 # and patterns, and all nine PII/secret detectors, on the arguments and on the tool's answer).
 # The bare proxy runs on the same per-core runtime as toolgate (the ratios); a second copy on
