@@ -5,13 +5,11 @@
 //! The SDK lives in a virtualenv the tests create on first use (`target/tmp/mcp-venv`, `pip
 //! install mcp==2.3.0`), or the interpreter named by `TOOLGATE_TEST_PYTHON`.
 
-mod support;
-
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use crate::support::{self, ADMIN_TOKEN, ANALYST_KEY, Harness, SUPPORT_KEY, send};
 use serde_json::{Value, json};
-use support::{ADMIN_TOKEN, ANALYST_KEY, Harness, SUPPORT_KEY, send};
 
 const MCP_SDK: &str = "mcp==2.3.0";
 

@@ -5,15 +5,13 @@
 //! The tools are CloudWatch Logs API calls on moto itself: a 200 proves toolgate assumed the
 //! role, signed the request correctly (moto recomputes the signature) and the role allowed it.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 
+use crate::support::{self, TestUpstream, send};
 use serde_json::{Value, json};
-use support::{TestUpstream, send};
 
 const MOTO: &str = "moto[server]==5.2.5";
 const ACCOUNT: &str = "123456789012";

@@ -1,10 +1,8 @@
 //! Business rules and approvals over real HTTP: every rule kind, decimals at the boundary,
 //! shadow mode, the session-aware rules, and the whole approval cycle.
 
-mod support;
-
+use crate::support::{Harness, Resp, TestUpstream, fixture, send, sha256_hex};
 use serde_json::{Value, json};
-use support::{Harness, Resp, TestUpstream, fixture, send, sha256_hex};
 
 const OPS_KEY: &str = "ops-key";
 const FIN_KEY: &str = "fin-key";

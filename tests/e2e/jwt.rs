@@ -1,12 +1,10 @@
 //! JWT bearer tokens over real HTTP: RS256 and ES256 from a JWKS file; expiry with leeway;
 //! issuer and audience; `alg: none` and HS/RS confusion refused.
 
-mod support;
-
+use crate::support::{self, Harness, fixture, send};
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use support::{Harness, fixture, send};
 
 const AUTH: &str = r#"
 auth:

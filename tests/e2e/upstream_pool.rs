@@ -2,14 +2,12 @@
 //! and every request it reads: keep-alive reuse, a connection the tool closed while it sat
 //! idle, and a connection left mid-exchange by a timeout.
 
-mod support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::Harness;
 use sha2::{Digest, Sha256};
-use support::Harness;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &str = "pool-key";

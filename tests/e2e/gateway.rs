@@ -1,10 +1,8 @@
 //! End to end over real HTTP: the gateway in front of a real upstream, every row of the error
 //! table this issue owns, and the audit event each call leaves.
 
-mod support;
-
+use crate::support::{self, ANALYST_KEY, Harness, SUPPORT_KEY, send};
 use serde_json::{Value, json};
-use support::{ANALYST_KEY, Harness, SUPPORT_KEY, send};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_an_allowed_call_with_only_the_headers_toolgate_chooses() {

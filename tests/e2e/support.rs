@@ -1,6 +1,5 @@
 //! Test support: a real upstream HTTP server that records what it receives, and a harness that
 //! starts the real gateway (both planes) on 127.0.0.1:0 with fixture policies.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -133,7 +132,6 @@ pub struct Harness {
 /// Writes `DIR/toolgate.yaml` for `toolgate serve` on free ports, with its policies, audit file
 /// and approval store in `dir` (its own store: the default is locked by any toolgate already
 /// running from the repository), then the `extra` config lines.
-#[allow(dead_code)]
 pub fn write_serve_config(dir: &Path, extra: &str) -> PathBuf {
     let cfg = dir.join("toolgate.yaml");
     let d = dir.display();
@@ -147,7 +145,6 @@ pub fn write_serve_config(dir: &Path, extra: &str) -> PathBuf {
 
 /// Reads a spawned `toolgate serve`'s stderr until both listeners are up; returns the data and
 /// admin URLs and the rest of the log, still open (dropping it closes the pipe).
-#[allow(dead_code)]
 pub fn listeners(
     child: &mut std::process::Child,
 ) -> (
@@ -430,7 +427,6 @@ pub async fn send_stalled(base: &str, head: &str) -> String {
 
 /// Reads one HTTP/1.1 response (head and a `content-length` body) from a raw connection that
 /// stays open.
-#[allow(dead_code)]
 pub async fn read_response(conn: &mut tokio::net::TcpStream) -> String {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
@@ -466,7 +462,6 @@ pub async fn send(method: &str, url: &str, headers: &[(&str, String)], body: Vec
 /// A Python interpreter with `packages` installed, in a virtualenv under the target directory
 /// (created on first use), or the one named by `TOOLGATE_TEST_PYTHON`. `check` is Python code
 /// that must run for the environment to count as ready.
-#[allow(dead_code)]
 pub fn python_venv(name: &str, packages: &[&str], check: &str) -> PathBuf {
     if let Some(p) = std::env::var_os("TOOLGATE_TEST_PYTHON") {
         return PathBuf::from(p);

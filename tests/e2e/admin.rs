@@ -1,11 +1,9 @@
 //! The admin plane over real HTTP: health, metrics, the token, reloads good and broken, and the
 //! file watcher.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{ANALYST_KEY, Harness, SUPPORT_KEY, send};
+use crate::support::{ANALYST_KEY, Harness, SUPPORT_KEY, send};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_metrics_need_no_token() {

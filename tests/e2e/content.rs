@@ -1,10 +1,8 @@
 //! Content filters over real HTTP: every evasion form the filters must see through, checked
 //! against what the upstream did (not) receive.
 
-mod support;
-
+use crate::support::{Harness, SUPPORT_KEY};
 use serde_json::json;
-use support::{Harness, SUPPORT_KEY};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_terms_cannot_be_evaded() {

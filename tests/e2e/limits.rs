@@ -1,11 +1,9 @@
 //! Rate limits, token budgets and quarantine over real HTTP, including races: concurrent calls
 //! counted at the upstream can never exceed what a limit admits.
 
-mod support;
-
+use crate::support::{self, Harness, send, sha256_hex};
 use futures_util::future::join_all;
 use serde_json::Value;
-use support::{Harness, send, sha256_hex};
 
 fn agents() -> String {
     format!(

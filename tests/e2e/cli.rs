@@ -1,13 +1,11 @@
 //! The `toolgate` binary itself: check, explain, demo, and serve surviving `kill -9` with its
 //! audit events on disk.
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use crate::support::{self, SUPPORT_KEY, TestUpstream, listeners, send, write_fixture_policies, write_serve_config};
 use serde_json::Value;
-use support::{SUPPORT_KEY, TestUpstream, listeners, send, write_fixture_policies, write_serve_config};
 
 fn toolgate() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_toolgate"));

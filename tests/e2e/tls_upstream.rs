@@ -2,15 +2,13 @@
 //! a private CA signed, trusted through `SSL_CERT_FILE`; without that CA the call is refused
 //! (502) and nothing reaches the tool — never sent unverified.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
+use crate::support::{self, fixture, listeners, send, sha256_hex, write_serve_config};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use support::{fixture, listeners, send, sha256_hex, write_serve_config};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};

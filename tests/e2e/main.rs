@@ -1,0 +1,20 @@
+//! The end-to-end suite, one test binary: every module starts the real gateway (in-process, or the
+//! real `toolgate` binary) in front of real upstreams on 127.0.0.1 and talks to it over HTTP.
+//!
+//! One binary rather than one per file: each links the whole crate and the AWS SDK, so eleven of
+//! them cost eleven links and gigabytes of disk for no isolation the tests need (no test touches
+//! process-global state: environment, recorder or working directory).
+
+mod support;
+
+mod admin;
+mod aws;
+mod cli;
+mod content;
+mod gateway;
+mod jwt;
+mod limits;
+mod mcp;
+mod rules;
+mod tls_upstream;
+mod upstream_pool;
