@@ -62,6 +62,18 @@ async fn method_not_allowed(State(gw): State<Arc<Gateway>>, req: Request) -> Res
     refuse(&gw, Refused::of(&req), Code::MethodNotAllowed, message).await
 }
 
+/// A call over the concurrency limit: 503 at once with `Retry-After: 1`, never queued, and
+/// audited like any other refusal (a gateway's trail should show that it turned calls away,
+/// and when; Envoy logs its overload replies the same way). The event is one short line,
+/// group-committed with the others, so writing it does not add the load that shedding sheds.
+pub(super) async fn shed<B>(gw: &Gateway, id: Arc<str>, req: &axum::http::Request<B>) -> Response {
+    let message = "The gateway is at its concurrency limit. Retry shortly.";
+    let mut res = refuse(gw, Refused::with_id(req, id), Code::Unavailable, message).await;
+    res.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    res
+}
+
 /// What a refused request's event may say about it: the route it hit, never its path.
 struct Refused {
     id: Arc<str>,
@@ -71,13 +83,18 @@ struct Refused {
 
 impl Refused {
     fn of(req: &Request) -> Self {
+        let id = req
+            .extensions()
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default();
+        Self::with_id(req, id)
+    }
+
+    fn with_id<B>(req: &axum::http::Request<B>, id: Arc<str>) -> Self {
         let path = req.uri().path();
         Self {
-            id: req
-                .extensions()
-                .get::<RequestId>()
-                .map(|r| r.0.clone())
-                .unwrap_or_default(),
+            id,
             endpoint: match () {
                 _ if path.starts_with("/v1/tools/") => "/v1/tools/{tool}",
                 _ if path.starts_with("/v1/approvals/") => "/v1/approvals/{id}",

@@ -203,8 +203,7 @@ impl DataPlane {
         // Load shedding instead of queueing: over the limit, a 503 at once.
         let Some(_in_flight) = plane.limit.try_enter() else {
             metrics::counter!("toolgate_shed_total").increment(1);
-            let message = "The gateway is at its concurrency limit. Retry shortly.";
-            let res = error_response(Code::Unavailable, message, &id).map(DataBody::Right);
+            let res = data::shed(&plane.gateway, id, &req).await.map(DataBody::Right);
             return Ok(with_request_id(res, id_header));
         };
         let routed = async {

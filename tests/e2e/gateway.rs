@@ -395,7 +395,7 @@ async fn a_slow_tool_times_out_once_and_is_never_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_over_the_concurrency_limit_are_shed_at_once_and_their_places_come_back() {
     // Two calls held at a slow tool fill `max_concurrent_requests: 2`; a third is answered 503
-    // at once (never queued), and once the two are answered there is room again.
+    // at once (never queued) and audited, and once the two are answered there is room again.
     let h = Harness::start_full(
         "limits: { max_body_bytes: 4096, upstream_timeout_ms: 5000, max_concurrent_requests: 2 }\n",
         &[(
@@ -419,6 +419,18 @@ async fn calls_over_the_concurrency_limit_are_shed_at_once_and_their_places_come
     assert!(
         err["error"]["message"].as_str().unwrap().contains("concurrency limit"),
         "{err}"
+    );
+    assert_eq!(over.header("retry-after"), Some("1"));
+    // Shed, but not silently: the refusal is in the audit trail like any other.
+    let e = h.refusal_for(&over);
+    assert_eq!(
+        (
+            e["endpoint"].as_str(),
+            e["method"].as_str(),
+            e["status"].as_u64(),
+            e["code"].as_str()
+        ),
+        (Some("/v1/tools/{tool}"), Some("POST"), Some(503), Some("unavailable"))
     );
     assert_eq!((a.status, b.status), (200, 200), "the calls in flight are unaffected");
     assert_eq!(a.json()["late"], true);
