@@ -36,7 +36,7 @@ pub struct CallRequest<'a> {
     pub request_id: &'a str,
     /// `request_id` as a header value, when the transport already made one (it is forwarded).
     pub request_id_header: Option<&'a HeaderValue>,
-    pub authorization: Option<&'a str>,
+    pub caller: Caller<'a>,
     pub tool: &'a str,
     /// The body, or why the transport could not read it (too large, too slow).
     pub body: Result<Bytes, Reason>,
@@ -45,6 +45,18 @@ pub struct CallRequest<'a> {
     pub approval: Option<&'a str>,
     pub traceparent: Option<&'a HeaderValue>,
     pub tracestate: Option<&'a HeaderValue>,
+}
+
+/// Who is calling, as the transport knows it.
+#[derive(Debug, Clone, Copy)]
+pub enum Caller<'a> {
+    /// The `Authorization` header's value, if any: the call authenticates it.
+    Credentials(Option<&'a str>),
+    /// An agent the transport has authenticated already, with this gateway's policy: MCP
+    /// checks every message's credentials before it reads the method, so a `tools/call` need
+    /// not hash the key (or verify the JWT's signature) a second time. The agent must still be
+    /// in the policy the call is decided by (a reload in between may have removed it).
+    Agent(&'a str),
 }
 
 /// What to send back.
@@ -454,7 +466,17 @@ impl Gateway {
         req: &CallRequest<'_>,
         rec: &mut Record<'p>,
     ) -> Result<(Inbound, Bytes), Reason> {
-        let agent: &'p str = policy.auth.authenticate(req.authorization)?;
+        let agent: &'p str = match req.caller {
+            Caller::Credentials(authorization) => policy.auth.authenticate(authorization)?,
+            Caller::Agent(id) => policy
+                .agents
+                .get_key_value(id)
+                .map(|(id, _)| id.as_str())
+                .ok_or_else(|| {
+                    let message = "The agent is no longer in the policy.";
+                    Reason::new(Code::Unauthenticated, Stage::Authentication, "authentication", message)
+                })?,
+        };
         rec.agent = Some(agent);
         if req.session.is_some_and(|s| !is_valid_session(s)) {
             return Err(Reason::new(

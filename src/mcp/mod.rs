@@ -32,7 +32,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::gateway::{CallRequest, Gateway};
+use crate::gateway::{CallRequest, Caller, Gateway};
 use crate::policy::Code;
 use crate::server::RequestId;
 use sessions::{SessionError, Sessions};
@@ -398,7 +398,7 @@ async fn dispatch(mcp: &Mcp, headers: &HeaderMap, body: Body, rid: &str, asked: 
         "server/discover" => Reply::result(&id, discover()),
         "ping" if revision != Revision::Stateless => Reply::result(&id, json!({})),
         "tools/list" => tools_list(mcp, &id, &agent, &revision),
-        "tools/call" => tools_call(mcp, headers, &id, params, &revision, rid).await,
+        "tools/call" => tools_call(mcp, headers, &agent, &id, params, &revision, rid).await,
         _ => Reply::error(
             StatusCode::OK,
             &id,
@@ -584,6 +584,7 @@ fn tools_list(mcp: &Mcp, id: &Value, agent: &str, revision: &Revision) -> Reply 
 async fn tools_call(
     mcp: &Mcp,
     headers: &HeaderMap,
+    agent: &str,
     id: &Value,
     params: &Map<String, Value>,
     revision: &Revision,
@@ -622,7 +623,7 @@ async fn tools_call(
         .call(CallRequest {
             request_id: rid,
             request_id_header: None,
-            authorization: header_str(headers, "authorization"),
+            caller: Caller::Agent(agent),
             tool: name,
             body: Ok(body),
             session: session.as_deref(),

@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full, Limited};
 
 use super::{RequestId, error_response};
 use crate::audit::RefusalEvent;
-use crate::gateway::{CallRequest, Gateway};
+use crate::gateway::{CallRequest, Caller, Gateway};
 use crate::policy::{Code, Reason, Stage};
 
 const X_TOOLGATE_SESSION: HeaderName = HeaderName::from_static("x-toolgate-session");
@@ -185,7 +185,7 @@ where
         .call(CallRequest {
             request_id: &id,
             request_id_header: id_header,
-            authorization: authorization.and_then(|v| v.to_str().ok()),
+            caller: Caller::Credentials(authorization.and_then(|v| v.to_str().ok())),
             tool,
             body,
             session: session.map(|v| v.to_str().unwrap_or("\u{fffd}")),

@@ -546,3 +546,45 @@ async fn upstream_mcp_tools_are_exposed_filtered_and_pinned_against_rug_pulls() 
         .collect();
     assert_eq!(approved[0]["by"], "sam");
 }
+
+/// MCP authenticates each message once, before its method, and hands the agent to the call
+/// (`Caller::Agent`). The call still checks that the agent is in the policy it is decided by:
+/// one a reload removed in between is refused and audited, never let through unauthenticated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_for_an_agent_no_longer_in_the_policy_is_refused() {
+    use toolgate::gateway::{CallRequest, Caller};
+    let h = Harness::start().await;
+    let gateway = &h.running.as_ref().expect("in-process gateway").gateway;
+    let call = |rid: &'static str, agent: &'static str| {
+        gateway.call(CallRequest {
+            request_id: rid,
+            request_id_header: None,
+            caller: Caller::Agent(agent),
+            tool: "kb.search",
+            body: Ok(bytes::Bytes::from_static(br#"{"query": "q"}"#)),
+            session: None,
+            approval: None,
+            traceparent: None,
+            tracestate: None,
+        })
+    };
+    let gone = call("agent-gone-1", "removed-bot").await;
+    assert_eq!((gone.status, gone.decision), (401, "deny"));
+    let body: Value = serde_json::from_slice(&gone.body).unwrap();
+    assert_eq!(body["error"]["code"], "unauthenticated");
+    assert_eq!(h.upstream.count("/kb/"), 0);
+    let e = h
+        .audit()
+        .into_iter()
+        .find(|e| e["request_id"] == "agent-gone-1")
+        .expect("the refusal is audited");
+    assert_eq!(
+        (e["event"].as_str(), e["code"].as_str()),
+        (Some("tool_call"), Some("unauthenticated"))
+    );
+
+    // An agent the policy has is decided as usual, with no second look at its credentials.
+    let known = call("agent-known-1", "support-bot").await;
+    assert_eq!((known.status, known.decision), (200, "allow"));
+    assert_eq!(h.upstream.count("/kb/"), 1);
+}
