@@ -65,7 +65,7 @@ async fn method_not_allowed(State(gw): State<Arc<Gateway>>, req: Request) -> Res
 /// A call over the concurrency limit: 503 at once with `Retry-After: 1`, never queued, and
 /// audited like any other refusal (a gateway's trail should show that it turned calls away,
 /// and when; Envoy logs its overload replies the same way). The event is one short line,
-/// group-committed with the others, so writing it does not add the load that shedding sheds.
+/// group-committed with the others: a small cost next to the call it turns away.
 pub(super) async fn shed<B>(gw: &Gateway, id: Arc<str>, req: &axum::http::Request<B>) -> Response {
     let message = "The gateway is at its concurrency limit. Retry shortly.";
     let mut res = refuse(gw, Refused::with_id(req, id), Code::Unavailable, message).await;
