@@ -29,7 +29,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::gateway::{CallRequest, Caller, Gateway};
@@ -80,8 +81,51 @@ enum Revision {
 /// One JSON-RPC exchange's outcome: the HTTP status and the JSON-RPC message (or nothing, 202).
 struct Reply {
     status: StatusCode,
-    body: Option<Value>,
+    body: Option<Message>,
     session_id: Option<String>,
+}
+
+/// A reply's JSON-RPC message: a tree, or already written out (a tool's answer, serialised
+/// straight from its bytes rather than parsed into a tree and written back).
+enum Message {
+    Tree(Value),
+    Json(Vec<u8>),
+}
+
+impl Message {
+    fn tree(&self) -> Option<&Value> {
+        match self {
+            Message::Tree(v) => Some(v),
+            Message::Json(_) => None,
+        }
+    }
+}
+
+/// A `tools/call` result for a tool's plain answer, written as it is sent (field order too).
+#[derive(Serialize)]
+struct ToolAnswer<'a> {
+    jsonrpc: &'static str,
+    id: &'a Value,
+    result: CallToolResult<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CallToolResult<'a> {
+    content: [TextContent<'a>; 1],
+    is_error: bool,
+    /// The answer itself when it is JSON, as the tool wrote it (validated, not re-encoded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    structured_content: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result_type: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct TextContent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
 }
 
 impl Reply {
@@ -94,7 +138,7 @@ impl Reply {
         body.insert("result".to_owned(), result);
         Reply {
             status: StatusCode::OK,
-            body: Some(Value::Object(body)),
+            body: Some(Message::Tree(Value::Object(body))),
             session_id: None,
         }
     }
@@ -106,7 +150,7 @@ impl Reply {
         }
         Reply {
             status,
-            body: Some(json!({"jsonrpc": "2.0", "id": id, "error": error})),
+            body: Some(Message::Tree(json!({"jsonrpc": "2.0", "id": id, "error": error}))),
             session_id: None,
         }
     }
@@ -121,11 +165,15 @@ impl Reply {
 
     /// As JSON, or as one SSE event when the client accepts only `text/event-stream`.
     fn into_response(self, headers: &HeaderMap) -> Response {
+        let json = |m: Message| match m {
+            Message::Tree(v) => serde_json::to_vec(&v).expect("JSON serialises"),
+            Message::Json(bytes) => bytes,
+        };
         let mut res = match self.body {
             None => Response::new(Body::empty()),
             Some(body) if wants_sse(headers) => {
                 let mut event = b"event: message\ndata: ".to_vec();
-                serde_json::to_writer(&mut event, &body).expect("JSON serialises");
+                event.extend_from_slice(&json(body));
                 event.extend_from_slice(b"\n\n");
                 let mut r = Response::new(Body::from(event));
                 r.headers_mut()
@@ -136,7 +184,7 @@ impl Reply {
             }
             Some(body) => {
                 // Straight into bytes: `to_string` goes through `fmt` a piece at a time.
-                let mut r = Response::new(Body::from(serde_json::to_vec(&body).expect("JSON serialises")));
+                let mut r = Response::new(Body::from(json(body)));
                 r.headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 r
@@ -243,7 +291,7 @@ async fn handle(State(mcp): State<Arc<Mcp>>, req: Request) -> Response {
     // error and have their own `tool_call` event): a `request_refused` event, so probing with
     // batches, foreign origins, stolen sessions or bad credentials leaves a trail too.
     if reply.status.is_client_error() || reply.status.is_server_error() {
-        let error = reply.body.as_ref().map(|b| &b["error"]);
+        let error = reply.body.as_ref().and_then(Message::tree).map(|b| &b["error"]);
         let message = error.and_then(|e| e["message"].as_str()).unwrap_or("");
         // The code the caller was given (the contract's, in `data`), else the status's.
         let code = error
@@ -411,7 +459,7 @@ async fn dispatch(mcp: &Mcp, headers: &HeaderMap, body: Body, rid: &str, asked: 
 
 impl Reply {
     fn with_id(mut self, id: &Value) -> Reply {
-        if let Some(body) = &mut self.body {
+        if let Some(Message::Tree(body)) = &mut self.body {
             body["id"] = id.clone();
         }
         self
@@ -679,24 +727,32 @@ async fn tools_call(
         }
         return Reply::result(id, Value::Object(result));
     }
-    let text = String::from_utf8_lossy(&resp.body).into_owned();
-    let mut result = json!({"content": [{"type": "text", "text": text}], "isError": !ok});
     let is_json = resp
         .content_type
         .as_ref()
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.contains("json"));
-    if ok
-        && is_json
-        && let Ok(v) = serde_json::from_slice::<Value>(&resp.body)
-    {
-        // Handshake revisions require an object; 2026-07-28 takes any JSON value.
-        if v.is_object() || *revision == Revision::Stateless {
-            result["structuredContent"] = v;
-        }
+    // Handshake revisions require an object; 2026-07-28 takes any JSON value.
+    let structured = (ok && is_json)
+        .then(|| serde_json::from_slice::<&RawValue>(&resp.body).ok())
+        .flatten()
+        .filter(|v| v.get().starts_with('{') || *revision == Revision::Stateless);
+    let answer = ToolAnswer {
+        jsonrpc: "2.0",
+        id,
+        result: CallToolResult {
+            content: [TextContent {
+                kind: "text",
+                text: &String::from_utf8_lossy(&resp.body),
+            }],
+            is_error: !ok,
+            structured_content: structured,
+            result_type: (*revision == Revision::Stateless).then_some("complete"),
+        },
+    };
+    Reply {
+        status: StatusCode::OK,
+        body: Some(Message::Json(serde_json::to_vec(&answer).expect("JSON serialises"))),
+        session_id: None,
     }
-    if *revision == Revision::Stateless {
-        result["resultType"] = json!("complete");
-    }
-    Reply::result(id, result)
 }

@@ -588,3 +588,58 @@ async fn a_call_for_an_agent_no_longer_in_the_policy_is_refused() {
     assert_eq!((known.status, known.decision), (200, "allow"));
     assert_eq!(h.upstream.count("/kb/"), 1);
 }
+
+/// A tool's plain answer becomes a CallToolResult: its bytes as text, and, when they are JSON,
+/// the value itself as `structuredContent` — any value in 2026-07-28, only an object in the
+/// handshake revisions — byte for byte as the tool wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_answer_is_text_and_structured_content_as_each_revision_allows() {
+    let tools = "tools:\n  kb.list:\n    upstream: { url: \"{{UPSTREAM}}/answer/list\", method: POST }\n  kb.text:\n    upstream: { url: \"{{UPSTREAM}}/text\", method: POST }\n  kb.fails:\n    upstream: { url: \"{{UPSTREAM}}/status500\", method: POST }\n";
+    let h = Harness::start_full("", &[("answers.yaml", tools)]).await;
+    let stateless = |tool: &str| {
+        json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": tool, "arguments": {},
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}})
+        .to_string()
+    };
+    let list = post_mcp(&h, SUPPORT_KEY, &[], &stateless("kb.list")).await;
+    assert_eq!(list.status, 200);
+    let raw = String::from_utf8(list.body.to_vec()).unwrap();
+    // The tool's JSON as it wrote it (its spacing and `\u00e9` escape), not re-encoded.
+    assert!(raw.contains(r#""structuredContent":[1, {"a": "\u00e9"}]"#), "{raw}");
+    let msg = list.json();
+    assert_eq!(msg["id"], 7);
+    assert_eq!(msg["result"]["content"][0]["type"], "text");
+    assert_eq!(msg["result"]["content"][0]["text"], "[1, {\"a\": \"\\u00e9\"}]\n");
+    assert_eq!(msg["result"]["structuredContent"], json!([1, {"a": "é"}]));
+    assert_eq!(
+        (msg["result"]["isError"].as_bool(), msg["result"]["resultType"].as_str()),
+        (Some(false), Some("complete"))
+    );
+
+    let text = post_mcp(&h, SUPPORT_KEY, &[], &stateless("kb.text")).await.json();
+    assert_eq!(
+        text["result"]["content"][0]["text"],
+        "hello\ncontact ada@example.com please\nbye"
+    );
+    assert!(text["result"].get("structuredContent").is_none(), "{text}");
+
+    let failed = post_mcp(&h, SUPPORT_KEY, &[], &stateless("kb.fails")).await.json();
+    assert_eq!(failed["result"]["isError"], true);
+    assert_eq!(failed["result"]["content"][0]["text"], r#"{"err":"boom"}"#);
+    assert!(failed["result"].get("structuredContent").is_none(), "{failed}");
+
+    // A handshake revision takes only an object as structured content, and has no `resultType`.
+    let init = post_mcp(&h, SUPPORT_KEY, &[], INIT).await;
+    let session = init.header("mcp-session-id").unwrap().to_owned();
+    let own = [
+        ("mcp-session-id", session.as_str()),
+        ("mcp-protocol-version", "2025-06-18"),
+    ];
+    let call = r#"{"jsonrpc":"2.0","id":"x","method":"tools/call","params":{"name":"kb.list","arguments":{}}}"#;
+    let msg = post_mcp(&h, SUPPORT_KEY, &own, call).await.json();
+    assert_eq!(msg["id"], "x");
+    assert_eq!(msg["result"]["content"][0]["text"], "[1, {\"a\": \"\\u00e9\"}]\n");
+    assert_eq!(msg["result"]["isError"], false);
+    assert!(msg["result"].get("structuredContent").is_none(), "{msg}");
+    assert!(msg["result"].get("resultType").is_none(), "{msg}");
+}
