@@ -27,7 +27,6 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -62,12 +61,41 @@ pub struct Mcp {
     sessions: Sessions,
 }
 
-pub fn routes(gateway: Arc<Gateway>) -> Router {
-    let sessions = Sessions::new(gateway.config.mcp.max_sessions, gateway.config.mcp.session_idle());
-    let state = Arc::new(Mcp { gateway, sessions });
+impl Mcp {
+    pub fn new(gateway: Arc<Gateway>) -> Arc<Mcp> {
+        let sessions = Sessions::new(gateway.config.mcp.max_sessions, gateway.config.mcp.session_idle());
+        Arc::new(Mcp { gateway, sessions })
+    }
+}
+
+/// `/mcp`'s routes. The data plane also calls [`post`] directly for `POST /mcp` (as it does
+/// for tool calls), with the same `Mcp`, so both see the same sessions.
+pub fn routes(mcp: Arc<Mcp>) -> Router {
     Router::new()
-        .route("/mcp", post(handle).delete(end_session).get(no_stream))
-        .with_state(state)
+        .route("/mcp", axum::routing::post(handle).delete(end_session).get(no_stream))
+        .with_state(mcp)
+}
+
+/// `POST /mcp`: one JSON-RPC message. The request carries its [`RequestId`] extension.
+pub async fn post(mcp: &Mcp, req: Request) -> Response {
+    let rid = request_id(&req);
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers;
+    let mut asked = Asked::default();
+    let reply = dispatch(mcp, &headers, body, &rid, &mut asked).await;
+    // Refused at the protocol level (tool calls the policy blocks answer 200 with a JSON-RPC
+    // error and have their own `tool_call` event): a `request_refused` event, so probing with
+    // batches, foreign origins, stolen sessions or bad credentials leaves a trail too.
+    if reply.status.is_client_error() || reply.status.is_server_error() {
+        let error = reply.body.as_ref().and_then(Message::tree).map(|b| &b["error"]);
+        let message = error.and_then(|e| e["message"].as_str()).unwrap_or("");
+        // The code the caller was given (the contract's, in `data`), else the status's.
+        let code = error
+            .and_then(|e| Code::deserialize(&e["data"]["code"]).ok())
+            .unwrap_or_else(|| refusal_code(reply.status));
+        audit_refusal(mcp, &rid, &asked, reply.status, code, message).await;
+    }
+    reply.into_response(&headers)
 }
 
 /// What the request is speaking.
@@ -282,24 +310,7 @@ fn end(mcp: &Mcp, headers: &HeaderMap, asked: &mut Asked) -> Result<(), (Code, S
 }
 
 async fn handle(State(mcp): State<Arc<Mcp>>, req: Request) -> Response {
-    let rid = request_id(&req);
-    let (parts, body) = req.into_parts();
-    let headers = parts.headers;
-    let mut asked = Asked::default();
-    let reply = dispatch(&mcp, &headers, body, &rid, &mut asked).await;
-    // Refused at the protocol level (tool calls the policy blocks answer 200 with a JSON-RPC
-    // error and have their own `tool_call` event): a `request_refused` event, so probing with
-    // batches, foreign origins, stolen sessions or bad credentials leaves a trail too.
-    if reply.status.is_client_error() || reply.status.is_server_error() {
-        let error = reply.body.as_ref().and_then(Message::tree).map(|b| &b["error"]);
-        let message = error.and_then(|e| e["message"].as_str()).unwrap_or("");
-        // The code the caller was given (the contract's, in `data`), else the status's.
-        let code = error
-            .and_then(|e| Code::deserialize(&e["data"]["code"]).ok())
-            .unwrap_or_else(|| refusal_code(reply.status));
-        audit_refusal(&mcp, &rid, &asked, reply.status, code, message).await;
-    }
-    reply.into_response(&headers)
+    post(&mcp, req).await
 }
 
 async fn audit_refusal(mcp: &Mcp, rid: &str, asked: &Asked, status: StatusCode, code: Code, message: &str) {

@@ -26,7 +26,7 @@ const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 const X_TOOLGATE_DECISION: HeaderName = HeaderName::from_static("x-toolgate-decision");
 
-pub fn routes(gateway: Arc<Gateway>) -> Router {
+pub fn routes(gateway: Arc<Gateway>, mcp: Arc<crate::mcp::Mcp>) -> Router {
     Router::new()
         // Taken before the router by `DataPlane` (see `is_tool_call`); routed here too, so a
         // wrong method on it is a 405, not a 404.
@@ -45,7 +45,7 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(gateway.clone())
-        .merge(crate::mcp::routes(gateway))
+        .merge(crate::mcp::routes(mcp))
 }
 
 async fn not_found(State(gw): State<Arc<Gateway>>, req: Request) -> Response {

@@ -109,7 +109,8 @@ pub type Plane = BoxCloneSyncService<axum::http::Request<Incoming>, Response, In
 
 /// The data-plane service: the request id (before anything that may answer, so every response
 /// carries one), the concurrency limit (after the id, so a shed call's 503 has one too), panics
-/// caught, then the routes — tool calls straight to their handler, the rest through the router.
+/// caught, then the routes — tool calls and `POST /mcp` straight to their handlers, the rest
+/// through the router.
 ///
 /// Written out rather than stacked from tower layers: every call takes this path, and each
 /// layer costs a boxed future and a request or response map per call (docs/benchmarks.md).
@@ -122,14 +123,18 @@ pub struct DataPlane(Arc<DataPlaneInner>);
 
 struct DataPlaneInner {
     gateway: Arc<Gateway>,
+    /// `POST /mcp` is taken before the router too; the router's `/mcp` routes share it.
+    mcp: Arc<crate::mcp::Mcp>,
     limit: Arc<InFlight>,
     router: axum::Router,
 }
 
 pub fn data_plane(gateway: Arc<Gateway>) -> DataPlane {
+    let mcp = crate::mcp::Mcp::new(gateway.clone());
     DataPlane(Arc::new(DataPlaneInner {
         limit: Arc::new(InFlight::new(gateway.config.limits.max_concurrent_requests)),
-        router: data::routes(gateway.clone()),
+        router: data::routes(gateway.clone(), mcp.clone()),
+        mcp,
         gateway,
     }))
 }
@@ -176,6 +181,7 @@ impl DataPlane {
     pub fn for_thread(&self) -> DataPlane {
         DataPlane(Arc::new(DataPlaneInner {
             gateway: self.0.gateway.clone(),
+            mcp: self.0.mcp.clone(),
             limit: self.0.limit.clone(),
             router: self.0.router.clone(),
         }))
@@ -211,6 +217,10 @@ impl DataPlane {
                 data::call_tool(&plane.gateway, id.clone(), Some(&id_header), req)
                     .await
                     .map(DataBody::Left)
+            } else if req.method() == axum::http::Method::POST && req.uri().path() == "/mcp" {
+                let mut req = req.map(Body::new);
+                req.extensions_mut().insert(RequestId(id.clone()));
+                crate::mcp::post(&plane.mcp, req).await.map(DataBody::Right)
             } else {
                 let mut req = req.map(Body::new);
                 req.extensions_mut().insert(RequestId(id.clone()));
