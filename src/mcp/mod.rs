@@ -200,8 +200,14 @@ impl Reply {
         let mut res = match self.body {
             None => Response::new(Body::empty()),
             Some(body) if wants_sse(headers) => {
-                let mut event = b"event: message\ndata: ".to_vec();
-                event.extend_from_slice(&json(body));
+                // A tool's answer is embedded as the tool wrote it, so it may have line breaks
+                // between its tokens (JSON allows them nowhere else): each line is its own
+                // `data:` line, which the client joins back with `\n`.
+                let mut event = b"event: message".to_vec();
+                for line in json(body).split(|&b| b == b'\n' || b == b'\r') {
+                    event.extend_from_slice(b"\ndata: ");
+                    event.extend_from_slice(line);
+                }
                 event.extend_from_slice(b"\n\n");
                 let mut r = Response::new(Body::from(event));
                 r.headers_mut()

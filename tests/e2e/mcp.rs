@@ -643,3 +643,40 @@ async fn a_tool_answer_is_text_and_structured_content_as_each_revision_allows() 
     assert!(msg["result"].get("structuredContent").is_none(), "{msg}");
     assert!(msg["result"].get("resultType").is_none(), "{msg}");
 }
+
+/// A tool's answer with line breaks between its tokens (pretty-printed JSON) is embedded as it
+/// is; over SSE each line becomes its own `data:` line, so the event still carries the whole
+/// message (a client joins the lines with `\n`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pretty_printed_answer_survives_sse_framing() {
+    let tools = "tools:\n  kb.pretty:\n    upstream: { url: \"{{UPSTREAM}}/answer/pretty\", method: POST }\n";
+    let h = Harness::start_full("", &[("pretty.yaml", tools)]).await;
+    let call =
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "kb.pretty", "arguments": {},
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}})
+        .to_string();
+    let headers = [
+        ("authorization", format!("Bearer {SUPPORT_KEY}")),
+        ("content-type", "application/json".to_owned()),
+        ("accept", "text/event-stream".to_owned()),
+    ];
+    let r = send("POST", &format!("{}/mcp", h.data), &headers, call.into_bytes()).await;
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
+    let event = text.strip_suffix("\n\n").expect("one event, ended by a blank line");
+    let mut lines = event.split('\n');
+    assert_eq!(lines.next(), Some("event: message"));
+    let data: Vec<&str> = lines
+        .map(|l| {
+            l.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data line: {l:?} in {text:?}"))
+        })
+        .collect();
+    assert!(data.len() > 1, "the answer's line breaks became data lines: {text:?}");
+    let msg: Value = serde_json::from_str(&data.join("\n")).unwrap();
+    assert_eq!(msg["result"]["structuredContent"], json!({"a": [1, 2], "b": "x"}));
+    assert_eq!(
+        msg["result"]["content"][0]["text"],
+        "{\n  \"a\": [1,\r\n    2],\r  \"b\": \"x\"\n}\n"
+    );
+}

@@ -99,6 +99,7 @@ async fn respond(log: Arc<Mutex<Vec<Seen>>>, req: Request) -> Response {
         "/answer/deep" => (json_ct, format!("{}{}", "[".repeat(20), "]".repeat(20))).into_response(),
         "/answer/broken" => (json_ct, r#"{"a": "#).into_response(),
         "/answer/list" => (json_ct, "[1, {\"a\": \"\\u00e9\"}]\n").into_response(),
+        "/answer/pretty" => (json_ct, "{\n  \"a\": [1,\r\n    2],\r  \"b\": \"x\"\n}\n").into_response(),
         "/status500" => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, json_ct, r#"{"err":"boom"}"#).into_response(),
         p if p.starts_with("/tickets/") && parts.method == "GET" => {
             (json_ct, json!({"id": p.trim_start_matches("/tickets/"), "customer": {"email": "ada@example.com", "card": "4111 1111 1111 1111"}, "status": "open"}).to_string()).into_response()
