@@ -13,7 +13,7 @@
 
 use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_cloudwatchlogs::Client;
@@ -32,7 +32,12 @@ const MAX_EVENT: usize = 256 * 1024;
 struct Checkpoint {
     log_group: String,
     log_stream: String,
-    /// Bytes of the audit file acknowledged by CloudWatch.
+    /// The newest rotated file (`audit.rotate_bytes`) shipped whole: it and every file whose
+    /// name sorts before it are in CloudWatch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    shipped_through: Option<String>,
+    /// Bytes acknowledged by CloudWatch of the oldest file not shipped whole (the audit file
+    /// itself when no rotated file is left).
     offset: u64,
     /// Timestamp (ms) of the last event shipped.
     last_ts_ms: i64,
@@ -80,23 +85,28 @@ impl Shipper {
             if *stop.borrow() {
                 return;
             }
-            let Chunk { lines, consumed, len } = match read_lines(&self.file, cp.offset, &self.cfg) {
+            let Chunk {
+                lines,
+                consumed,
+                backlog,
+            } = match self.next_chunk(&mut cp) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(file = %self.file.display(), "cloudwatch shipper cannot read the audit file: {e}");
-                    Chunk {
-                        lines: Vec::new(),
-                        consumed: 0,
-                        len: cp.offset,
-                    }
+                    Chunk::default()
                 }
             };
-            metrics::gauge!("toolgate_cloudwatch_backlog_bytes").set(len.saturating_sub(cp.offset) as f64);
+            metrics::gauge!("toolgate_cloudwatch_backlog_bytes").set(backlog as f64);
             metrics::gauge!("toolgate_cloudwatch_lag_seconds").set(
                 lines
                     .first()
                     .map_or(0.0, |(ts, _)| (now_ms() - ts).max(0) as f64 / 1000.0),
             );
+            if lines.is_empty() && consumed > 0 {
+                // Only blank lines: nothing to send, but passed.
+                cp.offset += consumed;
+                continue;
+            }
             if lines.is_empty() {
                 if self
                     .sleep(&mut stop, Duration::from_millis(self.cfg.flush_interval_ms))
@@ -172,6 +182,60 @@ impl Shipper {
                 }
             }
         }
+    }
+
+    /// The next lines to ship: from the oldest rotated file not shipped whole, else from the
+    /// audit file. A rotated file no longer grows: read to its end, it is recorded as shipped
+    /// and the next one starts at offset 0. The checkpoint's offset stays right across a
+    /// rotation because a rotation renames the file being read, and the renamed file is then
+    /// the oldest one not shipped whole.
+    fn next_chunk(&self, cp: &mut Checkpoint) -> std::io::Result<Chunk> {
+        loop {
+            let unshipped = self.unshipped(cp)?;
+            if let Some(oldest) = unshipped.first() {
+                let mut chunk = read_lines(&mut std::fs::File::open(oldest)?, cp.offset, &self.cfg)?;
+                if chunk.lines.is_empty() && chunk.consumed == 0 {
+                    if chunk.backlog > 0 {
+                        tracing::warn!(file = %oldest.display(), bytes = chunk.backlog, "a rotated audit file ends without a newline; its last bytes are not shipped");
+                    }
+                    cp.shipped_through = oldest.file_name().map(|n| n.to_string_lossy().into_owned());
+                    cp.offset = 0;
+                    if let Err(e) = self.save_checkpoint(cp) {
+                        tracing::error!("cloudwatch shipper cannot write its checkpoint: {e}");
+                    }
+                    continue;
+                }
+                chunk.backlog += unshipped[1..]
+                    .iter()
+                    .chain([&self.file])
+                    .filter_map(|p| std::fs::metadata(p).ok())
+                    .map(|m| m.len())
+                    .sum::<u64>();
+                return Ok(chunk);
+            }
+            let mut active = match std::fs::File::open(&self.file) {
+                // Between a rotation's two renames.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !self.unshipped(cp)?.is_empty() => continue,
+                other => other?,
+            };
+            // A rotation between the listing and the open: the file opened may be the new one.
+            if !self.unshipped(cp)?.is_empty() {
+                continue;
+            }
+            return read_lines(&mut active, cp.offset, &self.cfg);
+        }
+    }
+
+    /// Rotated files not shipped whole, oldest first.
+    fn unshipped(&self, cp: &Checkpoint) -> std::io::Result<Vec<PathBuf>> {
+        let mut files = crate::audit::rotated_files(&self.file)?;
+        if let Some(through) = &cp.shipped_through {
+            files.retain(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().as_ref() > through.as_str())
+            });
+        }
+        Ok(files)
     }
 
     /// Sleeps; true if asked to stop.
@@ -268,25 +332,21 @@ impl Shipper {
 }
 
 /// What one read of the spool found.
+#[derive(Default)]
 struct Chunk {
     /// Complete lines within the batch limits: `(timestamp ms, message)`.
     lines: Vec<(i64, String)>,
     /// The bytes they span.
     consumed: u64,
-    /// The file's length.
-    len: u64,
+    /// Bytes not yet shipped, in this file and any later one.
+    backlog: u64,
 }
 
-/// Complete lines from `offset`, within the batch limits.
-fn read_lines(path: &Path, offset: u64, cfg: &CloudWatchConfig) -> std::io::Result<Chunk> {
-    let mut f = std::fs::File::open(path)?;
+/// Complete lines of `f` from `offset`, within the batch limits.
+fn read_lines(f: &mut std::fs::File, offset: u64, cfg: &CloudWatchConfig) -> std::io::Result<Chunk> {
     let len = f.metadata()?.len();
     if len <= offset {
-        return Ok(Chunk {
-            lines: Vec::new(),
-            consumed: 0,
-            len,
-        });
+        return Ok(Chunk::default());
     }
     f.seek(SeekFrom::Start(offset))?;
     let want = ((len - offset) as usize).min(cfg.batch_max_bytes.max(MAX_EVENT) + MAX_EVENT);
@@ -315,7 +375,7 @@ fn read_lines(path: &Path, offset: u64, cfg: &CloudWatchConfig) -> std::io::Resu
     Ok(Chunk {
         lines: out,
         consumed: consumed as u64,
-        len,
+        backlog: len - offset,
     })
 }
 
@@ -382,7 +442,12 @@ mod tests {
             "{\"ts\":\"2026-11-23T10:00:01Z\",\"n\":2}\n",
         );
         std::fs::write(&p, format!("{l1}{l2}{{\"n\":3")).unwrap();
-        let Chunk { lines, consumed, len } = read_lines(&p, 0, &cfg(10, 1_048_576)).unwrap();
+        let read = |offset, c| read_lines(&mut std::fs::File::open(&p).unwrap(), offset, &c).unwrap();
+        let Chunk {
+            lines,
+            consumed,
+            backlog,
+        } = read(0, cfg(10, 1_048_576));
         assert_eq!(lines.len(), 2, "the partial last line waits");
         let expected = humantime::parse_rfc3339("2026-11-23T10:00:00.250Z").unwrap();
         assert_eq!(
@@ -390,10 +455,11 @@ mod tests {
             expected.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
         );
         assert_eq!(consumed as usize, l1.len() + l2.len());
-        assert!(len > consumed);
-        let one = read_lines(&p, 0, &cfg(1, 1_048_576)).unwrap();
+        assert!(backlog > consumed);
+        let one = read(0, cfg(1, 1_048_576));
         assert_eq!((one.lines.len(), one.consumed as usize), (1, l1.len()));
-        let rest = read_lines(&p, one.consumed, &cfg(10, 1_048_576)).unwrap();
+        let rest = read(one.consumed, cfg(10, 1_048_576));
+        assert_eq!(rest.backlog, backlog - one.consumed);
         assert_eq!(rest.lines[0].1, "{\"ts\":\"2026-11-23T10:00:01Z\",\"n\":2}");
     }
 

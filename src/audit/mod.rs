@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -263,10 +263,24 @@ impl Future for Written<'_> {
 #[derive(Debug)]
 struct FileSink {
     path: PathBuf,
-    file: Mutex<File>,
+    file: Mutex<Active>,
     /// Lines waiting to be written, one buffer per thread.
     pending: Box<[per_thread::Shard<Mutex<Pending>>]>,
     sync: bool,
+    /// Rotate once the file holds this many bytes (0: never).
+    rotate_bytes: u64,
+}
+
+/// The file being appended to, and what rotation needs to know of it.
+#[derive(Debug)]
+struct Active {
+    file: File,
+    /// Its length, as written by this process (and found at open).
+    len: u64,
+    /// The next rotation is tried at this length (later than `rotate_bytes` after a failure).
+    rotate_at: u64,
+    /// The newest rotated file's suffix: a new one must sort after it.
+    newest: Option<String>,
 }
 
 /// Where events go: an append-only file, and optionally stdout.
@@ -300,11 +314,30 @@ impl AuditLog {
                         path: path.clone(),
                         source,
                     })?;
+                let open_error = |source| AuditError::Open {
+                    path: path.clone(),
+                    source,
+                };
+                let len = f.metadata().map_err(open_error)?.len();
+                let newest = if config.rotate_bytes > 0 {
+                    rotated_files(path)
+                        .map_err(open_error)?
+                        .pop()
+                        .and_then(|p| rotation_suffix(path, &p).map(str::to_owned))
+                } else {
+                    None
+                };
                 Some(FileSink {
                     path: path.clone(),
-                    file: Mutex::new(f),
+                    file: Mutex::new(Active {
+                        file: f,
+                        len,
+                        rotate_at: config.rotate_bytes,
+                        newest,
+                    }),
                     pending: per_thread::shards(),
                     sync: config.fsync,
+                    rotate_bytes: config.rotate_bytes,
                 })
             }
             None => None,
@@ -423,9 +456,21 @@ impl FileSink {
                 (std::mem::replace(&mut p.buf, spare), p.last)
             };
             let write = || {
-                let mut f = lock(&self.file);
-                f.write_all(&batch)?;
-                if self.sync { f.sync_data() } else { Ok(()) }
+                let mut active = lock(&self.file);
+                let written = active.file.write_all(&batch);
+                // A failed write may have written part of the batch: the length is read again.
+                active.len = match written {
+                    Ok(()) => active.len + batch.len() as u64,
+                    Err(_) => active.file.metadata().map_or(active.len, |m| m.len()),
+                };
+                written?;
+                if self.sync {
+                    active.file.sync_data()?;
+                }
+                if self.rotate_bytes > 0 && active.len >= active.rotate_at {
+                    self.rotate(&mut active);
+                }
+                Ok::<(), std::io::Error>(())
             };
             // A sync can take milliseconds: on a work-stealing runtime, let it move other tasks
             // off this thread. A data-plane thread runs its own loop and has nowhere to move
@@ -464,6 +509,146 @@ impl FileSink {
                 p.spare = batch;
             }
         }
+    }
+}
+
+impl FileSink {
+    /// Starts a new file; the full one keeps its events under a name that sorts after every
+    /// earlier one. Runs under the file's lock, between whole batches, so no line is split and
+    /// none lands in the wrong file. A failure keeps the current file (nothing is lost) and is
+    /// tried again after another eighth of `rotate_bytes`.
+    fn rotate(&self, active: &mut Active) {
+        match self.try_rotate(active) {
+            Ok(()) => metrics::counter!("toolgate_audit_rotations_total").increment(1),
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), "audit file rotation failed, still writing to the current file: {e}");
+                active.rotate_at = active.len + (self.rotate_bytes / 8).max(1);
+            }
+        }
+    }
+
+    fn try_rotate(&self, active: &mut Active) -> std::io::Result<()> {
+        let suffix = next_suffix(&self.path, active.newest.as_deref());
+        let rotated = with_suffix(&self.path, &suffix);
+        // The new file is created first, so a failure at any step leaves the current one in place.
+        let fresh = with_suffix(&self.path, "rotating");
+        // (One left by a crash mid-rotation holds no event: it was never renamed into place.)
+        let _ = std::fs::remove_file(&fresh);
+        let next = OpenOptions::new().create_new(true).append(true).open(&fresh)?;
+        if let Err(e) = std::fs::rename(&self.path, &rotated) {
+            let _ = std::fs::remove_file(&fresh);
+            return Err(e);
+        }
+        if let Err(e) = std::fs::rename(&fresh, &self.path) {
+            let _ = std::fs::rename(&rotated, &self.path);
+            let _ = std::fs::remove_file(&fresh);
+            return Err(e);
+        }
+        if self.sync
+            && let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
+        {
+            File::open(dir)?.sync_all()?;
+        }
+        let previous_bytes = active.len;
+        active.file = next;
+        active.len = 0;
+        active.rotate_at = self.rotate_bytes;
+        active.newest = Some(suffix);
+        let previous_file = rotated.file_name().map(|n| n.to_string_lossy().into_owned());
+        let mut line = serde_json::to_vec(&RotatedEvent {
+            ts: now(),
+            event: "audit_rotated",
+            previous_file: previous_file.as_deref().unwrap_or_default(),
+            previous_bytes,
+        })
+        .expect("audit events always serialise");
+        line.push(b'\n');
+        // The rotation is done either way; a failed first line is the next batch's failure too.
+        if let Err(e) = active.file.write_all(&line) {
+            tracing::error!(path = %self.path.display(), "audit file rotated, but its first event could not be written: {e}");
+        } else {
+            active.len = line.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+/// The first line of a rotated-to file: which file holds the events before it, and its size,
+/// so a reader can tell the chain of files is whole.
+#[derive(Serialize)]
+struct RotatedEvent<'a> {
+    ts: String,
+    event: &'static str,
+    previous_file: &'a str,
+    previous_bytes: u64,
+}
+
+/// `path` with `.suffix` appended to its file name.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".");
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// The rotation suffix of `candidate` if it is one of `active`'s rotated files: the UTC time
+/// of its rotation as `20261201T021828.123Z`.
+pub fn rotation_suffix<'a>(active: &Path, candidate: &'a Path) -> Option<&'a str> {
+    let base = active.file_name()?.to_str()?;
+    let name = candidate.file_name()?.to_str()?;
+    let suffix = name.strip_prefix(base)?.strip_prefix('.')?;
+    let b = suffix.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    let shaped = b.len() == 20
+        && digits(0..8)
+        && b[8] == b'T'
+        && digits(9..15)
+        && b[15] == b'.'
+        && digits(16..19)
+        && b[19] == b'Z';
+    shaped.then_some(suffix)
+}
+
+/// `active`'s rotated files, oldest first (their names sort in the order they were written).
+pub fn rotated_files(active: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let dir = active
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| rotation_suffix(active, p).is_some())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// A suffix for the file rotated now: the current UTC time, or a millisecond after `newest`
+/// if that is not earlier (two rotations in one millisecond, or a clock set back), moved on
+/// until it names no existing file.
+fn next_suffix(active: &Path, newest: Option<&str>) -> String {
+    let after_newest = newest
+        .and_then(|n| {
+            let b = n.get(..19)?;
+            let text = format!(
+                "{}-{}-{}T{}:{}:{}Z",
+                &b[0..4],
+                &b[4..6],
+                &b[6..8],
+                &b[9..11],
+                &b[11..13],
+                &b[13..19]
+            );
+            humantime::parse_rfc3339(&text).ok()
+        })
+        .map(|t| t + std::time::Duration::from_millis(1));
+    let mut t = SystemTime::now().max(after_newest.unwrap_or(std::time::UNIX_EPOCH));
+    loop {
+        let suffix: String = rfc3339_millis(t).chars().filter(|c| !matches!(c, '-' | ':')).collect();
+        if newest.is_none_or(|n| suffix.as_str() > n) && !with_suffix(active, &suffix).exists() {
+            return suffix;
+        }
+        t += std::time::Duration::from_millis(1);
     }
 }
 
@@ -598,5 +783,121 @@ mod tests {
             .collect();
         seen.sort_unstable();
         assert_eq!(seen, (0..200).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn rotated_files_are_recognised_by_their_time_suffix_only() {
+        let active = Path::new("/var/log/audit.jsonl");
+        let suffix = |name: &str| rotation_suffix(active, Path::new(name)).map(str::to_owned);
+        assert_eq!(
+            suffix("/var/log/audit.jsonl.20261201T021828.123Z").as_deref(),
+            Some("20261201T021828.123Z")
+        );
+        for other in [
+            "/var/log/audit.jsonl",
+            "/var/log/audit.jsonl.cloudwatch",
+            "/var/log/audit.jsonl.rotating",
+            "/var/log/audit.jsonl.20261201T021828.123",
+            "/var/log/audit.jsonl.20261201T02182x.123Z",
+            "/var/log/audit.jsonlx.20261201T021828.123Z",
+            "/var/log/other.jsonl.20261201T021828.123Z",
+        ] {
+            assert_eq!(suffix(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_new_suffix_sorts_after_the_newest_even_one_from_the_future() {
+        let dir = tempfile::tempdir().unwrap();
+        let active = dir.path().join("audit.jsonl");
+        let first = next_suffix(&active, None);
+        assert!(
+            rotation_suffix(&active, &with_suffix(&active, &first)).is_some(),
+            "{first}"
+        );
+        assert!(next_suffix(&active, Some(&first)) > first);
+        // A file rotated by a clock far ahead: the next name is a millisecond after it.
+        assert_eq!(
+            next_suffix(&active, Some("29991231T235959.998Z")),
+            "29991231T235959.999Z"
+        );
+        std::fs::write(with_suffix(&active, "29991231T235959.999Z"), b"").unwrap();
+        assert_eq!(
+            next_suffix(&active, Some("29991231T235959.998Z")),
+            "30000101T000000.000Z"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rotation_splits_the_log_between_batches_and_chains_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let active = dir.path().join("audit.jsonl");
+        let config: AuditConfig =
+            serde_json::from_value(serde_json::json!({ "file": active, "rotate_bytes": 300 })).unwrap();
+        let log = Arc::new(AuditLog::open(&config).unwrap());
+        for t in emit_concurrently(&log, 400) {
+            t.await.unwrap().unwrap();
+        }
+        let mut files = rotated_files(&active).unwrap();
+        assert!(files.len() >= 5, "{} rotated files", files.len());
+        files.push(active.clone());
+        let mut seen = Vec::new();
+        let mut previous: Option<(String, u64)> = None;
+        for f in &files {
+            let text = std::fs::read_to_string(f).unwrap();
+            assert!(text.ends_with('\n'), "{} ends with a whole line", f.display());
+            let mut lines = text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap());
+            if let Some((name, bytes)) = previous.take() {
+                let head = lines.next().unwrap();
+                assert_eq!(head["event"], "audit_rotated");
+                assert_eq!(head["previous_file"], name.as_str());
+                assert_eq!(head["previous_bytes"], bytes);
+            }
+            seen.extend(lines.map(|v| v["n"].as_u64().unwrap()));
+            let len = text.len() as u64;
+            if f != &active {
+                assert!(len >= 300, "{} rotated at {len} bytes", f.display());
+            }
+            previous = Some((f.file_name().unwrap().to_string_lossy().into_owned(), len));
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..400).collect::<Vec<_>>(), "every event once, in some file");
+        // A restart continues the chain after the newest file.
+        drop(log);
+        let log = AuditLog::open(&config).unwrap();
+        log.emit_line(b"{\"n\":400}\n").await.unwrap();
+        let newest = rotated_files(&active).unwrap().pop().unwrap();
+        assert_eq!(newest, files[files.len() - 2], "no rotation yet: the file is small");
+        let size_before = std::fs::metadata(&active).unwrap().len();
+        for i in 401..440 {
+            log.emit_line(format!("{{\"n\":{i}}}\n").as_bytes()).await.unwrap();
+        }
+        let after = rotated_files(&active).unwrap();
+        assert!(after.len() > files.len() - 1 && after.last().unwrap() > &newest);
+        assert!(size_before < 300);
+    }
+
+    #[tokio::test]
+    async fn a_rotation_that_fails_keeps_every_event_in_the_current_file_and_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let active = dir.path().join("audit.jsonl");
+        // The new file cannot be created: a directory has its name.
+        std::fs::create_dir(with_suffix(&active, "rotating")).unwrap();
+        let config: AuditConfig =
+            serde_json::from_value(serde_json::json!({ "file": active, "rotate_bytes": 80 })).unwrap();
+        let log = AuditLog::open(&config).unwrap();
+        for i in 0..30 {
+            log.emit_line(format!("{{\"n\":{i}}}\n").as_bytes()).await.unwrap();
+        }
+        assert!(rotated_files(&active).unwrap().is_empty());
+        assert_eq!(std::fs::read_to_string(&active).unwrap().lines().count(), 30);
+        assert!(log.is_healthy(), "a failed rotation is not a failed write");
+        std::fs::remove_dir(with_suffix(&active, "rotating")).unwrap();
+        // Tried again once another eighth of `rotate_bytes` (10 bytes: two lines) is written.
+        log.emit_line(b"{\"n\":30}\n").await.unwrap();
+        log.emit_line(b"{\"n\":31}\n").await.unwrap();
+        let rotated = rotated_files(&active).unwrap();
+        assert_eq!(rotated.len(), 1);
+        assert_eq!(std::fs::read_to_string(&rotated[0]).unwrap().lines().count(), 32);
     }
 }

@@ -174,6 +174,12 @@ pub struct AuditConfig {
     /// of the process, not of the machine).
     #[serde(default)]
     pub fsync: bool,
+    /// Start a new file once the current one holds this many bytes (default 0: never). The full
+    /// file is renamed `<file>.<UTC time>` (e.g. `audit.jsonl.20261201T021828.123Z`), so names
+    /// sort in the order written, and the new file opens with an `audit_rotated` event naming
+    /// it. toolgate never deletes a file.
+    #[serde(default)]
+    pub rotate_bytes: u64,
     /// What an event records of the arguments: `redacted` (default: the forwarded arguments with
     /// every built-in PII/secret detector applied) or `shape` (keys and value types only).
     #[serde(default)]
@@ -193,6 +199,7 @@ impl Default for AuditConfig {
             stdout: false,
             file: default_audit_file(),
             fsync: false,
+            rotate_bytes: 0,
             arguments: AuditArguments::default(),
             cloudwatch: None,
         }
@@ -416,6 +423,12 @@ impl ServerConfig {
                 StateBackend::Memory
             }
         };
+        if raw.audit.rotate_bytes > 0 && raw.audit.file.is_none() {
+            problems.push(doc.problem(
+                &root.key("audit").key("rotate_bytes"),
+                "needs `audit.file`: only the file is rotated",
+            ));
+        }
         if let Some(cw) = &raw.audit.cloudwatch {
             let at = root.key("audit").key("cloudwatch");
             if raw.audit.file.is_none() {
@@ -532,6 +545,17 @@ mod tests {
         assert!(
             err.to_string()
                 .starts_with("c.yaml:2:1: limitz: unknown field `limitz`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rotation_needs_the_file_it_rotates() {
+        let c = ServerConfig::parse("c.yaml", "audit: { rotate_bytes: 1048576 }\n").unwrap();
+        assert_eq!(c.audit.rotate_bytes, 1_048_576);
+        let err = ServerConfig::parse("c.yaml", "audit: { file: null, rotate_bytes: 4096 }\n").unwrap_err();
+        assert!(
+            err.to_string().contains("audit.rotate_bytes: needs `audit.file`"),
             "{err}"
         );
     }

@@ -443,7 +443,7 @@ async fn read_stream(moto: &str, group: &str, stream: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_events_reach_cloudwatch_exactly_once_across_a_kill_9() {
+async fn audit_events_reach_cloudwatch_exactly_once_across_a_kill_9_and_rotations() {
     let (_moto, port) = start_moto(None).await;
     let moto = format!("http://127.0.0.1:{port}/");
     let echo = TestUpstream::start().await;
@@ -459,7 +459,7 @@ async fn audit_events_reach_cloudwatch_exactly_once_across_a_kill_9() {
     let cfg = write_config(
         dir.path(),
         &format!(
-            "audit:\n  file: {d}/audit.jsonl\n  cloudwatch: {{ log_group: /toolgate/audit, log_stream: test-stream, batch_max_events: 7, flush_interval_ms: 100 }}\n"
+            "audit:\n  file: {d}/audit.jsonl\n  rotate_bytes: 4000\n  cloudwatch: {{ log_group: /toolgate/audit, log_stream: test-stream, batch_max_events: 7, flush_interval_ms: 100 }}\n"
         ),
     );
     let env = [
@@ -510,10 +510,20 @@ async fn audit_events_reach_cloudwatch_exactly_once_across_a_kill_9() {
     let (_second, data, admin) = serve(&cfg, &env);
     assert_eq!(calls(data, 15, 100).await, 15);
 
-    let file: Vec<String> = std::fs::read_to_string(dir.path().join("audit.jsonl"))
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
+    // The events are spread over the rotated files and the current one.
+    let active = dir.path().join("audit.jsonl");
+    let mut files = toolgate::audit::rotated_files(&active).unwrap();
+    assert!(files.len() >= 3, "{} rotated files", files.len());
+    files.push(active);
+    let file: Vec<String> = files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
         .collect();
     assert!(file.len() >= 35, "{} events", file.len());
     let mut shipped = Vec::new();
@@ -532,6 +542,16 @@ async fn audit_events_reach_cloudwatch_exactly_once_across_a_kill_9() {
     let metrics =
         String::from_utf8_lossy(&send("GET", &format!("{admin}/metrics"), &[], Vec::new()).await.body).into_owned();
     assert!(metrics.contains("toolgate_cloudwatch_backlog_bytes 0"), "{metrics}");
+    assert!(metrics.contains("toolgate_audit_rotations_total"), "{metrics}");
+    // Every rotated file is recorded as shipped whole, so an operator can delete it.
+    let cp: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("audit.jsonl.cloudwatch")).unwrap()).unwrap();
+    let newest = files[files.len() - 2]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(cp["shipped_through"], newest.as_str(), "{cp}");
 }
 
 /// A **test double** for Amazon Bedrock Runtime's ApplyGuardrail (no local emulator serves it):
