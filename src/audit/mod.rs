@@ -279,7 +279,8 @@ struct Active {
     len: u64,
     /// The next rotation is tried at this length (later than `rotate_bytes` after a failure).
     rotate_at: u64,
-    /// The newest rotated file's suffix: a new one must sort after it.
+    /// The newest rotated file's suffix: a new one must sort after it (looked up at the first
+    /// rotation).
     newest: Option<String>,
 }
 
@@ -319,21 +320,13 @@ impl AuditLog {
                     source,
                 };
                 let len = f.metadata().map_err(open_error)?.len();
-                let newest = if config.rotate_bytes > 0 {
-                    rotated_files(path)
-                        .map_err(open_error)?
-                        .pop()
-                        .and_then(|p| rotation_suffix(path, &p).map(str::to_owned))
-                } else {
-                    None
-                };
                 Some(FileSink {
                     path: path.clone(),
                     file: Mutex::new(Active {
                         file: f,
                         len,
                         rotate_at: config.rotate_bytes,
-                        newest,
+                        newest: None,
                     }),
                     pending: per_thread::shards(),
                     sync: config.fsync,
@@ -384,6 +377,14 @@ impl AuditLog {
             metrics::counter!("toolgate_audit_write_failures_total").increment(1);
         }
         result
+    }
+
+    /// Rotates the file now (`POST /admin/audit/rotate`), whatever its size: between two
+    /// batches, as a size rotation. `Ok(None)` if there is no file.
+    pub fn rotate_now(&self, by: &str) -> std::io::Result<Option<Rotated>> {
+        let Some(sink) = &self.file else { return Ok(None) };
+        let mut active = lock(&sink.file);
+        sink.try_rotate(&mut active, Trigger::Admin { by }).map(Some)
     }
 
     /// For events whose writer cannot refuse anything (reloads, anomalies, admin actions): a
@@ -518,8 +519,8 @@ impl FileSink {
     /// none lands in the wrong file. A failure keeps the current file (nothing is lost) and is
     /// tried again after another eighth of `rotate_bytes`.
     fn rotate(&self, active: &mut Active) {
-        match self.try_rotate(active) {
-            Ok(()) => metrics::counter!("toolgate_audit_rotations_total").increment(1),
+        match self.try_rotate(active, Trigger::Size) {
+            Ok(_) => {}
             Err(e) => {
                 tracing::error!(path = %self.path.display(), "audit file rotation failed, still writing to the current file: {e}");
                 active.rotate_at = active.len + (self.rotate_bytes / 8).max(1);
@@ -527,7 +528,12 @@ impl FileSink {
         }
     }
 
-    fn try_rotate(&self, active: &mut Active) -> std::io::Result<()> {
+    fn try_rotate(&self, active: &mut Active, trigger: Trigger<'_>) -> std::io::Result<Rotated> {
+        if active.newest.is_none() {
+            active.newest = rotated_files(&self.path)?
+                .pop()
+                .and_then(|p| rotation_suffix(&self.path, &p).map(str::to_owned));
+        }
         let suffix = next_suffix(&self.path, active.newest.as_deref());
         let rotated = with_suffix(&self.path, &suffix);
         // The new file is created first, so a failure at any step leaves the current one in place.
@@ -554,12 +560,22 @@ impl FileSink {
         active.len = 0;
         active.rotate_at = self.rotate_bytes;
         active.newest = Some(suffix);
-        let previous_file = rotated.file_name().map(|n| n.to_string_lossy().into_owned());
+        metrics::counter!("toolgate_audit_rotations_total").increment(1);
+        let previous_file = rotated
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (trigger, by) = match trigger {
+            Trigger::Size => ("size", None),
+            Trigger::Admin { by } => ("admin", Some(by)),
+        };
         let mut line = serde_json::to_vec(&RotatedEvent {
             ts: now(),
             event: "audit_rotated",
-            previous_file: previous_file.as_deref().unwrap_or_default(),
+            previous_file: &previous_file,
             previous_bytes,
+            trigger,
+            by,
         })
         .expect("audit events always serialise");
         line.push(b'\n');
@@ -569,8 +585,27 @@ impl FileSink {
         } else {
             active.len = line.len() as u64;
         }
-        Ok(())
+        Ok(Rotated {
+            previous_file,
+            previous_bytes,
+        })
     }
+}
+
+/// What started a rotation.
+#[derive(Debug, Clone, Copy)]
+pub enum Trigger<'a> {
+    /// The file reached `audit.rotate_bytes`.
+    Size,
+    /// `POST /admin/audit/rotate`, by this operator.
+    Admin { by: &'a str },
+}
+
+/// A rotation done: the file that now holds the events before it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rotated {
+    pub previous_file: String,
+    pub previous_bytes: u64,
 }
 
 /// The first line of a rotated-to file: which file holds the events before it, and its size,
@@ -581,6 +616,10 @@ struct RotatedEvent<'a> {
     event: &'static str,
     previous_file: &'a str,
     previous_bytes: u64,
+    /// `size` or `admin`.
+    trigger: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by: Option<&'a str>,
 }
 
 /// `path` with `.suffix` appended to its file name.

@@ -59,6 +59,7 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
     let token: Option<[u8; 32]> = gateway.admin_token().map(|t| Sha256::digest(t.as_bytes()).into());
     let protected = Router::new()
         .route("/admin/reload", post(reload))
+        .route("/admin/audit/rotate", post(rotate_audit))
         .route("/admin/policy", get(policy))
         .route("/admin/agents/{id}", get(agent_status))
         .route("/admin/agents/{id}/quarantine", post(quarantine).delete(release))
@@ -162,6 +163,36 @@ async fn reload(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
                 "errors": errors,
             }});
             (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(body)).into_response()
+        }
+    }
+}
+
+/// Starts a new audit file now (for rotation by time: a daily cron, or before an archive run).
+async fn rotate_audit(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let id = request_id(&req);
+    let a = match action(req).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    match gw.audit.rotate_now(&a.by.unwrap_or_default()) {
+        Ok(Some(r)) => axum::Json(json!({
+            "rotated": true,
+            "previous_file": r.previous_file,
+            "previous_bytes": r.previous_bytes,
+        }))
+        .into_response(),
+        Ok(None) => error_response(
+            Code::InvalidRequest,
+            "There is no audit file to rotate: `audit.file` is not set.",
+            &id,
+        ),
+        Err(e) => {
+            tracing::error!(request_id = &*id, "audit file rotation failed: {e}");
+            error_response(
+                Code::Unavailable,
+                format!("The audit file could not be rotated ({e}); events still go to the current file."),
+                &id,
+            )
         }
     }
 }

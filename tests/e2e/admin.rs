@@ -176,3 +176,75 @@ async fn policy_files_are_reloaded_when_they_change() {
         "{kinds:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_file_rotates_by_size_and_on_an_admins_request_and_no_event_is_lost() {
+    let h = Harness::start_with("audit: { rotate_bytes: 3000 }\n").await;
+    for i in 0..12 {
+        let r = h
+            .call("kb.search", Some(SUPPORT_KEY), &format!(r#"{{"query": "q{i}"}}"#))
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let by_size = toolgate::audit::rotated_files(&h.audit_path).unwrap();
+    assert!(
+        !by_size.is_empty(),
+        "twelve events of a few hundred bytes pass 3000 bytes"
+    );
+
+    // By hand: `by` is required, as for every admin action.
+    h.admin("POST", "/admin/audit/rotate", true)
+        .await
+        .assert_error(400, "invalid_request");
+    let r = h
+        .admin_json("POST", "/admin/audit/rotate", &serde_json::json!({"by": "alice"}))
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let answer = r.json();
+    let rotated = toolgate::audit::rotated_files(&h.audit_path).unwrap();
+    assert_eq!(rotated.len(), by_size.len() + 1);
+    let newest = rotated.last().unwrap();
+    assert_eq!(answer["previous_file"], newest.file_name().unwrap().to_str().unwrap());
+    assert_eq!(answer["previous_bytes"], std::fs::metadata(newest).unwrap().len());
+
+    // The new file opens with the event saying who rotated and what came before.
+    let head = &crate::support::read_events(&h.audit_path)[0];
+    assert_eq!(head["event"], "audit_rotated");
+    assert_eq!(head["trigger"], "admin");
+    assert_eq!(head["by"], "alice");
+    assert_eq!(head["previous_file"], answer["previous_file"]);
+
+    // Every call's event is in exactly one file.
+    let mut ids: Vec<String> = rotated
+        .iter()
+        .chain([&h.audit_path])
+        .flat_map(|f| crate::support::read_events(f))
+        .filter(|e| e["event"] == "tool_call")
+        .map(|e| e["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((n, ids.len()), (12, 12));
+
+    // A rotation that cannot be done says so, and the events go on into the current file.
+    let mut blocker = h.audit_path.clone().into_os_string();
+    blocker.push(".rotating");
+    std::fs::create_dir(&blocker).unwrap();
+    let r = h
+        .admin_json("POST", "/admin/audit/rotate", &serde_json::json!({"by": "alice"}))
+        .await;
+    r.assert_error(503, "unavailable");
+    assert_eq!(
+        h.call("kb.search", Some(SUPPORT_KEY), r#"{"query": "after"}"#)
+            .await
+            .status,
+        200
+    );
+    let events = crate::support::read_events(&h.audit_path);
+    assert_eq!(events.last().unwrap()["event"], "tool_call");
+    assert_eq!(
+        toolgate::audit::rotated_files(&h.audit_path).unwrap().len(),
+        rotated.len()
+    );
+}

@@ -226,11 +226,24 @@ impl Harness {
         } else {
             "limits: { max_body_bytes: 4096, max_json_depth: 8, upstream_timeout_ms: 2000, max_response_bytes: 65536 }\n".to_owned()
         };
+        // An `audit:` of the test's own is given the test's file.
+        let (audit, extra_config) = match extra_config.strip_prefix("audit: {") {
+            Some(rest) => {
+                let (audit, rest) = rest.split_once('}').expect("audit: { ... } on one line");
+                (
+                    format!("audit: {{ file: {},{audit}}}\n", audit_path.display()),
+                    rest.trim_start().to_owned(),
+                )
+            }
+            None => (
+                format!("audit: {{ file: {} }}\n", audit_path.display()),
+                extra_config.to_owned(),
+            ),
+        };
         let config_text = format!(
-            "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0, token_env: TOOLGATE_TEST_UNSET_TOKEN, token_file: {} }}\npolicies: {}\naudit: {{ file: {} }}\n{limits}{approvals}{extra_config}",
+            "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0, token_env: TOOLGATE_TEST_UNSET_TOKEN, token_file: {} }}\npolicies: {}\n{audit}{limits}{approvals}{extra_config}",
             token_file.display(),
             policy_dir.display(),
-            audit_path.display(),
             approvals = if extra_config.contains("approvals:") {
                 String::new()
             } else {
