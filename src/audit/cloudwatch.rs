@@ -41,6 +41,10 @@ struct Checkpoint {
     offset: u64,
     /// Timestamp (ms) of the last event shipped.
     last_ts_ms: i64,
+    /// The file `offset` counts into (device, inode), so an offset is never applied to another
+    /// file (one renamed so it sorts out of place, or replaced by hand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    file_id: Option<(u64, u64)>,
 }
 
 pub struct Shipper {
@@ -89,14 +93,20 @@ impl Shipper {
                 lines,
                 consumed,
                 backlog,
+                file_id,
             } = match self.next_chunk(&mut cp) {
-                Ok(r) => r,
+                Ok(r) => {
+                    metrics::gauge!("toolgate_cloudwatch_backlog_bytes").set(r.backlog as f64);
+                    r
+                }
                 Err(e) => {
+                    // The backlog gauge keeps its last value: unknown is not zero.
+                    metrics::counter!("toolgate_cloudwatch_errors_total").increment(1);
                     tracing::warn!(file = %self.file.display(), "cloudwatch shipper cannot read the audit file: {e}");
                     Chunk::default()
                 }
             };
-            metrics::gauge!("toolgate_cloudwatch_backlog_bytes").set(backlog as f64);
+            let _ = backlog;
             metrics::gauge!("toolgate_cloudwatch_lag_seconds").set(
                 lines
                     .first()
@@ -105,6 +115,7 @@ impl Shipper {
             if lines.is_empty() && consumed > 0 {
                 // Only blank lines: nothing to send, but passed.
                 cp.offset += consumed;
+                cp.file_id = file_id;
                 continue;
             }
             if lines.is_empty() {
@@ -159,6 +170,7 @@ impl Shipper {
                 Ok(()) => {
                     metrics::counter!("toolgate_cloudwatch_events_shipped_total").increment(events.len() as u64);
                     cp.offset += consumed;
+                    cp.file_id = file_id;
                     cp.last_ts_ms = last_ts;
                     if let Err(e) = self.save_checkpoint(&cp) {
                         tracing::error!("cloudwatch shipper cannot write its checkpoint: {e}");
@@ -194,12 +206,16 @@ impl Shipper {
             let unshipped = self.unshipped(cp)?;
             if let Some(oldest) = unshipped.first() {
                 let mut chunk = read_lines(&mut std::fs::File::open(oldest)?, cp.offset, &self.cfg)?;
+                if !offset_fits(cp, &chunk, oldest) {
+                    continue;
+                }
                 if chunk.lines.is_empty() && chunk.consumed == 0 {
                     if chunk.backlog > 0 {
                         tracing::warn!(file = %oldest.display(), bytes = chunk.backlog, "a rotated audit file ends without a newline; its last bytes are not shipped");
                     }
                     cp.shipped_through = oldest.file_name().map(|n| n.to_string_lossy().into_owned());
                     cp.offset = 0;
+                    cp.file_id = None;
                     if let Err(e) = self.save_checkpoint(cp) {
                         tracing::error!("cloudwatch shipper cannot write its checkpoint: {e}");
                     }
@@ -222,7 +238,11 @@ impl Shipper {
             if !self.unshipped(cp)?.is_empty() {
                 continue;
             }
-            return read_lines(&mut active, cp.offset, &self.cfg);
+            let chunk = read_lines(&mut active, cp.offset, &self.cfg)?;
+            if !offset_fits(cp, &chunk, &self.file) {
+                continue;
+            }
+            return Ok(chunk);
         }
     }
 
@@ -340,13 +360,47 @@ struct Chunk {
     consumed: u64,
     /// Bytes not yet shipped, in this file and any later one.
     backlog: u64,
+    /// The file read (device, inode).
+    file_id: Option<(u64, u64)>,
+}
+
+/// Whether the checkpoint's offset counts into the file `chunk` was read from. If not (a file
+/// whose name no longer sorts in its place, or one replaced by hand), the offset is dropped, with
+/// a warning, and the file is read from its start: some events may be sent twice, none skipped.
+fn offset_fits(cp: &mut Checkpoint, chunk: &Chunk, path: &std::path::Path) -> bool {
+    let fits = cp.offset == 0 || cp.file_id.is_none() || chunk.file_id.is_none() || cp.file_id == chunk.file_id;
+    if !fits {
+        tracing::warn!(file = %path.display(), offset = cp.offset, "the cloudwatch checkpoint's offset is for another file; shipping this one from its start");
+        metrics::counter!("toolgate_cloudwatch_errors_total").increment(1);
+        cp.offset = 0;
+        cp.file_id = None;
+    }
+    fits
+}
+
+/// A file's identity, which a rename keeps.
+fn file_id(m: &std::fs::Metadata) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = m;
+        None
+    }
 }
 
 /// Complete lines of `f` from `offset`, within the batch limits.
 fn read_lines(f: &mut std::fs::File, offset: u64, cfg: &CloudWatchConfig) -> std::io::Result<Chunk> {
-    let len = f.metadata()?.len();
+    let meta = f.metadata()?;
+    let (len, file_id) = (meta.len(), file_id(&meta));
     if len <= offset {
-        return Ok(Chunk::default());
+        return Ok(Chunk {
+            file_id,
+            ..Chunk::default()
+        });
     }
     f.seek(SeekFrom::Start(offset))?;
     let want = ((len - offset) as usize).min(cfg.batch_max_bytes.max(MAX_EVENT) + MAX_EVENT);
@@ -372,10 +426,31 @@ fn read_lines(f: &mut std::fs::File, offset: u64, cfg: &CloudWatchConfig) -> std
         }
         out.push((timestamp_ms(&msg), msg));
     }
+    if consumed == 0 && buf.len() == want && (want as u64) < len - offset {
+        // One line longer than a whole read: read on to its end. Its start is what is shipped,
+        // cut to the service's limit and marked, as any oversized event.
+        let mut line_len = want as u64;
+        let mut more = vec![0u8; 64 * 1024];
+        loop {
+            let n = f.read(&mut more)?;
+            if n == 0 {
+                break; // not ended yet: it waits, as any partial last line
+            }
+            if let Some(i) = more[..n].iter().position(|b| *b == b'\n') {
+                line_len += i as u64 + 1;
+                let msg = fit(String::from_utf8_lossy(&buf[..want.min(MAX_EVENT)]).into_owned());
+                out.push((timestamp_ms(&msg), msg));
+                consumed = line_len as usize;
+                break;
+            }
+            line_len += n as u64;
+        }
+    }
     Ok(Chunk {
         lines: out,
         consumed: consumed as u64,
         backlog: len - offset,
+        file_id,
     })
 }
 
@@ -447,6 +522,7 @@ mod tests {
             lines,
             consumed,
             backlog,
+            ..
         } = read(0, cfg(10, 1_048_576));
         assert_eq!(lines.len(), 2, "the partial last line waits");
         let expected = humantime::parse_rfc3339("2026-11-23T10:00:00.250Z").unwrap();
@@ -467,5 +543,86 @@ mod tests {
     fn oversized_events_are_cut_to_the_service_limit() {
         let big = "x".repeat(300_000);
         assert!(fit(big).len() + EVENT_OVERHEAD <= MAX_EVENT);
+    }
+
+    #[test]
+    fn a_line_longer_than_one_read_is_shipped_cut_not_skipped_or_stuck() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        let long = format!(
+            "{{\"ts\":\"2026-11-23T10:00:00Z\",\"x\":\"{}\"}}\n",
+            "y".repeat(2_000_000)
+        );
+        std::fs::write(&p, format!("{long}{{\"n\":2}}\n")).unwrap();
+        let c = cfg(10, 1_048_576);
+        let first = read_lines(&mut std::fs::File::open(&p).unwrap(), 0, &c).unwrap();
+        assert_eq!(first.lines.len(), 1);
+        assert_eq!(first.consumed as usize, long.len());
+        assert!(first.lines[0].1.ends_with("…[truncated by toolgate]"));
+        assert!(first.lines[0].1.len() + EVENT_OVERHEAD <= MAX_EVENT);
+        let next = read_lines(&mut std::fs::File::open(&p).unwrap(), first.consumed, &c).unwrap();
+        assert_eq!(next.lines[0].1, "{\"n\":2}");
+        // Still being written (no newline yet): it waits.
+        std::fs::write(&p, &long[..long.len() - 1]).unwrap();
+        let partial = read_lines(&mut std::fs::File::open(&p).unwrap(), 0, &c).unwrap();
+        assert_eq!((partial.lines.len(), partial.consumed), (0, 0));
+    }
+
+    async fn shipper_for(file: PathBuf) -> Shipper {
+        Shipper::new(cfg(10, 1_048_576), file, Some("us-east-1".into())).await
+    }
+
+    fn drain(shipper: &Shipper, cp: &mut Checkpoint) -> Vec<String> {
+        let mut shipped = Vec::new();
+        loop {
+            let chunk = shipper.next_chunk(cp).unwrap();
+            if chunk.consumed == 0 {
+                return shipped;
+            }
+            shipped.extend(chunk.lines.into_iter().map(|(_, m)| m));
+            cp.offset += chunk.consumed;
+            cp.file_id = chunk.file_id;
+        }
+    }
+
+    #[tokio::test]
+    async fn rotated_files_are_shipped_oldest_first_then_the_current_one_and_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let active = dir.path().join("audit.jsonl");
+        std::fs::write(&active, "{\"n\":1}\n").unwrap();
+        let shipper = shipper_for(active.clone()).await;
+        let mut cp = Checkpoint::default();
+        assert_eq!(drain(&shipper, &mut cp), ["{\"n\":1}"]);
+        // One more event, then the file is rotated under the shipper (the offset now counts into
+        // the renamed file: the same file, as its identity shows), and again; then the current
+        // file gets one event.
+        std::fs::write(&active, "{\"n\":1}\n{\"n\":2}\n").unwrap();
+        std::fs::rename(&active, dir.path().join("audit.jsonl.20261201T000000.000Z")).unwrap();
+        std::fs::write(dir.path().join("audit.jsonl.20261201T000001.000Z"), "{\"n\":3}\n").unwrap();
+        std::fs::write(&active, "{\"n\":4}\n").unwrap();
+        assert_eq!(drain(&shipper, &mut cp), ["{\"n\":2}", "{\"n\":3}", "{\"n\":4}"]);
+        assert_eq!(cp.shipped_through.as_deref(), Some("audit.jsonl.20261201T000001.000Z"));
+        assert_eq!(drain(&shipper, &mut cp), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn an_offset_into_another_file_is_dropped_and_the_file_read_from_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let active = dir.path().join("audit.jsonl");
+        std::fs::write(&active, "{\"n\":1}\n{\"n\":2}\n").unwrap();
+        let shipper = shipper_for(active.clone()).await;
+        let mut cp = Checkpoint {
+            offset: 8,
+            file_id: Some((u64::MAX, u64::MAX)),
+            ..Checkpoint::default()
+        };
+        assert_eq!(drain(&shipper, &mut cp), ["{\"n\":1}", "{\"n\":2}"]);
+        // With the right identity, the offset holds.
+        let mut cp = Checkpoint {
+            offset: 8,
+            file_id: file_id(&std::fs::metadata(&active).unwrap()),
+            ..Checkpoint::default()
+        };
+        assert_eq!(drain(&shipper, &mut cp), ["{\"n\":2}"]);
     }
 }

@@ -530,30 +530,36 @@ impl FileSink {
 
     fn try_rotate(&self, active: &mut Active, trigger: Trigger<'_>) -> std::io::Result<Rotated> {
         if active.newest.is_none() {
-            active.newest = rotated_files(&self.path)?
-                .pop()
-                .and_then(|p| rotation_suffix(&self.path, &p).map(str::to_owned));
+            active.newest = newest_rotation(&self.path)?;
         }
         let suffix = next_suffix(&self.path, active.newest.as_deref());
         let rotated = with_suffix(&self.path, &suffix);
-        // The new file is created first, so a failure at any step leaves the current one in place.
+        // The new file is created first, so a failure before the first rename leaves everything
+        // as it was. (A `.rotating` file left by a crash holds no event: it was never renamed
+        // into place.)
         let fresh = with_suffix(&self.path, "rotating");
-        // (One left by a crash mid-rotation holds no event: it was never renamed into place.)
         let _ = std::fs::remove_file(&fresh);
-        let next = OpenOptions::new().create_new(true).append(true).open(&fresh)?;
+        let mut next = OpenOptions::new().create_new(true).append(true).open(&fresh)?;
         if let Err(e) = std::fs::rename(&self.path, &rotated) {
             let _ = std::fs::remove_file(&fresh);
             return Err(e);
         }
+        // From here the full file has its new name: the writer must never append to it again
+        // (a shipper may already have read it to the end and moved on), so every path below
+        // ends with the writer on a file named `path`.
         if let Err(e) = std::fs::rename(&fresh, &self.path) {
-            let _ = std::fs::rename(&rotated, &self.path);
             let _ = std::fs::remove_file(&fresh);
-            return Err(e);
+            if std::fs::rename(&rotated, &self.path).is_ok() {
+                return Err(e);
+            }
+            // Neither way round: a new file in place, opened directly.
+            next = OpenOptions::new().create(true).append(true).open(&self.path)?;
         }
         if self.sync
             && let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = File::open(dir).and_then(|d| d.sync_all())
         {
-            File::open(dir)?.sync_all()?;
+            tracing::error!(path = %self.path.display(), "audit file rotated, but its directory could not be synced: {e}");
         }
         let previous_bytes = active.len;
         active.file = next;
@@ -580,16 +586,39 @@ impl FileSink {
         .expect("audit events always serialise");
         line.push(b'\n');
         // The rotation is done either way; a failed first line is the next batch's failure too.
-        if let Err(e) = active.file.write_all(&line) {
-            tracing::error!(path = %self.path.display(), "audit file rotated, but its first event could not be written: {e}");
-        } else {
-            active.len = line.len() as u64;
-        }
+        let written = active.file.write_all(&line);
+        let written = written.and_then(|()| if self.sync { active.file.sync_data() } else { Ok(()) });
+        active.len = match written {
+            Ok(()) => line.len() as u64,
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), "audit file rotated, but its first event could not be written: {e}");
+                active.file.metadata().map_or(0, |m| m.len())
+            }
+        };
         Ok(Rotated {
             previous_file,
             previous_bytes,
         })
     }
+}
+
+/// The newest rotation's suffix: the newest rotated file, or the one the current file's first
+/// line names if that is newer (rotated files are deleted once shipped; a new name must still
+/// sort after every name a shipper has seen).
+fn newest_rotation(active: &Path) -> std::io::Result<Option<String>> {
+    let listed = rotated_files(active)?
+        .pop()
+        .and_then(|p| rotation_suffix(active, &p).map(str::to_owned));
+    let named = File::open(active).ok().and_then(|f| {
+        let mut head = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, 4096), &mut head).ok()?;
+        let first = head.split(|b| *b == b'\n').next()?;
+        let event: Value = serde_json::from_slice(first).ok()?;
+        let previous = event.get("previous_file")?.as_str()?;
+        (event.get("event")? == "audit_rotated")
+            .then(|| rotation_suffix(active, &active.with_file_name(previous)).map(str::to_owned))?
+    });
+    Ok(listed.max(named))
 }
 
 /// What started a rotation.
@@ -645,7 +674,22 @@ pub fn rotation_suffix<'a>(active: &Path, candidate: &'a Path) -> Option<&'a str
         && b[15] == b'.'
         && digits(16..19)
         && b[19] == b'Z';
-    shaped.then_some(suffix)
+    (shaped && suffix_time(suffix).is_some()).then_some(suffix)
+}
+
+/// The time a rotation suffix names (`20261201T021828.123Z`).
+fn suffix_time(suffix: &str) -> Option<SystemTime> {
+    let b = suffix.get(..20)?;
+    let text = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &b[0..4],
+        &b[4..6],
+        &b[6..8],
+        &b[9..11],
+        &b[11..13],
+        &b[13..19]
+    );
+    humantime::parse_rfc3339(&text).ok()
 }
 
 /// `active`'s rotated files, oldest first (their names sort in the order they were written).
@@ -667,19 +711,7 @@ pub fn rotated_files(active: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// until it names no existing file.
 fn next_suffix(active: &Path, newest: Option<&str>) -> String {
     let after_newest = newest
-        .and_then(|n| {
-            let b = n.get(..19)?;
-            let text = format!(
-                "{}-{}-{}T{}:{}:{}Z",
-                &b[0..4],
-                &b[4..6],
-                &b[6..8],
-                &b[9..11],
-                &b[11..13],
-                &b[13..19]
-            );
-            humantime::parse_rfc3339(&text).ok()
-        })
+        .and_then(suffix_time)
         .map(|t| t + std::time::Duration::from_millis(1));
     let mut t = SystemTime::now().max(after_newest.unwrap_or(std::time::UNIX_EPOCH));
     loop {
@@ -838,6 +870,7 @@ mod tests {
             "/var/log/audit.jsonl.rotating",
             "/var/log/audit.jsonl.20261201T021828.123",
             "/var/log/audit.jsonl.20261201T02182x.123Z",
+            "/var/log/audit.jsonl.20261399T021828.123Z",
             "/var/log/audit.jsonlx.20261201T021828.123Z",
             "/var/log/other.jsonl.20261201T021828.123Z",
         ] {
@@ -938,5 +971,22 @@ mod tests {
         let rotated = rotated_files(&active).unwrap();
         assert_eq!(rotated.len(), 1);
         assert_eq!(std::fs::read_to_string(&rotated[0]).unwrap().lines().count(), 32);
+    }
+
+    #[tokio::test]
+    async fn a_new_name_sorts_after_the_one_the_current_file_names_even_once_that_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let active = dir.path().join("audit.jsonl");
+        // The files before were shipped and deleted; the current file still says which came last
+        // (here from a clock that ran far ahead).
+        std::fs::write(
+            &active,
+            "{\"ts\":\"2999-12-31T23:59:59.998Z\",\"event\":\"audit_rotated\",\"previous_file\":\"audit.jsonl.29991231T235959.998Z\",\"previous_bytes\":10,\"trigger\":\"size\"}\n",
+        )
+        .unwrap();
+        let config: AuditConfig = serde_json::from_value(serde_json::json!({ "file": active })).unwrap();
+        let log = AuditLog::open(&config).unwrap();
+        let r = log.rotate_now("test").unwrap().unwrap();
+        assert_eq!(r.previous_file, "audit.jsonl.29991231T235959.999Z");
     }
 }
