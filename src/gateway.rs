@@ -36,6 +36,8 @@ pub struct CallRequest<'a> {
     pub request_id: &'a str,
     /// `request_id` as a header value, when the transport already made one (it is forwarded).
     pub request_id_header: Option<&'a HeaderValue>,
+    /// Where the call came from (the connection's peer), for the audit event.
+    pub source: Option<std::net::IpAddr>,
     pub caller: Caller<'a>,
     pub tool: &'a str,
     /// The body, or why the transport could not read it (too large, too slow).
@@ -333,6 +335,7 @@ impl Gateway {
             ts: crate::audit::now(),
             event: "tool_call",
             request_id: req.request_id,
+            source: req.source,
             session: req.session.filter(|s| is_valid_session(s)),
             agent: rec.agent,
             tool: Some(truncate(req.tool, 256)),

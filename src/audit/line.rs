@@ -54,6 +54,13 @@ impl Line {
         serde_json::to_writer(&mut self.0, value).expect("audit values serialise");
     }
 
+    /// A value whose `Display` needs no JSON escaping (an IP address), as a string.
+    fn display(&mut self, key: &'static str, value: &impl std::fmt::Display) {
+        use std::io::Write as _;
+        self.key(key);
+        write!(self.0, "\"{value}\"").expect("writing to a Vec cannot fail");
+    }
+
     fn number(&mut self, key: &'static str, n: impl itoa::Integer) {
         self.key(key);
         self.0.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
@@ -83,6 +90,9 @@ impl ToolCallEvent<'_> {
         line.str(k!("ts"), &self.ts);
         line.str(k!("event"), self.event);
         line.str(k!("request_id"), self.request_id);
+        if let Some(ip) = &self.source {
+            line.display(k!("source"), ip);
+        }
         line.opt_str(k!("session"), self.session);
         line.opt_str(k!("agent"), self.agent);
         line.opt_str(k!("tool"), self.tool);
@@ -155,6 +165,7 @@ mod tests {
             ts: "2026-11-30T10:00:00.000Z".into(),
             event: "tool_call",
             request_id: "r-1",
+            source: Some("10.1.2.3".parse().unwrap()),
             session: None,
             agent: Some("support-bot"),
             tool: Some("kb.search"),
@@ -179,6 +190,7 @@ mod tests {
         let (by_hand, by_serde) = both(&event);
         assert_eq!(by_hand, by_serde);
         assert_eq!(by_hand["arguments"], json!({"limit": 5, "query": "x"}));
+        assert_eq!(by_hand["source"], "10.1.2.3");
     }
 
     #[test]
@@ -194,6 +206,7 @@ mod tests {
             ts: "2026-11-30T10:00:00.000Z".into(),
             event: "tool_call",
             request_id: "quote\"back\\slash\u{1}ctl",
+            source: Some("2001:db8::1".parse().unwrap()),
             session: Some("s\ttab"),
             agent: None,
             tool: Some("é\u{7f}\u{2028}"),
@@ -226,6 +239,7 @@ mod tests {
             ts: "t".into(),
             event: "tool_call",
             request_id: "r",
+            source: None,
             session: None,
             agent: None,
             tool: None,

@@ -147,6 +147,9 @@ pub struct ToolCallEvent<'a> {
     pub ts: String,
     pub event: &'static str,
     pub request_id: &'a str,
+    /// The address the call came from (the connection's peer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<std::net::IpAddr>,
     pub session: Option<&'a str>,
     pub agent: Option<&'a str>,
     pub tool: Option<&'a str>,
@@ -179,6 +182,8 @@ pub struct RefusalEvent<'a> {
     pub request_id: &'a str,
     pub endpoint: &'static str,
     pub method: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<std::net::IpAddr>,
     pub agent: Option<&'a str>,
     pub status: u16,
     pub code: &'static str,

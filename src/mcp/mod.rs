@@ -81,7 +81,10 @@ pub async fn post(mcp: &Mcp, req: Request) -> Response {
     let rid = request_id(&req);
     let (parts, body) = req.into_parts();
     let headers = parts.headers;
-    let mut asked = Asked::default();
+    let mut asked = Asked {
+        source: parts.extensions.get::<crate::server::Source>().map(|s| s.0),
+        ..Asked::default()
+    };
     let reply = dispatch(mcp, &headers, body, &rid, &mut asked).await;
     // Refused at the protocol level (tool calls the policy blocks answer 200 with a JSON-RPC
     // error and have their own `tool_call` event): a `request_refused` event, so probing with
@@ -281,6 +284,7 @@ async fn end_session(State(mcp): State<Arc<Mcp>>, req: Request) -> Response {
     let mut asked = Asked {
         method: Some("DELETE"),
         agent: None,
+        source: req.extensions().get::<crate::server::Source>().map(|s| s.0),
     };
     let refused = match end(&mcp, &headers, &mut asked) {
         Ok(()) => return StatusCode::NO_CONTENT.into_response(),
@@ -326,6 +330,7 @@ async fn audit_refusal(mcp: &Mcp, rid: &str, asked: &Asked, status: StatusCode, 
         request_id: rid,
         endpoint: "/mcp",
         method: asked.method,
+        source: asked.source,
         agent: asked.agent.as_deref(),
         status: status.as_u16(),
         code: code.as_str(),
@@ -341,6 +346,8 @@ struct Asked {
     method: Option<&'static str>,
     /// The agent, once its credentials were checked.
     agent: Option<Arc<str>>,
+    /// Where the request came from (the connection's peer).
+    source: Option<std::net::IpAddr>,
 }
 
 fn known_method(method: &str) -> &'static str {
@@ -463,7 +470,7 @@ async fn dispatch(mcp: &Mcp, headers: &HeaderMap, body: Body, rid: &str, asked: 
         "server/discover" => Reply::result(&id, discover()),
         "ping" if revision != Revision::Stateless => Reply::result(&id, json!({})),
         "tools/list" => tools_list(mcp, &id, &agent, &revision),
-        "tools/call" => tools_call(mcp, headers, &agent, &id, params, &revision, rid).await,
+        "tools/call" => tools_call(mcp, headers, &agent, &id, params, &revision, (rid, asked.source)).await,
         _ => Reply::error(
             StatusCode::OK,
             &id,
@@ -653,7 +660,7 @@ async fn tools_call(
     id: &Value,
     params: &Map<String, Value>,
     revision: &Revision,
-    rid: &str,
+    (rid, source): (&str, Option<std::net::IpAddr>),
 ) -> Reply {
     let Some(name) = params.get("name").and_then(Value::as_str) else {
         return Reply::error(
@@ -688,6 +695,7 @@ async fn tools_call(
         .call(CallRequest {
             request_id: rid,
             request_id_header: None,
+            source,
             caller: Caller::Agent(agent),
             tool: name,
             body: Ok(body),

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use http_body_util::{BodyExt, Full, Limited};
 
-use super::{RequestId, error_response};
+use super::{RequestId, Source, error_response};
 use crate::audit::RefusalEvent;
 use crate::gateway::{CallRequest, Caller, Gateway};
 use crate::policy::{Code, Reason, Stage};
@@ -38,7 +38,8 @@ pub fn routes(gateway: Arc<Gateway>, mcp: Arc<crate::mcp::Mcp>) -> Router {
                     .get::<RequestId>()
                     .map(|r| r.0.clone())
                     .unwrap_or_default();
-                call_tool(&gw, id, None, req).await
+                let source = req.extensions().get::<Source>().map(|s| s.0);
+                call_tool(&gw, id, None, source, req).await
             }),
         )
         .route("/v1/approvals/{id}", get(approval_status))
@@ -66,9 +67,18 @@ async fn method_not_allowed(State(gw): State<Arc<Gateway>>, req: Request) -> Res
 /// audited like any other refusal (a gateway's trail should show that it turned calls away,
 /// and when; Envoy logs its overload replies the same way). The event is one short line,
 /// group-committed with the others: a small cost next to the call it turns away.
-pub(super) async fn shed<B>(gw: &Gateway, id: Arc<str>, req: &axum::http::Request<B>) -> Response {
+pub(super) async fn shed<B>(
+    gw: &Gateway,
+    id: Arc<str>,
+    source: Option<std::net::IpAddr>,
+    req: &axum::http::Request<B>,
+) -> Response {
     let message = "The gateway is at its concurrency limit. Retry shortly.";
-    let mut res = refuse(gw, Refused::with_id(req, id), Code::Unavailable, message).await;
+    let refused = Refused {
+        source,
+        ..Refused::with_id(req, id)
+    };
+    let mut res = refuse(gw, refused, Code::Unavailable, message).await;
     res.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     res
@@ -79,6 +89,7 @@ struct Refused {
     id: Arc<str>,
     endpoint: &'static str,
     method: &'static str,
+    source: Option<std::net::IpAddr>,
 }
 
 impl Refused {
@@ -88,7 +99,10 @@ impl Refused {
             .get::<RequestId>()
             .map(|r| r.0.clone())
             .unwrap_or_default();
-        Self::with_id(req, id)
+        Self {
+            source: req.extensions().get::<Source>().map(|s| s.0),
+            ..Self::with_id(req, id)
+        }
     }
 
     fn with_id<B>(req: &axum::http::Request<B>, id: Arc<str>) -> Self {
@@ -111,6 +125,7 @@ impl Refused {
                 "OPTIONS" => "OPTIONS",
                 _ => "(other)",
             },
+            source: None,
         }
     }
 }
@@ -124,6 +139,7 @@ async fn refuse(gw: &Gateway, r: Refused, code: Code, message: &str) -> Response
         request_id: &r.id,
         endpoint: r.endpoint,
         method: Some(r.method),
+        source: r.source,
         agent: None,
         status: code.http_status(),
         code: code.as_str(),
@@ -150,6 +166,7 @@ pub(super) async fn call_tool<B>(
     gw: &Gateway,
     id: Arc<str>,
     id_header: Option<&HeaderValue>,
+    source: Option<std::net::IpAddr>,
     req: axum::http::Request<B>,
 ) -> axum::http::Response<Full<Bytes>>
 where
@@ -185,6 +202,7 @@ where
         .call(CallRequest {
             request_id: &id,
             request_id_header: id_header,
+            source,
             caller: Caller::Credentials(authorization.and_then(|v| v.to_str().ok())),
             tool,
             body,

@@ -39,6 +39,11 @@ use crate::upstream::X_REQUEST_ID;
 #[derive(Clone, Debug)]
 pub struct RequestId(pub Arc<str>);
 
+/// The address the call's connection came from (the TCP peer; an IPv4 address mapped into IPv6
+/// is written as IPv4). Set on requests the router handles; recorded as the events' `source`.
+#[derive(Clone, Copy, Debug)]
+pub struct Source(pub std::net::IpAddr);
+
 /// A JSON error response with the contract's body.
 pub fn error_response(code: Code, message: impl Into<String>, request_id: &str) -> Response {
     let reason = Reason::new(code, Stage::Request, "", message);
@@ -192,6 +197,7 @@ impl DataPlane {
     /// of the whole call's state machine per call).
     pub fn service(
         self,
+        source: Option<std::net::IpAddr>,
     ) -> impl hyper::service::Service<
         axum::http::Request<Incoming>,
         Response = axum::http::Response<DataBody>,
@@ -200,30 +206,40 @@ impl DataPlane {
     > + Clone
     + Send
     + 'static {
-        hyper::service::service_fn(move |req| self.clone().handle(req))
+        hyper::service::service_fn(move |req| self.clone().handle(req, source))
     }
 
-    async fn handle(self, req: axum::http::Request<Incoming>) -> Result<axum::http::Response<DataBody>, Infallible> {
+    async fn handle(
+        self,
+        req: axum::http::Request<Incoming>,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<axum::http::Response<DataBody>, Infallible> {
         let plane = self.0;
         let (id, id_header) = request_id_of(&req);
         // Load shedding instead of queueing: over the limit, a 503 at once.
         let Some(_in_flight) = plane.limit.try_enter() else {
             metrics::counter!("toolgate_shed_total").increment(1);
-            let res = data::shed(&plane.gateway, id, &req).await.map(DataBody::Right);
+            let res = data::shed(&plane.gateway, id, source, &req).await.map(DataBody::Right);
             return Ok(with_request_id(res, id_header));
         };
         let routed = async {
             if data::is_tool_call(&req) {
-                data::call_tool(&plane.gateway, id.clone(), Some(&id_header), req)
+                data::call_tool(&plane.gateway, id.clone(), Some(&id_header), source, req)
                     .await
                     .map(DataBody::Left)
             } else if req.method() == axum::http::Method::POST && req.uri().path() == "/mcp" {
                 let mut req = req.map(Body::new);
                 req.extensions_mut().insert(RequestId(id.clone()));
+                if let Some(ip) = source {
+                    req.extensions_mut().insert(Source(ip));
+                }
                 crate::mcp::post(&plane.mcp, req).await.map(DataBody::Right)
             } else {
                 let mut req = req.map(Body::new);
                 req.extensions_mut().insert(RequestId(id.clone()));
+                if let Some(ip) = source {
+                    req.extensions_mut().insert(Source(ip));
+                }
                 let Ok(res) = plane.router.clone().oneshot(req).await;
                 res.map(DataBody::Right)
             }
@@ -287,7 +303,10 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
         )?,
         tokio::spawn(serve(
             admin,
-            TowerToHyperService::new(admin_plane(gateway.clone())),
+            {
+                let plane = TowerToHyperService::new(admin_plane(gateway.clone()));
+                move |_| plane.clone()
+            },
             read_timeout,
             wait(stopped.clone()),
         )),
@@ -370,8 +389,13 @@ async fn wait(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
-async fn serve<S, B>(listener: TcpListener, app: S, read_timeout: Duration, shutdown: impl Future<Output = ()>)
-where
+/// Serves `listener`'s connections, each with the service `app` makes for its peer.
+async fn serve<S, B>(
+    listener: TcpListener,
+    app: impl Fn(SocketAddr) -> S,
+    read_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) where
     S: hyper::service::Service<axum::http::Request<Incoming>, Response = axum::http::Response<B>, Error = Infallible>
         + Clone
         + Send
@@ -392,8 +416,8 @@ where
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
                     // One connection that went away before it was taken: the next one is fine.
                     Err(e) if is_connection_error(&e) => continue,
                     // Out of file descriptors or memory: accepting again at once would fail
@@ -405,7 +429,7 @@ where
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = http.serve_connection(TokioIo::new(stream), app.clone());
+                let conn = http.serve_connection(TokioIo::new(stream), app(peer));
                 let conn = drain.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;

@@ -80,7 +80,9 @@ pub(super) fn spawn(
     for i in 0..threads {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let listener = listeners[i % listeners.len()].try_clone()?;
-        let (app, stopped) = (plane.for_thread().service(), stopped.clone());
+        let (plane, stopped) = (plane.for_thread(), stopped.clone());
+        // Each connection's service knows its peer (IPv4 mapped into IPv6 written as IPv4).
+        let app = move |peer: SocketAddr| plane.clone().service(Some(peer.ip().to_canonical()));
         let (finished, on_finish) = oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("toolgate-data-{i}"))

@@ -45,6 +45,7 @@ async fn forwards_an_allowed_call_with_only_the_headers_toolgate_chooses() {
     let e = h.event_for(&r);
     assert_eq!(e["event"], "tool_call");
     assert_eq!(e["decision"], "allow");
+    assert_eq!(e["source"], "127.0.0.1", "the connection's peer");
     assert_eq!(e["agent"], "support-bot");
     assert_eq!(e["tool"], "billing.refund");
     assert_eq!(e["upstream"]["status"], 200);
@@ -97,6 +98,10 @@ async fn refuses_missing_wrong_and_malformed_credentials() {
         let e = h.event_for(&r);
         assert_eq!(e["decision"], "deny", "{what}");
         assert_eq!(e["code"], "unauthenticated");
+        assert_eq!(
+            e["source"], "127.0.0.1",
+            "{what}: an unknown caller is known by its address"
+        );
         assert_eq!(
             e["agent"],
             Value::Null,
@@ -198,6 +203,7 @@ async fn dot_segments_and_extra_path_never_reach_another_route() {
     r.assert_error(405, "method_not_allowed");
     let e = h.refusal_for(&r);
     assert_eq!(e["endpoint"], "/v1/tools/{tool}");
+    assert_eq!(e["source"], "127.0.0.1");
     assert_eq!(e["method"], "GET");
     assert_eq!(e["status"], 405);
     assert_eq!(h.upstream.requests().len(), 0);
@@ -423,6 +429,7 @@ async fn calls_over_the_concurrency_limit_are_shed_at_once_and_their_places_come
     assert_eq!(over.header("retry-after"), Some("1"));
     // Shed, but not silently: the refusal is in the audit trail like any other.
     let e = h.refusal_for(&over);
+    assert_eq!(e["source"], "127.0.0.1");
     assert_eq!(
         (
             e["endpoint"].as_str(),

@@ -193,6 +193,7 @@ async fn a_session_cannot_be_used_by_another_agent() {
     assert_eq!(h.upstream.count("/kb/search"), 1);
     // The MCP session is the session session-aware rules and the audit event see.
     assert_eq!(h.event_for(&ok)["session"], session.as_str());
+    assert_eq!(h.event_for(&ok)["source"], "127.0.0.1");
 
     // The analyst's credential with the support bot's session: refused, nothing forwarded.
     let hijack = post_mcp(&h, ANALYST_KEY, &own, call).await;
@@ -201,6 +202,7 @@ async fn a_session_cannot_be_used_by_another_agent() {
     // The attempt is on the audit trail: who tried what.
     let e = h.refusal_for(&hijack);
     assert_eq!(e["agent"], "analyst-bot");
+    assert_eq!(e["source"], "127.0.0.1");
     assert_eq!(e["method"], "tools/call");
     assert_eq!(e["code"], "tool_not_allowed");
     assert_eq!(e["status"], 403);
@@ -227,6 +229,7 @@ async fn a_session_cannot_be_used_by_another_agent() {
     .await;
     assert_eq!(del.status, 403);
     assert_eq!(h.refusal_for(&del)["method"], "DELETE");
+    assert_eq!(h.refusal_for(&del)["source"], "127.0.0.1");
     // Its owner may; afterwards the id is unknown.
     let del = send(
         "DELETE",
@@ -559,6 +562,7 @@ async fn a_call_for_an_agent_no_longer_in_the_policy_is_refused() {
         gateway.call(CallRequest {
             request_id: rid,
             request_id_header: None,
+            source: None,
             caller: Caller::Agent(agent),
             tool: "kb.search",
             body: Ok(bytes::Bytes::from_static(br#"{"query": "q"}"#)),
