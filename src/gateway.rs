@@ -351,7 +351,11 @@ impl Gateway {
             duration_ms: crate::audit::millis(started.elapsed()),
             policy_version: &policy.version,
         };
-        if let Err(e) = self.audit.emit_line(&event.to_line()).await {
+        // A refusal that names no agent, beyond its source's allowance, is counted for a summary
+        // instead (`audit::unknown`). Shed calls are the gateway's doing, not the caller's.
+        let summarized = rec.agent.is_none()
+            && code.is_some_and(|c| c != Code::Unavailable && !self.audit.admit_unknown_caller(req.source, c.as_str()));
+        if !summarized && let Err(e) = self.audit.emit_line(&event.to_line()).await {
             tracing::error!(
                 request_id = req.request_id,
                 "audit write failed, refusing the call: {e}"

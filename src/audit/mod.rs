@@ -17,6 +17,9 @@
 
 pub mod cloudwatch;
 mod line;
+mod unknown;
+
+pub use unknown::SummaryEvent;
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -295,6 +298,8 @@ pub struct AuditLog {
     file: Option<FileSink>,
     stdout: bool,
     healthy: AtomicBool,
+    /// Refusals of callers with no known agent beyond their allowance, counted.
+    unknown: unknown::UnknownCallers,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -344,6 +349,7 @@ impl AuditLog {
             file,
             stdout: config.stdout,
             healthy: AtomicBool::new(true),
+            unknown: unknown::UnknownCallers::new(&config.unknown_callers),
         })
     }
 
@@ -382,6 +388,20 @@ impl AuditLog {
             metrics::counter!("toolgate_audit_write_failures_total").increment(1);
         }
         result
+    }
+
+    /// Whether the refusal of a caller with no known agent, from `source`, gets its own event;
+    /// if not, it is counted for the next `refusals_summarized` event (see `unknown`).
+    pub fn admit_unknown_caller(&self, source: Option<std::net::IpAddr>, code: &'static str) -> bool {
+        self.unknown.admit(source, code)
+    }
+
+    /// Writes the `refusals_summarized` events due (every `audit.unknown_callers.summary_seconds`,
+    /// and once more at shutdown).
+    pub async fn write_summaries(&self) {
+        for event in self.unknown.take_summaries() {
+            self.emit_or_log("refusals_summarized", &event).await;
+        }
     }
 
     /// Rotates the file now (`POST /admin/audit/rotate`), whatever its size: between two

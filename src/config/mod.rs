@@ -187,6 +187,45 @@ pub struct AuditConfig {
     /// Ship the audit file's events to CloudWatch Logs (the file is the spool).
     #[serde(default)]
     pub cloudwatch: Option<CloudWatchConfig>,
+    /// How many refusals of callers with no known agent are written one by one; the rest are
+    /// summarized (`refusals_summarized`).
+    #[serde(default)]
+    pub unknown_callers: UnknownCallersConfig,
+}
+
+/// `audit.unknown_callers`: the allowance of individual events for refusals that name no agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnknownCallersConfig {
+    /// Per source address (default 600, with bursts as large; 0: no per-source limit).
+    #[serde(default = "default_unknown_per_source")]
+    pub per_source_per_minute: u32,
+    /// For all sources together (default 6000; 0: no overall limit).
+    #[serde(default = "default_unknown_overall")]
+    pub per_minute: u32,
+    /// How often the counted refusals are written, one event per source (default 60).
+    #[serde(default = "default_summary_seconds")]
+    pub summary_seconds: u64,
+}
+
+fn default_unknown_per_source() -> u32 {
+    600
+}
+fn default_unknown_overall() -> u32 {
+    6000
+}
+fn default_summary_seconds() -> u64 {
+    60
+}
+
+impl Default for UnknownCallersConfig {
+    fn default() -> Self {
+        Self {
+            per_source_per_minute: default_unknown_per_source(),
+            per_minute: default_unknown_overall(),
+            summary_seconds: default_summary_seconds(),
+        }
+    }
 }
 
 fn default_audit_file() -> Option<PathBuf> {
@@ -201,6 +240,7 @@ impl Default for AuditConfig {
             fsync: false,
             rotate_bytes: 0,
             arguments: AuditArguments::default(),
+            unknown_callers: UnknownCallersConfig::default(),
             cloudwatch: None,
         }
     }
@@ -423,6 +463,12 @@ impl ServerConfig {
                 StateBackend::Memory
             }
         };
+        if !(1..=3600).contains(&raw.audit.unknown_callers.summary_seconds) {
+            problems.push(doc.problem(
+                &root.key("audit").key("unknown_callers").key("summary_seconds"),
+                "must be between 1 and 3600",
+            ));
+        }
         if raw.audit.rotate_bytes > 0 && raw.audit.file.is_none() {
             problems.push(doc.problem(
                 &root.key("audit").key("rotate_bytes"),

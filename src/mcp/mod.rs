@@ -336,7 +336,9 @@ async fn audit_refusal(mcp: &Mcp, rid: &str, asked: &Asked, status: StatusCode, 
         code: code.as_str(),
         message,
     };
-    mcp.gateway.audit.emit_or_log("request_refused", &event).await;
+    if asked.agent.is_some() || mcp.gateway.audit.admit_unknown_caller(asked.source, code.as_str()) {
+        mcp.gateway.audit.emit_or_log("request_refused", &event).await;
+    }
 }
 
 /// What a refused request got as far as saying.

@@ -145,7 +145,10 @@ async fn refuse(gw: &Gateway, r: Refused, code: Code, message: &str) -> Response
         code: code.as_str(),
         message,
     };
-    gw.audit.emit_or_log("request_refused", &event).await;
+    // Shed calls are the gateway's doing; any other refusal here names no agent.
+    if code == Code::Unavailable || gw.audit.admit_unknown_caller(r.source, code.as_str()) {
+        gw.audit.emit_or_log("request_refused", &event).await;
+    }
     error_response(code, message, &r.id)
 }
 

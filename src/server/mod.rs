@@ -280,6 +280,8 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        // What was counted since the last summary, now that no call is left to count.
+        self.gateway.audit.write_summaries().await;
     }
 }
 
@@ -325,6 +327,19 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
                 .await;
         }));
     }
+    // Refusals of unknown callers counted beyond their allowance: one event per source.
+    let gw = gateway.clone();
+    let mut stop_summaries = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let every = Duration::from_secs(gw.config.audit.unknown_callers.summary_seconds);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => gw.audit.write_summaries().await,
+                _ = stop_summaries.changed() => return,
+            }
+        }
+    }));
     // Upstream MCP servers: discover their tools at once, then every `mcp.refresh_seconds`.
     let gw = gateway.clone();
     let mut stop_refresh = stopped.clone();

@@ -732,3 +732,55 @@ fn assert_nothing_raw(event: &Value, secrets: &[&str]) {
         assert!(!text.contains(secret), "{secret} is in the event: {text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_unknown_callers_past_their_allowance_are_summarized_not_lost() {
+    let h = Harness::start_with(
+        "audit: { unknown_callers: { per_source_per_minute: 3, per_minute: 1000, summary_seconds: 1 } }\n",
+    )
+    .await;
+    let mut refused = Vec::new();
+    for _ in 0..8 {
+        let r = h.call("kb.search", Some("not-a-key"), r#"{"query": "q"}"#).await;
+        // The answer does not change: the allowance is about the trail, not the caller.
+        r.assert_error(401, "unauthenticated");
+        refused.push(r.request_id());
+    }
+    for _ in 0..2 {
+        let r = send("POST", &format!("{}/no/such/endpoint", h.data), &[], b"{}".to_vec()).await;
+        r.assert_error(404, "not_found");
+    }
+    // A known agent from the same address is not affected, nor counted.
+    let ok = h.call("kb.search", Some(SUPPORT_KEY), r#"{"query": "q"}"#).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(h.event_for(&ok)["decision"], "allow");
+
+    let written: Vec<Value> = h
+        .audit()
+        .into_iter()
+        .filter(|e| e["code"] == "unauthenticated")
+        .collect();
+    assert_eq!(written.len(), 3, "the allowance, one event each");
+    let ids: Vec<&str> = written.iter().map(|e| e["request_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, refused[..3].iter().map(String::as_str).collect::<Vec<_>>());
+
+    // Within a second or two, the rest as one event for the source, with exact counts.
+    let mut summary = None;
+    for _ in 0..50 {
+        summary = h.audit().into_iter().find(|e| e["event"] == "refusals_summarized");
+        if summary.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let summary = summary.expect("a refusals_summarized event");
+    assert_eq!(summary["source"], "127.0.0.1");
+    assert_eq!(summary["count"], 7);
+    assert_eq!(summary["codes"], json!({"unauthenticated": 5, "not_found": 2}));
+    assert!(summary["first"].as_str().unwrap() <= summary["last"].as_str().unwrap());
+    let metrics = String::from_utf8(h.admin("GET", "/metrics", false).await.body.to_vec()).unwrap();
+    assert!(
+        metrics.contains("toolgate_audit_refusals_summarized_total"),
+        "{metrics}"
+    );
+}

@@ -229,7 +229,19 @@ impl Harness {
         // An `audit:` of the test's own is given the test's file.
         let (audit, extra_config) = match extra_config.strip_prefix("audit: {") {
             Some(rest) => {
-                let (audit, rest) = rest.split_once('}').expect("audit: { ... } on one line");
+                // Up to the brace that closes `audit: {` (its values may be maps too).
+                let mut depth = 1;
+                let end = rest
+                    .find(|c| {
+                        depth += match c {
+                            '{' => 1,
+                            '}' => -1,
+                            _ => 0,
+                        };
+                        depth == 0
+                    })
+                    .expect("audit: { ... } closed");
+                let (audit, rest) = (&rest[..end], &rest[end + 1..]);
                 (
                     format!("audit: {{ file: {},{audit}}}\n", audit_path.display()),
                     rest.trim_start().to_owned(),
