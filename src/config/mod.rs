@@ -44,6 +44,9 @@ struct ServerConfigRaw {
     /// Data-plane threads, each its own event loop (default: one per CPU the process may use).
     #[serde(default)]
     workers: Option<usize>,
+    /// Proxies whose `X-Forwarded-For` is believed (addresses or CIDR blocks; default none).
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -413,6 +416,8 @@ pub struct ServerConfig {
     pub aws: Option<AwsConfig>,
     pub approvals: ApprovalsConfig,
     pub mcp: McpConfig,
+    /// Proxies in front of toolgate whose `X-Forwarded-For` names the caller (`trusted_proxies`).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl ServerConfig {
@@ -538,7 +543,21 @@ impl ServerConfig {
         if raw.admin.token_env.is_empty() {
             problems.push(doc.problem(&root.key("admin").key("token_env"), "must name an environment variable"));
         }
+        let mut trusted_proxies = Vec::new();
+        for (i, text) in raw.trusted_proxies.iter().enumerate() {
+            match text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            {
+                Ok(net) => trusted_proxies.push(net.trunc()),
+                Err(_) => problems.push(doc.problem(
+                    &root.key("trusted_proxies").index(i),
+                    format!("`{text}` is not an IP address or a CIDR block like 10.0.0.0/8"),
+                )),
+            }
+        }
         problems.finish(ServerConfig {
+            trusted_proxies,
             listen: raw.listen,
             workers,
             admin: raw.admin,
@@ -604,6 +623,20 @@ mod tests {
             err.to_string().contains("audit.rotate_bytes: needs `audit.file`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_cidr_blocks() {
+        let c = ServerConfig::parse(
+            "c.yaml",
+            "trusted_proxies: [ 10.0.0.0/8, 192.0.2.7, \"2001:db8::/32\" ]\n",
+        )
+        .unwrap();
+        assert_eq!(c.trusted_proxies.len(), 3);
+        assert!(c.trusted_proxies[1].contains(&"192.0.2.7".parse::<std::net::IpAddr>().unwrap()));
+        let err = ServerConfig::parse("c.yaml", "trusted_proxies: [ 10.0.0.0/8, lb.internal ]\n").unwrap_err();
+        assert!(err.to_string().contains("trusted_proxies[1]"), "{err}");
+        assert!(err.to_string().contains("`lb.internal` is not an IP address"), "{err}");
     }
 
     #[test]

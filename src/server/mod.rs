@@ -216,6 +216,11 @@ impl DataPlane {
     ) -> Result<axum::http::Response<DataBody>, Infallible> {
         let plane = self.0;
         let (id, id_header) = request_id_of(&req);
+        let trusted = &plane.gateway.config.trusted_proxies;
+        let source = match source {
+            Some(peer) if !trusted.is_empty() => Some(client_address(peer, req.headers(), trusted)),
+            other => other,
+        };
         // Load shedding instead of queueing: over the limit, a 503 at once.
         let Some(_in_flight) = plane.limit.try_enter() else {
             metrics::counter!("toolgate_shed_total").increment(1);
@@ -250,6 +255,41 @@ impl DataPlane {
             .unwrap_or_else(|_| panic_response(&id).map(DataBody::Right));
         Ok(with_request_id(res, id_header))
     }
+}
+
+/// The caller's address: the connection's peer; or, if the peer is a trusted proxy, the
+/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy (each proxy appends
+/// the address it got the request from, so only the entries trusted proxies appended are
+/// evidence: anything to their left the caller may have written). An entry that is not an
+/// address stops the walk at the proxy that forwarded it.
+fn client_address(
+    peer: std::net::IpAddr,
+    headers: &axum::http::HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> std::net::IpAddr {
+    let is_trusted = |ip: &std::net::IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let entries: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    let mut client = peer;
+    for entry in entries.iter().rev() {
+        let entry = entry.trim();
+        let parsed = entry
+            .parse::<std::net::IpAddr>()
+            .or_else(|_| entry.parse::<std::net::SocketAddr>().map(|s| s.ip()));
+        let Ok(ip) = parsed else { return client };
+        client = ip.to_canonical();
+        if !is_trusted(&client) {
+            return client;
+        }
+    }
+    client
 }
 
 /// The admin-plane service: the same panic and request-id layers; its own token check.
@@ -454,4 +494,55 @@ async fn serve<S, B>(
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(10), drain.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_address;
+
+    #[test]
+    fn forwarded_for_is_believed_only_as_far_as_trusted_proxies_wrote_it() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "192.0.2.7/32".parse().unwrap()];
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let with = |xff: &[&str]| {
+            let mut h = axum::http::HeaderMap::new();
+            for v in xff {
+                h.append("x-forwarded-for", v.parse().unwrap());
+            }
+            h
+        };
+        // Not from a trusted proxy: whatever the header says, the peer.
+        assert_eq!(
+            client_address(ip("198.51.100.1"), &with(&["203.0.113.9"]), &trusted),
+            ip("198.51.100.1")
+        );
+        // Through two trusted proxies: the right-most entry they did not add. The left-most
+        // is the caller's own claim, and not believed.
+        let h = with(&["1.1.1.1, 203.0.113.9", "10.1.1.1"]);
+        assert_eq!(client_address(ip("10.2.2.2"), &h, &trusted), ip("203.0.113.9"));
+        // Ports, brackets and IPv4 mapped into IPv6.
+        assert_eq!(
+            client_address(ip("10.2.2.2"), &with(&["203.0.113.9:4711"]), &trusted),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            client_address(ip("10.2.2.2"), &with(&["[2001:db8::1]:443"]), &trusted),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            client_address(ip("10.2.2.2"), &with(&["::ffff:203.0.113.9"]), &trusted),
+            ip("203.0.113.9")
+        );
+        // Garbage stops at the proxy that passed it on; no header: the proxy itself.
+        assert_eq!(
+            client_address(ip("10.2.2.2"), &with(&["unknown, 192.0.2.7"]), &trusted),
+            ip("192.0.2.7")
+        );
+        assert_eq!(client_address(ip("10.2.2.2"), &with(&[]), &trusted), ip("10.2.2.2"));
+        // Every entry a trusted proxy: the left-most of them.
+        assert_eq!(
+            client_address(ip("10.2.2.2"), &with(&["10.9.9.9, 10.8.8.8"]), &trusted),
+            ip("10.9.9.9")
+        );
+    }
 }

@@ -784,3 +784,31 @@ async fn refusals_of_unknown_callers_past_their_allowance_are_summarized_not_los
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_names_the_source_only_behind_a_trusted_proxy() {
+    let spoof = |h: &Harness, key: &'static str| {
+        let url = format!("{}/v1/tools/kb.search", h.data);
+        async move {
+            let headers = [
+                ("authorization", format!("Bearer {key}")),
+                ("x-forwarded-for", "198.51.100.1, 203.0.113.9".to_owned()),
+            ];
+            send("POST", &url, &headers, br#"{"query": "q"}"#.to_vec()).await
+        }
+    };
+    // No trusted proxies (the default): the header is the caller's claim, not evidence.
+    let h = Harness::start().await;
+    let r = spoof(&h, SUPPORT_KEY).await;
+    assert_eq!(h.event_for(&r)["source"], "127.0.0.1");
+
+    // Behind a trusted proxy (here the test itself, on 127.0.0.1): the entry it appended.
+    let h = Harness::start_with("trusted_proxies: [ 127.0.0.1 ]\n").await;
+    let r = spoof(&h, SUPPORT_KEY).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(h.event_for(&r)["source"], "203.0.113.9");
+    // And the unknown caller's allowance is kept per that address.
+    let r = spoof(&h, "not-a-key").await;
+    r.assert_error(401, "unauthenticated");
+    assert_eq!(h.event_for(&r)["source"], "203.0.113.9");
+}
