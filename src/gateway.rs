@@ -353,7 +353,10 @@ impl Gateway {
         };
         // A refusal that names no agent, beyond its source's allowance, is counted for a summary
         // instead (`audit::unknown`). Shed calls are the gateway's doing, not the caller's.
+        // (Only callers that presented credentials: one MCP authenticated already is an agent
+        // even if a reload removed it since.)
         let summarized = rec.agent.is_none()
+            && matches!(req.caller, Caller::Credentials(_))
             && code.is_some_and(|c| c != Code::Unavailable && !self.audit.admit_unknown_caller(req.source, c.as_str()));
         if !summarized && let Err(e) = self.audit.emit_line(&event.to_line()).await {
             tracing::error!(

@@ -398,10 +398,39 @@ impl AuditLog {
 
     /// Writes the `refusals_summarized` events due (every `audit.unknown_callers.summary_seconds`,
     /// and once more at shutdown).
-    pub async fn write_summaries(&self) {
-        for event in self.unknown.take_summaries() {
-            self.emit_or_log("refusals_summarized", &event).await;
+    ///
+    /// All in one write. If it fails, the counts are put back for the next try: nothing counted
+    /// is lost while the process lives. Returns false then (at shutdown, the caller says what
+    /// could not be written, as a last resort).
+    pub async fn write_summaries(&self) -> bool {
+        let taken = self.unknown.take();
+        if taken.is_empty() {
+            return true;
         }
+        let mut lines = Vec::new();
+        for event in taken.events() {
+            serde_json::to_writer(&mut lines, &event).expect("audit events always serialise");
+            lines.push(b'\n');
+        }
+        match self.emit_line(&lines).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("refusals_summarized events could not be written, kept for the next try: {e}");
+                self.unknown.restore(taken);
+                false
+            }
+        }
+    }
+
+    /// The summaries not yet written, as text (for a last log line when they cannot be).
+    pub fn pending_summaries(&self) -> Vec<String> {
+        let taken = self.unknown.take();
+        let events = taken.events();
+        self.unknown.restore(taken);
+        events
+            .iter()
+            .map(|e| serde_json::to_string(e).expect("audit events always serialise"))
+            .collect()
     }
 
     /// Rotates the file now (`POST /admin/audit/rotate`), whatever its size: between two

@@ -265,13 +265,24 @@ fn origin_allowed(mcp: &Mcp, headers: &HeaderMap) -> bool {
     }
 }
 
-async fn no_stream(req: Request) -> Response {
+async fn no_stream(State(mcp): State<Arc<Mcp>>, req: Request) -> Response {
     let rid = request_id(&req);
-    let mut r = crate::server::error_response(
-        Code::MethodNotAllowed,
-        "toolgate sends no server-initiated messages: there is no stream to open. POST requests to /mcp.",
+    let message = "toolgate sends no server-initiated messages: there is no stream to open. POST requests to /mcp.";
+    let asked = Asked {
+        method: Some("GET"),
+        agent: None,
+        source: req.extensions().get::<crate::server::Source>().map(|s| s.0),
+    };
+    audit_refusal(
+        &mcp,
         &rid,
-    );
+        &asked,
+        StatusCode::METHOD_NOT_ALLOWED,
+        Code::MethodNotAllowed,
+        message,
+    )
+    .await;
+    let mut r = crate::server::error_response(Code::MethodNotAllowed, message, &rid);
     r.headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static("POST, DELETE"));
     r

@@ -238,7 +238,8 @@ async fn approval_status(State(gw): State<Arc<Gateway>>, Path(approval): Path<St
     let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let agent = match gw.policy().auth.authenticate(authorization).cloned() {
         Ok(agent) => agent,
-        Err(reason) => return error_response(reason.code, reason.message, &id),
+        // Audited like any refusal: guessing keys here must leave a trail too.
+        Err(reason) => return refuse(&gw, Refused::of(&req), reason.code, &reason.message).await,
     };
     let store = gw.approvals.clone();
     let now = crate::state::unix_now();

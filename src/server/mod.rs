@@ -320,8 +320,13 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
-        // What was counted since the last summary, now that no call is left to count.
-        self.gateway.audit.write_summaries().await;
+        // What was counted since the last summary, now that no call is left to count; if even
+        // that cannot be written, the log is the last place it can go.
+        if !self.gateway.audit.write_summaries().await {
+            for event in self.gateway.audit.pending_summaries() {
+                tracing::error!(event = %event, "refusals_summarized not written to the audit log at shutdown");
+            }
+        }
     }
 }
 
@@ -375,7 +380,9 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             tokio::select! {
-                _ = tick.tick() => gw.audit.write_summaries().await,
+                _ = tick.tick() => {
+                    gw.audit.write_summaries().await;
+                }
                 _ = stop_summaries.changed() => return,
             }
         }

@@ -259,6 +259,12 @@ async fn a_session_cannot_be_used_by_another_agent() {
     assert_eq!(e["code"], "unauthenticated");
     assert_eq!(e["method"], "initialize");
     assert!(e["agent"].is_null());
+    // Asking for a server stream (there is none) is a refusal on the trail too.
+    let get = send("GET", &format!("{}/mcp", h.data), &[], Vec::new()).await;
+    get.assert_error(405, "method_not_allowed");
+    assert_eq!(get.header("allow"), Some("POST, DELETE"));
+    let e = h.refusal_for(&get);
+    assert_eq!((e["method"].as_str(), e["status"].as_u64()), (Some("GET"), Some(405)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -381,6 +381,14 @@ async fn the_whole_approval_cycle() {
     assert_eq!(p.status, 200);
     assert_eq!(p.json()["status"], "pending");
     poll(FIN_KEY).await.assert_error(404, "not_found");
+    // A wrong key is refused, and the attempt is on the trail with where it came from.
+    let guess = poll("not-a-key").await;
+    guess.assert_error(401, "unauthenticated");
+    let e = h.refusal_for(&guess);
+    assert_eq!(
+        (e["endpoint"].as_str(), e["method"].as_str(), e["source"].as_str()),
+        (Some("/v1/approvals/{id}"), Some("GET"), Some("127.0.0.1"))
+    );
 
     // Presenting it before anyone approved: refused.
     let r = h
