@@ -43,7 +43,8 @@ struct Session {
 }
 
 pub struct McpClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// `http://` and `https://` servers, TLS verified as for tools (`upstream::connector`).
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     sessions: Mutex<HashMap<String, Session>>,
     next_id: AtomicU64,
     max_response_bytes: usize,
@@ -51,10 +52,8 @@ pub struct McpClient {
 
 impl McpClient {
     pub fn new(max_response_bytes: usize) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
         Self {
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: Client::builder(TokioExecutor::new()).build(crate::upstream::connector()),
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             max_response_bytes,

@@ -385,11 +385,6 @@ impl Policy {
                 };
                 if let Err(e) = UrlTemplate::parse(&c.url).and_then(|t| match t.placeholders().next() {
                     Some(_) => Err("must not have placeholders".to_owned()),
-                    // toolgate's MCP client speaks plain HTTP only (tools called directly may use https).
-                    None if t.origin().scheme == http::uri::Scheme::HTTPS => Err(
-                        "https MCP servers are not supported yet; use http:// (e.g. through a local TLS sidecar)"
-                            .to_owned(),
-                    ),
                     None => Ok(()),
                 }) {
                     problems.push(doc.problem(&path.key("url"), e));

@@ -101,17 +101,8 @@ impl Default for Upstream {
 
 impl Upstream {
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        connector.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config())
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
         Self {
-            pool: Pool::new(connector, Duration::from_secs(30), 512),
+            pool: Pool::new(connector(), Duration::from_secs(30), 512),
             timers: Timers::new(),
         }
     }
@@ -151,6 +142,20 @@ impl Upstream {
             body,
         })
     }
+}
+
+/// How toolgate reaches tools and upstream MCP servers: `http://` as it is, `https://` over
+/// [`tls_config`]; `TCP_NODELAY`, a 5 s connect timeout.
+pub(crate) fn connector() -> hyper_rustls::HttpsConnector<HttpConnector> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    connector.enforce_http(false);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector)
 }
 
 /// TLS for `https://` tools: TLS 1.2 and 1.3 (aws-lc-rs), HTTP/1.1, and the system's trust

@@ -398,9 +398,9 @@ async fn an_approval_required_call_says_how_to_approve_and_retry() {
 }
 
 /// A real upstream MCP server (the SDK's own), killed when dropped.
-struct UpstreamMcp {
+pub(crate) struct UpstreamMcp {
     child: std::process::Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Drop for UpstreamMcp {
@@ -410,7 +410,7 @@ impl Drop for UpstreamMcp {
     }
 }
 
-async fn upstream_mcp(rug_pull: &std::path::Path) -> UpstreamMcp {
+pub(crate) async fn upstream_mcp(rug_pull: &std::path::Path) -> UpstreamMcp {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -15,8 +15,8 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 const KEY: &str = "tls-test-key";
 
-/// A JSON tool behind TLS (the fixture certificate for 127.0.0.1); records each request line.
-async fn tls_tool() -> (String, Arc<Mutex<Vec<String>>>) {
+/// The fixture certificate for 127.0.0.1, signed by the fixture CA.
+fn acceptor() -> tokio_rustls::TlsAcceptor {
     let dir = fixture("tls");
     let certs = CertificateDer::pem_file_iter(dir.join("tool.pem"))
         .unwrap()
@@ -30,7 +30,12 @@ async fn tls_tool() -> (String, Arc<Mutex<Vec<String>>>) {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// A JSON tool behind TLS (the fixture certificate for 127.0.0.1); records each request line.
+async fn tls_tool() -> (String, Arc<Mutex<Vec<String>>>) {
+    let acceptor = acceptor();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -145,4 +150,79 @@ async fn an_https_tool_with_an_untrusted_certificate_is_never_called() {
         .find(|e| e["request_id"] == r.request_id().as_str())
         .expect("an audit event");
     assert_eq!(e["code"], "upstream_error");
+}
+
+/// TLS in front of a plain server on `backend`: what a TLS-terminating sidecar does. Counts
+/// the connections that completed a handshake.
+async fn tls_terminator(backend: u16) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let acceptor = acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let handshakes: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+    let done = handshakes.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (acceptor, done) = (acceptor.clone(), done.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", backend)).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    (url, handshakes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_mcp_server_is_reached_over_verified_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let crm = crate::mcp::upstream_mcp(&dir.path().join("no-rug-pull")).await;
+    let (url, handshakes) = tls_terminator(crm.port).await;
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("crm.yaml"),
+        format!(
+            "mcp_servers:\n  crm: {{ url: \"{url}/mcp\" }}\nagents:\n  crm-bot:\n    credentials: {{ api_key_sha256: [ \"{}\" ] }}\n    tools: [ crm.* ]\n",
+            sha256_hex(KEY)
+        ),
+    )
+    .unwrap();
+    let cfg = write_serve_config(dir.path(), "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_toolgate"))
+        .arg("serve")
+        .arg("-c")
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .env_remove("SSL_CERT_DIR")
+        .env("SSL_CERT_FILE", fixture("tls").join("ca.pem"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (data, _, log) = listeners(&mut child);
+    std::thread::spawn(move || log.map_while(Result::ok).for_each(|line| eprintln!("toolgate: {line}")));
+    // The server's tools are discovered at start (over TLS); then a call goes the same way.
+    let auth = vec![("authorization", format!("Bearer {KEY}"))];
+    let call = format!("{data}/v1/tools/crm.notes");
+    let mut r = send("POST", &call, &auth, br#"{"customer_id": "C-1"}"#.to_vec()).await;
+    for _ in 0..100 {
+        if r.status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        r = send("POST", &call, &auth, br#"{"customer_id": "C-1"}"#.to_vec()).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("Customer C-1 prefers email."),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(handshakes.load(std::sync::atomic::Ordering::SeqCst) >= 1);
 }
