@@ -411,10 +411,13 @@ impl Gateway {
         let Some(threshold) = anomaly.threshold(kind) else {
             return;
         };
-        let count = self
+        let Some(count) = self
             .state
-            .record_denial(agent, kind, anomaly.window(), threshold as usize * 2);
-        if count != threshold as usize || self.state.quarantined(agent).is_some() {
+            .record_denial(agent, kind, anomaly.window(), threshold as usize)
+        else {
+            return;
+        };
+        if self.state.quarantined(agent).is_some() {
             return;
         }
         let action = if anomaly.quarantine { "quarantine" } else { "none" };

@@ -244,9 +244,13 @@ impl State {
         }
     }
 
-    /// Records a denial of `kind` for `agent` and returns how many fall in the last `window`.
-    /// Memory is bounded: at most `cap` timestamps are kept per agent and kind.
-    pub fn record_denial(&self, agent: &str, kind: &'static str, window: Duration, cap: usize) -> usize {
+    /// Records a denial of `kind` for `agent`. If that makes `threshold` or more in the last
+    /// `window`, returns how many and starts the count again, under the same lock: one caller
+    /// among concurrent ones sees the crossing, and the next crossing needs `threshold` new
+    /// denials (so an agent released from quarantine, or one not quarantined, is caught again
+    /// by the next run of denials, not by none). Memory is bounded: at most `threshold`
+    /// timestamps are kept per agent and kind.
+    pub fn record_denial(&self, agent: &str, kind: &'static str, window: Duration, threshold: usize) -> Option<usize> {
         let now = Instant::now();
         match self {
             State::Memory(m) => {
@@ -256,10 +260,12 @@ impl State {
                     q.pop_front();
                 }
                 q.push_back(now);
-                while q.len() > cap.max(1) {
-                    q.pop_front();
+                if q.len() >= threshold.max(1) {
+                    let count = q.len();
+                    q.clear();
+                    return Some(count);
                 }
-                q.len()
+                None
             }
         }
     }
@@ -282,7 +288,8 @@ impl State {
         let now = unix_now();
         let q = Quarantine {
             since: now,
-            until: duration.map(|d| now + d.as_secs()),
+            // Saturating: a duration meant as "forever" must not wrap into the past.
+            until: duration.map(|d| now.saturating_add(d.as_secs())),
             by: by.to_owned(),
             reason: reason.to_owned(),
         };
@@ -417,15 +424,19 @@ mod tests {
     }
 
     #[test]
-    fn denials_are_counted_in_a_bounded_window() {
+    fn a_threshold_is_crossed_once_per_run_of_denials() {
         let s = State::default();
-        for i in 1..=5 {
-            assert_eq!(
-                s.record_denial("a", "tool_not_allowed", Duration::from_secs(60), 3),
-                i.min(3)
-            );
-        }
-        assert_eq!(s.denials("a", Duration::from_secs(60))["tool_not_allowed"], 3);
+        let deny = || s.record_denial("a", "tool_not_allowed", Duration::from_secs(60), 3);
+        assert_eq!((deny(), deny()), (None, None));
+        assert_eq!(s.denials("a", Duration::from_secs(60))["tool_not_allowed"], 2);
+        assert_eq!(deny(), Some(3), "the third crosses");
+        // The count starts again: the next crossing takes three new denials, not one.
+        assert_eq!((deny(), deny(), deny()), (None, None, Some(3)));
+        assert_eq!(
+            s.record_denial("a", "other", Duration::from_secs(60), 3),
+            None,
+            "kinds apart"
+        );
     }
 
     #[test]
@@ -438,6 +449,9 @@ mod tests {
         assert!(s.quarantined("a").is_none());
         assert!(s.quarantine("b", Some(Duration::ZERO), "anomaly", "x"));
         assert!(s.quarantined("b").is_none(), "a zero-length quarantine has ended");
+        // The longest duration means a long time, not a time in the past.
+        assert!(s.quarantine("f", Some(Duration::from_secs(u64::MAX)), "alice", "forever"));
+        assert!(s.quarantined("f").is_some());
         // Releasing or expiring one agent leaves the others' quarantines in force.
         assert!(s.quarantine("c", None, "alice", "manual"));
         assert!(s.quarantine("d", None, "alice", "manual"));

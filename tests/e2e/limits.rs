@@ -185,6 +185,23 @@ async fn repeated_attempts_on_forbidden_tools_quarantine_the_agent_until_release
     let released = h.audit().into_iter().find(|e| e["event"] == "agent_released").unwrap();
     assert_eq!(released["by"], "alice");
     assert_eq!(released["comment"], "false positive");
+
+    // Released within the window, the agent is not let off: the next run of denials crosses
+    // the threshold again (it counts anew from the last crossing).
+    for (i, tool) in ["tickets.read", "billing.refund", "admin.shell"].iter().enumerate() {
+        h.call(tool, Some("watched-key"), "{}")
+            .await
+            .assert_error(403, "tool_not_allowed");
+        let quarantined = h.call("kb.search", Some("watched-key"), r#"{"query":"q"}"#).await;
+        assert_eq!(
+            quarantined.status,
+            if i < 2 { 200 } else { 403 },
+            "after {} denials",
+            i + 1
+        );
+    }
+    let anomalies = h.audit().into_iter().filter(|e| e["event"] == "anomaly").count();
+    assert_eq!(anomalies, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
