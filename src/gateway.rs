@@ -1370,24 +1370,48 @@ impl Gateway {
                 ),
             )
         };
-        let is_json = inbound
+        // Media types are case-insensitive. A charset other than UTF-8 (or ASCII) would make the
+        // client read other characters than the filters did: withheld.
+        let ct = inbound
             .content_type
             .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.contains("json"));
-        let (mut value, as_text) = if is_json {
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+            .unwrap_or_default();
+        let charset = ct
+            .split(';')
+            .skip(1)
+            .filter_map(|p| p.trim().strip_prefix("charset="))
+            .map(|c| c.trim_matches('"'))
+            .next();
+        if charset.is_some_and(|c| !matches!(c, "utf-8" | "utf8" | "us-ascii")) {
+            return Err(unreadable());
+        }
+        // JSON when declared, and also when it looks like JSON whatever the label: the client
+        // may well parse it, and escapes (`\u0040`) must be decoded before the filters look.
+        let declared = ct.contains("json");
+        let looks_like_json = inbound
+            .body
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|b| matches!(b, b'{' | b'[' | b'"'));
+        let depth = self.config.limits.max_json_depth;
+        let as_json = if declared || looks_like_json {
             // Nearly every answer is clean: one pass with the same strictness says so without
             // building the tree, and the answer goes out as it came.
-            let depth = self.config.limits.max_json_depth;
-            if policy
-                .output_is_clean(tool, &inbound.body, depth)
-                .map_err(|_| unreadable())?
-            {
-                return Ok(inbound.body.clone());
+            match policy.output_is_clean(tool, &inbound.body, depth) {
+                Ok(true) => return Ok(inbound.body.clone()),
+                Ok(false) => true,
+                Err(_) if declared => return Err(unreadable()),
+                Err(_) => false,
             }
-            let v =
-                arguments::parse_value(&inbound.body, self.config.limits.max_json_depth).map_err(|_| unreadable())?;
-            (v, false)
+        } else {
+            false
+        };
+        let (mut value, as_text) = if as_json {
+            (
+                arguments::parse_value(&inbound.body, depth).map_err(|_| unreadable())?,
+                false,
+            )
         } else {
             let text = std::str::from_utf8(&inbound.body).map_err(|_| unreadable())?;
             (Value::Array(text.split('\n').map(Value::from).collect()), true)
@@ -1416,12 +1440,23 @@ impl Gateway {
             return Ok(inbound.body.clone());
         }
         if as_text {
-            let lines: Vec<&str> = value
+            let mut lines: Vec<&str> = value
                 .as_array()
                 .expect("text is split into lines")
                 .iter()
                 .filter_map(Value::as_str)
                 .collect();
+            // Only a PEM block's first line names it as a private key: the lines after it, up to
+            // its END line, are the key itself and go too.
+            let mut in_key = false;
+            for line in &mut lines {
+                if in_key {
+                    in_key = !line.to_ascii_lowercase().contains("-----end");
+                    *line = "[REDACTED:private_key]";
+                } else if *line == "[REDACTED:private_key]" {
+                    in_key = true;
+                }
+            }
             return Ok(Bytes::from(lines.join("\n")));
         }
         Ok(Bytes::from(serde_json::to_vec(&value).expect("JSON serialises")))

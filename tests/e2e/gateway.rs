@@ -654,6 +654,31 @@ async fn output_filters_pass_clean_json_as_it_came_and_withhold_json_they_cannot
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_filters_are_not_fooled_by_labels_charsets_or_multi_line_keys() {
+    let tools: String = ["upper", "labelled_text", "utf16", "pem"]
+        .iter()
+        .map(|a| format!("  kb.answer_{a}:\n    upstream: {{ url: \"{{{{UPSTREAM}}}}/answer/{a}\", method: POST }}\n    filters: {{ output: [ pii, keys ] }}\n"))
+        .collect();
+    let filters = "filters:\n  keys: { detect: [ private_key ], action: redact }\n";
+    let h = Harness::start_full("", &[("answers.yaml", &format!("{filters}tools:\n{tools}"))]).await;
+    // JSON with an escaped `@`, labelled `Application/JSON` or `text/plain`: decoded, found.
+    for a in ["upper", "labelled_text"] {
+        let r = h.call(&format!("kb.answer_{a}"), Some(SUPPORT_KEY), "{}").await;
+        assert_eq!(r.status, 200, "{a}");
+        assert_eq!(r.json(), json!({"to": "[REDACTED:email]"}), "{a}");
+    }
+    // A charset the filters do not read: withheld, not passed unseen.
+    let r = h.call("kb.answer_utf16", Some(SUPPORT_KEY), "{}").await;
+    r.assert_error(403, "content_blocked");
+    // A private key in text: the whole PEM block goes, not only its first line.
+    let r = h.call("kb.answer_pem", Some(SUPPORT_KEY), "{}").await;
+    assert_eq!(r.status, 200);
+    let text = std::str::from_utf8(&r.body).unwrap();
+    assert!(!text.contains("MIIE") && !text.contains("b3Bl"), "{text}");
+    assert!(text.starts_with("key:\n") && text.ends_with("\ndone"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_request_ids_are_replaced_and_sessions_are_recorded() {
     let h = Harness::start().await;
     let headers = vec![

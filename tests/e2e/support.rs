@@ -98,6 +98,14 @@ async fn respond(log: Arc<Mutex<Vec<Seen>>>, req: Request) -> Response {
         "/answer/dup" => (json_ct, r#"{"a": "x", "a": "y"}"#).into_response(),
         "/answer/deep" => (json_ct, format!("{}{}", "[".repeat(20), "]".repeat(20))).into_response(),
         "/answer/broken" => (json_ct, r#"{"a": "#).into_response(),
+        "/answer/upper" => ([("content-type", "Application/JSON")], r#"{"to": "ada\u0040example.com"}"#).into_response(),
+        "/answer/labelled_text" => ([("content-type", "text/plain")], r#"{"to": "ada\u0040example.com"}"#).into_response(),
+        "/answer/utf16" => ([("content-type", "text/plain; charset=UTF-16LE")], "h\0i\0").into_response(),
+        "/answer/pem" => (
+            [("content-type", "text/plain")],
+            "key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\nb3BlbnNzaC1rZXk\n-----END RSA PRIVATE KEY-----\ndone",
+        )
+            .into_response(),
         "/answer/list" => (json_ct, "[1, {\"a\": \"\\u00e9\"}]\n").into_response(),
         "/answer/pretty" => (json_ct, "{\n  \"a\": [1,\r\n    2],\r  \"b\": \"x\"\n}\n").into_response(),
         "/status500" => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, json_ct, r#"{"err":"boom"}"#).into_response(),
