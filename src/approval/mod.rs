@@ -176,6 +176,39 @@ fn pending_for(pending: &redb::Table<'_, &str, &str>, agent: &str) -> Result<usi
     Ok(pending.range(start.as_str()..end.as_str())?.count())
 }
 
+/// The agent's pending requests that are still pending at `now`: entries whose approval expired
+/// (or is gone) are removed first. Only run when the plain count reaches the limit, so requests
+/// nobody answered do not lock an agent out until the weekly prune.
+fn live_pending_for(
+    pending: &mut redb::Table<'_, &str, &str>,
+    approvals: &redb::Table<'_, &str, &[u8]>,
+    agent: &str,
+    now: u64,
+) -> Result<usize, ApprovalError> {
+    let start = format!("{agent}\0");
+    let end = format!("{agent}\u{1}");
+    let entries: Vec<(String, String)> = pending
+        .range(start.as_str()..end.as_str())?
+        .map(|e| e.map(|(k, v)| (k.value().to_owned(), v.value().to_owned())))
+        .collect::<Result<_, _>>()?;
+    let mut live = 0;
+    for (key, id) in entries {
+        let still = match approvals.get(id.as_str())? {
+            Some(bytes) => {
+                let a: Approval = serde_json::from_slice(bytes.value())?;
+                a.settle(now).status == Status::Pending
+            }
+            None => false,
+        };
+        if still {
+            live += 1;
+        } else {
+            pending.remove(key.as_str())?;
+        }
+    }
+    Ok(live)
+}
+
 /// Why an approval could not be decided.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DecideError {
@@ -252,7 +285,9 @@ impl Approvals {
             };
             match live {
                 Some(a) => (a, false),
-                None if pending_for(&pending, hold.agent)? >= MAX_PENDING_PER_AGENT => {
+                None if pending_for(&pending, hold.agent)? >= MAX_PENDING_PER_AGENT
+                    && live_pending_for(&mut pending, &approvals, hold.agent, now)? >= MAX_PENDING_PER_AGENT =>
+                {
                     return Ok(Err(TooMany));
                 }
                 None => {
@@ -515,6 +550,21 @@ mod tests {
         let (found, new) = store.request(hold("bot", "h1"), now).unwrap().unwrap();
         assert!(!new, "the newer request is still the pending one");
         assert_eq!(found.id, newer.id);
+    }
+
+    #[test]
+    fn only_live_requests_count_toward_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Approvals::open(&dir.path().join("a.redb"), Duration::from_secs(60)).unwrap();
+        let shas: Vec<String> = (0..=MAX_PENDING_PER_AGENT).map(|i| format!("h{i}")).collect();
+        for sha in &shas[..MAX_PENDING_PER_AGENT] {
+            assert!(store.request(hold("bot", sha), 1000).unwrap().is_ok());
+        }
+        let last = &shas[MAX_PENDING_PER_AGENT];
+        assert_eq!(store.request(hold("bot", last), 1000).unwrap().unwrap_err(), TooMany);
+        // Nobody answered; they expired. The agent may ask again at once, not after the prune.
+        let (a, new) = store.request(hold("bot", last), 1000 + 61).unwrap().unwrap();
+        assert!(new && a.status == Status::Pending);
     }
 
     #[test]
