@@ -693,7 +693,9 @@ impl Policy {
                 Reason::new(Code::InvalidArguments, Stage::Arguments, "schema", message),
             );
         }
-        // Placeholders are filled from the arguments as validated, before any redaction.
+        // Placeholders are filled (and their values checked) from the arguments as validated;
+        // filled again below if a filter redacted any argument, so the path never carries a
+        // value the body and the audit event show redacted.
         if let Target::Http { url, .. } = &tool.target {
             match url.fill(args.as_object().expect("parsed as an object")) {
                 Ok(url) => eval.url = Some(url),
@@ -720,6 +722,20 @@ impl Policy {
                 eval.audit_clean = false;
                 let msg = format!("The arguments were blocked by content filter '{filter}' ({kind}).");
                 return deny(eval, Reason::new(Code::ContentBlocked, Stage::Content, filter, msg));
+            }
+        }
+        if !eval.notes.is_empty()
+            && let Target::Http { url, .. } = &tool.target
+        {
+            let args = eval.arguments.as_ref().and_then(Value::as_object).expect("set above");
+            match url.fill(args) {
+                Ok(url) => eval.url = Some(url),
+                Err(message) => {
+                    return deny(
+                        eval,
+                        Reason::new(Code::InvalidArguments, Stage::Arguments, "url", message),
+                    );
+                }
             }
         }
         // Serialise once: unchanged arguments reuse the canonical bytes already hashed.

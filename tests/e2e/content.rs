@@ -100,3 +100,17 @@ async fn redaction_is_what_the_upstream_receives_and_checksums_decide() {
     );
     assert!(!e.to_string().contains("4111 1111 1111 1111"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redacted_argument_is_redacted_in_the_url_path_too() {
+    let policy = "agents:\n  lookup-bot:\n    credentials: { api_key_sha256: [ \"KEY\" ] }\n    tools: [ users.get ]\ntools:\n  users.get:\n    upstream: { url: \"{{UPSTREAM}}/users/{email}\", method: GET }\n    arguments: { type: object, required: [ email ], properties: { email: { type: string } } }\n    filters: { input: [ pii ] }\n";
+    let policy = policy.replace("KEY", &crate::support::sha256_hex("lookup-key"));
+    let h = Harness::start_full("", &[("lookup.yaml", &policy)]).await;
+    let r = h
+        .call("users.get", Some("lookup-key"), r#"{"email": "ada@example.com"}"#)
+        .await;
+    assert_eq!(r.status, 200);
+    let seen = &h.upstream.requests()[0];
+    assert!(!seen.uri.contains("ada"), "{}", seen.uri);
+    assert!(seen.uri.starts_with("/users/%5BREDACTED%3Aemail%5D"), "{}", seen.uri);
+}
