@@ -644,7 +644,7 @@ impl Gateway {
         let reservation = match limits.tokens_per_hour {
             Some(limit) => Some(self.state.reserve_tokens(agent, limit.get(), input_tokens, call_ms / 1000).map_err(|wait| {
                 Reason::new(Code::BudgetExceeded, Stage::Limits, "tokens_per_hour",
-                    format!("This call ({input_tokens} tokens) would exceed agent '{agent}''s budget of {limit} tokens for this hour; it resets in {} s.", wait.as_secs()))
+                    format!("This call ({input_tokens} tokens, plus what its answer is expected to add) would exceed agent '{agent}''s budget of {limit} tokens for this hour; it resets in {} s.", wait.as_secs()))
                     .retry_after(wait.as_secs())
             })?),
             None => None,
@@ -730,7 +730,7 @@ impl Gateway {
             output: output_tokens,
         });
         if let Some(r) = reservation {
-            self.state.settle_tokens(r, input_tokens + output_tokens);
+            self.state.settle_tokens(r, input_tokens, output_tokens);
         }
         forwarded
     }

@@ -55,6 +55,21 @@ pub struct Budget {
     window: u64,
     used: u64,
     reserved: u64,
+    /// What this agent's answers have brought back lately (a moving average, in tokens):
+    /// reserved with each call's arguments, so calls in flight together count their answers
+    /// too (not only the first call's answer can take the budget past its limit).
+    expected_output: u64,
+}
+
+impl Budget {
+    /// A new hour's window starts empty (the expected answer size carries over).
+    fn start_window(&mut self, window: u64) {
+        if self.window != window {
+            self.window = window;
+            self.used = 0;
+            self.reserved = 0;
+        }
+    }
 }
 
 /// The state backends. A closed set, dispatched with `match`.
@@ -188,13 +203,8 @@ impl State {
             State::Memory(m) => {
                 let budget = m.budget(agent);
                 let mut b = lock(&budget);
-                if b.window != window {
-                    *b = Budget {
-                        window,
-                        used: 0,
-                        reserved: 0,
-                    };
-                }
+                b.start_window(window);
+                let tokens = tokens + b.expected_output;
                 if b.used + b.reserved + tokens > limit {
                     return Err(Duration::from_secs((window + 1) * HOUR - now));
                 }
@@ -205,20 +215,27 @@ impl State {
         }
     }
 
-    /// Settles a reservation: the reserved tokens become `used` tokens, plus what the response
-    /// added. A response may take the budget past its limit (the call already happened); the
-    /// next call then waits for the window to reset.
-    pub fn settle_tokens(&self, r: Reservation, used: u64) {
+    /// Settles a reservation: the call's arguments and answer become `used` tokens in the
+    /// window the answer came in (a call that straddles the hour is charged to the new one,
+    /// never dropped), and the answer updates the expected size of the next ones. A response
+    /// larger than expected may take the budget past its limit (the call already happened);
+    /// the next call then waits for the window to reset.
+    pub fn settle_tokens(&self, r: Reservation, input: u64, output: u64) {
         let mut b = lock(&r.budget);
         if b.window == r.window {
             b.reserved = b.reserved.saturating_sub(r.tokens);
-            b.used += used;
         }
+        b.start_window(unix_now() / HOUR);
+        b.used += input + output;
+        b.expected_output = (b.expected_output * 3 + output).div_ceil(4);
     }
 
     /// Gives a reservation back unused (the call was refused after reserving).
     pub fn release_tokens(&self, r: Reservation) {
-        self.settle_tokens(r, 0);
+        let mut b = lock(&r.budget);
+        if b.window == r.window {
+            b.reserved = b.reserved.saturating_sub(r.tokens);
+        }
     }
 
     pub fn budget(&self, agent: &str, limit: u64) -> BudgetStatus {
@@ -414,13 +431,34 @@ mod tests {
             s.reserve_tokens("a", 100, 50, unix_now()).is_err(),
             "reserved tokens count"
         );
-        s.settle_tokens(r1, 70);
-        assert_eq!(s.budget("a", 100).remaining, 30);
+        s.settle_tokens(r1, 60, 0);
+        assert_eq!(s.budget("a", 100).remaining, 40);
         let r2 = s.reserve_tokens("a", 100, 30, unix_now()).unwrap();
         s.release_tokens(r2);
-        assert_eq!(s.budget("a", 100).used, 70);
-        let wait = s.reserve_tokens("a", 100, 31, unix_now()).unwrap_err();
+        assert_eq!(s.budget("a", 100).used, 60);
+        let wait = s.reserve_tokens("a", 100, 41, unix_now()).unwrap_err();
         assert!(wait <= Duration::from_secs(HOUR));
+    }
+
+    #[test]
+    fn calls_in_flight_reserve_the_answers_earlier_calls_brought_back() {
+        let s = State::default();
+        // One call with a 10-token request and a 400-token answer teaches the estimate.
+        let r = s.reserve_tokens("a", 10_000, 10, unix_now()).unwrap();
+        s.settle_tokens(r, 10, 400);
+        let expected = s.budget("a", 10_000).remaining;
+        assert_eq!(expected, 10_000 - 410);
+        // Now calls in flight together each hold their arguments and an expected answer: far
+        // fewer fit than if only their 10-token arguments counted (959 of them).
+        let mut held = Vec::new();
+        while let Ok(r) = s.reserve_tokens("a", 10_000, 10, unix_now()) {
+            held.push(r);
+        }
+        assert!(held.len() < 100, "{} calls in flight", held.len());
+        for r in held {
+            s.release_tokens(r);
+        }
+        assert_eq!(s.budget("a", 10_000).reserved, 0);
     }
 
     #[test]
