@@ -403,6 +403,7 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
     let mut stop_watch = stopped.clone();
     tasks.push(tokio::spawn(async move {
         let mut last = gw.policy_fingerprint();
+        let mut settling = None;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks: u64 = 0;
         loop {
@@ -420,10 +421,18 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
                     tracing::error!("pruning the approval store failed: {e}");
                 }
             }
+            // A change is loaded once it has held still for one poll: an editor or a deploy
+            // that writes in place, or moves files one by one, is never caught half-way (a
+            // truncated rules file is valid, with fewer rules).
             let now = gw.policy_fingerprint();
-            if now != last {
+            if now == last {
+                settling = None;
+            } else if settling.as_ref() == Some(&now) {
                 last = now;
+                settling = None;
                 let _ = gw.reload("file_change").await;
+            } else {
+                settling = Some(now);
             }
         }
     }));
