@@ -29,6 +29,12 @@ const DUPLICATE: &str = "duplicate key";
 const TOO_DEEP: &str = "too deep";
 const HIT: &str = "a string matched";
 
+/// Whether an integer is long enough to be scanned as text by content filters: 7 digits or
+/// more, as every number a detector looks for is (phone, SSN, card); shorter ones are counts.
+pub fn is_scanned_number(v: u64) -> bool {
+    v >= 1_000_000
+}
+
 /// Parses a body into a JSON object, refusing duplicate keys and nesting deeper than `max_depth`.
 /// An empty body is an empty object.
 pub fn parse(body: &[u8], max_depth: usize) -> Result<Map<String, Value>, ArgumentsError> {
@@ -107,10 +113,14 @@ impl<'de> Visitor<'de> for Strings<'_> {
     fn visit_bool<E>(self, _: bool) -> Result<(), E> {
         Ok(())
     }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.visit_u64(v.unsigned_abs())
     }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        // Long integers are seen as text too (a card number sent as a number).
+        if is_scanned_number(v) && (self.hit)(&v.to_string()) {
+            return Err(E::custom(HIT));
+        }
         Ok(())
     }
     fn visit_f64<E>(self, _: f64) -> Result<(), E> {

@@ -542,6 +542,16 @@ fn walk(scan: &Scan<'_>, value: &mut Value, out: &mut Outcome) {
             }
         }
         Value::Array(items) => items.iter_mut().for_each(|v| walk(scan, v, out)),
+        // Long integers as text (a card number sent as a number); redacted, it becomes a string.
+        Value::Number(n)
+            if n.as_u64()
+                .or_else(|| n.as_i64().map(i64::unsigned_abs))
+                .is_some_and(crate::policy::arguments::is_scanned_number) =>
+        {
+            if let Some(replacement) = check(scan, &n.to_string(), out) {
+                *value = Value::String(replacement);
+            }
+        }
         Value::Object(map) => {
             // Keys are checked first; the map is rebuilt only if one of them is rewritten.
             let renamed: Vec<(usize, String)> = map
@@ -736,6 +746,27 @@ mod tests {
         ] {
             assert_eq!(f.scan(clean), None, "{clean}");
         }
+    }
+
+    #[test]
+    fn long_integers_are_scanned_as_text() {
+        let f = filter(json!({"detect": ["credit_card"], "action": "redact"}));
+        let mut v =
+            json!({"card": 4111111111111111u64, "limit": 5, "ref": 4111111111111112u64, "neg": -4111111111111111i64});
+        apply(&[&f], &mut v);
+        assert_eq!(
+            v,
+            json!({"card": "[REDACTED:credit_card]", "limit": 5, "ref": 4111111111111112u64, "neg": "[REDACTED:credit_card]"})
+        );
+        // The output fast path sees them too.
+        let body = br#"{"a": [1, 4111111111111111]}"#;
+        let hit = crate::policy::arguments::any_string(body, 8, &mut |s| finds_any([&f].into_iter(), s));
+        assert_eq!(hit, Ok(true));
+        let clean = br#"{"a": [1, 4111111111111112, 5]}"#;
+        assert_eq!(
+            crate::policy::arguments::any_string(clean, 8, &mut |s| finds_any([&f].into_iter(), s)),
+            Ok(false)
+        );
     }
 
     #[test]
