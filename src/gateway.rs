@@ -1377,13 +1377,15 @@ impl Gateway {
             .as_ref()
             .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
             .unwrap_or_default();
-        let charset = ct
+        // Every `charset` parameter, however spaced or quoted (clients differ on which of
+        // several they take): all must be UTF-8 or ASCII.
+        let foreign_charset = ct
             .split(';')
             .skip(1)
-            .filter_map(|p| p.trim().strip_prefix("charset="))
-            .map(|c| c.trim_matches('"'))
-            .next();
-        if charset.is_some_and(|c| !matches!(c, "utf-8" | "utf8" | "us-ascii")) {
+            .filter_map(|p| p.split_once('='))
+            .filter(|(name, _)| name.trim().trim_matches('"') == "charset")
+            .any(|(_, value)| !matches!(value.trim().trim_matches('"').trim(), "utf-8" | "utf8" | "us-ascii"));
+        if foreign_charset {
             return Err(unreadable());
         }
         // JSON when declared, and also when it looks like JSON whatever the label: the client
@@ -1391,6 +1393,8 @@ impl Gateway {
         let declared = ct.contains("json");
         let looks_like_json = inbound
             .body
+            .strip_prefix(b"\xEF\xBB\xBF")
+            .unwrap_or(&inbound.body)
             .iter()
             .find(|b| !b.is_ascii_whitespace())
             .is_some_and(|b| matches!(b, b'{' | b'[' | b'"'));
@@ -1401,20 +1405,32 @@ impl Gateway {
             match policy.output_is_clean(tool, &inbound.body, depth) {
                 Ok(true) => return Ok(inbound.body.clone()),
                 Ok(false) => true,
+                // JSON that lenient clients read one way and the filters cannot vouch for
+                // (a repeated key, nesting past the limit), or declared JSON that is not.
+                Err(arguments::ArgumentsError::DuplicateKey | arguments::ArgumentsError::TooDeep(_)) => {
+                    return Err(unreadable());
+                }
                 Err(_) if declared => return Err(unreadable()),
                 Err(_) => false,
             }
         } else {
             false
         };
-        let (mut value, as_text) = if as_json {
-            (
-                arguments::parse_value(&inbound.body, depth).map_err(|_| unreadable())?,
-                false,
-            )
+        // Text is filtered line by line, each with its JSON escapes (`\u0040`) decoded: JSON
+        // lines (NDJSON, a BOM before JSON) are read by clients decoded, so they are filtered so.
+        let raw_lines: Vec<&str>;
+        let parsed = as_json.then(|| arguments::parse_value(&inbound.body, depth));
+        let (mut value, as_text) = if let Some(parsed) = parsed
+            && (declared || !matches!(parsed, Err(arguments::ArgumentsError::NotJson { .. })))
+        {
+            raw_lines = Vec::new();
+            (parsed.map_err(|_| unreadable())?, false)
         } else {
+            // Not declared JSON and not one JSON value (say, JSON lines): text.
             let text = std::str::from_utf8(&inbound.body).map_err(|_| unreadable())?;
-            (Value::Array(text.split('\n').map(Value::from).collect()), true)
+            raw_lines = text.split('\n').collect();
+            let decoded = raw_lines.iter().map(|l| Value::from(decode_escapes(l).into_owned()));
+            (Value::Array(decoded.collect()), true)
         };
         let outcome = policy.filter_output(tool, &mut value);
         for (filter, kind) in &outcome.redacted {
@@ -1440,11 +1456,16 @@ impl Gateway {
             return Ok(inbound.body.clone());
         }
         if as_text {
+            // A line a filter rewrote goes out rewritten; any other line as the tool wrote it.
             let mut lines: Vec<&str> = value
                 .as_array()
                 .expect("text is split into lines")
                 .iter()
-                .filter_map(Value::as_str)
+                .zip(&raw_lines)
+                .map(|(v, raw)| match v.as_str() {
+                    Some(seen) if seen != decode_escapes(raw) => seen,
+                    _ => *raw,
+                })
                 .collect();
             // Only a PEM block's first line names it as a private key: the lines after it, up to
             // its END line, are the key itself and go too.
@@ -1574,4 +1595,59 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// `line` with JSON string escapes decoded (`\u0040`, surrogate pairs, `\n`, `\"`…), as a
+/// client that parses it reads it; borrowed when it has none. Escapes that do not decode are
+/// left as they are.
+fn decode_escapes(line: &str) -> Cow<'_, str> {
+    if !line.contains('\\') {
+        return Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        let hex = |s: &str| s.get(2..6).and_then(|h| u32::from_str_radix(h, 16).ok());
+        let simple = match rest.as_bytes().get(1) {
+            Some(b'"') => Some('"'),
+            Some(b'\\') => Some('\\'),
+            Some(b'/') => Some('/'),
+            Some(b'b') => Some('\u{8}'),
+            Some(b'f') => Some('\u{c}'),
+            Some(b'n') => Some('\n'),
+            Some(b'r') => Some('\r'),
+            Some(b't') => Some('\t'),
+            _ => None,
+        };
+        if let Some(c) = simple {
+            out.push(c);
+            rest = &rest[2..];
+        } else if let Some(hi) = hex(rest).filter(|_| rest.as_bytes().get(1) == Some(&b'u')) {
+            let pair = (0xD800..0xDC00)
+                .contains(&hi)
+                .then(|| rest.get(6..).filter(|r| r.starts_with("\\u")).and_then(hex))
+                .flatten()
+                .filter(|lo| (0xDC00..0xE000).contains(lo));
+            match pair {
+                Some(lo) => {
+                    out.extend(char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)));
+                    rest = &rest[12..];
+                }
+                None => {
+                    match char::from_u32(hi) {
+                        Some(c) => out.push(c),
+                        None => out.push_str(&rest[..6]),
+                    }
+                    rest = &rest[6..];
+                }
+            }
+        } else {
+            out.push('\\');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
 }

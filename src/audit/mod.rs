@@ -100,6 +100,8 @@ pub fn millis(d: std::time::Duration) -> f64 {
 
 /// Unix seconds as RFC 3339 UTC.
 pub fn format_unix(secs: u64) -> String {
+    // Beyond year 9999 RFC 3339 has no form (and far beyond, `SystemTime` overflows).
+    let secs = secs.min(253_402_300_799);
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)).to_string()
 }
 

@@ -29,10 +29,23 @@ const DUPLICATE: &str = "duplicate key";
 const TOO_DEEP: &str = "too deep";
 const HIT: &str = "a string matched";
 
-/// Whether an integer is long enough to be scanned as text by content filters: 7 digits or
-/// more, as every number a detector looks for is (phone, SSN, card); shorter ones are counts.
-pub fn is_scanned_number(v: u64) -> bool {
-    v >= 1_000_000
+/// The number content filters scan as text: one shaped like a payment card (13 to 19 digits,
+/// the first 2 to 6, as the card networks' are). Every other detector needs punctuation a
+/// bare number cannot have (`+`, `-`, `@`, letters), and a wider net would catch timestamps
+/// and ids: one 13-to-19-digit number in ten passes Luhn.
+pub fn scanned_number(n: &serde_json::Number) -> Option<u64> {
+    let v = n.as_u64().or_else(|| n.as_i64().map(i64::unsigned_abs)).or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 1e19)
+            .map(|f| f.abs() as u64)
+    })?;
+    is_card_shaped(v).then_some(v)
+}
+
+fn is_card_shaped(v: u64) -> bool {
+    let digits = v.checked_ilog10().map_or(1, |d| d + 1);
+    let first = v / 10u64.pow(digits - 1);
+    (13..=19).contains(&digits) && (2..=6).contains(&first)
 }
 
 /// Parses a body into a JSON object, refusing duplicate keys and nesting deeper than `max_depth`.
@@ -117,13 +130,16 @@ impl<'de> Visitor<'de> for Strings<'_> {
         self.visit_u64(v.unsigned_abs())
     }
     fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
-        // Long integers are seen as text too (a card number sent as a number).
-        if is_scanned_number(v) && (self.hit)(&v.to_string()) {
+        // A card-shaped number is seen as text too (a card number sent as a number).
+        if is_card_shaped(v) && (self.hit)(&v.to_string()) {
             return Err(E::custom(HIT));
         }
         Ok(())
     }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        if v.fract() == 0.0 && v.abs() < 1e19 {
+            return self.visit_u64(v.abs() as u64);
+        }
         Ok(())
     }
     fn visit_unit<E>(self) -> Result<(), E> {

@@ -542,13 +542,12 @@ fn walk(scan: &Scan<'_>, value: &mut Value, out: &mut Outcome) {
             }
         }
         Value::Array(items) => items.iter_mut().for_each(|v| walk(scan, v, out)),
-        // Long integers as text (a card number sent as a number); redacted, it becomes a string.
-        Value::Number(n)
-            if n.as_u64()
-                .or_else(|| n.as_i64().map(i64::unsigned_abs))
-                .is_some_and(crate::policy::arguments::is_scanned_number) =>
-        {
-            if let Some(replacement) = check(scan, &n.to_string(), out) {
+        // A card-shaped number as text (a card number sent as a number); redacted, it becomes
+        // a string. The same numbers, read the same way, as the output fast path's.
+        Value::Number(n) => {
+            if let Some(v) = crate::policy::arguments::scanned_number(n)
+                && let Some(replacement) = check(scan, &v.to_string(), out)
+            {
                 *value = Value::String(replacement);
             }
         }
@@ -749,16 +748,26 @@ mod tests {
     }
 
     #[test]
-    fn long_integers_are_scanned_as_text() {
+    fn card_shaped_numbers_are_scanned_as_text() {
         let f = filter(json!({"detect": ["credit_card"], "action": "redact"}));
-        let mut v =
-            json!({"card": 4111111111111111u64, "limit": 5, "ref": 4111111111111112u64, "neg": -4111111111111111i64});
+        let mut v = json!({"card": 4111111111111111u64, "limit": 5, "ref": 4111111111111112u64,
+            "neg": -4111111111111111i64, "float": 4111111111111111.0, "ts": 1718000000006u64});
         apply(&[&f], &mut v);
         assert_eq!(
             v,
-            json!({"card": "[REDACTED:credit_card]", "limit": 5, "ref": 4111111111111112u64, "neg": "[REDACTED:credit_card]"})
+            json!({"card": "[REDACTED:credit_card]", "limit": 5, "ref": 4111111111111112u64,
+                "neg": "[REDACTED:credit_card]", "float": "[REDACTED:credit_card]", "ts": 1718000000006u64}),
+            "a millisecond timestamp that passes Luhn is not card-shaped"
         );
-        // The output fast path sees them too.
+        // The output fast path sees them too, floats and negatives alike.
+        for body in [
+            &br#"{"a": [1, 4111111111111111]}"#[..],
+            br#"[-4111111111111111]"#,
+            br#"[4111111111111111.0]"#,
+        ] {
+            let hit = crate::policy::arguments::any_string(body, 8, &mut |s| finds_any([&f].into_iter(), s));
+            assert_eq!(hit, Ok(true), "{}", String::from_utf8_lossy(body));
+        }
         let body = br#"{"a": [1, 4111111111111111]}"#;
         let hit = crate::policy::arguments::any_string(body, 8, &mut |s| finds_any([&f].into_iter(), s));
         assert_eq!(hit, Ok(true));

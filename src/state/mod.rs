@@ -72,6 +72,9 @@ impl Budget {
     }
 }
 
+/// 9999-12-31T23:59:59Z: the last time RFC 3339 (and so an audit event) can say.
+const LAST_WRITABLE_SECOND: u64 = 253_402_300_799;
+
 /// The state backends. A closed set, dispatched with `match`.
 pub enum State {
     Memory(MemoryState),
@@ -204,7 +207,14 @@ impl State {
                 let budget = m.budget(agent);
                 let mut b = lock(&budget);
                 b.start_window(window);
-                let tokens = tokens + b.expected_output;
+                // The expected answer counts while other calls are in flight (that is when
+                // answers add up unseen); a call alone needs only its arguments to fit, so a
+                // large estimate can never lock the agent out.
+                let tokens = if b.reserved == 0 {
+                    tokens
+                } else {
+                    tokens + b.expected_output
+                };
                 if b.used + b.reserved + tokens > limit {
                     return Err(Duration::from_secs((window + 1) * HOUR - now));
                 }
@@ -227,7 +237,11 @@ impl State {
         }
         b.start_window(unix_now() / HOUR);
         b.used += input + output;
-        b.expected_output = (b.expected_output * 3 + output).div_ceil(4);
+        // Only answers teach the estimate: a call that failed before answering says nothing
+        // about the size of the next answer.
+        if output > 0 {
+            b.expected_output = (b.expected_output * 3 + output).div_ceil(4);
+        }
     }
 
     /// Gives a reservation back unused (the call was refused after reserving).
@@ -305,8 +319,9 @@ impl State {
         let now = unix_now();
         let q = Quarantine {
             since: now,
-            // Saturating: a duration meant as "forever" must not wrap into the past.
-            until: duration.map(|d| now.saturating_add(d.as_secs())),
+            // A duration meant as "forever" must not wrap into the past, nor pass the last
+            // second a timestamp can be written for (9999-12-31).
+            until: duration.map(|d| now.saturating_add(d.as_secs()).min(LAST_WRITABLE_SECOND)),
             by: by.to_owned(),
             reason: reason.to_owned(),
         };

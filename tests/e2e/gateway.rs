@@ -655,7 +655,7 @@ async fn output_filters_pass_clean_json_as_it_came_and_withhold_json_they_cannot
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_filters_are_not_fooled_by_labels_charsets_or_multi_line_keys() {
-    let tools: String = ["upper", "labelled_text", "utf16", "pem"]
+    let tools: String = ["upper", "labelled_text", "utf16", "pem", "ndjson", "dup_text", "bom", "utf7"]
         .iter()
         .map(|a| format!("  kb.answer_{a}:\n    upstream: {{ url: \"{{{{UPSTREAM}}}}/answer/{a}\", method: POST }}\n    filters: {{ output: [ pii, keys ] }}\n"))
         .collect();
@@ -667,9 +667,28 @@ async fn output_filters_are_not_fooled_by_labels_charsets_or_multi_line_keys() {
         assert_eq!(r.status, 200, "{a}");
         assert_eq!(r.json(), json!({"to": "[REDACTED:email]"}), "{a}");
     }
-    // A charset the filters do not read: withheld, not passed unseen.
-    let r = h.call("kb.answer_utf16", Some(SUPPORT_KEY), "{}").await;
-    r.assert_error(403, "content_blocked");
+    // A charset the filters do not read (however it is spaced), or JSON with a repeated key
+    // that a lenient client would read: withheld, not passed unseen.
+    for a in ["utf16", "utf7", "dup_text"] {
+        let r = h.call(&format!("kb.answer_{a}"), Some(SUPPORT_KEY), "{}").await;
+        r.assert_error(403, "content_blocked");
+    }
+    // JSON lines, or JSON after a byte-order mark, under a text label: escapes decoded, found.
+    for a in ["ndjson", "bom"] {
+        let r = h.call(&format!("kb.answer_{a}"), Some(SUPPORT_KEY), "{}").await;
+        assert_eq!(r.status, 200, "{a}");
+        let text = String::from_utf8_lossy(&r.body);
+        assert!(
+            !text.contains("example.com") && text.contains("[REDACTED:email]"),
+            "{a}: {text}"
+        );
+    }
+    let r = h.call("kb.answer_ndjson", Some(SUPPORT_KEY), "{}").await;
+    assert_eq!(
+        std::str::from_utf8(&r.body).unwrap(),
+        "[REDACTED:email]\n{\"n\": 1}",
+        "other lines as they came"
+    );
     // A private key in text: the whole PEM block goes, not only its first line.
     let r = h.call("kb.answer_pem", Some(SUPPORT_KEY), "{}").await;
     assert_eq!(r.status, 200);

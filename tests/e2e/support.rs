@@ -100,6 +100,10 @@ async fn respond(log: Arc<Mutex<Vec<Seen>>>, req: Request) -> Response {
         "/answer/broken" => (json_ct, r#"{"a": "#).into_response(),
         "/answer/upper" => ([("content-type", "Application/JSON")], r#"{"to": "ada\u0040example.com"}"#).into_response(),
         "/answer/labelled_text" => ([("content-type", "text/plain")], r#"{"to": "ada\u0040example.com"}"#).into_response(),
+        "/answer/ndjson" => ([("content-type", "text/plain")], "{\"to\": \"ada\\u0040example.com\"}\n{\"n\": 1}").into_response(),
+        "/answer/dup_text" => ([("content-type", "text/plain")], r#"{"x": 1, "x": "ada\u0040example.com"}"#).into_response(),
+        "/answer/bom" => ([("content-type", "text/plain")], "\u{FEFF}{\"to\": \"ada\\u0040example.com\"}").into_response(),
+        "/answer/utf7" => ([("content-type", "text/plain; charset =utf-7")], "ada+AEA-example.com").into_response(),
         "/answer/utf16" => ([("content-type", "text/plain; charset=UTF-16LE")], "h\0i\0").into_response(),
         "/answer/pem" => (
             [("content-type", "text/plain")],
