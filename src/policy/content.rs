@@ -98,7 +98,11 @@ impl Detector {
             // followed by a word, matches as one longer run that fails its checksum. Each
             // piece of the run between separators is tried too (never a cut inside a group of
             // digits, so a plain long number gains no new chances to look like a card).
-            Detector::CreditCard => re.find_iter(text).any(|m| pieces(m.as_str(), true).any(is_luhn_valid)),
+            // A match can also stop short of a card: `2024 4111 1111 1111 1111` matches up to
+            // the 19-digit cap from `2024`; the run is read on for up to 19 more digits.
+            Detector::CreditCard => re.find_iter(text).any(|m| {
+                is_luhn_valid(m.as_str()) || card_in_run(&text[m.start()..extend_digit_run(text, m.end(), 19)])
+            }),
             Detector::Iban => re.find_iter(text).any(|m| pieces(m.as_str(), false).any(is_iban_valid)),
             Detector::Ssn => re.find_iter(text).any(|m| is_ssn_plausible(m.as_str())),
             _ => true,
@@ -193,16 +197,62 @@ fn pieces(m: &str, any_start: bool) -> impl Iterator<Item = &str> {
         .flat_map(move |s| ends.clone().into_iter().filter(move |&e| e > s).map(move |e| &m[s..e]))
 }
 
+/// Whether some stretch of whole digit groups in `run` is a card: groups of at least four
+/// digits (as every card network prints them), 13 to 19 digits in all, Luhn-valid. Bounded by
+/// the group sizes, so a soup of single digits costs one pass.
+fn card_in_run(run: &str) -> bool {
+    let groups: Vec<(usize, usize)> = run
+        .split([' ', '-'])
+        .scan(0, |at, g| {
+            let start = *at;
+            *at += g.len() + 1;
+            Some((start, start + g.len()))
+        })
+        .collect();
+    (0..groups.len()).any(|i| {
+        let mut count = 0;
+        for &(start, end) in &groups[i..] {
+            if end - start < 4 {
+                return false;
+            }
+            count += end - start;
+            if count > 19 {
+                return false;
+            }
+            if count >= 13 && is_luhn_valid(&run[groups[i].0..end]) {
+                return true;
+            }
+        }
+        false
+    })
+}
+
+/// `end` moved on past groups of digits that continue the run (`[ -]?[0-9]`), by at most
+/// `digits` digits: bounded, so a long run of digit groups costs linear time.
+fn extend_digit_run(text: &str, mut end: usize, mut digits: usize) -> usize {
+    let b = text.as_bytes();
+    while digits > 0 {
+        let step = match b.get(end..end + 2) {
+            Some([b' ' | b'-', d]) if d.is_ascii_digit() => 2,
+            _ if b.get(end).is_some_and(u8::is_ascii_digit) => 1,
+            _ => break,
+        };
+        end += step;
+        digits -= 1;
+    }
+    end
+}
+
 fn is_luhn_valid(s: &str) -> bool {
-    let digits: Vec<u32> = s.chars().filter_map(|c| c.to_digit(10)).collect();
-    if !(13..=19).contains(&digits.len()) {
+    // No allocation: this runs for every piece of every digit run a match covers.
+    let digits = || s.bytes().filter(u8::is_ascii_digit).map(|b| u32::from(b - b'0'));
+    if !(13..=19).contains(&digits().count()) {
         return false;
     }
-    let sum: u32 = digits
-        .iter()
+    let sum: u32 = digits()
         .rev()
         .enumerate()
-        .map(|(i, &d)| {
+        .map(|(i, d)| {
             if i % 2 == 1 {
                 if d * 2 > 9 { d * 2 - 9 } else { d * 2 }
             } else {
@@ -705,6 +755,7 @@ mod tests {
             "4111111111111111 123",
             "ref 7 4111111111111111",
             "4111-1111-1111-1111-99",
+            "2024 4111 1111 1111 1111",
         ] {
             assert!(f.scan(text).is_some(), "{text}");
         }
