@@ -1372,10 +1372,11 @@ impl Gateway {
         };
         // Media types are case-insensitive. A charset other than UTF-8 (or ASCII) would make the
         // client read other characters than the filters did: withheld.
+        // (Compared without allocating: this runs for every answer a filtered tool gives.)
         let ct = inbound
             .content_type
             .as_ref()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
             .unwrap_or_default();
         // Every `charset` parameter, however spaced or quoted (clients differ on which of
         // several they take): all must be UTF-8 or ASCII.
@@ -1383,14 +1384,19 @@ impl Gateway {
             .split(';')
             .skip(1)
             .filter_map(|p| p.split_once('='))
-            .filter(|(name, _)| name.trim().trim_matches('"') == "charset")
-            .any(|(_, value)| !matches!(value.trim().trim_matches('"').trim(), "utf-8" | "utf8" | "us-ascii"));
+            .filter(|(name, _)| name.trim().trim_matches('"').eq_ignore_ascii_case("charset"))
+            .any(|(_, value)| {
+                let value = value.trim().trim_matches('"').trim();
+                !["utf-8", "utf8", "us-ascii"]
+                    .iter()
+                    .any(|c| value.eq_ignore_ascii_case(c))
+            });
         if foreign_charset {
             return Err(unreadable());
         }
         // JSON when declared, and also when it looks like JSON whatever the label: the client
         // may well parse it, and escapes (`\u0040`) must be decoded before the filters look.
-        let declared = ct.contains("json");
+        let declared = ct.as_bytes().windows(4).any(|w| w.eq_ignore_ascii_case(b"json"));
         let looks_like_json = inbound
             .body
             .strip_prefix(b"\xEF\xBB\xBF")
