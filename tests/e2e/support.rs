@@ -107,7 +107,7 @@ async fn respond(log: Arc<Mutex<Vec<Seen>>>, req: Request) -> Response {
         "/answer/utf16" => ([("content-type", "text/plain; charset=UTF-16LE")], "h\0i\0").into_response(),
         "/answer/pem" => (
             [("content-type", "text/plain")],
-            "key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\nb3BlbnNzaC1rZXk\n-----END RSA PRIVATE KEY-----\ndone",
+            "key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\nb3BlbnNzaC1rZXk\n-----END RSA PRIVATE KEY-----\nmail ops@example.com -----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIK\n-----END EC PRIVATE KEY-----\ndone",
         )
             .into_response(),
         "/answer/list" => (json_ct, "[1, {\"a\": \"\\u00e9\"}]\n").into_response(),
