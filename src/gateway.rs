@@ -1373,11 +1373,12 @@ impl Gateway {
         // Media types are case-insensitive. A charset other than UTF-8 (or ASCII) would make the
         // client read other characters than the filters did: withheld.
         // (Compared without allocating: this runs for every answer a filtered tool gives.)
-        let ct = inbound
-            .content_type
-            .as_ref()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()))
-            .unwrap_or_default();
+        // A media type that is not visible ASCII cannot be read for its charset: withheld.
+        let ct = match inbound.content_type.as_ref().map(HeaderValue::to_str) {
+            None => "",
+            Some(Ok(ct)) => ct,
+            Some(Err(_)) => return Err(unreadable()),
+        };
         // Every `charset` parameter, however spaced or quoted (clients differ on which of
         // several they take): all must be UTF-8 or ASCII.
         let foreign_charset = ct
