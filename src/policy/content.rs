@@ -95,15 +95,15 @@ impl Detector {
         let re = &DETECTORS.each[self as usize];
         match self {
             // The patterns are greedy: a card number followed by an expiry date, or an IBAN
-            // followed by a word, matches as one longer run that fails its checksum. Each
-            // piece of the run between separators is tried too (never a cut inside a group of
-            // digits, so a plain long number gains no new chances to look like a card).
-            // A match can also stop short of a card: `2024 4111 1111 1111 1111` matches up to
-            // the 19-digit cap from `2024`; the run is read on for up to 19 more digits.
+            // followed by a word, matches as one longer run that fails its checksum. So whole
+            // digit groups within the run are tried as cards (never a cut inside a group, so a
+            // plain long number gains no new chances), read on for up to 19 digits past the
+            // match (`2024 4111 1111 1111 1111` matches only up to the cap from `2024`), and
+            // an IBAN's prefixes that end between words are tried too.
             Detector::CreditCard => re.find_iter(text).any(|m| {
                 is_luhn_valid(m.as_str()) || card_in_run(&text[m.start()..extend_digit_run(text, m.end(), 19)])
             }),
-            Detector::Iban => re.find_iter(text).any(|m| pieces(m.as_str(), false).any(is_iban_valid)),
+            Detector::Iban => re.find_iter(text).any(|m| prefixes(m.as_str()).any(is_iban_valid)),
             Detector::Ssn => re.find_iter(text).any(|m| is_ssn_plausible(m.as_str())),
             _ => true,
         }
@@ -184,17 +184,11 @@ static DETECTORS: LazyLock<DetectorSet> = LazyLock::new(|| DetectorSet {
     anchors: Literals::new(&DETECTOR_ANCHORS).expect("literal anchors compile"),
 });
 
-/// `m` and each part of it that ends at a separator (a space or `-`) or at its end, starting at
-/// its start or, if `any_start`, also just after a separator.
-fn pieces(m: &str, any_start: bool) -> impl Iterator<Item = &str> {
-    let seps: Vec<usize> = m.match_indices([' ', '-']).map(|(i, _)| i).collect();
-    let starts: Vec<usize> = std::iter::once(0)
-        .chain(seps.iter().map(|i| i + 1).filter(|_| any_start))
-        .collect();
-    let ends: Vec<usize> = seps.iter().copied().chain(std::iter::once(m.len())).collect();
-    starts
-        .into_iter()
-        .flat_map(move |s| ends.clone().into_iter().filter(move |&e| e > s).map(move |e| &m[s..e]))
+/// `m` cut at each separator (a space or `-`), and whole: its prefixes that end between words.
+fn prefixes(m: &str) -> impl Iterator<Item = &str> {
+    m.match_indices([' ', '-'])
+        .map(|(i, _)| &m[..i])
+        .chain(std::iter::once(m))
 }
 
 /// Whether some stretch of whole digit groups in `run` is a card: groups of at least four
