@@ -74,16 +74,18 @@ async fn tls_tool() -> (String, Arc<Mutex<Vec<String>>>) {
 
 /// `toolgate serve` with one agent allowed one https tool; `ca` is its `SSL_CERT_FILE`.
 fn serve(dir: &std::path::Path, tool_url: &str, ca: Option<&std::path::Path>) -> (std::process::Child, String) {
+    let policy = format!(
+        "agents:\n  tls-bot:\n    credentials: {{ api_key_sha256: [ \"{}\" ] }}\n    tools: [ secure.read ]\ntools:\n  secure.read:\n    upstream: {{ url: \"{tool_url}/records/{{id}}\", method: GET }}\n    arguments: {{ type: object, required: [ id ], properties: {{ id: {{ type: string }} }} }}\n",
+        sha256_hex(KEY)
+    );
+    serve_policy(dir, &policy, ca)
+}
+
+/// `toolgate serve` on `policy`, trusting `ca` (`SSL_CERT_FILE`; none: an empty trust store).
+fn serve_policy(dir: &std::path::Path, policy: &str, ca: Option<&std::path::Path>) -> (std::process::Child, String) {
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(
-        policies.join("tls.yaml"),
-        format!(
-            "agents:\n  tls-bot:\n    credentials: {{ api_key_sha256: [ \"{}\" ] }}\n    tools: [ secure.read ]\ntools:\n  secure.read:\n    upstream: {{ url: \"{tool_url}/records/{{id}}\", method: GET }}\n    arguments: {{ type: object, required: [ id ], properties: {{ id: {{ type: string }} }} }}\n",
-            sha256_hex(KEY)
-        ),
-    )
-    .unwrap();
+    std::fs::write(policies.join("tls.yaml"), policy).unwrap();
     let cfg = write_serve_config(dir, "");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_toolgate"));
     cmd.arg("serve")
@@ -182,29 +184,11 @@ async fn an_upstream_mcp_server_is_reached_over_verified_tls() {
     let dir = tempfile::tempdir().unwrap();
     let crm = crate::mcp::upstream_mcp(&dir.path().join("no-rug-pull")).await;
     let (url, handshakes) = tls_terminator(crm.port).await;
-    let policies = dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(
-        policies.join("crm.yaml"),
-        format!(
-            "mcp_servers:\n  crm: {{ url: \"{url}/mcp\" }}\nagents:\n  crm-bot:\n    credentials: {{ api_key_sha256: [ \"{}\" ] }}\n    tools: [ crm.* ]\n",
-            sha256_hex(KEY)
-        ),
-    )
-    .unwrap();
-    let cfg = write_serve_config(dir.path(), "");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_toolgate"))
-        .arg("serve")
-        .arg("-c")
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .env_remove("SSL_CERT_DIR")
-        .env("SSL_CERT_FILE", fixture("tls").join("ca.pem"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (data, _, log) = listeners(&mut child);
-    std::thread::spawn(move || log.map_while(Result::ok).for_each(|line| eprintln!("toolgate: {line}")));
+    let policy = format!(
+        "mcp_servers:\n  crm: {{ url: \"{url}/mcp\" }}\nagents:\n  crm-bot:\n    credentials: {{ api_key_sha256: [ \"{}\" ] }}\n    tools: [ crm.* ]\n",
+        sha256_hex(KEY)
+    );
+    let (mut child, data) = serve_policy(dir.path(), &policy, Some(&fixture("tls").join("ca.pem")));
     // The server's tools are discovered at start (over TLS); then a call goes the same way.
     let auth = vec![("authorization", format!("Bearer {KEY}"))];
     let call = format!("{data}/v1/tools/crm.notes");
