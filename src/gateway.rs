@@ -16,7 +16,7 @@ use http::HeaderValue;
 use serde_json::{Value, json};
 
 use crate::approval::{Approval, Approvals, Hold, Pin, Refused};
-use crate::audit::{AuditLog, PolicyEvent, RecordedArguments, Tokens, ToolCallEvent, UpstreamInfo};
+use crate::audit::{AuditError, AuditLog, PolicyEvent, RecordedArguments, Tokens, ToolCallEvent, UpstreamInfo};
 use crate::config::{AuditArguments, ConfigError, ServerConfig};
 use crate::mcp::upstream::{McpClient, RpcOutcome};
 use crate::meters::Meters;
@@ -113,6 +113,37 @@ struct Record<'p> {
     would_deny: Vec<String>,
 }
 
+/// Why an operator's action was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("the approval store failed: {0}")]
+    Store(#[from] crate::approval::ApprovalError),
+    /// The action's audit event could not be written, so it was not done: an action that
+    /// lets agents do more (a release, an approval, a tool definition) is recorded before it
+    /// takes effect.
+    #[error("its audit event could not be written: {0}")]
+    Unrecorded(#[from] AuditError),
+}
+
+/// Why a reload did not put a new policy in force (the last good one stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    /// The new policy is valid, but its `policy_reloaded` event could not be written.
+    #[error("policy {version} was not put in force: its audit event could not be written: {source}")]
+    Unrecorded { version: String, source: AuditError },
+}
+
+/// What a quarantine did. It only closes, so it takes effect even when its event cannot be
+/// written (`audited: false`; the failure is logged and counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quarantined {
+    /// False if the agent already was in quarantine.
+    pub changed: bool,
+    pub audited: bool,
+}
+
 /// Shared state of a running gateway.
 pub struct Gateway {
     policy: ArcSwap<Policy>,
@@ -126,6 +157,9 @@ pub struct Gateway {
     pub approvals: Arc<Approvals>,
     webhook: Option<Webhook>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// Held while an operator's decision is recorded and carried out, so two decisions on the
+    /// same approval (or tool) cannot both be recorded.
+    decisions: tokio::sync::Mutex<()>,
     /// Set by the demo only; `serve` reads the token from the environment or a file.
     admin_token: Option<String>,
     /// toolgate's own client to upstream MCP servers.
@@ -168,6 +202,7 @@ impl Gateway {
             upstream: Upstream::new(),
             approvals: Arc::new(approvals),
             reload_lock: tokio::sync::Mutex::new(()),
+            decisions: tokio::sync::Mutex::new(()),
             admin_token: None,
             discovered: std::sync::Mutex::new(Vec::new()),
             any_changed_tool: std::sync::atomic::AtomicBool::new(false),
@@ -204,26 +239,37 @@ impl Gateway {
         }
     }
 
-    /// A cheap summary of the policy directory (names, sizes, modification times): the watcher
-    /// reloads when it changes.
+    /// A cheap summary of the files the policy is read from (names, sizes, modification
+    /// times): the policy directory's `*.yaml`, `*.yml` and `*.cedar`, and the JWKS file. The
+    /// watcher reloads when it changes; other files in the directory (a log, an editor's swap
+    /// file) do not count.
     pub fn policy_fingerprint(&self) -> Vec<(std::ffi::OsString, u64, Option<std::time::SystemTime>)> {
         let Some(dir) = &self.policy_dir else { return Vec::new() };
+        let stat = |name: std::ffi::OsString, m: std::fs::Metadata| (name, m.len(), m.modified().ok());
         let mut out: Vec<_> = std::fs::read_dir(dir)
             .into_iter()
             .flatten()
             .filter_map(Result::ok)
-            .filter_map(|e| {
-                let m = e.metadata().ok()?;
-                Some((e.file_name(), m.len(), m.modified().ok()))
-            })
+            .filter(|e| crate::policy::is_policy_file(&e.path()))
+            .filter_map(|e| Some(stat(e.file_name(), e.metadata().ok()?)))
             .collect();
         out.sort();
+        if let Some(jwks) = &self.policy_now().jwks_file {
+            // A missing file is a change too (the next load reports it).
+            let m = std::fs::metadata(jwks).ok();
+            out.push((
+                jwks.clone().into_os_string(),
+                m.as_ref().map_or(u64::MAX, |m| m.len()),
+                m.and_then(|m| m.modified().ok()),
+            ));
+        }
         out
     }
 
     /// Reloads policies from disk. On failure the last good policy stays in force; either way
-    /// the outcome is audited.
-    pub async fn reload(&self, trigger: &str) -> Result<String, ConfigError> {
+    /// the outcome is audited. A new policy takes effect only once its `policy_reloaded` event
+    /// is written (`by`: the operator who asked, if one did).
+    pub async fn reload(&self, trigger: &str, by: Option<&str>) -> Result<String, ReloadError> {
         let _guard = self.reload_lock.lock().await;
         let Some(dir) = self.policy_dir.clone() else {
             return Ok(self.policy().version.clone());
@@ -239,22 +285,27 @@ impl Gateway {
                 let forced = self.force_reload.swap(false, std::sync::atomic::Ordering::SeqCst);
                 let changed = version != previous.version;
                 if changed || forced {
+                    let event = PolicyEvent {
+                        ts: crate::audit::now(),
+                        event: "policy_reloaded",
+                        policy_version: &version,
+                        previous_version: Some(&previous.version),
+                        errors: &[],
+                        trigger,
+                        by,
+                    };
+                    if let Err(source) = self.audit.emit(&event).await {
+                        // Asked again later (the watcher retries; a forced rebuild stays due).
+                        if forced {
+                            self.force_reload.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        tracing::error!(version = %version, kept = %previous.version, trigger, "policy not reloaded: its audit event could not be written: {source}");
+                        metrics::counter!("toolgate_policy_reloads_total", "result" => "unrecorded").increment(1);
+                        return Err(ReloadError::Unrecorded { version, source });
+                    }
                     self.policy.store(Arc::new(policy));
                     tracing::info!(version = %version, previous = %previous.version, trigger, "policy reloaded");
                     metrics::counter!("toolgate_policy_reloads_total", "result" => "ok").increment(1);
-                    self.audit
-                        .emit_or_log(
-                            "policy_reloaded",
-                            &PolicyEvent {
-                                ts: crate::audit::now(),
-                                event: "policy_reloaded",
-                                policy_version: &version,
-                                previous_version: Some(&previous.version),
-                                errors: &[],
-                                trigger,
-                            },
-                        )
-                        .await;
                 }
                 Ok(version)
             }
@@ -272,10 +323,11 @@ impl Gateway {
                             previous_version: None,
                             errors: &errors,
                             trigger,
+                            by,
                         },
                     )
                     .await;
-                Err(err)
+                Err(err.into())
             }
         }
     }
@@ -430,47 +482,57 @@ impl Gateway {
         if anomaly.quarantine {
             let duration = (anomaly.quarantine_seconds > 0).then(|| Duration::from_secs(anomaly.quarantine_seconds));
             let why = format!("{count} {kind} denials within {} s", anomaly.window_seconds);
-            self.quarantine(agent, duration, "anomaly", &why).await;
+            let _ = self.quarantine(agent, duration, "anomaly", &why).await;
         }
     }
 
-    /// Quarantines an agent and audits it. False if it already was.
-    pub async fn quarantine(&self, agent: &str, duration: Option<Duration>, by: &str, reason: &str) -> bool {
+    /// Quarantines an agent and audits it (see [`Quarantined`]).
+    pub async fn quarantine(&self, agent: &str, duration: Option<Duration>, by: &str, reason: &str) -> Quarantined {
         if !self.state.quarantine(agent, duration, by, reason) {
-            return false;
+            return Quarantined {
+                changed: false,
+                audited: true,
+            };
         }
         let q = self.state.quarantined(agent);
         metrics::gauge!("toolgate_agent_quarantined", "agent" => agent.to_owned()).set(1.0);
         tracing::warn!(agent, by, reason, "agent quarantined");
-        self.audit
-            .emit_or_log(
-                "agent_quarantined",
-                &json!({
-                    "ts": crate::audit::now(), "event": "agent_quarantined", "agent": agent, "by": by, "reason": reason,
-                    "until": q.and_then(|q| q.until),
-                }),
-            )
-            .await;
-        true
+        let event = json!({
+            "ts": crate::audit::now(), "event": "agent_quarantined", "agent": agent, "by": by, "reason": reason,
+            "until": q.and_then(|q| q.until),
+        });
+        let audited = match self.audit.emit(&event).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(
+                    agent,
+                    by,
+                    "the quarantine is in force, but its audit event could not be written: {e}"
+                );
+                false
+            }
+        };
+        Quarantined { changed: true, audited }
     }
 
-    /// Releases an agent and audits who did it. False if it was not quarantined.
-    pub async fn release(&self, agent: &str, by: &str, comment: &str) -> bool {
-        let Some(q) = self.state.release(agent) else {
-            return false;
+    /// Releases an agent, once its `agent_released` event (with who did it) is written.
+    /// `Ok(false)` if it was not quarantined; an error, and no release, if the event could not
+    /// be written.
+    pub async fn release(&self, agent: &str, by: &str, comment: &str) -> Result<bool, AuditError> {
+        let _one = self.decisions.lock().await;
+        let Some(q) = self.state.quarantined(agent) else {
+            return Ok(false);
         };
+        self.audit
+            .emit(&json!({
+                "ts": crate::audit::now(), "event": "agent_released", "agent": agent, "by": by, "comment": comment,
+                "quarantined_since": q.since, "quarantined_by": q.by,
+            }))
+            .await?;
+        self.state.release(agent);
         metrics::gauge!("toolgate_agent_quarantined", "agent" => agent.to_owned()).set(0.0);
         tracing::info!(agent, by, "agent released from quarantine");
-        self.audit
-            .emit_or_log(
-                "agent_released",
-                &json!({
-                    "ts": crate::audit::now(), "event": "agent_released", "agent": agent, "by": by, "comment": comment,
-                    "quarantined_since": q.since, "quarantined_by": q.by,
-                }),
-            )
-            .await;
-        true
+        Ok(true)
     }
 
     async fn process<'p>(
@@ -1098,13 +1160,15 @@ impl Gateway {
 
     /// Approves an upstream MCP tool's definition — the one with hash `reviewed`, which must be
     /// the current one (`Err(Some(current))` otherwise): it is pinned, visible and callable.
+    /// The `tool_approved` event is written first; if it cannot be, nothing changes.
     pub async fn approve_tool(
         &self,
         name: &str,
         reviewed: &str,
         by: &str,
         comment: &str,
-    ) -> Result<Result<DiscoveredTool, Option<String>>, crate::approval::ApprovalError> {
+    ) -> Result<Result<DiscoveredTool, Option<String>>, ActionError> {
+        let _one = self.decisions.lock().await;
         let Some(tool) = self.discovered_tools().into_iter().find(|d| d.exposed_name() == name) else {
             return Ok(Err(None));
         };
@@ -1112,6 +1176,12 @@ impl Gateway {
         if sha != reviewed {
             return Ok(Err(Some(sha)));
         }
+        self.audit
+            .emit(&json!({
+                "ts": crate::audit::now(), "event": "tool_approved", "tool": name, "server": tool.server,
+                "sha256": sha, "by": by, "comment": comment,
+            }))
+            .await?;
         let pin = Pin {
             sha256: sha.clone(),
             description: tool.description.clone(),
@@ -1130,56 +1200,60 @@ impl Gateway {
                 }
             }
         });
-        self.audit
-            .emit_or_log(
-                "tool_approved",
-                &json!({
-                    "ts": crate::audit::now(), "event": "tool_approved", "tool": name, "server": tool.server,
-                    "sha256": sha, "by": by, "comment": comment,
-                }),
-            )
-            .await;
         let _ = self.reload_now("tool_approved").await;
         Ok(Ok(DiscoveredTool { changed: false, ..tool }))
     }
 
     /// Rebuilds the policy with the current MCP catalog, whether or not the files changed.
-    async fn reload_now(&self, trigger: &str) -> Result<String, ConfigError> {
+    async fn reload_now(&self, trigger: &str) -> Result<String, ReloadError> {
         if self.policy_dir.is_none() {
             return Ok(self.policy().version.clone());
         }
         self.force_reload.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.reload(trigger).await
+        self.reload(trigger, None).await
     }
 
-    /// An approver's decision, stored and audited with who, when and why.
+    /// An approver's decision, audited with who, when and why, then stored. The event is
+    /// written first: if it cannot be, the approval stays pending.
     pub async fn decide_approval(
         &self,
         id: &str,
         approve: bool,
         by: &str,
         comment: &str,
-    ) -> Result<Result<Approval, crate::approval::DecideError>, crate::approval::ApprovalError> {
+    ) -> Result<Result<Approval, crate::approval::DecideError>, ActionError> {
+        use crate::approval::{DecideError, Status};
+        let _one = self.decisions.lock().await;
+        // One instant for the look and the change: an approval that expires in between is
+        // expired for both.
+        let now = crate::state::unix_now();
+        let (store, key) = (self.approvals.clone(), id.to_owned());
+        let current = tokio::task::spawn_blocking(move || store.get(&key, now))
+            .await
+            .expect("the approval store does not panic")?;
+        let Some(a) = current else {
+            return Ok(Err(DecideError::NotFound));
+        };
+        if a.status != Status::Pending {
+            return Ok(Err(DecideError::NotPending(a.status)));
+        }
+        let status = if approve { Status::Approved } else { Status::Denied };
+        self.audit
+            .emit(&json!({
+                "ts": crate::audit::now(), "event": "approval_decided", "approval_id": a.id,
+                "status": status.as_str(), "by": by, "comment": comment, "decided_at": now,
+                "agent": a.agent, "tool": a.tool, "rule": a.rule, "group": a.group,
+                "arguments_sha256": a.arguments_sha256, "request_id": a.request_id,
+            }))
+            .await?;
         let (store, id, by_owned, comment_owned) =
             (self.approvals.clone(), id.to_owned(), by.to_owned(), comment.to_owned());
-        let now = crate::state::unix_now();
         let outcome = tokio::task::spawn_blocking(move || store.decide(&id, approve, &by_owned, &comment_owned, now))
             .await
             .expect("the approval store does not panic")?;
         if let Ok(a) = &outcome {
             metrics::counter!("toolgate_approvals_decided_total", "status" => a.status.as_str()).increment(1);
             tracing::info!(approval = %a.id, status = a.status.as_str(), by, "approval decided");
-            self.audit
-                .emit_or_log(
-                    "approval_decided",
-                    &json!({
-                        "ts": crate::audit::now(), "event": "approval_decided", "approval_id": a.id,
-                        "status": a.status.as_str(), "by": by, "comment": comment, "decided_at": a.decided_at,
-                        "agent": a.agent, "tool": a.tool, "rule": a.rule, "group": a.group,
-                        "arguments_sha256": a.arguments_sha256, "request_id": a.request_id,
-                    }),
-                )
-                .await;
         }
         Ok(outcome)
     }

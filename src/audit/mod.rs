@@ -206,6 +206,9 @@ pub struct PolicyEvent<'a> {
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub errors: &'a [String],
     pub trigger: &'a str,
+    /// The operator who asked for the reload (`POST /admin/reload` with `{"by": ...}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<&'a str>,
 }
 
 /// Lines appended but not yet taken by a writer, and what became of those that were.

@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 
 use super::{RequestId, error_response};
 use crate::approval::{DecideError, Status};
-use crate::gateway::Gateway;
+use crate::gateway::{ActionError, Gateway, ReloadError};
 use crate::policy::Code;
 
 /// The process-wide Prometheus recorder, installed on first use.
@@ -133,10 +133,17 @@ async fn render_metrics(State(gw): State<Arc<Gateway>>) -> Response {
         .into_response()
 }
 
+/// Reloads the policy now. The body is optional: `{"by": "alice"}` names who asked, in the
+/// `policy_reloaded` event.
 async fn reload(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let id = request_id(&req);
+    let by = match read_action(req).await {
+        Ok(a) if names_who_acts(&a, false) => a.by,
+        Ok(_) => return who_acts_missing(&id),
+        Err(r) => return r,
+    };
     let before = gw.policy().version.clone();
-    let reloaded = gw.reload("admin").await;
+    let reloaded = gw.reload("admin", by.as_deref()).await;
     // Upstream MCP servers are asked again too (their tools are part of the policy).
     gw.refresh_mcp("admin").await;
     let reloaded = reloaded.map(|v| {
@@ -153,7 +160,15 @@ async fn reload(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             "previous_version": before,
         }))
         .into_response(),
-        Err(err) => {
+        Err(ReloadError::Unrecorded { version, .. }) => error_response(
+            Code::Unavailable,
+            format!(
+                "The new policy ({version}) is valid but was not put in force: its audit event could not be written. \
+                 The last good policy ({before}) stays in force; try again once GET /readyz reports the audit log ok."
+            ),
+            &id,
+        ),
+        Err(ReloadError::Invalid(err)) => {
             let errors: Vec<Value> = err.problems.iter().map(|p| json!({"file": p.file, "line": p.line, "col": p.col, "path": p.path, "message": p.message, "text": p.to_string()})).collect();
             let body = json!({"error": {
                 "code": "policy_invalid",
@@ -244,28 +259,45 @@ struct AdminAction {
 /// Reads an admin action body; `by` is required so every quarantine and release names a person.
 async fn action(req: Request) -> Result<AdminAction, Response> {
     let id = request_id(&req);
+    let action = read_action(req).await?;
+    if !names_who_acts(&action, true) {
+        return Err(who_acts_missing(&id));
+    }
+    Ok(action)
+}
+
+/// Reads an admin action body (an empty one is an action with no fields).
+async fn read_action(req: Request) -> Result<AdminAction, Response> {
+    let id = request_id(&req);
     let bytes = axum::body::to_bytes(req.into_body(), 64 * 1024)
         .await
         .unwrap_or_default();
-    let action: AdminAction = if bytes.iter().all(u8::is_ascii_whitespace) {
-        AdminAction::default()
-    } else {
-        serde_json::from_slice(&bytes).map_err(|e| {
-            error_response(
-                Code::InvalidRequest,
-                format!("The body must be JSON like {{\"by\": \"alice\", \"comment\": \"why\"}}: {e}"),
-                &id,
-            )
-        })?
-    };
-    match &action.by {
-        Some(by) if !by.trim().is_empty() && by.len() <= 128 => Ok(action),
-        _ => Err(error_response(
-            Code::InvalidRequest,
-            "Say who acts: the body needs `by` (1 to 128 characters).",
-            &id,
-        )),
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(AdminAction::default());
     }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error_response(
+            Code::InvalidRequest,
+            format!("The body must be JSON like {{\"by\": \"alice\", \"comment\": \"why\"}}: {e}"),
+            &id,
+        )
+    })
+}
+
+/// Whether `by`, if given (or if `required`), names someone in 1 to 128 characters.
+fn names_who_acts(action: &AdminAction, required: bool) -> bool {
+    match &action.by {
+        Some(by) => !by.trim().is_empty() && by.len() <= 128,
+        None => !required,
+    }
+}
+
+fn who_acts_missing(rid: &str) -> Response {
+    error_response(
+        Code::InvalidRequest,
+        "Say who acts: the body needs `by` (1 to 128 characters).",
+        rid,
+    )
 }
 
 fn unknown_agent(id: &str, rid: &str) -> Response {
@@ -319,29 +351,56 @@ async fn quarantine(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req:
     let by = a.by.unwrap_or_default();
     let comment = a.comment.unwrap_or_else(|| "quarantined by an operator".to_owned());
     let duration = a.duration_seconds.map(std::time::Duration::from_secs);
-    let changed = gw.quarantine(&id, duration, &by, &comment).await;
-    axum::Json(json!({"agent": id, "quarantined": true, "changed": changed, "quarantine": gw.state.quarantined(&id)}))
-        .into_response()
+    let done = gw.quarantine(&id, duration, &by, &comment).await;
+    axum::Json(
+        json!({"agent": id, "quarantined": true, "changed": done.changed, "audited": done.audited,
+        "quarantine": gw.state.quarantined(&id)}),
+    )
+    .into_response()
 }
 
 async fn release(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+    let rid = request_id(&req);
     let a = match agent_action(&gw, &id, req).await {
         Ok(a) => a,
         Err(r) => return r,
     };
-    let changed = gw
+    match gw
         .release(&id, &a.by.unwrap_or_default(), &a.comment.unwrap_or_default())
-        .await;
-    axum::Json(json!({"agent": id, "quarantined": false, "changed": changed})).into_response()
+        .await
+    {
+        Ok(changed) => axum::Json(json!({"agent": id, "quarantined": false, "changed": changed})).into_response(),
+        Err(e) => not_done(
+            ActionError::Unrecorded(e),
+            &format!("Agent '{id}' was not released"),
+            &rid,
+        ),
+    }
 }
 
-fn store_unavailable(e: crate::approval::ApprovalError, rid: &str) -> Response {
-    tracing::error!(request_id = rid, "approval store failed: {e}");
-    error_response(
-        Code::Unavailable,
-        "The approval store is unavailable. Try again later.",
-        rid,
-    )
+/// The answer for an action that was not carried out: `what` says what did not happen.
+fn not_done(e: ActionError, what: &str, rid: &str) -> Response {
+    match e {
+        ActionError::Store(e) => {
+            tracing::error!(request_id = rid, "approval store failed: {e}");
+            error_response(
+                Code::Unavailable,
+                format!("{what}: the approval store is unavailable. Try again later."),
+                rid,
+            )
+        }
+        ActionError::Unrecorded(e) => {
+            tracing::error!(request_id = rid, "{what}: its audit event could not be written: {e}");
+            error_response(
+                Code::Unavailable,
+                format!(
+                    "{what}: its audit event could not be written, and an action that lets agents do more is \
+                     recorded before it takes effect. Try again once GET /readyz reports the audit log ok."
+                ),
+                rid,
+            )
+        }
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -375,7 +434,7 @@ async fn list_approvals(
         .expect("no panic")
     {
         Ok(list) => axum::Json(json!({"approvals": list})).into_response(),
-        Err(e) => store_unavailable(e, &rid),
+        Err(e) => not_done(e.into(), "The approvals could not be listed", &rid),
     }
 }
 
@@ -389,7 +448,7 @@ async fn get_approval(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, re
     {
         Ok(Some(a)) => axum::Json(a).into_response(),
         Ok(None) => error_response(Code::NotFound, "No such approval.", &rid),
-        Err(e) => store_unavailable(e, &rid),
+        Err(e) => not_done(e.into(), "The approval could not be read", &rid),
     }
 }
 
@@ -423,7 +482,7 @@ async fn decide(gw: Arc<Gateway>, id: String, approve: bool, req: Request) -> Re
             ),
             &rid,
         ),
-        Err(e) => store_unavailable(e, &rid),
+        Err(e) => not_done(e, "The approval was not decided", &rid),
     }
 }
 
@@ -473,6 +532,6 @@ async fn approve_tool(State(gw): State<Arc<Gateway>>, Path(name): Path<String>, 
             ),
             &rid,
         ),
-        Err(e) => store_unavailable(e, &rid),
+        Err(e) => not_done(e, "The tool was not approved", &rid),
     }
 }

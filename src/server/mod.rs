@@ -30,7 +30,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::gateway::{Gateway, error_body};
+use crate::gateway::{Gateway, ReloadError, error_body};
 use crate::policy::{Code, Reason, Stage};
 use crate::upstream::X_REQUEST_ID;
 
@@ -404,6 +404,7 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
     tasks.push(tokio::spawn(async move {
         let mut last = gw.policy_fingerprint();
         let mut settling = None;
+        let mut unsettled: u32 = 0;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks: u64 = 0;
         loop {
@@ -427,12 +428,27 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
             let now = gw.policy_fingerprint();
             if now == last {
                 settling = None;
+                unsettled = 0;
             } else if settling.as_ref() == Some(&now) {
-                last = now;
                 settling = None;
-                let _ = gw.reload("file_change").await;
+                unsettled = 0;
+                // A valid policy whose event could not be written was not put in force: the
+                // next polls try again. An invalid one is not retried until the files change.
+                if !matches!(
+                    gw.reload("file_change", None).await,
+                    Err(ReloadError::Unrecorded { .. })
+                ) {
+                    last = now;
+                }
             } else {
                 settling = Some(now);
+                unsettled += 1;
+                if unsettled == UNSETTLED_WARNING {
+                    tracing::warn!(
+                        "the policy files have changed on every poll for {UNSETTLED_WARNING} s: nothing is \
+                         reloaded until they hold still for a second (write elsewhere and rename)"
+                    );
+                }
             }
         }
     }));
@@ -444,6 +460,9 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
         tasks,
     })
 }
+
+/// After this many polls (seconds) of policy files that never hold still, the watcher says so.
+const UNSETTLED_WARNING: u32 = 30;
 
 /// How long the accept loop pauses after an error that is not one connection's (e.g. EMFILE).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);

@@ -1,7 +1,10 @@
 //! The admin plane over real HTTP: health, metrics, the token, reloads good and broken, and the
 //! file watcher.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use serde_json::json;
 
 use crate::support::{ANALYST_KEY, Harness, SUPPORT_KEY, send};
 
@@ -247,4 +250,154 @@ async fn the_audit_file_rotates_by_size_and_on_an_admins_request_and_no_event_is
         toolgate::audit::rotated_files(&h.audit_path).unwrap().len(),
         rotated.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_that_lets_agents_do_more_waits_for_its_audit_event() {
+    if !std::path::Path::new("/dev/full").exists() {
+        return;
+    }
+    // Every audit write fails (ENOSPC), as on a full disk.
+    let h = Harness::start_with("audit: { file: /dev/full }\n").await;
+    let gw = h.running.as_ref().unwrap().gateway.clone();
+    let agent_url = "/admin/agents/support-bot";
+
+    // A quarantine only closes: it takes effect, and its answer says it was not recorded.
+    let r = h
+        .admin_json("POST", &format!("{agent_url}/quarantine"), &json!({"by": "alice"}))
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["changed"], true);
+    assert_eq!(r.json()["audited"], false);
+
+    // A release would open again without a record: refused, and the agent stays quarantined.
+    let r = h
+        .admin_json("DELETE", &format!("{agent_url}/quarantine"), &json!({"by": "alice"}))
+        .await;
+    let body = r.assert_error(503, "unavailable");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("was not released") && message.contains("audit"),
+        "{message}"
+    );
+    let status = h.admin("GET", agent_url, true).await.json();
+    assert_eq!(status["quarantine"]["by"], "alice", "{status}");
+
+    // An approval: neither approved nor denied without its `approval_decided` event.
+    let hold = toolgate::approval::Hold {
+        agent: "support-bot",
+        tool: "billing.refund",
+        rule: "large-refunds",
+        rules: &["large-refunds".to_owned()],
+        group: "finance",
+        reason: "over 100",
+        arguments: Some(json!({"amount": 500})),
+        arguments_sha256: &"a".repeat(64),
+        request_id: "req-held",
+        session: None,
+    };
+    let (approval, _) = gw
+        .approvals
+        .request(hold, toolgate::state::unix_now())
+        .unwrap()
+        .unwrap();
+    for verdict in ["approve", "deny"] {
+        let r = h
+            .admin_json(
+                "POST",
+                &format!("/admin/approvals/{}/{verdict}", approval.id),
+                &json!({"by": "bob"}),
+            )
+            .await;
+        r.assert_error(503, "unavailable");
+    }
+    let stored = h.admin("GET", &format!("/admin/approvals/{}", approval.id), true).await;
+    assert_eq!(
+        stored.json()["status"],
+        "pending",
+        "{}",
+        String::from_utf8_lossy(&stored.body)
+    );
+
+    // A valid new policy is not put in force without its `policy_reloaded` event, by hand or
+    // by the watcher.
+    let before = h.admin("GET", "/admin/policy", true).await.json()["version"].clone();
+    let agents = h.policy_dir.join("agents.yaml");
+    let text = std::fs::read_to_string(&agents).unwrap();
+    std::fs::write(&agents, text.replace("tools: [ kb.* ]", "tools: [ ]")).unwrap();
+    let r = h.admin_json("POST", "/admin/reload", &json!({"by": "carol"})).await;
+    let body = r.assert_error(503, "unavailable");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("was not put in force"),
+        "{body}"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(h.admin("GET", "/admin/policy", true).await.json()["version"], before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_by_hand_names_who_asked() {
+    let h = Harness::start().await;
+    h.admin_json("POST", "/admin/reload", &json!({"by": " "}))
+        .await
+        .assert_error(400, "invalid_request");
+    let agents = h.policy_dir.join("agents.yaml");
+    let text = std::fs::read_to_string(&agents).unwrap();
+    std::fs::write(&agents, text.replace("tools: [ kb.* ]", "tools: [ ]")).unwrap();
+    let r = h.admin_json("POST", "/admin/reload", &json!({"by": "carol"})).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["status"], "reloaded");
+    let reloaded: Vec<_> = h
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "policy_reloaded")
+        .collect();
+    assert_eq!(reloaded.len(), 1, "{reloaded:?}");
+    assert_eq!(reloaded[0]["by"], "carol");
+    assert_eq!(reloaded[0]["trigger"], "admin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_ignores_files_the_policy_is_not_read_from() {
+    let h = Harness::start().await;
+    let churn = h.policy_dir.join("notes.log");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Something that writes a log next to the policies several times a second.
+    let writer = {
+        let (churn, stop) = (churn.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                std::fs::write(&churn, "x".repeat((n % 97) as usize)).unwrap();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let agents = h.policy_dir.join("agents.yaml");
+    let text = std::fs::read_to_string(&agents).unwrap();
+    std::fs::write(&agents, text.replace("tools: [ kb.* ]", "tools: [ ]")).unwrap();
+    let mut denied = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if h.call("kb.search", Some(ANALYST_KEY), r#"{"query":"q"}"#).await.status == 403 {
+            denied = true;
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    assert!(
+        denied,
+        "the changed policy was not loaded while another file kept changing"
+    );
+    let reloads = h
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "policy_reloaded")
+        .count();
+    assert_eq!(reloads, 1, "the log file's changes are not policy changes");
 }
