@@ -15,7 +15,7 @@ pub mod rules;
 pub mod tool;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -178,6 +178,17 @@ pub struct Policy {
     pub history_retention: Duration,
     /// Upstream MCP servers; their tools are in `tools` once discovered.
     pub mcp_servers: BTreeMap<String, McpServer>,
+    /// The JWKS file `auth.jwt` names, read with the policy files (it may live elsewhere):
+    /// a change to it is a change to the policy.
+    pub jwks_file: Option<PathBuf>,
+}
+
+/// Whether a file in the policy directory is one the policy is read from.
+pub fn is_policy_file(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "cedar")
+    )
 }
 
 impl Policy {
@@ -198,7 +209,7 @@ impl Policy {
         let mut problems = Problems::default();
         for path in paths {
             let name = path.display().to_string();
-            if let Some("yaml" | "yml" | "cedar") = path.extension().and_then(|e| e.to_str()) {
+            if is_policy_file(&path) {
                 match std::fs::read_to_string(&path) {
                     Ok(text) => sources.push((name, text)),
                     Err(e) => problems.push(ConfigError::file(&name, format!("cannot read: {e}")).problems.remove(0)),
@@ -234,6 +245,7 @@ impl Policy {
             recorded: FastMap::default(),
             history_retention: Duration::ZERO,
             mcp_servers: BTreeMap::new(),
+            jwks_file: None,
         }
     }
 
@@ -455,7 +467,7 @@ impl Policy {
             );
         }
 
-        let mut jwt = None;
+        let (mut jwt, mut jwks_file) = (None, None);
         for (doc, raw) in &raw_files {
             let Some(auth) = &raw.auth else { continue };
             let path = KeyPath::root().key("auth");
@@ -467,6 +479,7 @@ impl Policy {
             };
             if let Some(cfg) = auth.jwt {
                 let at = path.key("jwt").key("jwks_file");
+                jwks_file = Some(cfg.jwks_file.clone());
                 match read(&cfg.jwks_file) {
                     Ok(text) => {
                         hasher.update(text.as_bytes());
@@ -597,6 +610,7 @@ impl Policy {
             recorded,
             history_retention,
             mcp_servers,
+            jwks_file,
         })
     }
 

@@ -124,3 +124,34 @@ async fn refuses_alg_none_and_algorithm_confusion() {
     t.push(if last == 'A' { 'B' } else { 'A' });
     call(&h, &t).await.assert_error(401, "unauthenticated");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_jwks_outside_the_policy_directory_is_picked_up() {
+    let full: Value = serde_json::from_slice(&std::fs::read(fixture("jwt/jwks.json")).unwrap()).unwrap();
+    let mut rsa_only = full.clone();
+    rsa_only["keys"].as_array_mut().unwrap().retain(|k| k["kid"] == "rsa-1");
+    let auth = AUTH.replace("{{FIXTURES}}/jwt/jwks.json", "{{DIR}}/jwks.json");
+    // Written next to the policy directory, not in it.
+    let h = Harness::start_full("", &[("../jwks.json", &rsa_only.to_string()), ("auth.yaml", &auth)]).await;
+    let token = es256(&claims(), "ec-1");
+    call(&h, &token).await.assert_error(401, "unauthenticated");
+
+    // The identity provider adds a key.
+    std::fs::write(h.dir.path().join("jwks.json"), full.to_string()).unwrap();
+    let mut accepted = false;
+    for _ in 0..60 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if call(&h, &token).await.status == 200 {
+            accepted = true;
+            break;
+        }
+    }
+    assert!(accepted, "the new JWKS was not loaded");
+    let reloaded: Vec<Value> = h
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "policy_reloaded")
+        .collect();
+    assert_eq!(reloaded.len(), 1);
+    assert_eq!(reloaded[0]["trigger"], "file_change");
+}
