@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use serde::Serialize;
 
 use crate::FastMap;
@@ -96,7 +98,7 @@ impl Default for State {
 pub struct MemoryState {
     /// Read on every call, added to once per key: copy-on-write (`read_mostly`), so reading
     /// writes nothing both data-plane cores share.
-    limiters: ReadMostly<FastMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
+    limiters: ReadMostly<FastMap<String, (u32, Arc<Limiter>)>>,
     budgets: ReadMostly<FastMap<String, Arc<Mutex<Budget>>>>,
     denials: Mutex<HashMap<(String, &'static str), VecDeque<Instant>>>,
     quarantines: RwLock<FastMap<String, Quarantine>>,
@@ -111,25 +113,45 @@ pub struct MemoryState {
     clock: DefaultClock,
 }
 
+/// A rate limiter that can say how much of its burst is left (for a quota changed by a reload).
+type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+
+/// How many calls of `quota` the limiter counts as made (it is being replaced: asking takes
+/// one more).
+fn used(limiter: &Limiter, quota: u32) -> u32 {
+    match limiter.check() {
+        Ok(snapshot) => quota.saturating_sub(snapshot.remaining_burst_capacity() + 1),
+        Err(_) => quota,
+    }
+}
+
 /// At most this many recorded calls per agent; the oldest go first. With a 1 h window that is
 /// over one call a second, sustained, to a tool some rule looks back at.
 pub const MAX_HISTORY_PER_AGENT: usize = 4096;
 
 impl MemoryState {
-    /// Takes one call from `key`'s allowance (a new key, or a changed quota after a policy
-    /// reload, starts a fresh one).
+    /// Takes one call from `key`'s allowance. A new key starts a full one; a quota changed by
+    /// a reload starts from the calls the old one had let through (a lowered limit does not
+    /// hand an agent a fresh burst).
     fn take(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Duration> {
         let n = per_minute.get();
         let checked = self.limiters.find_or_add(
             |map| map.get(key).filter(|(quota, _)| *quota == n).map(|(_, l)| l.check()),
             |map| {
-                map.insert(
-                    key.to_owned(),
-                    (n, Arc::new(RateLimiter::direct(Quota::per_minute(per_minute)))),
-                );
+                let limiter =
+                    RateLimiter::direct(Quota::per_minute(per_minute)).with_middleware::<StateInformationMiddleware>();
+                if let Some(used) = map
+                    .get(key)
+                    .and_then(|(quota, old)| NonZeroU32::new(used(old, *quota).min(n)))
+                {
+                    let _ = limiter.check_n(used);
+                }
+                map.insert(key.to_owned(), (n, Arc::new(limiter)));
             },
         );
-        checked.map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        checked
+            .map(|_| ())
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 
     fn budget(&self, agent: &str) -> Arc<Mutex<Budget>> {
@@ -431,10 +453,10 @@ mod tests {
             "{wait:?}"
         );
         assert!(s.take_rate("b", q).is_ok(), "keys are independent");
-        // A reloaded policy with another quota starts a fresh allowance, then keeps it.
-        let q2 = NonZeroU32::new(2).unwrap();
-        assert!((0..2).all(|_| s.take_rate("a", q2).is_ok()));
-        assert!(s.take_rate("a", q2).is_err());
+        // A reloaded policy with another quota carries over the calls made: 3 of 5 leaves 2.
+        let q5 = NonZeroU32::new(5).unwrap();
+        assert!((0..2).all(|_| s.take_rate("a", q5).is_ok()));
+        assert!(s.take_rate("a", q5).is_err());
         assert!(s.take_rate("b", q).is_ok() && s.take_rate("b", q).is_ok() && s.take_rate("b", q).is_err());
     }
 

@@ -264,3 +264,27 @@ async fn limits_and_quarantine_show_on_metrics() {
     assert_eq!(after, budget["budget"]["remaining"].as_f64().unwrap(), "{text}");
     assert!(after < 1000.0, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_rate_limit_counts_the_calls_already_made() {
+    let h = harness().await;
+    let call = || h.call("kb.search", Some("limited-key"), r#"{"query":"q"}"#);
+    for _ in 0..4 {
+        assert_eq!(call().await.status, 200);
+    }
+    let reload_with = |per_minute: u32| {
+        let text = agents().replace("calls_per_minute: 5 }", &format!("calls_per_minute: {per_minute} }}"));
+        std::fs::write(h.policy_dir.join("limits.yaml"), text).unwrap();
+        h.admin("POST", "/admin/reload", true)
+    };
+    // Lowered to 3 after 4 calls: nothing left, not a fresh burst of 3.
+    assert_eq!(reload_with(3).await.json()["status"], "reloaded");
+    call().await.assert_error(429, "rate_limited");
+    // Raised to 10: what the limit in force counted (all of its 3) still counts; the refused
+    // call does not.
+    assert_eq!(reload_with(10).await.json()["status"], "reloaded");
+    let results = burst(&h, "limited-key", "kb.search", r#"{"query":"q"}"#, 10).await;
+    let ok = results.iter().filter(|r| r.status == 200).count();
+    assert_eq!(ok, 7, "10 a minute, 3 counted already");
+    assert_eq!(h.upstream.count("/kb/search"), 4 + 7);
+}
