@@ -1538,7 +1538,9 @@ impl Gateway {
         }
         if as_text {
             // A line a filter rewrote goes out rewritten; any other line as the tool wrote it.
-            let mut lines: Vec<&str> = value
+            // (A PEM block's lines after its header were redacted by the walk, see
+            // `content::walk`.)
+            let lines: Vec<&str> = value
                 .as_array()
                 .expect("text is split into lines")
                 .iter()
@@ -1548,19 +1550,6 @@ impl Gateway {
                     _ => *raw,
                 })
                 .collect();
-            // Only a PEM block's first line names it as a private key: the lines after it, up to
-            // its END line, are the key itself and go too. The header line was redacted by
-            // some filter (perhaps for an email on the same line, found first): what starts
-            // the block is the header, not the kind named in its replacement.
-            let mut in_key = false;
-            for (line, raw) in lines.iter_mut().zip(&raw_lines) {
-                if in_key {
-                    in_key = !line.to_ascii_lowercase().contains("-----end");
-                    *line = "[REDACTED:private_key]";
-                } else if *line != *raw && is_private_key_header(&decode_escapes(raw)) {
-                    in_key = true;
-                }
-            }
             return Ok(Bytes::from(lines.join("\n")));
         }
         Ok(Bytes::from(serde_json::to_vec(&value).expect("JSON serialises")))
@@ -1678,13 +1667,6 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-/// Whether a line holds a PEM private-key header (`-----BEGIN … PRIVATE KEY-----`).
-fn is_private_key_header(line: &str) -> bool {
-    let line = line.to_ascii_lowercase();
-    line.find("-----begin ")
-        .is_some_and(|at| line[at..].contains("private key-----"))
 }
 
 /// `line` with JSON string escapes decoded (`\u0040`, surrogate pairs, `\n`, `\"`…), as a

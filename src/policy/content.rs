@@ -585,7 +585,25 @@ fn walk(scan: &Scan<'_>, value: &mut Value, out: &mut Outcome) {
                 *s = replacement;
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(|v| walk(scan, v, out)),
+        Value::Array(items) => {
+            // A PEM key sent as lines (an array of strings, or a text answer split into lines):
+            // only its first line names it a private key; the lines after it, up to the END
+            // line, are the key itself and go too. What starts the block is a header line some
+            // filter rewrote (perhaps for an email on it, found first), whatever the kind.
+            let mut in_key = false;
+            for v in items.iter_mut() {
+                if in_key && let Value::String(s) = v {
+                    in_key = !contains_ignoring_case(s, "-----end");
+                    *s = format!("[REDACTED:{}]", Detector::PrivateKey.as_str());
+                    continue;
+                }
+                let opens_key =
+                    matches!(v, Value::String(s) if is_private_key_header(s) && !contains_ignoring_case(s, "-----end"));
+                let before = opens_key.then(|| v.clone());
+                walk(scan, v, out);
+                in_key = before.is_some_and(|b| b != *v);
+            }
+        }
         // A card-shaped number as text (a card number sent as a number); redacted, it becomes
         // a string. The same numbers, read the same way, as the output fast path's.
         Value::Number(n) => {
@@ -621,6 +639,22 @@ fn walk(scan: &Scan<'_>, value: &mut Value, out: &mut Outcome) {
         }
         _ => {}
     }
+}
+
+/// Whether a line holds a PEM private-key header (`-----BEGIN … PRIVATE KEY-----`), in any
+/// case. Cheap for text without five dashes.
+pub fn is_private_key_header(line: &str) -> bool {
+    line.contains("-----") && {
+        let line = line.to_ascii_lowercase();
+        line.find("-----begin ")
+            .is_some_and(|at| line[at..].contains("private key-----"))
+    }
+}
+
+fn contains_ignoring_case(text: &str, lowercase: &str) -> bool {
+    text.as_bytes()
+        .windows(lowercase.len())
+        .any(|w| w.eq_ignore_ascii_case(lowercase.as_bytes()))
 }
 
 /// `Some(replacement)` if a redacting filter matched; records blocks and redactions.
@@ -852,6 +886,19 @@ mod tests {
         assert_eq!(
             v,
             json!({"note": "[REDACTED:email]", "nested": [{"x": "[REDACTED:email]"}], "ok": "fine", "[REDACTED:email]": 1})
+        );
+    }
+
+    #[test]
+    fn a_private_key_sent_as_lines_is_redacted_to_its_end_line() {
+        let f = filter(json!({"detect": ["private_key", "email"], "action": "redact"}));
+        let mut v = json!({"a": ["x", "-----BEGIN EC PRIVATE KEY-----", "MHcCAQEEIK", "-----END EC PRIVATE KEY-----", "y"],
+            "b": ["mail ada@example.com", "not a key"], "c": ["-----BEGIN RSA PRIVATE KEY----- MII -----END RSA PRIVATE KEY-----", "z"]});
+        apply(&[&f], &mut v);
+        let gone = "[REDACTED:private_key]";
+        assert_eq!(
+            v,
+            json!({"a": ["x", gone, gone, gone, "y"], "b": ["[REDACTED:email]", "not a key"], "c": [gone, "z"]})
         );
     }
 

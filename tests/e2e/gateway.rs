@@ -655,7 +655,7 @@ async fn output_filters_pass_clean_json_as_it_came_and_withhold_json_they_cannot
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_filters_are_not_fooled_by_labels_charsets_or_multi_line_keys() {
-    let tools: String = ["upper", "labelled_text", "utf16", "pem", "ndjson", "dup_text", "bom", "utf7"]
+    let tools: String = ["upper", "labelled_text", "utf16", "pem", "pem_lines", "ndjson", "dup_text", "bom", "utf7"]
         .iter()
         .map(|a| format!("  kb.answer_{a}:\n    upstream: {{ url: \"{{{{UPSTREAM}}}}/answer/{a}\", method: POST }}\n    filters: {{ output: [ pii, keys ] }}\n"))
         .collect();
@@ -697,6 +697,14 @@ async fn output_filters_are_not_fooled_by_labels_charsets_or_multi_line_keys() {
     // A header redacted for the email before it on the same line still takes its key along.
     assert!(!text.contains("MHcC") && !text.contains("ops@"), "{text}");
     assert!(text.starts_with("key:\n") && text.ends_with("\ndone"), "{text}");
+    // The same key as a JSON array of lines: every line of the block goes, and only those.
+    let r = h.call("kb.answer_pem_lines", Some(SUPPORT_KEY), "{}").await;
+    assert_eq!(r.status, 200);
+    let gone = "[REDACTED:private_key]";
+    assert_eq!(
+        r.json(),
+        json!({"file": "id_rsa", "lines": [gone, gone, gone, gone, "after"]})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

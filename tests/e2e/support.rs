@@ -110,6 +110,11 @@ async fn respond(log: Arc<Mutex<Vec<Seen>>>, req: Request) -> Response {
             "key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\nb3BlbnNzaC1rZXk\n-----END RSA PRIVATE KEY-----\nmail ops@example.com -----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIK\n-----END EC PRIVATE KEY-----\ndone",
         )
             .into_response(),
+        "/answer/pem_lines" => (
+            json_ct,
+            r#"{"file": "id_rsa", "lines": ["-----BEGIN OPENSSH PRIVATE KEY-----", "b3BlbnNzaC1rZXktdjEAAAAA", "QyNTUxOQAAACDx", "-----END OPENSSH PRIVATE KEY-----", "after"]}"#,
+        )
+            .into_response(),
         "/answer/list" => (json_ct, "[1, {\"a\": \"\\u00e9\"}]\n").into_response(),
         "/answer/pretty" => (json_ct, "{\n  \"a\": [1,\r\n    2],\r  \"b\": \"x\"\n}\n").into_response(),
         "/status500" => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, json_ct, r#"{"err":"boom"}"#).into_response(),
