@@ -17,6 +17,7 @@
 
 pub mod approval;
 pub mod audit;
+pub mod body;
 pub mod cases;
 pub mod config;
 pub mod demo;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -226,17 +226,12 @@ impl McpClient {
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
         let status = res.status().as_u16();
         let headers = res.headers().clone();
-        let body = Limited::new(res.into_body(), self.max_response_bytes)
-            .collect()
+        let body = crate::body::read_all(res.into_body(), self.max_response_bytes)
             .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    UpstreamError::TooLarge(self.max_response_bytes)
-                } else {
-                    UpstreamError::Protocol(e.to_string())
-                }
-            })?
-            .to_bytes();
+            .map_err(|e| match e {
+                crate::body::BodyError::TooLarge(limit) => UpstreamError::TooLarge(limit),
+                crate::body::BodyError::Read(e) => UpstreamError::Protocol(e.to_string()),
+            })?;
         Ok((status, headers, body))
     }
 }

@@ -428,6 +428,11 @@ impl ArgumentSchema {
 
     /// `Ok` or a message for the agent naming where and what, never the offending value.
     pub fn validate(&self, args: &Value) -> Result<(), String> {
+        // `is_valid` stops at the first failure and allocates nothing; the error is looked for
+        // only for a call that fails.
+        if self.validator.is_valid(args) {
+            return Ok(());
+        }
         let Some(err) = self.validator.iter_errors(args).next() else {
             return Ok(());
         };

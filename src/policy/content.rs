@@ -333,8 +333,13 @@ fn normalize_ascii(s: &str) -> Cow<'_, str> {
     let plain = b
         .iter()
         .fold(true, |ok, &c| ok & !c.is_ascii_uppercase() & (c >= 0x20) & (c != 0x7f));
-    let unchanged = plain && !s.contains("  ");
-    if unchanged {
+    // Two spaces in a row, the same way (a substring search costs more than this on the short
+    // strings most arguments and answers hold).
+    let double_space = b
+        .iter()
+        .zip(b.iter().skip(1))
+        .fold(false, |found, (&x, &y)| found | ((x == b' ') & (y == b' ')));
+    if plain && !double_space {
         return Cow::Borrowed(s);
     }
     let mut out = Vec::with_capacity(b.len());

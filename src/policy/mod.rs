@@ -147,7 +147,7 @@ pub struct Evaluation<'p> {
     /// The canonical JSON of `arguments` as forwarded (keys sorted, redactions applied).
     pub body: Option<Vec<u8>>,
     /// The upstream URL with placeholders filled.
-    pub url: Option<String>,
+    pub url: Option<std::borrow::Cow<'p, str>>,
     /// Non-blocking findings (redactions), for the audit event.
     pub notes: Vec<Reason>,
     /// When the decision is `approval_required`: the approval rules that matched, `(id, group)`.

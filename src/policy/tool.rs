@@ -1,6 +1,7 @@
 //! A tool as the security team declares it (`tools:` in a policy file) and as the gateway runs
 //! it: upstream URL template, method, timeout, argument schema and filters, compiled at load.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -257,7 +258,11 @@ impl UrlTemplate {
     }
 
     /// The URL with placeholders filled, each value percent-encoded as one path segment.
-    pub fn fill(&self, args: &Map<String, Value>) -> Result<String, String> {
+    pub fn fill(&self, args: &Map<String, Value>) -> Result<Cow<'_, str>, String> {
+        // A URL without placeholders (most tools) is the same for every call.
+        if let [Part::Literal(url)] = self.parts.as_slice() {
+            return Ok(Cow::Borrowed(url));
+        }
         let mut out = String::new();
         for part in &self.parts {
             match part {
@@ -278,7 +283,7 @@ impl UrlTemplate {
                 }
             }
         }
-        Ok(out)
+        Ok(Cow::Owned(out))
     }
 }
 
@@ -391,7 +396,10 @@ mod tests {
     use serde_json::json;
 
     fn fill(t: &str, args: Value) -> Result<String, String> {
-        UrlTemplate::parse(t).unwrap().fill(args.as_object().unwrap())
+        UrlTemplate::parse(t)
+            .unwrap()
+            .fill(args.as_object().unwrap())
+            .map(Cow::into_owned)
     }
 
     #[test]

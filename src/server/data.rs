@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 
 use super::{RequestId, Source, error_response};
 use crate::audit::RefusalEvent;
@@ -289,16 +289,16 @@ where
         return Err(too_large());
     }
     let timeout = Duration::from_millis(gw.config.limits.request_read_timeout_ms);
-    let mut collect = std::pin::pin!(Limited::new(body, limit).collect());
+    let mut collect = std::pin::pin!(crate::body::read_all(body, limit));
     // Usually the body came with the headers: then it is read without arming a timer.
     let read = match (&mut collect).now_or_never() {
         Some(read) => Ok(read),
         None => tokio::time::timeout(timeout, collect).await,
     };
     match read {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(_)) => Err(Reason::new(
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(crate::body::BodyError::TooLarge(_))) => Err(too_large()),
+        Ok(Err(crate::body::BodyError::Read(_))) => Err(Reason::new(
             Code::InvalidRequest,
             Stage::Request,
             "transport",

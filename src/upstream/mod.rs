@@ -15,11 +15,12 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue, USER_AGENT};
 use http::uri::PathAndQuery;
 use http::{Request, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 
+use crate::body::BodyError;
 use crate::policy::tool::{Method, Origin};
 use crate::timer::Timers;
 use pool::{Pool, PoolError};
@@ -117,17 +118,12 @@ impl Upstream {
             })?;
             let status = response.status().as_u16();
             let content_type = response.headers().get(CONTENT_TYPE).cloned();
-            let body = Limited::new(response.into_body(), out.max_response_bytes)
-                .collect()
+            let body = crate::body::read_all(response.into_body(), out.max_response_bytes)
                 .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        UpstreamError::TooLarge(out.max_response_bytes)
-                    } else {
-                        UpstreamError::Protocol(e.to_string())
-                    }
-                })?
-                .to_bytes();
+                .map_err(|e| match e {
+                    BodyError::TooLarge(limit) => UpstreamError::TooLarge(limit),
+                    BodyError::Read(e) => UpstreamError::Protocol(e.to_string()),
+                })?;
             lease.release();
             Ok::<_, UpstreamError>((status, content_type, body))
         };
