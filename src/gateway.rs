@@ -1190,9 +1190,13 @@ impl Gateway {
             pinned_by: by.to_owned(),
         };
         let (store, n) = (self.approvals.clone(), name.to_owned());
-        tokio::task::spawn_blocking(move || store.set_pin(&n, &pin))
+        let pinned = tokio::task::spawn_blocking(move || store.set_pin(&n, &pin))
             .await
-            .expect("no panic")?;
+            .expect("no panic");
+        if let Err(e) = &pinned {
+            self.not_done("tool_approved", json!({"tool": name}), e).await;
+        }
+        pinned?;
         self.update_discovered(|discovered| {
             for d in discovered.iter_mut() {
                 if d.exposed_name() == name && d.definition_sha256() == sha {
@@ -1202,6 +1206,17 @@ impl Gateway {
         });
         let _ = self.reload_now("tool_approved").await;
         Ok(Ok(DiscoveredTool { changed: false, ..tool }))
+    }
+
+    /// Records that an action whose event was written did not take effect after all (its
+    /// store failed): `action_not_done`, naming the event it takes back.
+    async fn not_done(&self, event: &str, mut about: Value, error: &crate::approval::ApprovalError) {
+        tracing::error!(event, "{event} was recorded but not carried out: {error}");
+        about["ts"] = json!(crate::audit::now());
+        about["event"] = json!("action_not_done");
+        about["recorded_as"] = json!(event);
+        about["error"] = json!(error.to_string());
+        self.audit.emit_or_log("action_not_done", &about).await;
     }
 
     /// Rebuilds the policy with the current MCP catalog, whether or not the files changed.
@@ -1250,7 +1265,11 @@ impl Gateway {
             (self.approvals.clone(), id.to_owned(), by.to_owned(), comment.to_owned());
         let outcome = tokio::task::spawn_blocking(move || store.decide(&id, approve, &by_owned, &comment_owned, now))
             .await
-            .expect("the approval store does not panic")?;
+            .expect("the approval store does not panic");
+        if let Err(e) = &outcome {
+            self.not_done("approval_decided", json!({"approval_id": a.id}), e).await;
+        }
+        let outcome = outcome?;
         if let Ok(a) = &outcome {
             metrics::counter!("toolgate_approvals_decided_total", "status" => a.status.as_str()).increment(1);
             tracing::info!(approval = %a.id, status = a.status.as_str(), by, "approval decided");
