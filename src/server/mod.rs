@@ -402,7 +402,11 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
     let gw = gateway.clone();
     let mut stop_watch = stopped.clone();
     tasks.push(tokio::spawn(async move {
-        let mut last = gw.policy_fingerprint();
+        // Nothing seen yet: the first polls compare the files with the policy in force by
+        // loading them (a reload that finds the same version changes nothing and writes no
+        // event), so a file changed between the policy's load and this task's start is not
+        // missed.
+        let mut last = Vec::new();
         let mut settling = None;
         let mut unsettled: u32 = 0;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
