@@ -100,7 +100,7 @@ impl ToolCallEvent<'_> {
     /// The event as one newline-terminated JSON line, field for field what serde would write.
     pub fn to_line(&self) -> Vec<u8> {
         let mut line = Line::new();
-        line.str(k!("ts"), &self.ts);
+        line.str(k!("ts"), self.ts.as_str());
         line.str(k!("event"), self.event);
         line.str(k!("request_id"), self.request_id);
         if let Some(ip) = &self.source {
@@ -175,7 +175,7 @@ mod tests {
     #[test]
     fn plain_events_match_serde() {
         let event = ToolCallEvent {
-            ts: "2026-11-30T10:00:00.000Z".into(),
+            ts: crate::audit::now(),
             event: "tool_call",
             request_id: "r-1",
             source: Some("10.1.2.3".parse().unwrap()),
@@ -216,7 +216,7 @@ mod tests {
         )];
         let would_deny = ["shadow \\ rule".to_owned()];
         let event = ToolCallEvent {
-            ts: "2026-11-30T10:00:00.000Z".into(),
+            ts: crate::audit::now(),
             event: "tool_call",
             request_id: "quote\"back\\slash\u{1}ctl",
             source: Some("2001:db8::1".parse().unwrap()),
@@ -249,7 +249,7 @@ mod tests {
     #[test]
     fn absent_parts_are_null_as_serde_writes_them() {
         let event = ToolCallEvent {
-            ts: "t".into(),
+            ts: crate::audit::now(),
             event: "tool_call",
             request_id: "r",
             source: None,

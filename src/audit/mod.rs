@@ -57,14 +57,43 @@ pub enum AuditError {
 }
 
 /// RFC 3339 UTC with milliseconds, as every event's `ts`.
-pub fn now() -> String {
+pub fn now() -> Timestamp {
     rfc3339_millis(SystemTime::now())
+}
+
+/// An event's `ts`, `2026-11-30T12:00:00.123Z`: always 24 ASCII bytes, kept inline (every
+/// event has one; a `String` would be an allocation per call).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Timestamp([u8; 24]);
+
+impl Timestamp {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("RFC 3339 is ASCII")
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// `t` as `2026-11-30T12:00:00.123Z`. The date and time of day change once a second: each
 /// thread formats them once per second and reuses them (every event has a timestamp, and
 /// calendar arithmetic plus `fmt` cost more than the rest of the line's plain fields).
-fn rfc3339_millis(t: SystemTime) -> String {
+fn rfc3339_millis(t: SystemTime) -> Timestamp {
     thread_local! {
         static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
     }
@@ -83,14 +112,14 @@ fn rfc3339_millis(t: SystemTime) -> String {
         prefix
     });
     let ms = since.subsec_millis();
-    let mut out = String::with_capacity(24);
-    out.push_str(std::str::from_utf8(&prefix).expect("RFC 3339 is ASCII"));
-    out.push('.');
-    for digit in [ms / 100, ms / 10 % 10, ms % 10] {
-        out.push(char::from(b'0' + digit as u8));
+    let mut out = [0u8; 24];
+    out[..19].copy_from_slice(&prefix);
+    out[19] = b'.';
+    for (at, digit) in [ms / 100, ms / 10 % 10, ms % 10].into_iter().enumerate() {
+        out[20 + at] = b'0' + digit as u8;
     }
-    out.push('Z');
-    out
+    out[23] = b'Z';
+    Timestamp(out)
 }
 
 /// A duration as the events' `duration_ms`: milliseconds, to the microsecond.
@@ -149,7 +178,7 @@ impl Serialize for RecordedArguments {
 /// One decision on one tool call.
 #[derive(Debug, Serialize)]
 pub struct ToolCallEvent<'a> {
-    pub ts: String,
+    pub ts: Timestamp,
     pub event: &'static str,
     pub request_id: &'a str,
     /// The address the call came from (the connection's peer).
@@ -182,7 +211,7 @@ pub struct ToolCallEvent<'a> {
 /// text, never the caller's.
 #[derive(Debug, Serialize)]
 pub struct RefusalEvent<'a> {
-    pub ts: String,
+    pub ts: Timestamp,
     pub event: &'static str,
     pub request_id: &'a str,
     pub endpoint: &'static str,
@@ -198,7 +227,7 @@ pub struct RefusalEvent<'a> {
 /// A policy (re)load, good or bad.
 #[derive(Debug, Serialize)]
 pub struct PolicyEvent<'a> {
-    pub ts: String,
+    pub ts: Timestamp,
     pub event: &'static str,
     pub policy_version: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -635,7 +664,7 @@ impl FileSink {
             Trigger::Admin { by } => ("admin", Some(by)),
         };
         let mut line = serde_json::to_vec(&RotatedEvent {
-            ts: now(),
+            ts: now().to_string(),
             event: "audit_rotated",
             previous_file: &previous_file,
             previous_bytes,
@@ -774,7 +803,11 @@ fn next_suffix(active: &Path, newest: Option<&str>) -> String {
         .map(|t| t + std::time::Duration::from_millis(1));
     let mut t = SystemTime::now().max(after_newest.unwrap_or(std::time::UNIX_EPOCH));
     loop {
-        let suffix: String = rfc3339_millis(t).chars().filter(|c| !matches!(c, '-' | ':')).collect();
+        let suffix: String = rfc3339_millis(t)
+            .as_str()
+            .chars()
+            .filter(|c| !matches!(c, '-' | ':'))
+            .collect();
         if newest.is_none_or(|n| suffix.as_str() > n) && !with_suffix(active, &suffix).exists() {
             return suffix;
         }
@@ -868,9 +901,12 @@ mod tests {
             123_456_789,
         ] {
             let t = start + Duration::from_millis(ms);
-            assert_eq!(rfc3339_millis(t), humantime::format_rfc3339_millis(t).to_string());
+            assert_eq!(
+                rfc3339_millis(t).to_string(),
+                humantime::format_rfc3339_millis(t).to_string()
+            );
         }
-        assert_eq!(now().len(), "2026-11-30T12:00:00.123Z".len());
+        assert_eq!(now().as_str().len(), "2026-11-30T12:00:00.123Z".len());
     }
 
     /// `n` tasks each emitting `{"n":i}` at once.

@@ -123,7 +123,7 @@ impl UnknownCallers {
         if per_source && self.overall.as_ref().is_none_or(|l| l.check().is_ok()) {
             return true;
         }
-        let now = super::now();
+        let now = super::now().to_string();
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let key = if counts.len() < MAX_SOURCES || counts.contains_key(&Some(key)) {
             Some(key)
@@ -177,7 +177,7 @@ impl Taken {
             .0
             .iter()
             .map(|(key, t)| SummaryEvent {
-                ts: ts.clone(),
+                ts: ts.to_string(),
                 event: "refusals_summarized",
                 source: key.map(show),
                 count: t.count,

@@ -563,24 +563,29 @@ pub fn finds_any<'f>(mut filters: impl Iterator<Item = &'f Filter>, text: &str) 
 /// Runs `filters` over every string value and key of `value`, in place: redacting filters
 /// rewrite, the first blocking finding stops the walk.
 pub fn apply(filters: &[&Filter], value: &mut Value) -> Outcome {
-    apply_audited(filters, None, value)
+    apply_audited(filters.iter().copied(), None, value)
 }
 
-/// As [`apply`], and also asks `audit` (on the same normalised text: one normalisation per
-/// string for all of them) whether it would find anything in what the filters leave. Most
-/// arguments hold nothing for it, and then the value as filtered is also the value to record.
-pub fn apply_audited(filters: &[&Filter], audit: Option<&Filter>, value: &mut Value) -> Outcome {
+/// As [`apply`], for the filters `filters` yields (a tool's, picked from the policy's list
+/// without collecting them per call), and also asks `audit` (on the same normalised text:
+/// one normalisation per string for all of them) whether it would find anything in what the
+/// filters leave. Most arguments hold nothing for it, and then the value as filtered is also
+/// the value to record.
+pub fn apply_audited<'f, I>(filters: I, audit: Option<&'f Filter>, value: &mut Value) -> Outcome
+where
+    I: Iterator<Item = &'f Filter> + Clone,
+{
     let mut out = Outcome::default();
     walk(&Scan { filters, audit }, value, &mut out);
     out
 }
 
-struct Scan<'a> {
-    filters: &'a [&'a Filter],
-    audit: Option<&'a Filter>,
+struct Scan<'f, I> {
+    filters: I,
+    audit: Option<&'f Filter>,
 }
 
-fn walk(scan: &Scan<'_>, value: &mut Value, out: &mut Outcome) {
+fn walk<'f, I: Iterator<Item = &'f Filter> + Clone>(scan: &Scan<'f, I>, value: &mut Value, out: &mut Outcome) {
     if out.blocked.is_some() {
         return;
     }
@@ -663,11 +668,15 @@ fn contains_ignoring_case(text: &str, lowercase: &str) -> bool {
 }
 
 /// `Some(replacement)` if a redacting filter matched; records blocks and redactions.
-fn check(scan: &Scan<'_>, text: &str, out: &mut Outcome) -> Option<String> {
+fn check<'f, I: Iterator<Item = &'f Filter> + Clone>(
+    scan: &Scan<'f, I>,
+    text: &str,
+    out: &mut Outcome,
+) -> Option<String> {
     let mut replacement = None;
     let n = normalize(text);
     let mut any_detector = None;
-    for f in scan.filters {
+    for f in scan.filters.clone() {
         if let Some(found) = f.scan_normalized(&n, &mut any_detector) {
             match f.action {
                 Action::Block => {

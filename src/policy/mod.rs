@@ -724,8 +724,8 @@ impl Policy {
 
         {
             // One walk for the tool's input filters and the audit redactor's detectors.
-            let filters: Vec<&Filter> = tool.input_filters.iter().map(|&i| &self.filters[i]).collect();
-            let outcome = content::apply_audited(&filters, Some(&content::AUDIT_REDACTOR), args);
+            let filters = tool.input_filters.iter().map(|&i| &self.filters[i]);
+            let outcome = content::apply_audited(filters, Some(&content::AUDIT_REDACTOR), args);
             eval.audit_clean = !outcome.audit_hit;
             for (filter, kind) in outcome.redacted {
                 let msg = format!("Redacted {kind} found by filter '{filter}'.");
