@@ -613,19 +613,28 @@ fn walk<'f, I: Iterator<Item = &'f Filter> + Clone>(scan: &Scan<'f, I>, value: &
             // A PEM key sent as lines (an array of strings, or a text answer split into lines):
             // only its first line names it a private key; the lines after it, up to the END
             // line, are the key itself and go too. What starts the block is a header line some
-            // filter rewrote (perhaps for an email on it, found first), whatever the kind.
+            // filter rewrote (perhaps for an email on it, found first), whatever the kind; the
+            // header and END lines are read normalised, as the detector reads them. Lines in
+            // the block are still checked (a blocking filter still blocks); other values in
+            // between do not end it.
             let mut in_key = false;
             for v in items.iter_mut() {
-                if in_key && let Value::String(s) = v {
-                    in_key = !contains_ignoring_case(s, "-----end");
-                    *s = format!("[REDACTED:{}]", Detector::PrivateKey.as_str());
-                    continue;
+                if out.blocked.is_some() {
+                    return;
                 }
-                let opens_key =
-                    matches!(v, Value::String(s) if is_private_key_header(s) && !contains_ignoring_case(s, "-----end"));
-                let before = opens_key.then(|| v.clone());
-                walk(scan, v, out);
-                in_key = before.is_some_and(|b| b != *v);
+                let Value::String(s) = v else {
+                    walk(scan, v, out);
+                    continue;
+                };
+                let replacement = check(scan, s, out);
+                if in_key {
+                    in_key = !normalize(s).contains("-----end");
+                    *s = format!("[REDACTED:{}]", Detector::PrivateKey.as_str());
+                } else if let Some(replacement) = replacement {
+                    let line = normalize(s);
+                    in_key = is_private_key_header(&line) && !line.contains("-----end");
+                    *s = replacement;
+                }
             }
         }
         // A card-shaped number as text (a card number sent as a number); redacted, it becomes
@@ -665,20 +674,10 @@ fn walk<'f, I: Iterator<Item = &'f Filter> + Clone>(scan: &Scan<'f, I>, value: &
     }
 }
 
-/// Whether a line holds a PEM private-key header (`-----BEGIN … PRIVATE KEY-----`), in any
-/// case. Cheap for text without five dashes.
-pub fn is_private_key_header(line: &str) -> bool {
-    line.contains("-----") && {
-        let line = line.to_ascii_lowercase();
-        line.find("-----begin ")
-            .is_some_and(|at| line[at..].contains("private key-----"))
-    }
-}
-
-fn contains_ignoring_case(text: &str, lowercase: &str) -> bool {
-    text.as_bytes()
-        .windows(lowercase.len())
-        .any(|w| w.eq_ignore_ascii_case(lowercase.as_bytes()))
+/// Whether a normalised line holds a PEM private-key header (`-----begin … private key-----`).
+fn is_private_key_header(line: &str) -> bool {
+    line.find("-----begin ")
+        .is_some_and(|at| line[at..].contains("private key-----"))
 }
 
 /// `Some(replacement)` if a redacting filter matched; records blocks and redactions.
@@ -929,13 +928,25 @@ mod tests {
     fn a_private_key_sent_as_lines_is_redacted_to_its_end_line() {
         let f = filter(json!({"detect": ["private_key", "email"], "action": "redact"}));
         let mut v = json!({"a": ["x", "-----BEGIN EC PRIVATE KEY-----", "MHcCAQEEIK", "-----END EC PRIVATE KEY-----", "y"],
-            "b": ["mail ada@example.com", "not a key"], "c": ["-----BEGIN RSA PRIVATE KEY----- MII -----END RSA PRIVATE KEY-----", "z"]});
+            "b": ["mail ada@example.com", "not a key"], "c": ["-----BEGIN RSA PRIVATE KEY----- MII -----END RSA PRIVATE KEY-----", "z"],
+            // Spaced as the detector reads it (a no-break space, a tab), with other values in
+            // the block, and an END line in full-width dashes.
+            "d": ["-----BEGIN RSA PRIVATE\u{a0}KEY-----", null, "MIIEow", 7, "b3Bl\tx", "\u{ff0d}\u{ff0d}\u{ff0d}\u{ff0d}\u{ff0d}END RSA PRIVATE KEY-----", "after"]});
         apply(&[&f], &mut v);
         let gone = "[REDACTED:private_key]";
         assert_eq!(
             v,
-            json!({"a": ["x", gone, gone, gone, "y"], "b": ["[REDACTED:email]", "not a key"], "c": [gone, "z"]})
+            json!({"a": ["x", gone, gone, gone, "y"], "b": ["[REDACTED:email]", "not a key"], "c": [gone, "z"],
+                "d": [gone, null, gone, 7, gone, gone, "after"]})
         );
+        // A blocking filter still blocks on a line inside the block.
+        let block = filter(json!({"deny_terms": ["falcon"], "action": "block"}));
+        let mut v = json!([
+            "-----BEGIN EC PRIVATE KEY-----",
+            "project falcon",
+            "-----END EC PRIVATE KEY-----"
+        ]);
+        assert!(apply(&[&f, &block], &mut v).blocked.is_some());
     }
 
     #[test]
