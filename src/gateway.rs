@@ -113,6 +113,9 @@ struct Record<'p> {
     would_deny: Vec<String>,
 }
 
+/// A policy file's size, modification time and identity (device, inode), for the watcher.
+pub type FileStamp = (u64, Option<std::time::SystemTime>, Option<(u64, u64)>);
+
 /// Why an operator's action was not carried out.
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
@@ -157,8 +160,9 @@ pub struct Gateway {
     pub approvals: Arc<Approvals>,
     webhook: Option<Webhook>,
     reload_lock: tokio::sync::Mutex<()>,
-    /// Held while an operator's decision is recorded and carried out, so two decisions on the
-    /// same approval (or tool) cannot both be recorded.
+    /// Held while a decision (an approval, a tool approval, a quarantine or a release) is
+    /// recorded and carried out, so two decisions on the same thing cannot both be recorded,
+    /// nor one undo another between its record and its effect.
     decisions: tokio::sync::Mutex<()>,
     /// Set by the demo only; `serve` reads the token from the environment or a file.
     admin_token: Option<String>,
@@ -177,6 +181,9 @@ pub struct Gateway {
     /// Set when the MCP catalog changed: the next reload swaps the policy in even though the
     /// files (and so the version) are the same.
     force_reload: std::sync::atomic::AtomicBool,
+    /// Set when a valid policy was not put in force because its event could not be written:
+    /// the watcher tries again (see [`Gateway::take_retry_due`]).
+    retry_due: std::sync::atomic::AtomicBool,
     /// Handles of the metrics every call updates.
     meters: Meters,
 }
@@ -207,6 +214,7 @@ impl Gateway {
             discovered: std::sync::Mutex::new(Vec::new()),
             any_changed_tool: std::sync::atomic::AtomicBool::new(false),
             force_reload: std::sync::atomic::AtomicBool::new(false),
+            retry_due: std::sync::atomic::AtomicBool::new(false),
             meters: Meters::default(),
         }
     }
@@ -239,31 +247,37 @@ impl Gateway {
         }
     }
 
-    /// A cheap summary of the files the policy is read from (names, sizes, modification
-    /// times): the policy directory's `*.yaml`, `*.yml` and `*.cedar`, and the JWKS file. The
-    /// watcher reloads when it changes; other files in the directory (a log, an editor's swap
-    /// file) do not count.
-    pub fn policy_fingerprint(&self) -> Vec<(std::ffi::OsString, u64, Option<std::time::SystemTime>)> {
+    /// A cheap summary of the files the policy is read from: the policy directory's `*.yaml`,
+    /// `*.yml` and `*.cedar`, and the JWKS file, each with its size, modification time and
+    /// identity, links followed (a Kubernetes ConfigMap swaps a link to a new directory, and
+    /// `agents.yaml` is a link into it). The watcher reloads when it changes; other files in
+    /// the directory (a log, an editor's swap file) do not count.
+    pub fn policy_fingerprint(&self) -> Vec<(std::ffi::OsString, Option<FileStamp>)> {
         let Some(dir) = &self.policy_dir else { return Vec::new() };
-        let stat = |name: std::ffi::OsString, m: std::fs::Metadata| (name, m.len(), m.modified().ok());
+        let stamp = |path: &std::path::Path| {
+            // A file that cannot be read is a change too (the next load reports it).
+            let m = std::fs::metadata(path).ok()?;
+            Some((m.len(), m.modified().ok(), crate::file_id(&m)))
+        };
         let mut out: Vec<_> = std::fs::read_dir(dir)
             .into_iter()
             .flatten()
             .filter_map(Result::ok)
-            .filter(|e| crate::policy::is_policy_file(&e.path()))
-            .filter_map(|e| Some(stat(e.file_name(), e.metadata().ok()?)))
+            .map(|e| e.path())
+            .filter(|p| crate::policy::is_policy_file(p))
+            .map(|p| (p.file_name().unwrap_or_default().to_owned(), stamp(&p)))
             .collect();
         out.sort();
         if let Some(jwks) = &self.policy_now().jwks_file {
-            // A missing file is a change too (the next load reports it).
-            let m = std::fs::metadata(jwks).ok();
-            out.push((
-                jwks.clone().into_os_string(),
-                m.as_ref().map_or(u64::MAX, |m| m.len()),
-                m.and_then(|m| m.modified().ok()),
-            ));
+            out.push((jwks.clone().into_os_string(), stamp(jwks)));
         }
         out
+    }
+
+    /// Whether a reload is due again because the last one could not be recorded (and from
+    /// now on, not: the caller tries it).
+    pub fn take_retry_due(&self) -> bool {
+        self.retry_due.swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Reloads policies from disk. On failure the last good policy stays in force; either way
@@ -299,6 +313,7 @@ impl Gateway {
                         if forced {
                             self.force_reload.store(true, std::sync::atomic::Ordering::SeqCst);
                         }
+                        self.retry_due.store(true, std::sync::atomic::Ordering::SeqCst);
                         tracing::error!(version = %version, kept = %previous.version, trigger, "policy not reloaded: its audit event could not be written: {source}");
                         metrics::counter!("toolgate_policy_reloads_total", "result" => "unrecorded").increment(1);
                         return Err(ReloadError::Unrecorded { version, source });
@@ -488,6 +503,9 @@ impl Gateway {
 
     /// Quarantines an agent and audits it (see [`Quarantined`]).
     pub async fn quarantine(&self, agent: &str, duration: Option<Duration>, by: &str, reason: &str) -> Quarantined {
+        // Not while a release is being recorded: it would then remove this quarantine, not
+        // the one its event names.
+        let _one = self.decisions.lock().await;
         if !self.state.quarantine(agent, duration, by, reason) {
             return Quarantined {
                 changed: false,

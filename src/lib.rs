@@ -37,3 +37,17 @@ pub mod upstream;
 /// seeded per process; and nothing a caller sends inserts keys into these maps (they are keyed
 /// by the policy's agents and tools).
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A file's identity (device and inode), which a rename keeps and a replacement changes.
+pub(crate) fn file_id(m: &std::fs::Metadata) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = m;
+        None
+    }
+}

@@ -378,24 +378,10 @@ fn offset_fits(cp: &mut Checkpoint, chunk: &Chunk, path: &std::path::Path) -> bo
     fits
 }
 
-/// A file's identity, which a rename keeps.
-fn file_id(m: &std::fs::Metadata) -> Option<(u64, u64)> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        Some((m.dev(), m.ino()))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = m;
-        None
-    }
-}
-
 /// Complete lines of `f` from `offset`, within the batch limits.
 fn read_lines(f: &mut std::fs::File, offset: u64, cfg: &CloudWatchConfig) -> std::io::Result<Chunk> {
     let meta = f.metadata()?;
-    let (len, file_id) = (meta.len(), file_id(&meta));
+    let (len, file_id) = (meta.len(), crate::file_id(&meta));
     if len <= offset {
         return Ok(Chunk {
             file_id,
@@ -620,7 +606,7 @@ mod tests {
         // With the right identity, the offset holds.
         let mut cp = Checkpoint {
             offset: 8,
-            file_id: file_id(&std::fs::metadata(&active).unwrap()),
+            file_id: crate::file_id(&std::fs::metadata(&active).unwrap()),
             ..Checkpoint::default()
         };
         assert_eq!(drain(&shipper, &mut cp), ["{\"n\":2}"]);

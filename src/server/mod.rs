@@ -30,7 +30,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::gateway::{Gateway, ReloadError, error_body};
+use crate::gateway::{Gateway, error_body};
 use crate::policy::{Code, Reason, Stage};
 use crate::upstream::X_REQUEST_ID;
 
@@ -433,17 +433,17 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
             if now == last {
                 settling = None;
                 unsettled = 0;
+                // A valid policy whose event could not be written was not put in force
+                // (whether the files, an admin or the MCP catalog asked for it): tried again
+                // here until it is. An invalid one waits for the files to change.
+                if gw.take_retry_due() {
+                    let _ = gw.reload("retry", None).await;
+                }
             } else if settling.as_ref() == Some(&now) {
+                last = now;
                 settling = None;
                 unsettled = 0;
-                // A valid policy whose event could not be written was not put in force: the
-                // next polls try again. An invalid one is not retried until the files change.
-                if !matches!(
-                    gw.reload("file_change", None).await,
-                    Err(ReloadError::Unrecorded { .. })
-                ) {
-                    last = now;
-                }
+                let _ = gw.reload("file_change", None).await;
             } else {
                 settling = Some(now);
                 unsettled += 1;

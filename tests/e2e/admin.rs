@@ -401,3 +401,116 @@ async fn the_watcher_ignores_files_the_policy_is_not_read_from() {
         .count();
     assert_eq!(reloads, 1, "the log file's changes are not policy changes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_mounted_as_a_configmap_is_reloaded_when_its_link_is_swapped() {
+    use std::os::unix::fs::symlink;
+    let h = Harness::start().await;
+    let dir = &h.policy_dir;
+    // Laid out as Kubernetes mounts a ConfigMap: each file a link through `..data`, itself a
+    // link to a timestamped directory; an update writes a new directory and swaps `..data`.
+    std::fs::create_dir(dir.join("..v1")).unwrap();
+    for f in ["agents.yaml", "tools.yaml"] {
+        std::fs::rename(dir.join(f), dir.join("..v1").join(f)).unwrap();
+    }
+    symlink("..v1", dir.join("..data")).unwrap();
+    for f in ["agents.yaml", "tools.yaml"] {
+        symlink(format!("..data/{f}"), dir.join(f)).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        h.call("kb.search", Some(ANALYST_KEY), r#"{"query":"q"}"#).await.status,
+        200
+    );
+
+    std::fs::create_dir(dir.join("..v2")).unwrap();
+    let agents = std::fs::read_to_string(dir.join("..v1/agents.yaml")).unwrap();
+    std::fs::write(
+        dir.join("..v2/agents.yaml"),
+        agents.replace("tools: [ kb.* ]", "tools: [ ]"),
+    )
+    .unwrap();
+    std::fs::copy(dir.join("..v1/tools.yaml"), dir.join("..v2/tools.yaml")).unwrap();
+    symlink("..v2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+
+    let mut denied = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if h.call("kb.search", Some(ANALYST_KEY), r#"{"query":"q"}"#).await.status == 403 {
+            denied = true;
+            break;
+        }
+    }
+    assert!(denied, "the swapped ConfigMap was not reloaded");
+    let reloads = h
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "policy_reloaded")
+        .count();
+    assert_eq!(reloads, 1, "moving the same files behind links is not a new policy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_whose_event_could_not_be_written_is_put_in_force_once_it_can_be() {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    const O_NONBLOCK: i32 = 0o4000; // Linux
+    // The audit log is a pipe this test reads: while no one reads it, every write fails
+    // (EPIPE), as on a broken disk; reading again mends it.
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("audit.fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let open_reader = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(O_NONBLOCK)
+            .open(&fifo)
+            .unwrap()
+    };
+    let reader = open_reader();
+    let h = Harness::start_with(&format!("audit: {{ file: {} }}\n", fifo.display())).await;
+    let version = || async { h.admin("GET", "/admin/policy", true).await.json()["version"].clone() };
+    let before = version().await;
+
+    drop(reader);
+    let agents = h.policy_dir.join("agents.yaml");
+    let text = std::fs::read_to_string(&agents).unwrap();
+    std::fs::write(&agents, text.replace("tools: [ kb.* ]", "tools: [ ]")).unwrap();
+    h.admin_json("POST", "/admin/reload", &json!({"by": "carol"}))
+        .await
+        .assert_error(503, "unavailable");
+    // Long enough for the watcher to see the change too, and fail the same way.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(version().await, before);
+
+    let mut reader = open_reader();
+    let mut after = before.clone();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = version().await;
+        if after != before {
+            break;
+        }
+    }
+    assert_ne!(
+        after, before,
+        "the policy was not put in force once the log could be written"
+    );
+    let mut written = String::new();
+    let _ = reader.read_to_string(&mut written);
+    let reloaded: Vec<serde_json::Value> = written
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &serde_json::Value| e["event"] == "policy_reloaded")
+        .collect();
+    assert_eq!(reloaded.len(), 1, "{written}");
+    assert_eq!(reloaded[0]["trigger"], "retry");
+    assert_eq!(reloaded[0]["policy_version"], after);
+}
