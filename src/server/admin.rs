@@ -143,7 +143,10 @@ async fn reload(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         Err(r) => return r,
     };
     let before = gw.policy().version.clone();
-    let reloaded = gw.reload("admin", by.as_deref()).await;
+    let reloaded = {
+        let gw = gw.clone();
+        to_the_end(async move { gw.reload("admin", by.as_deref()).await }).await
+    };
     // Upstream MCP servers are asked again too (their tools are part of the policy).
     gw.refresh_mcp("admin").await;
     let reloaded = reloaded.map(|v| {
@@ -351,7 +354,10 @@ async fn quarantine(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req:
     let by = a.by.unwrap_or_default();
     let comment = a.comment.unwrap_or_else(|| "quarantined by an operator".to_owned());
     let duration = a.duration_seconds.map(std::time::Duration::from_secs);
-    let done = gw.quarantine(&id, duration, &by, &comment).await;
+    let done = {
+        let (gw, id) = (gw.clone(), id.clone());
+        to_the_end(async move { gw.quarantine(&id, duration, &by, &comment).await }).await
+    };
     axum::Json(
         json!({"agent": id, "quarantined": true, "changed": done.changed, "audited": done.audited,
         "quarantine": gw.state.quarantined(&id)}),
@@ -365,10 +371,12 @@ async fn release(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Re
         Ok(a) => a,
         Err(r) => return r,
     };
-    match gw
-        .release(&id, &a.by.unwrap_or_default(), &a.comment.unwrap_or_default())
-        .await
-    {
+    let released = {
+        let (gw, id) = (gw.clone(), id.clone());
+        let (by, comment) = (a.by.unwrap_or_default(), a.comment.unwrap_or_default());
+        to_the_end(async move { gw.release(&id, &by, &comment).await }).await
+    };
+    match released {
         Ok(changed) => axum::Json(json!({"agent": id, "quarantined": false, "changed": changed})).into_response(),
         Err(e) => not_done(
             ActionError::Unrecorded(e),
@@ -376,6 +384,12 @@ async fn release(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Re
             &rid,
         ),
     }
+}
+
+/// Runs an action to its end even if the admin's connection drops meanwhile (hyper then
+/// drops the handler): once its event is written, what the event records must happen.
+async fn to_the_end<T: Send + 'static>(action: impl Future<Output = T> + Send + 'static) -> T {
+    tokio::spawn(action).await.expect("admin actions do not panic")
 }
 
 /// The answer for an action that was not carried out: `what` says what did not happen.
@@ -467,11 +481,8 @@ async fn decide(gw: Arc<Gateway>, id: String, approve: bool, req: Request) -> Re
         Ok(a) => a,
         Err(r) => return r,
     };
-    let by = a.by.unwrap_or_default();
-    match gw
-        .decide_approval(&id, approve, &by, &a.comment.unwrap_or_default())
-        .await
-    {
+    let (by, comment) = (a.by.unwrap_or_default(), a.comment.unwrap_or_default());
+    match to_the_end(async move { gw.decide_approval(&id, approve, &by, &comment).await }).await {
         Ok(Ok(approval)) => axum::Json(approval).into_response(),
         Ok(Err(DecideError::NotFound)) => error_response(Code::NotFound, "No such approval.", &rid),
         Ok(Err(DecideError::NotPending(status))) => error_response(
@@ -515,7 +526,7 @@ async fn approve_tool(State(gw): State<Arc<Gateway>>, Path(name): Path<String>, 
         );
     };
     let (by, comment) = (a.by.unwrap_or_default(), a.comment.unwrap_or_default());
-    match gw.approve_tool(&name, &sha, &by, &comment).await {
+    match to_the_end(async move { gw.approve_tool(&name, &sha, &by, &comment).await }).await {
         Ok(Ok(t)) => {
             axum::Json(json!({"name": t.exposed_name(), "sha256": t.definition_sha256(), "state": "approved"}))
                 .into_response()
