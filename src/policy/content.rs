@@ -565,6 +565,9 @@ pub struct Outcome {
     /// Whether the audit filter given to [`apply_audited`] found something the filters left in
     /// place (the value then needs its own pass before it is recorded).
     pub audit_hit: bool,
+    /// Inside a PEM private key's block: between a header line a filter rewrote and its END
+    /// line, in document order (see `walk`).
+    in_key: bool,
 }
 
 /// Whether any of `filters` finds something in `text`: what [`apply`] would act on.
@@ -604,37 +607,30 @@ fn walk<'f, I: Iterator<Item = &'f Filter> + Clone>(scan: &Scan<'f, I>, value: &
         return;
     }
     match value {
+        // A PEM key sent as lines (an array of strings, objects with one line each, a text
+        // answer split into lines): only its first line names it a private key; the string
+        // values after it, in document order and at any depth, up to the END line, are the key
+        // itself and go too. What starts the block is a header line some filter rewrote
+        // (perhaps for an email on it, found first), whatever the kind; the header and END
+        // lines are read normalised, as the detector reads them. Lines in the block are still
+        // checked (a blocking filter still blocks). Keys and numbers are left as they are.
         Value::String(s) => {
-            if let Some(replacement) = check(scan, s, out) {
+            let replacement = check(scan, s, out);
+            if out.in_key {
+                out.in_key = !normalize(s).contains("-----end");
+                *s = format!("[REDACTED:{}]", Detector::PrivateKey.as_str());
+            } else if let Some(replacement) = replacement {
+                let line = normalize(s);
+                out.in_key = is_private_key_header(&line) && !line.contains("-----end");
                 *s = replacement;
             }
         }
         Value::Array(items) => {
-            // A PEM key sent as lines (an array of strings, or a text answer split into lines):
-            // only its first line names it a private key; the lines after it, up to the END
-            // line, are the key itself and go too. What starts the block is a header line some
-            // filter rewrote (perhaps for an email on it, found first), whatever the kind; the
-            // header and END lines are read normalised, as the detector reads them. Lines in
-            // the block are still checked (a blocking filter still blocks); other values in
-            // between do not end it.
-            let mut in_key = false;
             for v in items.iter_mut() {
                 if out.blocked.is_some() {
                     return;
                 }
-                let Value::String(s) = v else {
-                    walk(scan, v, out);
-                    continue;
-                };
-                let replacement = check(scan, s, out);
-                if in_key {
-                    in_key = !normalize(s).contains("-----end");
-                    *s = format!("[REDACTED:{}]", Detector::PrivateKey.as_str());
-                } else if let Some(replacement) = replacement {
-                    let line = normalize(s);
-                    in_key = is_private_key_header(&line) && !line.contains("-----end");
-                    *s = replacement;
-                }
+                walk(scan, v, out);
             }
         }
         // A card-shaped number as text (a card number sent as a number); redacted, it becomes
@@ -938,6 +934,15 @@ mod tests {
             v,
             json!({"a": ["x", gone, gone, gone, "y"], "b": ["[REDACTED:email]", "not a key"], "c": [gone, "z"],
                 "d": [gone, null, gone, 7, gone, gone, "after"]})
+        );
+        // One object per line (a line-reading tool, an MCP answer's content items), or a line
+        // nested deeper: the block follows the document, not one array.
+        let mut v = json!({"lines": [{"n": 1, "text": "-----BEGIN RSA PRIVATE KEY-----"}, {"n": 2, "text": "MIIEow"},
+            [["b3Bl"]], {"n": 3, "text": "-----END RSA PRIVATE KEY-----"}, {"n": 4, "text": "after"}]});
+        apply(&[&f], &mut v);
+        assert_eq!(
+            v,
+            json!({"lines": [{"n": 1, "text": gone}, {"n": 2, "text": gone}, [[gone]], {"n": 3, "text": gone}, {"n": 4, "text": "after"}]})
         );
         // A blocking filter still blocks on a line inside the block.
         let block = filter(json!({"deny_terms": ["falcon"], "action": "block"}));
