@@ -285,6 +285,8 @@ impl Gateway {
     /// is written (`by`: the operator who asked, if one did).
     pub async fn reload(&self, trigger: &str, by: Option<&str>) -> Result<String, ReloadError> {
         let _guard = self.reload_lock.lock().await;
+        // This attempt stands for any retry that was due.
+        self.retry_due.store(false, std::sync::atomic::Ordering::SeqCst);
         let Some(dir) = self.policy_dir.clone() else {
             return Ok(self.policy().version.clone());
         };
@@ -1222,6 +1224,9 @@ impl Gateway {
                 }
             }
         });
+        // The decision is made; the rebuild (retried by the watcher if it cannot be recorded)
+        // need not hold up other decisions, or an anomaly's quarantine.
+        drop(_one);
         let _ = self.reload_now("tool_approved").await;
         Ok(Ok(DiscoveredTool { changed: false, ..tool }))
     }

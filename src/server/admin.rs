@@ -145,10 +145,14 @@ async fn reload(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let before = gw.policy().version.clone();
     let reloaded = {
         let gw = gw.clone();
-        to_the_end(async move { gw.reload("admin", by.as_deref()).await }).await
+        to_the_end(async move {
+            let reloaded = gw.reload("admin", by.as_deref()).await;
+            // Upstream MCP servers are asked again too (their tools are part of the policy).
+            gw.refresh_mcp("admin").await;
+            reloaded
+        })
+        .await
     };
-    // Upstream MCP servers are asked again too (their tools are part of the policy).
-    gw.refresh_mcp("admin").await;
     let reloaded = reloaded.map(|v| {
         if gw.policy().version != v {
             gw.policy().version.clone()

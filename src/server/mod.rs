@@ -30,7 +30,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::gateway::{Gateway, error_body};
+use crate::gateway::{Gateway, ReloadError, error_body};
 use crate::policy::{Code, Reason, Stage};
 use crate::upstream::X_REQUEST_ID;
 
@@ -409,6 +409,7 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
         let mut last = Vec::new();
         let mut settling = None;
         let mut unsettled: u32 = 0;
+        let (mut retry_at, mut retry_backoff): (u64, u64) = (0, 1);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks: u64 = 0;
         loop {
@@ -436,8 +437,11 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
                 // A valid policy whose event could not be written was not put in force
                 // (whether the files, an admin or the MCP catalog asked for it): tried again
                 // here until it is. An invalid one waits for the files to change.
-                if gw.take_retry_due() {
-                    let _ = gw.reload("retry", None).await;
+                if ticks >= retry_at && gw.take_retry_due() {
+                    // Backing off while the log stays broken: 1, 2, 4 … 60 s between tries.
+                    let failed = matches!(gw.reload("retry", None).await, Err(ReloadError::Unrecorded { .. }));
+                    retry_backoff = if failed { (retry_backoff * 2).min(60) } else { 1 };
+                    retry_at = ticks + retry_backoff;
                 }
             } else if settling.as_ref() == Some(&now) {
                 last = now;

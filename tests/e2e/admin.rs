@@ -486,13 +486,15 @@ async fn a_policy_whose_event_could_not_be_written_is_put_in_force_once_it_can_b
     h.admin_json("POST", "/admin/reload", &json!({"by": "carol"}))
         .await
         .assert_error(503, "unavailable");
-    // Long enough for the watcher to see the change too, and fail the same way.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Long enough for the watcher to see the change too (two polls a second apart), and fail
+    // the same way.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     assert_eq!(version().await, before);
 
     let mut reader = open_reader();
     let mut after = before.clone();
-    for _ in 0..50 {
+    // The watcher backs off between tries (1, 2, 4 … s): up to 15 s.
+    for _ in 0..150 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         after = version().await;
         if after != before {
