@@ -8,6 +8,26 @@ use serde_json::json;
 
 use crate::support::{ANALYST_KEY, Harness, SUPPORT_KEY, send};
 
+/// Whether, within `polls` tenths of a second, the analyst is refused `kb.search` (the edits
+/// these tests make to the policy take it away).
+async fn analyst_denied_within(h: &Harness, polls: usize) -> bool {
+    for _ in 0..polls {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if h.call("kb.search", Some(ANALYST_KEY), r#"{"query":"q"}"#).await.status == 403 {
+            return true;
+        }
+    }
+    false
+}
+
+/// How many `policy_reloaded` events the audit file holds.
+fn reloads(h: &Harness) -> usize {
+    h.audit()
+        .into_iter()
+        .filter(|e| e["event"] == "policy_reloaded")
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_metrics_need_no_token() {
     let h = Harness::start().await;
@@ -160,14 +180,7 @@ async fn policy_files_are_reloaded_when_they_change() {
     );
     // Then the fixed file.
     std::fs::write(&agents, good.replace("tools: [ kb.* ]", "tools: [ ]")).unwrap();
-    let mut denied = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if h.call("kb.search", Some(ANALYST_KEY), r#"{"query":"q"}"#).await.status == 403 {
-            denied = true;
-            break;
-        }
-    }
+    let denied = analyst_denied_within(&h, 50).await;
     assert!(denied, "the changed file was not reloaded");
     let kinds: Vec<String> = h
         .audit()
@@ -380,25 +393,14 @@ async fn the_watcher_ignores_files_the_policy_is_not_read_from() {
     let agents = h.policy_dir.join("agents.yaml");
     let text = std::fs::read_to_string(&agents).unwrap();
     std::fs::write(&agents, text.replace("tools: [ kb.* ]", "tools: [ ]")).unwrap();
-    let mut denied = false;
-    for _ in 0..60 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if h.call("kb.search", Some(ANALYST_KEY), r#"{"query":"q"}"#).await.status == 403 {
-            denied = true;
-            break;
-        }
-    }
+    let denied = analyst_denied_within(&h, 60).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
     assert!(
         denied,
         "the changed policy was not loaded while another file kept changing"
     );
-    let reloads = h
-        .audit()
-        .into_iter()
-        .filter(|e| e["event"] == "policy_reloaded")
-        .count();
+    let reloads = reloads(&h);
     assert_eq!(reloads, 1, "the log file's changes are not policy changes");
 }
 
@@ -434,20 +436,9 @@ async fn a_policy_mounted_as_a_configmap_is_reloaded_when_its_link_is_swapped() 
     symlink("..v2", dir.join("..data_tmp")).unwrap();
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
 
-    let mut denied = false;
-    for _ in 0..60 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if h.call("kb.search", Some(ANALYST_KEY), r#"{"query":"q"}"#).await.status == 403 {
-            denied = true;
-            break;
-        }
-    }
+    let denied = analyst_denied_within(&h, 60).await;
     assert!(denied, "the swapped ConfigMap was not reloaded");
-    let reloads = h
-        .audit()
-        .into_iter()
-        .filter(|e| e["event"] == "policy_reloaded")
-        .count();
+    let reloads = reloads(&h);
     assert_eq!(reloads, 1, "moving the same files behind links is not a new policy");
 }
 
