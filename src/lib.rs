@@ -1,19 +1,21 @@
 //! toolgate: a reverse proxy between AI agents and their tools.
 //!
-//! A call's path through the proxy, and the module that owns each step:
+//! A call's path through the proxy, and the module that owns each step (ARCHITECTURE.md has the
+//! map):
 //!
-//! 1. `server`    — accept on the data plane; request id, body and concurrency limits.
-//! 2. `gateway`   — authenticate the agent (`policy::identity`), then evaluate the call.
-//! 3. `policy`    — pure decision pipeline: allowlist → arguments (JSON Schema) → content filters
-//!    → rules (Cedar, with facts from the session's history); a rule may hold the call for
-//!    `approval`; then `state`: quarantine, token budget reservation, rate limits (atomic,
-//!    after the static checks).
-//! 4. `upstream`  — forward an allowed call: URL template, method, timeout, bounded response.
-//! 5. `policy`    — output filters over the tool's response.
-//! 6. `audit`     — one event per decision, written before the response is sent.
+//! 1. `server`   — accept on the data plane: request id, source, body and concurrency limits;
+//!    `server::data` (`POST /v1/tools/{tool}`) or `server::mcp` (MCP `tools/call`) turns the
+//!    request into a `gateway::CallRequest`.
+//! 2. `gateway`  — one call end to end, whichever transport brought it; its stages, in order, are
+//!    in `gateway::stages`: authenticate, quarantine, evaluate (`policy`), hold for `approval`,
+//!    guardrails, budget and rate limits (`state`), forward (`upstream`), output filters.
+//! 3. `policy`   — the pure decision engine: allowlist → arguments (JSON Schema) → content
+//!    filters → rules (Cedar, with facts from the session's history); output filters.
+//! 4. `upstream` — the tool: HTTP under its AWS role, or an upstream MCP server.
+//! 5. `audit`    — one event per call, written before the outcome is handed back.
 //!
 //! `config` loads and validates the files people edit; the admin plane (`server::admin`) serves
-//! health, metrics and reload on its own listener.
+//! health, metrics, reload, quarantine and approvals on its own listener.
 
 pub mod approval;
 pub mod audit;
@@ -22,7 +24,6 @@ pub mod cases;
 pub mod config;
 pub mod demo;
 pub mod gateway;
-pub mod mcp;
 pub mod meters;
 pub mod per_thread;
 pub mod policy;

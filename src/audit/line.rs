@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 
-use super::{RecordedArguments, ToolCallEvent};
+use super::{Event, RecordedArguments, ToolCallEvent};
 use crate::policy::arguments::write_str;
 
 /// A key as [`Line::key`] takes it, `,"name":`, put together at compile time: one copy per key.
@@ -98,10 +98,10 @@ impl Line {
 
 impl ToolCallEvent<'_> {
     /// The event as one newline-terminated JSON line, field for field what serde would write.
-    pub fn to_line(&self) -> Vec<u8> {
+    pub(super) fn write_line(&self) -> Vec<u8> {
         let mut line = Line::new();
         line.str(k!("ts"), self.ts.as_str());
-        line.str(k!("event"), self.event);
+        line.str(k!("event"), Self::NAME);
         line.str(k!("request_id"), self.request_id);
         if let Some(ip) = &self.source {
             line.ip(k!("source"), ip);
@@ -165,18 +165,18 @@ mod tests {
     use serde_json::{Value, json};
 
     fn both(event: &ToolCallEvent<'_>) -> (Value, Value) {
-        let line = event.to_line();
+        let line = event.write_line();
         assert_eq!(line.last(), Some(&b'\n'), "one line, newline-terminated");
         assert!(!line[..line.len() - 1].contains(&b'\n'), "no newline inside the line");
         let by_hand: Value = serde_json::from_slice(&line).expect("the hand-written line is JSON");
-        (by_hand, serde_json::to_value(event).unwrap())
+        let by_serde = serde_json::from_slice(&crate::audit::events::stamped(event.ts, event)).unwrap();
+        (by_hand, by_serde)
     }
 
     #[test]
     fn plain_events_match_serde() {
         let event = ToolCallEvent {
             ts: crate::audit::now(),
-            event: "tool_call",
             request_id: "r-1",
             source: Some("10.1.2.3".parse().unwrap()),
             session: None,
@@ -217,7 +217,6 @@ mod tests {
         let would_deny = ["shadow \\ rule".to_owned()];
         let event = ToolCallEvent {
             ts: crate::audit::now(),
-            event: "tool_call",
             request_id: "quote\"back\\slash\u{1}ctl",
             source: Some("2001:db8::1".parse().unwrap()),
             session: Some("s\ttab"),
@@ -250,7 +249,6 @@ mod tests {
     fn absent_parts_are_null_as_serde_writes_them() {
         let event = ToolCallEvent {
             ts: crate::audit::now(),
-            event: "tool_call",
             request_id: "r",
             source: None,
             session: None,

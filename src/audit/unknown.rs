@@ -21,8 +21,8 @@ use std::sync::Mutex;
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
-use serde::Serialize;
 
+use super::RefusalsSummarized;
 use crate::config::UnknownCallersConfig;
 
 /// Sources tracked at once, in the limiter and, one by one, in the counts. Beyond, new sources
@@ -60,20 +60,6 @@ impl Tally {
             *self.codes.entry(code).or_default() += n;
         }
     }
-}
-
-/// One source's refusals not written one by one.
-#[derive(Debug, Serialize)]
-pub struct SummaryEvent {
-    pub ts: String,
-    pub event: &'static str,
-    /// The address (IPv4), its /64 (IPv6), or a wider block once too many are counted;
-    /// `null`: every source beyond those.
-    pub source: Option<String>,
-    pub count: u64,
-    pub codes: BTreeMap<&'static str, u64>,
-    pub first: String,
-    pub last: String,
 }
 
 /// A source as the allowance counts it: an IPv4 address, or an IPv6 /64 (one subscriber's
@@ -171,14 +157,11 @@ impl Taken {
     }
 
     /// One event per source, oldest first.
-    pub fn events(&self) -> Vec<SummaryEvent> {
-        let ts = super::now();
-        let mut out: Vec<SummaryEvent> = self
+    pub fn events(&self) -> Vec<RefusalsSummarized> {
+        let mut out: Vec<RefusalsSummarized> = self
             .0
             .iter()
-            .map(|(key, t)| SummaryEvent {
-                ts: ts.to_string(),
-                event: "refusals_summarized",
+            .map(|(key, t)| RefusalsSummarized {
                 source: key.map(show),
                 count: t.count,
                 codes: t.codes.clone(),

@@ -15,6 +15,23 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use unicode_normalization::UnicodeNormalization;
 
+/// `filters.<name>.bedrock_guardrail`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GuardrailConfig {
+    /// The guardrail's id or ARN.
+    pub id: String,
+    /// Its version (`DRAFT` or a number).
+    pub version: String,
+    /// Per request (default 2000): a guardrail that does not answer in time blocks the call.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout() -> u64 {
+    2000
+}
+
 /// `filters.<name>` in a policy file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,7 +51,7 @@ pub struct FilterConfig {
     pub action: Option<Action>,
     /// An Amazon Bedrock guardrail instead of local matchers (run by the gateway, not here).
     #[serde(default)]
-    pub bedrock_guardrail: Option<crate::upstream::guardrail::GuardrailConfig>,
+    pub bedrock_guardrail: Option<GuardrailConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -421,7 +438,7 @@ pub struct Filter {
     patterns: Option<Regex>,
     detectors: Vec<Detector>,
     /// A Bedrock guardrail (checked by the gateway; matches nothing locally).
-    pub guardrail: Option<crate::upstream::guardrail::GuardrailConfig>,
+    pub guardrail: Option<GuardrailConfig>,
 }
 
 impl Filter {

@@ -21,7 +21,7 @@ pub struct ToolConfig {
     /// Call the tool under this AWS role: credentials from STS AssumeRole, request signed with
     /// SigV4.
     #[serde(default)]
-    pub aws_role: Option<crate::upstream::aws::AwsRoleConfig>,
+    pub aws_role: Option<AwsRoleConfig>,
     /// JSON Schema for the arguments object. Without one, any JSON object is accepted.
     #[serde(default)]
     pub arguments: Option<Value>,
@@ -30,6 +30,59 @@ pub struct ToolConfig {
     /// Facts about earlier calls that this tool's rules use (`context.history.<name>`).
     #[serde(default)]
     pub history: std::collections::BTreeMap<String, super::history::FactConfig>,
+}
+
+/// `tools.<name>.aws_role` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsRoleConfig {
+    /// `arn:aws:iam::<account>:role/<name>`.
+    pub arn: String,
+    /// The role's trust policy may require it (`sts:ExternalId`).
+    #[serde(default)]
+    pub external_id: Option<String>,
+    /// Credential lifetime, 900–43200 s (default 900).
+    #[serde(default = "default_session_seconds")]
+    pub session_seconds: u32,
+    /// The SigV4 service the upstream expects: `execute-api` (API Gateway), `lambda` (function
+    /// URLs), or any AWS service name.
+    pub sign: String,
+    /// Signing region (default: `aws.region`, else the SDK's region chain).
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+fn default_session_seconds() -> u32 {
+    900
+}
+
+impl AwsRoleConfig {
+    /// Problems with the values, as `(key, message)`.
+    pub fn check(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let parts: Vec<&str> = self.arn.split(':').collect();
+        if parts.len() != 6 || parts[0] != "arn" || parts[2] != "iam" || !parts[5].starts_with("role/") {
+            out.push((
+                "arn",
+                "must be an IAM role ARN: arn:aws:iam::<account>:role/<name>".to_owned(),
+            ));
+        }
+        if !(900..=43_200).contains(&self.session_seconds) {
+            out.push(("session_seconds", "must be between 900 and 43200".to_owned()));
+        }
+        if self.sign.is_empty()
+            || !self
+                .sign
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            out.push((
+                "sign",
+                "must be a SigV4 service name such as execute-api or lambda".to_owned(),
+            ));
+        }
+        out
+    }
 }
 
 /// `tools.<name>.upstream`.
@@ -297,7 +350,7 @@ pub struct Tool {
     /// Fixed headers for every call.
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// The AWS role calls run under.
-    pub aws_role: Option<crate::upstream::aws::AwsRoleConfig>,
+    pub aws_role: Option<AwsRoleConfig>,
     pub schema: Option<ArgumentSchema>,
     /// The schema as written, for `tools/list` and `explain`.
     pub schema_source: Option<Value>,
@@ -349,7 +402,7 @@ pub struct McpServerConfig {
     pub filters: FilterRefs,
     /// Call the server under this AWS role, every request SigV4-signed (as for HTTP tools).
     #[serde(default)]
-    pub aws_role: Option<crate::upstream::aws::AwsRoleConfig>,
+    pub aws_role: Option<AwsRoleConfig>,
 }
 
 /// A compiled upstream MCP server.
@@ -360,7 +413,7 @@ pub struct McpServer {
     pub timeout: Option<Duration>,
     pub input_filters: Vec<usize>,
     pub output_filters: Vec<usize>,
-    pub aws_role: Option<crate::upstream::aws::AwsRoleConfig>,
+    pub aws_role: Option<AwsRoleConfig>,
 }
 
 /// A tool an upstream MCP server listed, as the gateway discovered it.
@@ -464,5 +517,24 @@ mod tests {
         assert_eq!(UrlTemplate::parse("https://h:8443/x").unwrap().origin().host, "h:8443");
         assert_eq!(UrlTemplate::parse("https://h:80/x").unwrap().origin().host, "h:80");
         assert!(UrlTemplate::parse("ftp://h/x").is_err());
+    }
+
+    #[test]
+    fn role_config_is_checked() {
+        let c = AwsRoleConfig {
+            arn: "arn:aws:iam::123456789012:role/refunds".into(),
+            external_id: None,
+            session_seconds: 900,
+            sign: "execute-api".into(),
+            region: None,
+        };
+        assert!(c.check().is_empty());
+        let bad = AwsRoleConfig {
+            arn: "arn:aws:iam::123:user/x".into(),
+            session_seconds: 60,
+            sign: "Execute API".into(),
+            ..c
+        };
+        assert_eq!(bad.check().len(), 3);
     }
 }

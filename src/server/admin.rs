@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{RequestId, error_response};
+use super::request::{RequestId, error_response};
 use crate::approval::{DecideError, Status};
 use crate::gateway::{ActionError, Gateway, ReloadError};
 use crate::policy::Code;
@@ -85,10 +85,7 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
 }
 
 fn request_id(req: &Request) -> Arc<str> {
-    req.extensions()
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_default()
+    RequestId::of(req)
 }
 
 async fn check_token(expected: Option<&[u8]>, req: Request, next: Next) -> Response {
@@ -445,12 +442,7 @@ async fn list_approvals(
             }
         },
     };
-    let store = gw.approvals.clone();
-    let now = crate::state::unix_now();
-    match tokio::task::spawn_blocking(move || store.list(status, now))
-        .await
-        .expect("no panic")
-    {
+    match gw.approvals.list(status, crate::state::unix_now()).await {
         Ok(list) => axum::Json(json!({"approvals": list})).into_response(),
         Err(e) => not_done(e.into(), "The approvals could not be listed", &rid),
     }
@@ -458,12 +450,7 @@ async fn list_approvals(
 
 async fn get_approval(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
     let rid = request_id(&req);
-    let store = gw.approvals.clone();
-    let now = crate::state::unix_now();
-    match tokio::task::spawn_blocking(move || store.get(&id, now))
-        .await
-        .expect("no panic")
-    {
+    match gw.approvals.get(id, crate::state::unix_now()).await {
         Ok(Some(a)) => axum::Json(a).into_response(),
         Ok(None) => error_response(Code::NotFound, "No such approval.", &rid),
         Err(e) => not_done(e.into(), "The approval could not be read", &rid),

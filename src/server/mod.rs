@@ -6,6 +6,8 @@
 pub mod admin;
 pub mod data;
 mod drain;
+pub mod mcp;
+pub mod request;
 mod workers;
 
 use std::convert::Infallible;
@@ -30,66 +32,16 @@ use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::gateway::{Gateway, ReloadError, error_body};
-use crate::policy::{Code, Reason, Stage};
-use crate::upstream::X_REQUEST_ID;
-
-/// The request id of the call being served: the caller's `X-Request-Id` if it is sane, else a
-/// fresh UUID. Set by the outermost layer, read by handlers, echoed on every response.
-#[derive(Clone, Debug)]
-pub struct RequestId(pub Arc<str>);
-
-/// The address the call's connection came from (the TCP peer; an IPv4 address mapped into IPv6
-/// is written as IPv4). Set on requests the router handles; recorded as the events' `source`.
-#[derive(Clone, Copy, Debug)]
-pub struct Source(pub std::net::IpAddr);
-
-/// A JSON error response with the contract's body.
-pub fn error_response(code: Code, message: impl Into<String>, request_id: &str) -> Response {
-    let reason = Reason::new(code, Stage::Request, "", message);
-    let status = axum::http::StatusCode::from_u16(code.http_status()).expect("contract statuses are valid");
-    (
-        status,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        error_body(&reason, request_id),
-    )
-        .into_response()
-}
-
-fn is_sane_request_id(v: &str) -> bool {
-    (1..=128).contains(&v.len())
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-}
-
-/// The id every response carries: the caller's `X-Request-Id` if it is sane, else a fresh one.
-/// As text (for events and error bodies) and as the header value it is echoed and forwarded as,
-/// made once: the caller's is reused as it came.
-fn request_id_of<B>(req: &axum::http::Request<B>) -> (Arc<str>, HeaderValue) {
-    if let Some(h) = req.headers().get(X_REQUEST_ID)
-        && let Ok(v) = h.to_str()
-        && is_sane_request_id(v)
-    {
-        return (v.into(), h.clone());
-    }
-    let mut buf = uuid::Uuid::encode_buffer();
-    let id = &*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-    (
-        id.into(),
-        HeaderValue::from_str(id).expect("a UUID is a valid header value"),
-    )
-}
+use crate::gateway::{Gateway, ReloadError};
+use crate::policy::Code;
+pub use request::{RequestId, Source, error_body, error_response};
+use request::{client_address, request_id_of, with_request_id};
 
 /// As [`request_id_of`], also left in the request's extensions for the handlers behind a router.
 fn assign_request_id(req: &mut Request) -> HeaderValue {
     let (id, header) = request_id_of(req);
     req.extensions_mut().insert(RequestId(id));
     header
-}
-
-fn with_request_id<B>(mut res: axum::http::Response<B>, id: HeaderValue) -> axum::http::Response<B> {
-    res.headers_mut().insert(X_REQUEST_ID, id);
-    res
 }
 
 async fn request_id(mut req: Request, next: Next) -> Response {
@@ -129,13 +81,13 @@ pub struct DataPlane(Arc<DataPlaneInner>);
 struct DataPlaneInner {
     gateway: Arc<Gateway>,
     /// `POST /mcp` is taken before the router too; the router's `/mcp` routes share it.
-    mcp: Arc<crate::mcp::Mcp>,
+    mcp: Arc<mcp::Mcp>,
     limit: Arc<InFlight>,
     router: axum::Router,
 }
 
 pub fn data_plane(gateway: Arc<Gateway>) -> DataPlane {
-    let mcp = crate::mcp::Mcp::new(gateway.clone());
+    let mcp = mcp::Mcp::new(gateway.clone());
     DataPlane(Arc::new(DataPlaneInner {
         limit: Arc::new(InFlight::new(gateway.config.limits.max_concurrent_requests)),
         router: data::routes(gateway.clone(), mcp.clone()),
@@ -238,7 +190,7 @@ impl DataPlane {
                 if let Some(ip) = source {
                     req.extensions_mut().insert(Source(ip));
                 }
-                crate::mcp::post(&plane.mcp, req).await.map(DataBody::Right)
+                mcp::post(&plane.mcp, req).await.map(DataBody::Right)
             } else {
                 let mut req = req.map(Body::new);
                 req.extensions_mut().insert(RequestId(id.clone()));
@@ -255,41 +207,6 @@ impl DataPlane {
             .unwrap_or_else(|_| panic_response(&id).map(DataBody::Right));
         Ok(with_request_id(res, id_header))
     }
-}
-
-/// The caller's address: the connection's peer; or, if the peer is a trusted proxy, the
-/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy (each proxy appends
-/// the address it got the request from, so only the entries trusted proxies appended are
-/// evidence: anything to their left the caller may have written). An entry that is not an
-/// address stops the walk at the proxy that forwarded it.
-fn client_address(
-    peer: std::net::IpAddr,
-    headers: &axum::http::HeaderMap,
-    trusted: &[ipnet::IpNet],
-) -> std::net::IpAddr {
-    let is_trusted = |ip: &std::net::IpAddr| trusted.iter().any(|n| n.contains(ip));
-    if !is_trusted(&peer) {
-        return peer;
-    }
-    let entries: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .collect();
-    let mut client = peer;
-    for entry in entries.iter().rev() {
-        let entry = entry.trim();
-        let parsed = entry
-            .parse::<std::net::IpAddr>()
-            .or_else(|_| entry.parse::<std::net::SocketAddr>().map(|s| s.ip()));
-        let Ok(ip) = parsed else { return client };
-        client = ip.to_canonical();
-        if !is_trusted(&client) {
-            return client;
-        }
-    }
-    client
 }
 
 /// The admin-plane service: the same panic and request-id layers; its own token check.
@@ -421,9 +338,7 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
             metrics.run_upkeep();
             // Settled approvals older than a week go hourly, not only when the store opens.
             if ticks % 3600 == 0 {
-                let store = gw.approvals.clone();
-                let pruned = tokio::task::spawn_blocking(move || store.prune(crate::state::unix_now())).await;
-                if let Ok(Err(e)) = pruned {
+                if let Err(e) = gw.approvals.prune(crate::state::unix_now()).await {
                     tracing::error!("pruning the approval store failed: {e}");
                 }
             }
@@ -537,55 +452,4 @@ async fn serve<S, B>(
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(10), drain.shutdown()).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::client_address;
-
-    #[test]
-    fn forwarded_for_is_believed_only_as_far_as_trusted_proxies_wrote_it() {
-        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "192.0.2.7/32".parse().unwrap()];
-        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
-        let with = |xff: &[&str]| {
-            let mut h = axum::http::HeaderMap::new();
-            for v in xff {
-                h.append("x-forwarded-for", v.parse().unwrap());
-            }
-            h
-        };
-        // Not from a trusted proxy: whatever the header says, the peer.
-        assert_eq!(
-            client_address(ip("198.51.100.1"), &with(&["203.0.113.9"]), &trusted),
-            ip("198.51.100.1")
-        );
-        // Through two trusted proxies: the right-most entry they did not add. The left-most
-        // is the caller's own claim, and not believed.
-        let h = with(&["1.1.1.1, 203.0.113.9", "10.1.1.1"]);
-        assert_eq!(client_address(ip("10.2.2.2"), &h, &trusted), ip("203.0.113.9"));
-        // Ports, brackets and IPv4 mapped into IPv6.
-        assert_eq!(
-            client_address(ip("10.2.2.2"), &with(&["203.0.113.9:4711"]), &trusted),
-            ip("203.0.113.9")
-        );
-        assert_eq!(
-            client_address(ip("10.2.2.2"), &with(&["[2001:db8::1]:443"]), &trusted),
-            ip("2001:db8::1")
-        );
-        assert_eq!(
-            client_address(ip("10.2.2.2"), &with(&["::ffff:203.0.113.9"]), &trusted),
-            ip("203.0.113.9")
-        );
-        // Garbage stops at the proxy that passed it on; no header: the proxy itself.
-        assert_eq!(
-            client_address(ip("10.2.2.2"), &with(&["unknown, 192.0.2.7"]), &trusted),
-            ip("192.0.2.7")
-        );
-        assert_eq!(client_address(ip("10.2.2.2"), &with(&[]), &trusted), ip("10.2.2.2"));
-        // Every entry a trusted proxy: the left-most of them.
-        assert_eq!(
-            client_address(ip("10.2.2.2"), &with(&["10.9.9.9, 10.8.8.8"]), &trusted),
-            ip("10.9.9.9")
-        );
-    }
 }

@@ -14,61 +14,9 @@ use std::time::{Duration, SystemTime};
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
-use serde::Deserialize;
 use tokio::sync::OnceCell;
 
-/// `tools.<name>.aws_role` as written.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AwsRoleConfig {
-    /// `arn:aws:iam::<account>:role/<name>`.
-    pub arn: String,
-    /// The role's trust policy may require it (`sts:ExternalId`).
-    #[serde(default)]
-    pub external_id: Option<String>,
-    /// Credential lifetime, 900–43200 s (default 900).
-    #[serde(default = "default_session_seconds")]
-    pub session_seconds: u32,
-    /// The SigV4 service the upstream expects: `execute-api` (API Gateway), `lambda` (function
-    /// URLs), or any AWS service name.
-    pub sign: String,
-    /// Signing region (default: `aws.region`, else the SDK's region chain).
-    #[serde(default)]
-    pub region: Option<String>,
-}
-
-fn default_session_seconds() -> u32 {
-    900
-}
-
-impl AwsRoleConfig {
-    /// Problems with the values, as `(key, message)`.
-    pub fn check(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        let parts: Vec<&str> = self.arn.split(':').collect();
-        if parts.len() != 6 || parts[0] != "arn" || parts[2] != "iam" || !parts[5].starts_with("role/") {
-            out.push((
-                "arn",
-                "must be an IAM role ARN: arn:aws:iam::<account>:role/<name>".to_owned(),
-            ));
-        }
-        if !(900..=43_200).contains(&self.session_seconds) {
-            out.push(("session_seconds", "must be between 900 and 43200".to_owned()));
-        }
-        if self.sign.is_empty()
-            || !self
-                .sign
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
-            out.push((
-                "sign",
-                "must be a SigV4 service name such as execute-api or lambda".to_owned(),
-            ));
-        }
-        out
-    }
-}
+pub use crate::policy::tool::AwsRoleConfig;
 
 /// Why role credentials could not be had. Both block the call; neither forwards it unsigned.
 #[derive(Debug, thiserror::Error)]
@@ -281,24 +229,5 @@ mod tests {
         assert_eq!(sts_text("support bot/1", 64), "support-bot-1");
         assert_eq!(sts_text("x", 64), "x-");
         assert_eq!(sts_text(&"a".repeat(100), 64).len(), 64);
-    }
-
-    #[test]
-    fn role_config_is_checked() {
-        let c = AwsRoleConfig {
-            arn: "arn:aws:iam::123456789012:role/refunds".into(),
-            external_id: None,
-            session_seconds: 900,
-            sign: "execute-api".into(),
-            region: None,
-        };
-        assert!(c.check().is_empty());
-        let bad = AwsRoleConfig {
-            arn: "arn:aws:iam::123:user/x".into(),
-            session_seconds: 60,
-            sign: "Execute API".into(),
-            ..c
-        };
-        assert_eq!(bad.check().len(), 3);
     }
 }

@@ -11,25 +11,9 @@ use aws_sdk_bedrockruntime::Client;
 use aws_sdk_bedrockruntime::types::{
     GuardrailAction, GuardrailAssessment, GuardrailContentBlock, GuardrailContentSource, GuardrailTextBlock,
 };
-use serde::Deserialize;
 use tokio::sync::OnceCell;
 
-/// `filters.<name>.bedrock_guardrail`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct GuardrailConfig {
-    /// The guardrail's id or ARN.
-    pub id: String,
-    /// Its version (`DRAFT` or a number).
-    pub version: String,
-    /// Per request (default 2000): a guardrail that does not answer in time blocks the call.
-    #[serde(default = "default_timeout")]
-    pub timeout_ms: u64,
-}
-
-fn default_timeout() -> u64 {
-    2000
-}
+pub use crate::policy::content::GuardrailConfig;
 
 /// What the guardrail said.
 #[derive(Debug, PartialEq, Eq)]

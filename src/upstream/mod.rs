@@ -7,6 +7,7 @@
 
 pub mod aws;
 pub mod guardrail;
+pub mod mcp;
 pub mod pool;
 
 use std::time::{Duration, Instant};
@@ -57,8 +58,7 @@ pub struct Outbound<'a> {
     /// `request_id` as a header value, if the caller has one (else it is made from the text).
     pub request_id_header: Option<&'a HeaderValue>,
     pub agent: &'a str,
-    pub traceparent: Option<&'a HeaderValue>,
-    pub tracestate: Option<&'a HeaderValue>,
+    pub trace: TraceContext<'a>,
     pub timeout: Duration,
     /// When forwarding began (the caller reads the clock for its own timing): `timeout` counts
     /// from here, and the pool checks its idle connections' age against it.
@@ -68,6 +68,35 @@ pub struct Outbound<'a> {
     pub headers: &'a [(http::HeaderName, HeaderValue)],
     /// SigV4: sign with these role credentials for this region and service.
     pub signing: Option<Signing<'a>>,
+}
+
+/// A call's W3C trace context, as forwarded to its tool. Built only by [`TraceContext::new`],
+/// which checks it, so every transport forwards exactly the same: a malformed `traceparent`
+/// (anything but `vv-<32 hex>-<16 hex>-ff`, lowercase) or a `tracestate` over 512 bytes is
+/// dropped, not forwarded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TraceContext<'a> {
+    traceparent: Option<&'a HeaderValue>,
+    tracestate: Option<&'a HeaderValue>,
+}
+
+impl<'a> TraceContext<'a> {
+    pub fn new(traceparent: Option<&'a HeaderValue>, tracestate: Option<&'a HeaderValue>) -> Self {
+        Self {
+            traceparent: traceparent.filter(|v| is_traceparent(v)),
+            tracestate: tracestate.filter(|v| v.len() <= 512),
+        }
+    }
+}
+
+/// W3C `traceparent`: `vv-<32 hex>-<16 hex>-ff`.
+fn is_traceparent(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    b.len() == 55
+        && b.iter().enumerate().all(|(i, c)| match i {
+            2 | 35 | 52 => *c == b'-',
+            _ => c.is_ascii_hexdigit() && !c.is_ascii_uppercase(),
+        })
 }
 
 /// How to sign an outbound request.
@@ -222,10 +251,10 @@ fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamErr
     if out.method.has_body() && !out.headers.iter().any(|(n, _)| n == CONTENT_TYPE) {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
-    if let Some(tp) = out.traceparent {
+    if let Some(tp) = out.trace.traceparent {
         headers.insert(TRACEPARENT, tp.clone());
     }
-    if let Some(ts) = out.tracestate {
+    if let Some(ts) = out.trace.tracestate {
         headers.insert(TRACESTATE, ts.clone());
     }
     for (name, value) in out.headers {
@@ -303,8 +332,7 @@ mod tests {
                 request_id: "r",
                 request_id_header: None,
                 agent: "a",
-                traceparent: None,
-                tracestate: None,
+                trace: TraceContext::default(),
                 timeout: Duration::from_secs(1),
                 started: Instant::now(),
                 max_response_bytes: 1,
@@ -318,6 +346,25 @@ mod tests {
         assert_eq!(host("http://tools.internal:8080/x"), "tools.internal:8080");
         assert_eq!(host("http://tools.internal:80/x"), "tools.internal");
         assert_eq!(host("http://127.0.0.1/x"), "127.0.0.1");
+    }
+
+    #[test]
+    fn only_a_well_formed_trace_context_is_forwarded() {
+        let tp = HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let state = HeaderValue::from_static("vendor=1");
+        let kept = TraceContext::new(Some(&tp), Some(&state));
+        assert_eq!((kept.traceparent, kept.tracestate), (Some(&tp), Some(&state)));
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+            "not a trace",
+        ] {
+            let bad = HeaderValue::from_static(bad);
+            assert_eq!(TraceContext::new(Some(&bad), None).traceparent, None, "{bad:?}");
+        }
+        let long = HeaderValue::from_str(&"a".repeat(513)).unwrap();
+        assert_eq!(TraceContext::new(None, Some(&long)).tracestate, None);
     }
 
     #[test]

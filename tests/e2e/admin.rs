@@ -297,21 +297,22 @@ async fn an_action_that_lets_agents_do_more_waits_for_its_audit_event() {
     assert_eq!(status["quarantine"]["by"], "alice", "{status}");
 
     // An approval: neither approved nor denied without its `approval_decided` event.
-    let hold = toolgate::approval::Hold {
-        agent: "support-bot",
-        tool: "billing.refund",
-        rule: "large-refunds",
-        rules: &["large-refunds".to_owned()],
-        group: "finance",
-        reason: "over 100",
+    let hold = toolgate::approval::HoldRequest {
+        agent: "support-bot".to_owned(),
+        tool: "billing.refund".to_owned(),
+        rule: "large-refunds".to_owned(),
+        rules: vec!["large-refunds".to_owned()],
+        group: "finance".to_owned(),
+        reason: "over 100".to_owned(),
         arguments: Some(json!({"amount": 500})),
-        arguments_sha256: &"a".repeat(64),
-        request_id: "req-held",
+        arguments_sha256: "a".repeat(64),
+        request_id: "req-held".to_owned(),
         session: None,
     };
     let (approval, _) = gw
         .approvals
         .request(hold, toolgate::state::unix_now())
+        .await
         .unwrap()
         .unwrap();
     for verdict in ["approve", "deny"] {

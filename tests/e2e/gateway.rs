@@ -893,3 +893,34 @@ async fn forwarded_for_names_the_source_only_behind_a_trusted_proxy() {
     r.assert_error(401, "unauthenticated");
     assert_eq!(h.event_for(&r)["source"], "203.0.113.9");
 }
+
+/// The HTTP transport's half of the trace-context rule the MCP test holds too: a malformed
+/// `traceparent` or an oversized `tracestate` is dropped, a well-formed one forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_trace_context_is_not_forwarded() {
+    let h = Harness::start().await;
+    let long_state = format!("vendor={}", "x".repeat(600));
+    for (traceparent, tracestate) in [
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "vendor=1"),
+        (
+            "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",
+            long_state.as_str(),
+        ),
+        ("not-a-traceparent", long_state.as_str()),
+    ] {
+        let extra = [("traceparent", traceparent), ("tracestate", tracestate)];
+        let r = h.call_with("kb.search", SUPPORT_KEY, r#"{"query": "q"}"#, &extra).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let seen = h.upstream.requests();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(
+        seen[0].headers.get("traceparent").unwrap(),
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
+    assert_eq!(seen[0].headers.get("tracestate").unwrap(), "vendor=1");
+    for s in &seen[1..] {
+        assert!(s.headers.get("traceparent").is_none());
+        assert!(s.headers.get("tracestate").is_none());
+    }
+}

@@ -561,7 +561,7 @@ async fn upstream_mcp_tools_are_exposed_filtered_and_pinned_against_rug_pulls() 
 /// one a reload removed in between is refused and audited, never let through unauthenticated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_for_an_agent_no_longer_in_the_policy_is_refused() {
-    use toolgate::gateway::{CallRequest, Caller};
+    use toolgate::gateway::{Answer, Arguments, CallOutcome, CallRequest, Caller};
     let h = Harness::start().await;
     let gateway = &h.running.as_ref().expect("in-process gateway").gateway;
     let call = |rid: &'static str, agent: &'static str| {
@@ -571,17 +571,21 @@ async fn a_call_for_an_agent_no_longer_in_the_policy_is_refused() {
             source: None,
             caller: Caller::Agent(agent),
             tool: "kb.search",
-            body: Ok(bytes::Bytes::from_static(br#"{"query": "q"}"#)),
+            arguments: Ok(Arguments::Body(bytes::Bytes::from_static(br#"{"query": "q"}"#))),
             session: None,
             approval: None,
-            traceparent: None,
-            tracestate: None,
+            trace: Default::default(),
         })
     };
     let gone = call("agent-gone-1", "removed-bot").await;
-    assert_eq!((gone.status, gone.decision), (401, "deny"));
-    let body: Value = serde_json::from_slice(&gone.body).unwrap();
-    assert_eq!(body["error"]["code"], "unauthenticated");
+    assert_eq!(gone.decision(), "deny");
+    let CallOutcome::Refused(reason) = &gone else {
+        panic!("refused: {gone:?}")
+    };
+    assert_eq!(
+        (reason.code.as_str(), reason.code.http_status()),
+        ("unauthenticated", 401)
+    );
     assert_eq!(h.upstream.count("/kb/"), 0);
     let e = h
         .audit()
@@ -595,7 +599,11 @@ async fn a_call_for_an_agent_no_longer_in_the_policy_is_refused() {
 
     // An agent the policy has is decided as usual, with no second look at its credentials.
     let known = call("agent-known-1", "support-bot").await;
-    assert_eq!((known.status, known.decision), (200, "allow"));
+    assert_eq!(known.decision(), "allow");
+    assert!(
+        matches!(&known, CallOutcome::Answered(Answer::Http(inbound)) if inbound.status == 200),
+        "{known:?}"
+    );
     assert_eq!(h.upstream.count("/kb/"), 1);
 }
 
@@ -689,4 +697,52 @@ async fn a_pretty_printed_answer_survives_sse_framing() {
         msg["result"]["content"][0]["text"],
         "{\n  \"a\": [1,\r\n    2],\r  \"b\": \"x\"\n}\n"
     );
+}
+
+/// A `tools/call` forwards the W3C trace context exactly as `POST /v1/tools/{tool}` does: a
+/// well-formed `traceparent` and `tracestate` reach the tool; a malformed `traceparent` or an
+/// oversized `tracestate` is dropped, not passed on (both transports share one check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tools_call_forwards_the_trace_context_only_when_it_is_well_formed() {
+    let h = Harness::start().await;
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "kb.search",
+        "arguments": {"query": "q"}, "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}})
+    .to_string();
+    let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let r = post_mcp(
+        &h,
+        SUPPORT_KEY,
+        &[("traceparent", good), ("tracestate", "vendor=1")],
+        &call,
+    )
+    .await;
+    assert_eq!(r.json()["result"]["isError"], false, "{:?}", r.body);
+    let long_state = format!("vendor={}", "x".repeat(600));
+    for bad in [
+        "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",
+        "not-a-traceparent",
+    ] {
+        let r = post_mcp(
+            &h,
+            SUPPORT_KEY,
+            &[("traceparent", bad), ("tracestate", &long_state)],
+            &call,
+        )
+        .await;
+        assert_eq!(r.json()["result"]["isError"], false, "{:?}", r.body);
+    }
+    let seen = h.upstream.requests();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[0].headers.get("traceparent").unwrap(), good);
+    assert_eq!(seen[0].headers.get("tracestate").unwrap(), "vendor=1");
+    for s in &seen[1..] {
+        assert!(
+            s.headers.get("traceparent").is_none(),
+            "a malformed traceparent was forwarded"
+        );
+        assert!(
+            s.headers.get("tracestate").is_none(),
+            "an oversized tracestate was forwarded"
+        );
+    }
 }

@@ -1,0 +1,216 @@
+//! Calls a rule holds for a person's approval: holding one (stage 6, and telling the approvers
+//! by webhook), spending an approval on the exact call it was granted for (stage 9), and an
+//! approver's decision, recorded before it takes effect.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::json;
+
+use super::{ActionError, Gateway, Record};
+use crate::approval::{Approval, ApprovalError, DecideError, HoldRequest, Refused, Status, TooMany};
+use crate::audit::{ActionNotDone, ApprovalDecided};
+use crate::policy::{Code, Reason, Stage};
+
+impl Gateway {
+    /// Holds a call for approval (or finds the pending approval for this exact call) and tells
+    /// the approvers; the reason for the 202.
+    pub(super) async fn hold(&self, held: HoldRequest, reason: Reason, rec: &mut Record<'_>) -> Reason {
+        let request_id = held.request_id.clone();
+        let (approval, new) = match self.approvals.request(held, crate::state::unix_now()).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(TooMany)) => {
+                return Reason::new(
+                    Code::RateLimited,
+                    Stage::Approval,
+                    reason.rule,
+                    format!(
+                        "This agent already has {} approvals pending; wait for them to be decided before asking for more.",
+                        crate::approval::MAX_PENDING_PER_AGENT
+                    ),
+                )
+                .retry_after(60);
+            }
+            Err(e) => return store_failed(&request_id, e),
+        };
+        rec.approval_id = Some(approval.id.clone());
+        if new {
+            metrics::counter!("toolgate_approvals_requested_total", "tool" => approval.tool.clone()).increment(1);
+            if let Some(hook) = &self.webhook {
+                hook.notify(&approval);
+            }
+        }
+        let mut reason = reason;
+        reason.message = format!(
+            "{} The call is held for approval by '{}' (approval {}); poll its status_url, then send the identical call again with `X-Toolgate-Approval: {}`.",
+            reason.message, approval.group, approval.id, approval.id
+        );
+        reason.approval_id = Some(approval.id);
+        reason
+    }
+
+    /// Spends the approval `id` on this exact call (checked and marked used in one transaction).
+    pub(super) async fn use_approval(&self, held: HoldRequest, id: &str, rec: &mut Record<'_>) -> Result<(), Reason> {
+        let request_id = held.request_id.clone();
+        let rule = held.rule.clone();
+        let outcome = self
+            .approvals
+            .consume(id.to_owned(), held, crate::state::unix_now())
+            .await
+            .map_err(|e| store_failed(&request_id, e))?;
+        match outcome {
+            Ok(approval) => {
+                rec.approval_id = Some(approval.id);
+                Ok(())
+            }
+            Err(Refused(why)) => Err(Reason::new(
+                Code::ApprovalDenied,
+                Stage::Approval,
+                rule,
+                format!(
+                    "The approval presented cannot be used: {why}. Send the call without `X-Toolgate-Approval` to request a new approval."
+                ),
+            )),
+        }
+    }
+
+    /// An approver's decision, audited with who, when and why, then stored. The event is
+    /// written first: if it cannot be, the approval stays pending.
+    pub async fn decide_approval(
+        &self,
+        id: &str,
+        approve: bool,
+        by: &str,
+        comment: &str,
+    ) -> Result<Result<Approval, DecideError>, ActionError> {
+        let _one = self.decisions.lock().await;
+        // One instant for the look and the change: an approval that expires in between is
+        // expired for both.
+        let now = crate::state::unix_now();
+        let Some(a) = self.approvals.get(id.to_owned(), now).await? else {
+            return Ok(Err(DecideError::NotFound));
+        };
+        if a.status != Status::Pending {
+            return Ok(Err(DecideError::NotPending(a.status)));
+        }
+        let status = if approve { Status::Approved } else { Status::Denied };
+        self.audit
+            .emit(&ApprovalDecided {
+                approval_id: &a.id,
+                status: status.as_str(),
+                by,
+                comment,
+                decided_at: now,
+                agent: &a.agent,
+                tool: &a.tool,
+                rule: &a.rule,
+                group: &a.group,
+                arguments_sha256: &a.arguments_sha256,
+                request_id: &a.request_id,
+            })
+            .await?;
+        let outcome = self
+            .approvals
+            .decide(id.to_owned(), approve, by.to_owned(), comment.to_owned(), now)
+            .await;
+        if let Err(e) = &outcome {
+            self.not_done(
+                ActionNotDone {
+                    recorded_as: "approval_decided",
+                    error: e.to_string(),
+                    tool: None,
+                    approval_id: Some(&a.id),
+                },
+                e,
+            )
+            .await;
+        }
+        let outcome = outcome?;
+        if let Ok(a) = &outcome {
+            metrics::counter!("toolgate_approvals_decided_total", "status" => a.status.as_str()).increment(1);
+            tracing::info!(approval = %a.id, status = a.status.as_str(), by, "approval decided");
+        }
+        Ok(outcome)
+    }
+
+    /// Records that an action whose event was written did not take effect after all (its
+    /// store failed): `action_not_done`, naming the event it takes back.
+    pub(super) async fn not_done(&self, event: ActionNotDone<'_>, error: &ApprovalError) {
+        tracing::error!(
+            event = event.recorded_as,
+            "{} was recorded but not carried out: {error}",
+            event.recorded_as
+        );
+        self.audit.emit_or_log(&event).await;
+    }
+}
+
+fn store_failed(request_id: &str, e: ApprovalError) -> Reason {
+    tracing::error!(request_id, "approval store failed: {e}");
+    Reason::new(
+        Code::Unavailable,
+        Stage::Approval,
+        "approval",
+        "The approval store is unavailable, so the call was refused. Try again later.",
+    )
+}
+
+/// Tells approvers about new approval requests: one JSON POST each, fire and forget, at most
+/// [`Webhook::MAX_IN_FLIGHT`] at once (beyond that a notification is dropped and logged; the
+/// approval itself stands and is listed on the admin plane).
+pub(super) struct Webhook {
+    url: String,
+    timeout: Duration,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<Bytes>,
+    >,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl Webhook {
+    const MAX_IN_FLIGHT: usize = 64;
+
+    pub(super) fn new(c: &crate::config::WebhookConfig) -> Self {
+        Self {
+            url: c.url.clone(),
+            timeout: Duration::from_millis(c.timeout_ms),
+            client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(Self::MAX_IN_FLIGHT)),
+        }
+    }
+
+    fn notify(&self, a: &Approval) {
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            tracing::warn!(approval = %a.id, "approval webhook: too many notifications in flight, dropped this one");
+            return;
+        };
+        let body = json!({
+            "event": "approval_requested", "approval_id": a.id, "agent": a.agent, "tool": a.tool,
+            "rule": a.rule, "group": a.group, "reason": a.reason, "arguments": a.arguments,
+            "arguments_sha256": a.arguments_sha256, "request_id": a.request_id,
+            "requested_at": crate::audit::format_unix(a.requested_at), "expires_at": crate::audit::format_unix(a.expires_at),
+            "approve": format!("POST /admin/approvals/{}/approve", a.id), "deny": format!("POST /admin/approvals/{}/deny", a.id),
+        });
+        let request = http::Request::post(&self.url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(Bytes::from(body.to_string())));
+        let Ok(request) = request else {
+            tracing::warn!("approval webhook: the configured URL is not usable");
+            return;
+        };
+        let (client, timeout, id) = (self.client.clone(), self.timeout, a.id.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(timeout, client.request(request)).await {
+                Ok(Ok(r)) if r.status().is_success() => {}
+                Ok(Ok(r)) => {
+                    tracing::warn!(approval = %id, status = r.status().as_u16(), "approval webhook refused the notification")
+                }
+                Ok(Err(e)) => tracing::warn!(approval = %id, "approval webhook failed: {e}"),
+                Err(_) => tracing::warn!(approval = %id, "approval webhook timed out"),
+            }
+        });
+    }
+}
