@@ -443,3 +443,311 @@ mod purity {
         assert!(found.is_empty(), "policy/ must stay pure:\n{}", found.join("\n"));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! `Policy::evaluate`, stage by stage: for each, a call it refuses (with the code, stage and
+    //! rule the agent is told) and a call it lets through to the next. A stage that stops
+    //! checking, or checks out of order, fails a row here.
+
+    use super::history::NoHistory;
+    use super::tool::DiscoveredTool;
+    use super::*;
+    use serde_json::json;
+
+    const FILES: &str = r#"
+agents:
+  bot:
+    tools: [ kb.search, tickets.*, pay.send, mail.send, crm.* ]
+  narrow:
+    tools: [ kb.search ]
+tools:
+  kb.search:
+    upstream: { url: "http://tools.internal/kb/search" }
+    filters: { input: [ terms ] }
+  tickets.read:
+    upstream: { url: "http://tools.internal/tickets/{id}", method: GET }
+    arguments: { type: object, required: [ id ], properties: { id: { type: string, pattern: "^T-[0-9]+$" } } }
+  tickets.reply:
+    upstream: { url: "http://tools.internal/tickets/{id}/replies", method: POST }
+    arguments: { type: object, required: [ id, body ], properties: { id: { type: string }, body: { type: string } } }
+    filters: { input: [ pii ] }
+  pay.send:
+    upstream: { url: "http://tools.internal/pay" }
+    arguments: { type: object, required: [ to, amount ], properties: { to: { type: string }, amount: { type: integer } } }
+  mail.send:
+    upstream: { url: "http://tools.internal/mail" }
+    arguments: { type: object, required: [ to ], properties: { to: { type: string } } }
+filters:
+  terms: { deny_terms: [ "project falcon" ], action: block }
+  pii: { detect: [ email ], action: redact }
+mcp_servers:
+  crm: { url: "http://crm.internal/mcp" }
+"#;
+
+    const RULES: &str = r#"
+@id("no-sanctioned")
+@reason("No payments to sanctioned parties.")
+forbid (principal, action == Action::"pay.send", resource) when { context.input.to == "sanctioned-co" };
+
+@id("big-payments")
+@approval("finance")
+forbid (principal, action == Action::"pay.send", resource) when { context.input.amount > 100 };
+
+@id("external-mail-trial")
+@mode("shadow")
+forbid (principal, action == Action::"mail.send", resource) when { context.input.to like "*@external.example" };
+"#;
+
+    fn policy() -> Policy {
+        let sources = [
+            ("policy.yaml".to_owned(), FILES.to_owned()),
+            ("rules.cedar".to_owned(), RULES.to_owned()),
+        ];
+        let changed = DiscoveredTool {
+            server: "crm".into(),
+            tool: "lookup".into(),
+            description: "Look a customer up.".into(),
+            input_schema: json!({"type": "object"}),
+            changed: true,
+        };
+        let unreadable = |_: &Path| Err(std::io::Error::other("no files here"));
+        Policy::compile_with(&sources, unreadable, &[changed]).unwrap()
+    }
+
+    const LIMITS: ParseLimits = ParseLimits { max_json_depth: 8 };
+
+    fn evaluate<'p>(p: &'p Policy, agent: &str, tool: &str, body: &str) -> Evaluation<'p> {
+        p.evaluate(&ToolCall::new(agent, tool, body.as_bytes()), LIMITS, &NoHistory)
+    }
+
+    #[test]
+    fn each_stage_refuses_what_it_owns_with_its_code_stage_and_rule() {
+        let p = policy();
+        let deep = format!("{{\"q\": {}1{}}}", "[".repeat(9), "]".repeat(9));
+        let rows: &[(&str, &str, &str, Code, Stage, &str)] = &[
+            // Authentication: an agent the policy does not have.
+            (
+                "ghost",
+                "kb.search",
+                "{}",
+                Code::Unauthenticated,
+                Stage::Authentication,
+                "authentication",
+            ),
+            // Allowlist: not on this agent's list, or no such tool; before the body is parsed.
+            (
+                "narrow",
+                "tickets.read",
+                "{}",
+                Code::ToolNotAllowed,
+                Stage::Allowlist,
+                "allowlist",
+            ),
+            (
+                "narrow",
+                "tickets.read",
+                "not json",
+                Code::ToolNotAllowed,
+                Stage::Allowlist,
+                "allowlist",
+            ),
+            (
+                "bot",
+                "no.such",
+                "{}",
+                Code::ToolNotAllowed,
+                Stage::Allowlist,
+                "allowlist",
+            ),
+            (
+                "bot",
+                "bad name!",
+                "{}",
+                Code::ToolNotAllowed,
+                Stage::Allowlist,
+                "allowlist",
+            ),
+            // Pinning: an MCP tool whose definition changed since it was approved.
+            (
+                "bot",
+                "crm.lookup",
+                "{}",
+                Code::ToolChanged,
+                Stage::Allowlist,
+                "tool-pinning",
+            ),
+            // Arguments: strict JSON, an object, no repeated key, bounded depth.
+            (
+                "bot",
+                "tickets.read",
+                "not json",
+                Code::InvalidArguments,
+                Stage::Arguments,
+                "json",
+            ),
+            (
+                "bot",
+                "tickets.read",
+                "[1]",
+                Code::InvalidArguments,
+                Stage::Arguments,
+                "json",
+            ),
+            (
+                "bot",
+                "tickets.read",
+                r#"{"id": "T-1", "id": "T-2"}"#,
+                Code::InvalidArguments,
+                Stage::Arguments,
+                "json",
+            ),
+            (
+                "bot",
+                "kb.search",
+                &deep,
+                Code::InvalidArguments,
+                Stage::Arguments,
+                "json",
+            ),
+            // The tool's schema.
+            (
+                "bot",
+                "tickets.read",
+                r#"{"id": "X-1"}"#,
+                Code::InvalidArguments,
+                Stage::Arguments,
+                "schema",
+            ),
+            (
+                "bot",
+                "tickets.read",
+                "{}",
+                Code::InvalidArguments,
+                Stage::Arguments,
+                "schema",
+            ),
+            // URL placeholders: no value may change the path's shape.
+            (
+                "bot",
+                "tickets.reply",
+                r#"{"id": "..", "body": "b"}"#,
+                Code::InvalidArguments,
+                Stage::Arguments,
+                "url",
+            ),
+            // Content filters, after the schema (a deny term, however it is spaced or cased).
+            (
+                "bot",
+                "kb.search",
+                r#"{"query": "about PROJECT   falcon"}"#,
+                Code::ContentBlocked,
+                Stage::Content,
+                "terms",
+            ),
+            // Rules: a forbid, and a forbid that holds the call for approval.
+            (
+                "bot",
+                "pay.send",
+                r#"{"to": "sanctioned-co", "amount": 5}"#,
+                Code::RuleDenied,
+                Stage::Rules,
+                "no-sanctioned",
+            ),
+            (
+                "bot",
+                "pay.send",
+                r#"{"to": "acme", "amount": 500}"#,
+                Code::ApprovalRequired,
+                Stage::Rules,
+                "big-payments",
+            ),
+        ];
+        for (agent, tool, body, code, stage, rule) in rows {
+            let eval = evaluate(&p, agent, tool, body);
+            let Decision::Deny(reason) = &eval.decision else {
+                panic!("{agent} {tool} {body}: allowed, expected {code:?}")
+            };
+            assert_eq!(
+                (reason.code, reason.stage, reason.rule.as_str()),
+                (*code, *stage, *rule),
+                "{agent} {tool} {body}: {}",
+                reason.message
+            );
+            assert_eq!(eval.arguments_sha256.len(), 64, "every call is hashed, refused or not");
+        }
+    }
+
+    #[test]
+    fn a_call_every_stage_admits_is_allowed_with_what_forwarding_needs() {
+        let p = policy();
+        let eval = evaluate(&p, "bot", "tickets.read", r#"{ "id": "T-42" }"#);
+        assert!(eval.decision.is_allow(), "{:?}", eval.decision);
+        assert_eq!(eval.tool.map(|t| t.name.as_str()), Some("tickets.read"));
+        assert_eq!(eval.url.as_deref(), Some("http://tools.internal/tickets/T-42"));
+        assert_eq!(eval.body.as_deref(), Some(&br#"{"id":"T-42"}"#[..]));
+        assert_eq!(eval.arguments_sha256, arguments::sha256_hex(br#"{"id":"T-42"}"#));
+        assert!(eval.notes.is_empty() && eval.would_deny.is_empty() && eval.audit_clean);
+
+        // A rule below its threshold lets the call through.
+        let eval = evaluate(&p, "bot", "pay.send", r#"{"to": "acme", "amount": 5}"#);
+        assert!(eval.decision.is_allow(), "{:?}", eval.decision);
+    }
+
+    #[test]
+    fn a_redacting_filter_rewrites_what_is_forwarded_and_notes_it() {
+        let p = policy();
+        let eval = evaluate(
+            &p,
+            "bot",
+            "tickets.reply",
+            r#"{"id": "T-1", "body": "write to a@b.example"}"#,
+        );
+        assert!(eval.decision.is_allow(), "{:?}", eval.decision);
+        let body = String::from_utf8(eval.body.clone().unwrap()).unwrap();
+        assert_eq!(body, r#"{"body":"[REDACTED:email]","id":"T-1"}"#);
+        assert_eq!(eval.notes.len(), 1);
+        assert_eq!(
+            (eval.notes[0].stage, eval.notes[0].rule.as_str()),
+            (Stage::Content, "pii")
+        );
+        // The hash is of the arguments as received, not as redacted.
+        let received = br#"{"body":"write to a@b.example","id":"T-1"}"#;
+        assert_eq!(eval.arguments_sha256, arguments::sha256_hex(received));
+    }
+
+    #[test]
+    fn an_approval_rule_names_its_group_and_a_shadow_rule_only_reports() {
+        let p = policy();
+        let held = evaluate(&p, "bot", "pay.send", r#"{"to": "acme", "amount": 500}"#);
+        assert_eq!(held.approvals, [("big-payments".to_owned(), "finance".to_owned())]);
+        let shadowed = evaluate(&p, "bot", "mail.send", r#"{"to": "x@external.example"}"#);
+        assert!(shadowed.decision.is_allow(), "{:?}", shadowed.decision);
+        assert_eq!(shadowed.would_deny, ["external-mail-trial"]);
+    }
+
+    #[test]
+    fn parsed_arguments_are_decided_exactly_as_the_same_body() {
+        let p = policy();
+        let bodies = [
+            (r#"{"id": "T-42"}"#, "tickets.read"),
+            (r#"{"id": "X-1"}"#, "tickets.read"),
+            (r#"{"id": "T-1", "body": "write to a@b.example"}"#, "tickets.reply"),
+            (r#"{"query": "project falcon"}"#, "kb.search"),
+            (r#"{"to": "acme", "amount": 500}"#, "pay.send"),
+            (r#"{"to": "acme", "amount": 1.5e3}"#, "pay.send"),
+            (r#"{}"#, "narrow.tool"),
+        ];
+        for (body, tool) in bodies {
+            let call = ToolCall::new("bot", tool, body.as_bytes());
+            let a = p.evaluate(&call, LIMITS, &NoHistory);
+            let parsed = arguments::parse(body.as_bytes(), LIMITS.max_json_depth).unwrap();
+            let b = p.evaluate_parsed(&call, parsed, LIMITS, &NoHistory);
+            assert_eq!(format!("{:?}", a.decision), format!("{:?}", b.decision), "{body}");
+            assert_eq!(a.arguments_sha256, b.arguments_sha256, "{body}");
+            assert_eq!(a.body, b.body, "{body}");
+            assert_eq!(a.url, b.url, "{body}");
+            assert_eq!(a.notes.len(), b.notes.len(), "{body}");
+        }
+    }
+}

@@ -234,3 +234,170 @@ pub fn decode_escapes(line: &str) -> Cow<'_, str> {
     out.push_str(rest);
     Cow::Owned(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const FILES: &str = r#"
+tools:
+  crm.read:
+    upstream: { url: "http://crm.internal/read" }
+    filters: { output: [ pii ] }
+  vault.read:
+    upstream: { url: "http://vault.internal/read" }
+    filters: { output: [ pii, keys ] }
+  plain.read:
+    upstream: { url: "http://plain.internal/read" }
+filters:
+  pii: { detect: [ email ], action: redact }
+  keys: { detect: [ aws_access_key ], action: block }
+"#;
+
+    fn policy() -> Policy {
+        let sources = [("policy.yaml".to_owned(), FILES.to_owned())];
+        Policy::compile(&sources, |_| Err(std::io::Error::other("none"))).unwrap()
+    }
+
+    fn filter(p: &Policy, tool: &str, ct: Option<&str>, body: &str) -> (Result<Bytes, Reason>, Vec<Reason>) {
+        let ct = ct.map(|c| HeaderValue::from_str(c).unwrap());
+        let mut notes = Vec::new();
+        let body = Bytes::from(body.to_owned());
+        let out = filter_http(p, &p.tools[tool], ct.as_ref(), &body, 8, &mut notes);
+        (out, notes)
+    }
+
+    fn text(out: Result<Bytes, Reason>) -> String {
+        String::from_utf8(out.expect("passed").to_vec()).unwrap()
+    }
+
+    fn withheld(out: Result<Bytes, Reason>) -> Reason {
+        let reason = out.expect_err("withheld");
+        assert_eq!((reason.code, reason.stage), (Code::ContentBlocked, Stage::Output));
+        reason
+    }
+
+    #[test]
+    fn a_clean_answer_goes_out_as_it_came() {
+        let p = policy();
+        let body = r#"{ "name": "Ada",  "note": "\u00e9" }"#;
+        let (out, notes) = filter(&p, "crm.read", Some("application/json"), body);
+        assert_eq!(text(out), body);
+        assert!(notes.is_empty());
+        // A tool without output filters: anything at all, unread.
+        let (out, _) = filter(&p, "plain.read", Some("text/plain; charset=latin1"), "\u{0}{{{");
+        assert_eq!(text(out), "\u{0}{{{");
+    }
+
+    #[test]
+    fn json_is_filtered_at_any_depth_escapes_decoded_whatever_its_label() {
+        let p = policy();
+        for ct in [Some("application/json"), Some("text/plain"), None] {
+            let body = r#"{"rows": [{"mail": "ada\u0040example.com"}], "n": 1}"#;
+            let (out, notes) = filter(&p, "crm.read", ct, body);
+            let value: serde_json::Value = serde_json::from_slice(&out.unwrap()).unwrap();
+            assert_eq!(value, json!({"rows": [{"mail": "[REDACTED:email]"}], "n": 1}), "{ct:?}");
+            assert_eq!(notes.len(), 1);
+            assert_eq!((notes[0].stage, notes[0].rule.as_str()), (Stage::Output, "pii"));
+        }
+    }
+
+    #[test]
+    fn text_is_filtered_line_by_line_and_untouched_lines_keep_their_bytes() {
+        let p = policy();
+        let body = "first \\u0041 line\nwrite to ada@example.com\n{\"m\": \"bob\\u0040example.com\"}\nlast";
+        let (out, notes) = filter(&p, "crm.read", Some("text/plain"), body);
+        let lines: Vec<String> = text(out).split('\n').map(str::to_owned).collect();
+        assert_eq!(
+            lines[0], "first \\u0041 line",
+            "an unredacted line goes out as the tool wrote it"
+        );
+        assert_eq!(lines[1], "[REDACTED:email]", "a value with a finding is replaced whole");
+        assert!(
+            lines[2].contains("[REDACTED:email]"),
+            "escapes are decoded before the filters look: {}",
+            lines[2]
+        );
+        assert_eq!(lines[3], "last");
+        assert_eq!(notes.len(), 1, "one note per filter and kind");
+    }
+
+    #[test]
+    fn what_the_filters_cannot_read_is_withheld() {
+        let p = policy();
+        let cases: &[(Option<&str>, &str)] = &[
+            (Some("application/json; charset=latin1"), r#"{"a": 1}"#),
+            (Some("text/plain; charset=\"UTF-16\""), "hello"),
+            (Some("text/plain; charset=utf-8; charset=koi8-r"), "hello"),
+            (Some("application/json"), r#"{"a": 1, "a": 2}"#),
+            (Some("text/plain"), r#"{"a": 1, "a": 2}"#),
+            (Some("application/json"), "[[[[[[[[[[1]]]]]]]]]]"),
+            (Some("application/json"), "{not json"),
+        ];
+        for (ct, body) in cases {
+            let reason = withheld(filter(&p, "crm.read", *ct, body).0);
+            assert_eq!(reason.rule, "output", "{ct:?} {body}");
+        }
+        // Bytes that are not UTF-8, as text.
+        let mut notes = Vec::new();
+        let bad = Bytes::from_static(b"caf\xe9");
+        let out = filter_http(&p, &p.tools["crm.read"], None, &bad, 8, &mut notes);
+        assert_eq!(withheld(out).rule, "output");
+        // A media type that is not visible ASCII cannot be read for its charset.
+        let ct = HeaderValue::from_bytes(b"text/plain; charset=\xff").unwrap();
+        let out = filter_http(
+            &p,
+            &p.tools["crm.read"],
+            Some(&ct),
+            &Bytes::from_static(b"x"),
+            8,
+            &mut notes,
+        );
+        assert_eq!(withheld(out).rule, "output");
+        // Undeclared text that only starts like JSON is read as text, not withheld.
+        let (out, _) = filter(&p, "crm.read", Some("text/plain"), "{not json, mail ada@example.com");
+        assert_eq!(text(out), "[REDACTED:email]");
+    }
+
+    #[test]
+    fn a_blocking_filter_withholds_the_answer_and_names_itself_keeping_the_redactions_noted() {
+        let p = policy();
+        let body = r#"{"mail": "ada@example.com", "key": "AKIAIOSFODNN7EXAMPLE"}"#;
+        let (out, notes) = filter(&p, "vault.read", Some("application/json"), body);
+        let reason = withheld(out);
+        assert_eq!(reason.rule, "keys");
+        assert!(reason.message.contains("aws_access_key"), "{}", reason.message);
+        assert_eq!(notes.len(), 1, "the redaction found beside the block is still recorded");
+    }
+
+    #[test]
+    fn a_structured_answer_is_filtered_in_place_and_bounded_in_depth() {
+        let p = policy();
+        let tool = &p.tools["crm.read"];
+        let mut result = json!({"content": [{"type": "text", "text": "ada@example.com"}], "isError": false});
+        let mut notes = Vec::new();
+        filter_value(&p, tool, &mut result, 8, &mut notes).unwrap();
+        assert_eq!(result["content"][0]["text"], "[REDACTED:email]");
+        assert_eq!(notes.len(), 1);
+        let mut deep = json!({"a": [[[[[[[[1]]]]]]]]});
+        assert_eq!(
+            withheld(filter_value(&p, tool, &mut deep, 8, &mut notes).map(|()| Bytes::new())).rule,
+            "output"
+        );
+        let mut fits = json!({"a": [[[[[[["ada@example.com"]]]]]]]});
+        filter_value(&p, tool, &mut fits, 8, &mut notes).unwrap();
+        assert_eq!(fits["a"][0][0][0][0][0][0][0], "[REDACTED:email]");
+    }
+
+    #[test]
+    fn escapes_decode_as_a_json_parser_reads_them() {
+        assert!(matches!(decode_escapes("plain"), Cow::Borrowed("plain")));
+        assert_eq!(decode_escapes(r#"a\u0040b \"q\" \n \\"#), "a@b \"q\" \n \\");
+        assert_eq!(decode_escapes(r"\ud83d\ude00"), "\u{1F600}");
+        // Escapes that do not decode stay as they are: a lone surrogate, short or bad hex.
+        assert_eq!(decode_escapes(r"\ud83d x"), "\\ud83d x");
+        assert_eq!(decode_escapes(r"\u12"), "\\u12");
+        assert_eq!(decode_escapes(r"\q"), "\\q");
+    }
+}

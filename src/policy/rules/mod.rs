@@ -522,3 +522,134 @@ fn problem(file: &str, text: &str, offset: usize, message: impl Into<String>) ->
         message: message.into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The rules compiler, through `Policy::compile` (the tools and agents it checks rules
+    //! against come from the same files): what it refuses, where it says so, and what the
+    //! compiled rules decide.
+
+    use super::*;
+    use crate::policy::Policy;
+    use crate::policy::history::NoHistory;
+
+    const FILES: &str = r#"
+agents:
+  ops:
+    tools: [ pay.send, deploy.run ]
+    attributes: { team: ops }
+tools:
+  pay.send:
+    upstream: { url: "http://tools.internal/pay" }
+    arguments: { type: object, required: [ to, amount ], properties: { to: { type: string }, amount: { type: integer } } }
+  deploy.run:
+    upstream: { url: "http://tools.internal/deploy" }
+    arguments: { type: object, required: [ env ], properties: { env: { type: string } } }
+"#;
+
+    fn compile(rules: &str) -> Result<Policy, Vec<Problem>> {
+        let sources = [
+            ("policy.yaml".to_owned(), FILES.to_owned()),
+            ("rules.cedar".to_owned(), rules.to_owned()),
+        ];
+        Policy::compile(&sources, |_| Err(std::io::Error::other("none"))).map_err(|e| e.problems)
+    }
+
+    /// The one problem a broken rule file gives: its line and message.
+    fn refused(rules: &str) -> (usize, String) {
+        let problems = compile(rules).expect_err("refused");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].file, "rules.cedar");
+        (problems[0].line, problems[0].message.clone())
+    }
+
+    #[test]
+    fn refuses_what_a_rule_file_must_not_say_at_its_line() {
+        let ok = "@id(\"a\")\nforbid (principal, action == Action::\"pay.send\", resource);\n";
+        let cases: &[(String, usize, &str)] = &[
+            ("\npermit (principal, action, resource);".into(), 2, "may only `forbid`"),
+            ("\n\nforbid (principal, action, resource);".into(), 3, "needs an `@id"),
+            (format!("{ok}@id(\"a\")\nforbid (principal, action, resource);"), 3, "already used at rules.cedar:1:1"),
+            ("@id(\"m\")\n@mode(\"audit\")\nforbid (principal, action, resource);".into(), 1, "@mode must be"),
+            ("@id(\"g\")\n@approval(\" \")\nforbid (principal, action, resource);".into(), 1, "@approval needs the approver group"),
+            ("@id(\"u\")\n@owner(\"me\")\nforbid (principal, action, resource);".into(), 1, "unknown annotation `@owner`"),
+            ("@id(\"t\")\nforbid (principal == ?principal, action, resource);".into(), 1, "templates"),
+            ("@id(\"s\")\nforbid (principal, action, resource) when { context.input.to == };".into(), 2, "unexpected"),
+            (
+                "@id(\"v\")\nforbid (principal, action == Action::\"pay.send\", resource)\nwhen { context.input.nope == 1 };".into(),
+                3,
+                "nope",
+            ),
+        ];
+        for (rules, line, message) in cases {
+            let (at, said) = refused(rules);
+            assert!(said.contains(message), "{rules:?}: {said}");
+            assert_eq!(at, *line, "{rules:?}: {said}");
+        }
+    }
+
+    #[test]
+    fn compiled_rules_apply_only_to_the_tools_their_scope_names() {
+        let policy = compile(
+            "@id(\"a\")\n@reason(\"No.\")\n@approval(\"finance\")\nforbid (principal, action == Action::\"pay.send\", resource) when { context.input.amount > 100 };\n\
+             @id(\"b\")\n@mode(\"shadow\")\nforbid (principal, action in [Action::\"pay.send\"], resource) when { context.input.to == \"x\" };\n",
+        )
+        .unwrap();
+        let rules = &policy.rules;
+        assert!(rules.applies_to("pay.send"));
+        assert!(!rules.applies_to("deploy.run"), "a tool no rule names skips Cedar");
+        let mut meta: Vec<&RuleMeta> = rules.list().collect();
+        meta.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(
+            (meta[0].reason.as_deref(), meta[0].approval.as_deref(), meta[0].shadow),
+            (Some("No."), Some("finance"), false)
+        );
+        assert!(meta[1].shadow);
+    }
+
+    #[test]
+    fn a_verdict_denies_holds_or_only_reports_and_an_evaluation_error_denies() {
+        let policy = compile(
+            "@id(\"no-x\")\n@reason(\"Not to x.\")\nforbid (principal, action == Action::\"pay.send\", resource) when { context.input.to == \"x\" };\n\
+             @id(\"big\")\n@approval(\"finance\")\nforbid (principal, action == Action::\"pay.send\", resource) when { context.input.amount > 100 };\n\
+             @id(\"huge\")\n@approval(\"board\")\nforbid (principal, action == Action::\"pay.send\", resource) when { context.input.amount > 1000 };\n\
+             @id(\"trial\")\n@mode(\"shadow\")\nforbid (principal, action == Action::\"pay.send\", resource) when { context.input.to == \"y\" };\n\
+             @id(\"overflow\")\nforbid (principal, action == Action::\"deploy.run\", resource) when { 9223372036854775807 + 1 > 0 };\n\
+             @id(\"not-ops\")\nforbid (principal, action == Action::\"deploy.run\", resource) when { context.input.env == \"prod\" } unless { principal.hasTag(\"team\") && principal.getTag(\"team\") == \"ops\" };\n",
+        )
+        .unwrap();
+        let rules = &policy.rules;
+        let verdict = |tool: &str, args: serde_json::Value| {
+            let args = args.as_object().unwrap().clone();
+            rules.evaluate("ops", tool, None, SystemTime::now(), &args, &NoHistory)
+        };
+        let denied = verdict("pay.send", json!({"to": "x", "amount": 5000})).unwrap();
+        let reason = denied.blocked.unwrap();
+        assert_eq!(
+            (reason.code, reason.rule.as_str(), reason.message.as_str()),
+            (Code::RuleDenied, "no-x", "Not to x.")
+        );
+
+        let held = verdict("pay.send", json!({"to": "a", "amount": 5000})).unwrap();
+        assert_eq!(held.blocked.unwrap().code, Code::ApprovalRequired);
+        let both = [
+            ("big".to_owned(), "finance".to_owned()),
+            ("huge".to_owned(), "board".to_owned()),
+        ];
+        assert_eq!(
+            held.approvals, both,
+            "one approval must cover every approval rule that matched"
+        );
+
+        let shadowed = verdict("pay.send", json!({"to": "y", "amount": 5})).unwrap();
+        assert!(shadowed.blocked.is_none());
+        assert_eq!(shadowed.would_deny, ["trial"]);
+
+        let fail_closed = verdict("deploy.run", json!({"env": "dev"})).unwrap();
+        assert_eq!(
+            fail_closed.blocked.unwrap().rule,
+            "overflow",
+            "a rule Cedar cannot evaluate denies"
+        );
+    }
+}
