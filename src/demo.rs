@@ -113,20 +113,54 @@ pub fn tools_router() -> Router {
 
 /// Starts demo tools and the gateway on the bundled config, plays the script, prints the table.
 pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
-    let tools = tokio::net::TcpListener::bind(opts.tools_listen)
+    let tools_addr = start_tools(opts.tools_listen).await?;
+    let running = start_gateway(&opts, tools_addr).await?;
+    let base = format!("http://{}", running.data_addr);
+    println!(
+        "toolgate demo: gateway on {base}, admin on http://{}, demo tools on http://{tools_addr}",
+        running.admin_addr
+    );
+    println!("audit events: {}\n", opts.audit_file.display());
+    let script = script();
+    println!(
+        "{:<2}  {:<40}  {:<11}  {:<22}  {:<6}  {:<26}  detail",
+        "#", "call", "agent", "tool", "status", "decision / code"
+    );
+    println!("{}", "-".repeat(150));
+    let mut approval_id = None;
+    for (i, (what, key, tool, args)) in script.iter().enumerate() {
+        let (status, decision, body) = post_json(&base, tool, *key, args, &[]).await;
+        let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if let Some(id) = parsed["approval_id"].as_str() {
+            approval_id = Some(id.to_owned());
+        }
+        print_row(i + 1, what, *key, tool, status, &decision, &body);
+    }
+    if let Some(id) = approval_id {
+        let admin = format!("http://{}", running.admin_addr);
+        approve_and_resend(&base, &admin, &id, script.len()).await;
+    }
+    println!(
+        "\nTry it yourself:\n  curl -s -X POST {base}/v1/tools/kb.search -H 'Authorization: Bearer {SUPPORT_KEY}' -d '{{\"query\":\"2fa\"}}'\n  curl -s http://{admin}/admin/policy -H 'Authorization: Bearer {ADMIN_TOKEN}'\n  curl -s http://{admin}/metrics | grep toolgate_calls_total",
+        admin = running.admin_addr
+    );
+    Ok(running)
+}
+
+/// The demo tools, on their own listener.
+async fn start_tools(addr: SocketAddr) -> Result<SocketAddr, DemoError> {
+    let tools = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| DemoError::Bind {
-            addr: opts.tools_listen,
-            source,
-        })?;
-    let tools_addr = tools.local_addr().map_err(|source| DemoError::Bind {
-        addr: opts.tools_listen,
-        source,
-    })?;
+        .map_err(|source| DemoError::Bind { addr, source })?;
+    let tools_addr = tools.local_addr().map_err(|source| DemoError::Bind { addr, source })?;
     tokio::spawn(async move {
         let _ = axum::serve(tools, tools_router()).await;
     });
+    Ok(tools_addr)
+}
 
+/// The gateway on the bundled config and policies, pointed at the demo tools.
+async fn start_gateway(opts: &DemoOptions, tools_addr: SocketAddr) -> Result<Running, DemoError> {
     let mut config = ServerConfig::parse("config/toolgate.yaml (bundled)", CONFIG)?;
     if let Some(a) = opts.listen {
         config.listen = a;
@@ -153,14 +187,12 @@ pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
         addr: config.listen,
         source,
     })?;
+    Ok(running)
+}
 
-    let base = format!("http://{}", running.data_addr);
-    println!(
-        "toolgate demo: gateway on {base}, admin on http://{}, demo tools on http://{tools_addr}",
-        running.admin_addr
-    );
-    println!("audit events: {}\n", opts.audit_file.display());
-    let script: Vec<(&str, Option<&str>, &str, Value)> = vec![
+/// The scripted calls: what each shows, whose key, which tool, the arguments.
+fn script() -> Vec<(&'static str, Option<&'static str>, &'static str, Value)> {
+    vec![
         (
             "read a ticket (tool output PII redacted)",
             Some(SUPPORT_KEY),
@@ -264,62 +296,43 @@ pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
             "billing.refund",
             json!({"order_id": "O-18", "amount": 250}),
         ),
-    ];
-    println!(
-        "{:<2}  {:<40}  {:<11}  {:<22}  {:<6}  {:<26}  detail",
-        "#", "call", "agent", "tool", "status", "decision / code"
-    );
-    println!("{}", "-".repeat(150));
-    let mut approval_id = None;
-    for (i, (what, key, tool, args)) in script.iter().enumerate() {
-        let (status, decision, body) = post_json(&base, tool, *key, args, &[]).await;
-        let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        if let Some(id) = parsed["approval_id"].as_str() {
-            approval_id = Some(id.to_owned());
-        }
-        print_row(i + 1, what, *key, tool, status, &decision, &body);
-    }
+    ]
+}
 
-    // The held refund: a billing lead approves it with one call, the agent re-sends it.
-    if let Some(id) = approval_id {
-        let admin = format!("http://{}", running.admin_addr);
-        println!(
-            "\nA billing lead approves the held refund:\n  curl -s -X POST {admin}/admin/approvals/{id}/approve -H 'Authorization: Bearer {ADMIN_TOKEN}' -d '{{\"by\": \"dana@billing\", \"comment\": \"customer goodwill\"}}'"
-        );
-        let (status, _, _) = admin_post(
-            &admin,
-            &format!("/admin/approvals/{id}/approve"),
-            &json!({"by": "dana@billing", "comment": "customer goodwill"}),
+/// The held refund: a billing lead approves it with one call, the agent sends it again (it
+/// passes), and once more (the approval is spent).
+async fn approve_and_resend(base: &str, admin: &str, id: &str, played: usize) {
+    println!(
+        "\nA billing lead approves the held refund:\n  curl -s -X POST {admin}/admin/approvals/{id}/approve -H 'Authorization: Bearer {ADMIN_TOKEN}' -d '{{\"by\": \"dana@billing\", \"comment\": \"customer goodwill\"}}'"
+    );
+    let (status, _, _) = admin_post(
+        admin,
+        &format!("/admin/approvals/{id}/approve"),
+        &json!({"by": "dana@billing", "comment": "customer goodwill"}),
+    )
+    .await;
+    println!("  -> {status}\n");
+    let args = json!({"order_id": "O-18", "amount": 250});
+    let retries = ["the same refund, with the approval", "the approval again (single use)"];
+    for (n, what) in retries.into_iter().enumerate() {
+        let (status, decision, body) = post_json(
+            base,
+            "billing.refund",
+            Some(SUPPORT_KEY),
+            &args,
+            &[("x-toolgate-approval", id)],
         )
         .await;
-        println!("  -> {status}\n");
-        let args = json!({"order_id": "O-18", "amount": 250});
-        let retries = ["the same refund, with the approval", "the approval again (single use)"];
-        for (n, what) in retries.into_iter().enumerate() {
-            let (status, decision, body) = post_json(
-                &base,
-                "billing.refund",
-                Some(SUPPORT_KEY),
-                &args,
-                &[("x-toolgate-approval", &id)],
-            )
-            .await;
-            print_row(
-                script.len() + n + 1,
-                what,
-                Some(SUPPORT_KEY),
-                "billing.refund",
-                status,
-                &decision,
-                &body,
-            );
-        }
+        print_row(
+            played + n + 1,
+            what,
+            Some(SUPPORT_KEY),
+            "billing.refund",
+            status,
+            &decision,
+            &body,
+        );
     }
-    println!(
-        "\nTry it yourself:\n  curl -s -X POST {base}/v1/tools/kb.search -H 'Authorization: Bearer {SUPPORT_KEY}' -d '{{\"query\":\"2fa\"}}'\n  curl -s http://{admin}/admin/policy -H 'Authorization: Bearer {ADMIN_TOKEN}'\n  curl -s http://{admin}/metrics | grep toolgate_calls_total",
-        admin = running.admin_addr
-    );
-    Ok(running)
 }
 
 fn print_row(n: usize, what: &str, key: Option<&str>, tool: &str, status: u16, decision: &str, body: &[u8]) {

@@ -435,96 +435,16 @@ impl ServerConfig {
         let root = KeyPath::root();
         let raw: ServerConfigRaw = doc.decode(&root, &doc.value).map_err(ConfigError::one)?;
         let mut problems = Problems::default();
-        let l = &raw.limits;
-        let limits = root.key("limits");
-        if l.max_json_depth == 0 || l.max_json_depth > MAX_JSON_DEPTH_CEILING {
-            problems.push(doc.problem(
-                &limits.key("max_json_depth"),
-                format!("must be between 1 and {MAX_JSON_DEPTH_CEILING}"),
-            ));
-        }
-        for (key, value) in [
-            ("max_body_bytes", l.max_body_bytes as u64),
-            ("upstream_timeout_ms", l.upstream_timeout_ms),
-            ("max_response_bytes", l.max_response_bytes as u64),
-            ("request_read_timeout_ms", l.request_read_timeout_ms),
-            ("max_concurrent_requests", l.max_concurrent_requests as u64),
-        ] {
-            if value == 0 {
-                problems.push(doc.problem(&limits.key(key), "must be greater than 0"));
-            }
-        }
-        let state = match raw.state.as_str() {
-            "memory" => StateBackend::Memory,
-            s if s.starts_with("redis://") => {
-                problems.push(doc.problem(
-                    &root.key("state"),
-                    "the redis state backend is not available in this build; use `memory`",
-                ));
-                StateBackend::Memory
-            }
-            _ => {
-                problems.push(doc.problem(&root.key("state"), "must be `memory` or `redis://HOST:PORT`"));
-                StateBackend::Memory
-            }
-        };
-        if !(1..=3600).contains(&raw.audit.unknown_callers.summary_seconds) {
-            problems.push(doc.problem(
-                &root.key("audit").key("unknown_callers").key("summary_seconds"),
-                "must be between 1 and 3600",
-            ));
-        }
-        if raw.audit.rotate_bytes > 0 && raw.audit.file.is_none() {
-            problems.push(doc.problem(
-                &root.key("audit").key("rotate_bytes"),
-                "needs `audit.file`: only the file is rotated",
-            ));
-        }
-        if let Some(cw) = &raw.audit.cloudwatch {
-            let at = root.key("audit").key("cloudwatch");
-            if raw.audit.file.is_none() {
-                problems.push(doc.problem(
-                    &at,
-                    "needs `audit.file`: events are shipped from the file, which is the spool",
-                ));
-            }
-            if cw.log_group.is_empty() || cw.log_group.len() > 512 {
-                problems.push(doc.problem(&at.key("log_group"), "must be 1 to 512 characters"));
-            }
-            if cw.log_stream.is_empty() || cw.log_stream.contains(':') || cw.log_stream.contains('*') {
-                problems.push(doc.problem(&at.key("log_stream"), "must be non-empty, without `:` or `*`"));
-            }
-            if !(1..=10_000).contains(&cw.batch_max_events) {
-                problems.push(doc.problem(&at.key("batch_max_events"), "must be between 1 and 10000"));
-            }
-            if !(1024..=1_048_576).contains(&cw.batch_max_bytes) {
-                problems.push(doc.problem(&at.key("batch_max_bytes"), "must be between 1024 and 1048576"));
-            }
-            if cw.flush_interval_ms == 0 {
-                problems.push(doc.problem(&at.key("flush_interval_ms"), "must be greater than 0"));
-            }
-        }
+        check_limits(&doc, &raw.limits, &mut problems);
+        let state = check_state(&doc, &raw.state, &mut problems);
+        check_audit(&doc, &raw.audit, &mut problems);
         if raw.listen == raw.admin.listen && raw.listen.port() != 0 {
             problems.push(doc.problem(
                 &root.key("admin").key("listen"),
                 "the admin plane must not share the data plane's address",
             ));
         }
-        let approvals = root.key("approvals");
-        if raw.approvals.ttl_seconds == 0 {
-            problems.push(doc.problem(&approvals.key("ttl_seconds"), "must be greater than 0"));
-        }
-        if let Some(w) = &raw.approvals.webhook {
-            if !w.url.starts_with("http://") {
-                problems.push(doc.problem(
-                    &approvals.key("webhook").key("url"),
-                    "must be an http:// URL (https is not supported by this build)",
-                ));
-            }
-            if w.timeout_ms == 0 {
-                problems.push(doc.problem(&approvals.key("webhook").key("timeout_ms"), "must be greater than 0"));
-            }
-        }
+        check_approvals(&doc, &raw.approvals, &mut problems);
         for (key, zero) in [
             ("max_sessions", raw.mcp.max_sessions == 0),
             ("session_idle_seconds", raw.mcp.session_idle_seconds == 0),
@@ -543,19 +463,7 @@ impl ServerConfig {
         if raw.admin.token_env.is_empty() {
             problems.push(doc.problem(&root.key("admin").key("token_env"), "must name an environment variable"));
         }
-        let mut trusted_proxies = Vec::new();
-        for (i, text) in raw.trusted_proxies.iter().enumerate() {
-            match text
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            {
-                Ok(net) => trusted_proxies.push(net.trunc()),
-                Err(_) => problems.push(doc.problem(
-                    &root.key("trusted_proxies").index(i),
-                    format!("`{text}` is not an IP address or a CIDR block like 10.0.0.0/8"),
-                )),
-            }
-        }
+        let trusted_proxies = parse_trusted_proxies(&doc, &raw.trusted_proxies, &mut problems);
         problems.finish(ServerConfig {
             trusted_proxies,
             listen: raw.listen,
@@ -570,6 +478,123 @@ impl ServerConfig {
             mcp: raw.mcp,
         })
     }
+}
+
+fn check_limits(doc: &Document, l: &Limits, problems: &mut Problems) {
+    let limits = KeyPath::root().key("limits");
+    if l.max_json_depth == 0 || l.max_json_depth > MAX_JSON_DEPTH_CEILING {
+        problems.push(doc.problem(
+            &limits.key("max_json_depth"),
+            format!("must be between 1 and {MAX_JSON_DEPTH_CEILING}"),
+        ));
+    }
+    for (key, value) in [
+        ("max_body_bytes", l.max_body_bytes as u64),
+        ("upstream_timeout_ms", l.upstream_timeout_ms),
+        ("max_response_bytes", l.max_response_bytes as u64),
+        ("request_read_timeout_ms", l.request_read_timeout_ms),
+        ("max_concurrent_requests", l.max_concurrent_requests as u64),
+    ] {
+        if value == 0 {
+            problems.push(doc.problem(&limits.key(key), "must be greater than 0"));
+        }
+    }
+}
+
+fn check_state(doc: &Document, state: &str, problems: &mut Problems) -> StateBackend {
+    match state {
+        "memory" => StateBackend::Memory,
+        s if s.starts_with("redis://") => {
+            problems.push(doc.problem(
+                &KeyPath::root().key("state"),
+                "the redis state backend is not available in this build; use `memory`",
+            ));
+            StateBackend::Memory
+        }
+        _ => {
+            problems.push(doc.problem(&KeyPath::root().key("state"), "must be `memory` or `redis://HOST:PORT`"));
+            StateBackend::Memory
+        }
+    }
+}
+
+fn check_audit(doc: &Document, audit: &AuditConfig, problems: &mut Problems) {
+    if !(1..=3600).contains(&audit.unknown_callers.summary_seconds) {
+        problems.push(
+            doc.problem(
+                &KeyPath::root()
+                    .key("audit")
+                    .key("unknown_callers")
+                    .key("summary_seconds"),
+                "must be between 1 and 3600",
+            ),
+        );
+    }
+    if audit.rotate_bytes > 0 && audit.file.is_none() {
+        problems.push(doc.problem(
+            &KeyPath::root().key("audit").key("rotate_bytes"),
+            "needs `audit.file`: only the file is rotated",
+        ));
+    }
+    if let Some(cw) = &audit.cloudwatch {
+        let at = KeyPath::root().key("audit").key("cloudwatch");
+        if audit.file.is_none() {
+            problems.push(doc.problem(
+                &at,
+                "needs `audit.file`: events are shipped from the file, which is the spool",
+            ));
+        }
+        if cw.log_group.is_empty() || cw.log_group.len() > 512 {
+            problems.push(doc.problem(&at.key("log_group"), "must be 1 to 512 characters"));
+        }
+        if cw.log_stream.is_empty() || cw.log_stream.contains(':') || cw.log_stream.contains('*') {
+            problems.push(doc.problem(&at.key("log_stream"), "must be non-empty, without `:` or `*`"));
+        }
+        if !(1..=10_000).contains(&cw.batch_max_events) {
+            problems.push(doc.problem(&at.key("batch_max_events"), "must be between 1 and 10000"));
+        }
+        if !(1024..=1_048_576).contains(&cw.batch_max_bytes) {
+            problems.push(doc.problem(&at.key("batch_max_bytes"), "must be between 1024 and 1048576"));
+        }
+        if cw.flush_interval_ms == 0 {
+            problems.push(doc.problem(&at.key("flush_interval_ms"), "must be greater than 0"));
+        }
+    }
+}
+
+fn check_approvals(doc: &Document, approvals: &ApprovalsConfig, problems: &mut Problems) {
+    let at = KeyPath::root().key("approvals");
+    if approvals.ttl_seconds == 0 {
+        problems.push(doc.problem(&at.key("ttl_seconds"), "must be greater than 0"));
+    }
+    if let Some(w) = &approvals.webhook {
+        if !w.url.starts_with("http://") {
+            problems.push(doc.problem(
+                &at.key("webhook").key("url"),
+                "must be an http:// URL (https is not supported by this build)",
+            ));
+        }
+        if w.timeout_ms == 0 {
+            problems.push(doc.problem(&at.key("webhook").key("timeout_ms"), "must be greater than 0"));
+        }
+    }
+}
+
+fn parse_trusted_proxies(doc: &Document, texts: &[String], problems: &mut Problems) -> Vec<ipnet::IpNet> {
+    let mut trusted_proxies = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        match text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        {
+            Ok(net) => trusted_proxies.push(net.trunc()),
+            Err(_) => problems.push(doc.problem(
+                &KeyPath::root().key("trusted_proxies").index(i),
+                format!("`{text}` is not an IP address or a CIDR block like 10.0.0.0/8"),
+            )),
+        }
+    }
+    trusted_proxies
 }
 
 #[cfg(test)]

@@ -8,7 +8,12 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use std::collections::HashMap;
+
 use super::arguments::ArgumentSchema;
+use super::history::Fact;
+use crate::config::Problems;
+use crate::config::yaml::{Document, KeyPath};
 
 /// `tools.<name>` in a policy file.
 #[derive(Debug, Clone, Deserialize)]
@@ -441,6 +446,144 @@ impl DiscoveredTool {
         def.insert("inputSchema".into(), self.input_schema.clone());
         super::arguments::sha256_hex(&super::arguments::canonical(&def))
     }
+}
+
+/// `tools.<name>`, compiled: every problem with its place, `None` if there was one.
+pub(super) fn compile_tool(
+    name: &str,
+    c: ToolConfig,
+    doc: &Document,
+    path: &KeyPath,
+    filter_index: &HashMap<String, usize>,
+    problems: &mut Problems,
+) -> Option<Tool> {
+    let before = problems.len();
+    let up = path.key("upstream");
+    let url = UrlTemplate::parse(&c.upstream.url)
+        .map_err(|e| problems.push(doc.problem(&up.key("url"), e)))
+        .ok();
+    let method = Method::parse(&c.upstream.method);
+    if method.is_none() {
+        problems.push(doc.problem(&up.key("method"), "must be one of GET, POST, PUT, PATCH, DELETE"));
+    }
+    if c.upstream.timeout_ms == Some(0) {
+        problems.push(doc.problem(&up.key("timeout_ms"), "must be greater than 0"));
+    }
+    if let Some(role) = &c.aws_role {
+        for (key, msg) in role.check() {
+            problems.push(doc.problem(&path.key("aws_role").key(key), msg));
+        }
+    }
+    let mut headers = Vec::new();
+    for (name, value) in &c.upstream.headers {
+        let at = up.key("headers").key(name);
+        if !is_settable_header(name) {
+            problems.push(doc.problem(
+                &at,
+                "this header cannot be set here (toolgate or SigV4 sets it, or it is hop-by-hop or a credential)",
+            ));
+            continue;
+        }
+        match (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) {
+            (Ok(n), Ok(v)) => headers.push((n, v)),
+            _ => problems.push(doc.problem(&at, "not a valid header value")),
+        }
+    }
+    let schema = c.arguments.as_ref().and_then(|s| {
+        ArgumentSchema::compile(s)
+            .map_err(|e| problems.push(doc.problem(&path.key("arguments"), e)))
+            .ok()
+    });
+    if let Some(url) = &url {
+        let required: Vec<&str> = c
+            .arguments
+            .as_ref()
+            .and_then(|s| s.get("required"))
+            .and_then(Value::as_array)
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        for p in url.placeholders() {
+            if !required.contains(&p) {
+                problems.push(doc.problem(
+                    &up.key("url"),
+                    format!("placeholder `{{{p}}}` must be a required argument in `arguments.required`"),
+                ));
+            }
+        }
+    }
+    let (input_filters, output_filters) = resolve_filters(&c.filters, filter_index, doc, path, problems);
+    let mut facts = Vec::new();
+    for (fact, config) in &c.history {
+        let at = path.key("history").key(fact);
+        if !is_cedar_identifier(fact) {
+            problems.push(doc.problem(
+                &at,
+                "fact names must be identifiers (letters, digits, `_`), to use as `context.history.<name>`",
+            ));
+            continue;
+        }
+        match Fact::compile(fact, config) {
+            Ok(f) => facts.push(f),
+            Err((key, msg)) => problems.push(doc.problem(&at.key(key), msg)),
+        }
+    }
+    if problems.len() != before {
+        return None;
+    }
+    Some(Tool {
+        name: name.to_owned(),
+        description: c.description,
+        target: Target::Http {
+            url: url?,
+            method: method?,
+        },
+        headers,
+        aws_role: c.aws_role,
+        timeout: c.upstream.timeout_ms.map(std::time::Duration::from_millis),
+        schema,
+        schema_source: c.arguments,
+        input_filters,
+        output_filters,
+        facts,
+        touches_history: false,
+        changed: false,
+    })
+}
+
+/// A tool's (or MCP server's) `filters:` names, as indexes into the compiled filters; a name
+/// that is not defined is a problem at its place.
+pub(super) fn resolve_filters(
+    refs: &FilterRefs,
+    filter_index: &HashMap<String, usize>,
+    doc: &Document,
+    path: &KeyPath,
+    problems: &mut Problems,
+) -> (Vec<usize>, Vec<usize>) {
+    let mut resolve = |list: &[String], key: &str| -> Vec<usize> {
+        list.iter()
+            .enumerate()
+            .filter_map(|(i, f)| {
+                let idx = filter_index.get(f).copied();
+                if idx.is_none() {
+                    problems.push(doc.problem(
+                        &path.key("filters").key(key).index(i),
+                        format!("no filter named `{f}` is defined"),
+                    ));
+                }
+                idx
+            })
+            .collect()
+    };
+    (resolve(&refs.input, "input"), resolve(&refs.output, "output"))
+}
+
+fn is_cedar_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]

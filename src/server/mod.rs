@@ -7,6 +7,7 @@ pub mod admin;
 pub mod data;
 mod drain;
 pub mod mcp;
+mod policy_watch;
 pub mod request;
 mod workers;
 
@@ -32,7 +33,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::gateway::{Gateway, ReloadError};
+use crate::gateway::Gateway;
 use crate::policy::Code;
 pub use request::{RequestId, Source, error_body, error_response};
 use request::{client_address, request_id_of, with_request_id};
@@ -290,91 +291,10 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
         }));
     }
     // Refusals of unknown callers counted beyond their allowance: one event per source.
-    let gw = gateway.clone();
-    let mut stop_summaries = stopped.clone();
-    tasks.push(tokio::spawn(async move {
-        let every = Duration::from_secs(gw.config.audit.unknown_callers.summary_seconds);
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    gw.audit.write_summaries().await;
-                }
-                _ = stop_summaries.changed() => return,
-            }
-        }
-    }));
-    // Upstream MCP servers: discover their tools at once, then every `mcp.refresh_seconds`.
-    let gw = gateway.clone();
-    let mut stop_refresh = stopped.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(gw.config.mcp.refresh_seconds));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => gw.refresh_mcp("refresh").await,
-                _ = stop_refresh.changed() => return,
-            }
-        }
-    }));
-    let gw = gateway.clone();
-    let mut stop_watch = stopped.clone();
-    tasks.push(tokio::spawn(async move {
-        // Nothing seen yet: the first polls compare the files with the policy in force by
-        // loading them (a reload that finds the same version changes nothing and writes no
-        // event), so a file changed between the policy's load and this task's start is not
-        // missed.
-        let mut last = Vec::new();
-        let mut settling = None;
-        let mut unsettled: u32 = 0;
-        let (mut retry_at, mut retry_backoff): (u64, u64) = (0, 1);
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut ticks: u64 = 0;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop_watch.changed() => return,
-            }
-            ticks += 1;
-            metrics.run_upkeep();
-            // Settled approvals older than a week go hourly, not only when the store opens.
-            if ticks % 3600 == 0 {
-                if let Err(e) = gw.approvals.prune(crate::state::unix_now()).await {
-                    tracing::error!("pruning the approval store failed: {e}");
-                }
-            }
-            // A change is loaded once it has held still for one poll: an editor or a deploy
-            // that writes in place, or moves files one by one, is never caught half-way (a
-            // truncated rules file is valid, with fewer rules).
-            let now = gw.policy_fingerprint();
-            if now == last {
-                settling = None;
-                unsettled = 0;
-                // A valid policy whose event could not be written was not put in force
-                // (whether the files, an admin or the MCP catalog asked for it): tried again
-                // here until it is. An invalid one waits for the files to change.
-                if ticks >= retry_at && gw.take_retry_due() {
-                    // Backing off while the log stays broken: 1, 2, 4 … 60 s between tries.
-                    let failed = matches!(gw.reload("retry", None).await, Err(ReloadError::Unrecorded { .. }));
-                    retry_backoff = if failed { (retry_backoff * 2).min(60) } else { 1 };
-                    retry_at = ticks + retry_backoff;
-                }
-            } else if settling.as_ref() == Some(&now) {
-                last = now;
-                settling = None;
-                unsettled = 0;
-                let _ = gw.reload("file_change", None).await;
-            } else {
-                settling = Some(now);
-                unsettled += 1;
-                if unsettled == UNSETTLED_WARNING {
-                    tracing::warn!(
-                        "the policy files have changed on every poll for {UNSETTLED_WARNING} s: nothing is \
-                         reloaded until they hold still for a second (write elsewhere and rename)"
-                    );
-                }
-            }
-        }
-    }));
+    tasks.push(tokio::spawn(write_summaries(gateway.clone(), stopped.clone())));
+    // Upstream MCP servers: their tools at once, then every `mcp.refresh_seconds`.
+    tasks.push(tokio::spawn(refresh_mcp(gateway.clone(), stopped.clone())));
+    tasks.push(tokio::spawn(upkeep(gateway.clone(), metrics, stopped.clone())));
     Ok(Running {
         data_addr,
         admin_addr,
@@ -384,8 +304,56 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
     })
 }
 
-/// After this many polls (seconds) of policy files that never hold still, the watcher says so.
-const UNSETTLED_WARNING: u32 = 30;
+/// Writes the `refusals_summarized` events due, every `audit.unknown_callers.summary_seconds`.
+async fn write_summaries(gateway: Arc<Gateway>, mut stopped: watch::Receiver<bool>) {
+    let every = Duration::from_secs(gateway.config.audit.unknown_callers.summary_seconds);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                gateway.audit.write_summaries().await;
+            }
+            _ = stopped.changed() => return,
+        }
+    }
+}
+
+/// Asks upstream MCP servers for their tools at once, then every `mcp.refresh_seconds`.
+async fn refresh_mcp(gateway: Arc<Gateway>, mut stopped: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(gateway.config.mcp.refresh_seconds));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => gateway.refresh_mcp("refresh").await,
+            _ = stopped.changed() => return,
+        }
+    }
+}
+
+/// Once a second: metrics upkeep, the policy watcher's poll, and hourly, the pruning of
+/// settled approvals older than a week (not only when the store opens).
+async fn upkeep(
+    gateway: Arc<Gateway>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut policy = policy_watch::PolicyWatch::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        ticks += 1;
+        metrics.run_upkeep();
+        if ticks % 3600 == 0
+            && let Err(e) = gateway.approvals.prune(crate::state::unix_now()).await
+        {
+            tracing::error!("pruning the approval store failed: {e}");
+        }
+        policy.poll(&gateway, ticks).await;
+    }
+}
 
 /// How long the accept loop pauses after an error that is not one connection's (e.g. EMFILE).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);

@@ -137,96 +137,7 @@ impl Rules {
             }
         };
 
-        let mut all = PolicySet::new();
-        let mut meta: HashMap<String, RuleMeta> = HashMap::new();
-        let mut located: HashMap<String, (String, usize)> = HashMap::new();
-        for (file, text) in sources {
-            let set = match PolicySet::from_str(text) {
-                Ok(set) => set,
-                Err(errs) => {
-                    for e in errs.iter() {
-                        problems.push(problem(file, text, first_offset(e), e.to_string()));
-                    }
-                    continue;
-                }
-            };
-            if set.templates().next().is_some() {
-                problems.push(problem(
-                    file,
-                    text,
-                    0,
-                    "templates (`?principal`, `?resource`) are not supported in rule files",
-                ));
-            }
-            let mut search_from = 0;
-            let mut ordered: Vec<&Policy> = set.policies().collect();
-            ordered.sort_by_key(|p| {
-                p.id()
-                    .to_string()
-                    .trim_start_matches("policy")
-                    .parse::<usize>()
-                    .unwrap_or(0)
-            });
-            for p in ordered {
-                let src = p.to_string();
-                let at = text[search_from..]
-                    .find(src.as_str())
-                    .map_or(search_from, |i| search_from + i);
-                search_from = at + src.len().min(text.len() - at);
-                let mut here = |msg: String| problems.push(problem(file, text, at, msg));
-                if p.effect() == Effect::Permit {
-                    here("rules may only `forbid`: the agents' allowlists are the permits".to_owned());
-                    continue;
-                }
-                let Some(id) = p.annotation("id").filter(|id| !id.trim().is_empty()) else {
-                    here("every rule needs an `@id(\"…\")`: it names the rule in errors and audit events".to_owned());
-                    continue;
-                };
-                if let Some((prev_file, prev_at)) = located.get(id) {
-                    let prev_text = sources
-                        .iter()
-                        .find(|(n, _)| n == prev_file)
-                        .map_or("", |(_, t)| t.as_str());
-                    let (line, col) = line_col(prev_text, *prev_at);
-                    here(format!("rule id `{id}` is already used at {prev_file}:{line}:{col}"));
-                    continue;
-                }
-                let shadow = match p.annotation("mode") {
-                    None | Some("enforce") => false,
-                    Some("shadow") => true,
-                    Some(other) => {
-                        here(format!("@mode must be \"enforce\" or \"shadow\", not \"{other}\""));
-                        continue;
-                    }
-                };
-                let approval = p.annotation("approval").map(str::to_owned);
-                if approval.as_deref().is_some_and(|g| g.trim().is_empty()) {
-                    here("@approval needs the approver group, e.g. @approval(\"billing-leads\")".to_owned());
-                    continue;
-                }
-                for (key, _) in p.annotations() {
-                    if !matches!(key, "id" | "reason" | "approval" | "mode") {
-                        here(format!(
-                            "unknown annotation `@{key}` (known: @id, @reason, @approval, @mode)"
-                        ));
-                    }
-                }
-                located.insert(id.to_owned(), (file.clone(), at));
-                meta.insert(
-                    id.to_owned(),
-                    RuleMeta {
-                        id: id.to_owned(),
-                        reason: p.annotation("reason").map(str::to_owned),
-                        approval,
-                        shadow,
-                        file: file.clone(),
-                    },
-                );
-                let renamed = p.new_id(PolicyId::new(id));
-                all.add(renamed).expect("ids are unique");
-            }
-        }
-
+        let (all, meta, located) = parse_rules(sources, problems);
         let validation = Validator::new(schema.clone()).validate(&all, ValidationMode::Strict);
         for e in validation.validation_errors() {
             let id = e.policy_id().to_string();
@@ -242,68 +153,12 @@ impl Rules {
             problems.push(problem(&file, text, offset, msg));
         }
 
-        let mut agent_uids = HashMap::new();
-        let mut entities = Vec::new();
-        for (id, agent) in agents {
-            let uid = uid("Agent", id);
-            let tags = agent
-                .attributes
-                .iter()
-                .map(|(k, v)| (k.clone(), RestrictedExpression::new_string(v.clone())));
-            match Entity::new_with_tags(uid.clone(), [], [], tags) {
-                Ok(e) => entities.push(e),
-                Err(e) => problems.push(problem("policies", "", 0, format!("agent `{id}`: {e}"))),
-            }
-            agent_uids.insert(id.clone(), uid);
-        }
-        for name in tools.keys() {
-            entities.push(Entity::new_no_attrs(uid("Tool", name), Default::default()));
-        }
-        let entities = match Entities::from_entities(entities, Some(&schema)) {
-            Ok(e) => e,
-            Err(e) => {
-                problems.push(problem("policies", "", 0, format!("cannot build rule entities: {e}")));
-                Entities::empty()
-            }
-        };
+        let (agent_uids, entities) = build_entities(tools, agents, &schema, problems);
         if problems.len() != before {
             return Rules::empty();
         }
 
-        let mut per_tool = FastMap::default();
-        for (name, tool) in tools {
-            let action = uid("Action", name);
-            let applicable: Vec<&Policy> = all
-                .policies()
-                .filter(|p| match p.action_constraint() {
-                    ActionConstraint::Any => true,
-                    ActionConstraint::Eq(a) => a == action,
-                    ActionConstraint::In(list) => list.contains(&action),
-                })
-                .collect();
-            if applicable.is_empty() {
-                continue;
-            }
-            let texts: Vec<String> = applicable.iter().map(|p| p.to_string()).collect();
-            let needs_time = texts.iter().any(|t| t.contains("time"));
-            let needs_session = texts.iter().any(|t| t.contains("session"));
-            let mut policies = PolicySet::new();
-            for p in applicable {
-                policies.add(p.clone()).expect("unique");
-            }
-            per_tool.insert(
-                name.clone(),
-                ToolRules {
-                    action,
-                    resource: uid("Tool", name),
-                    input: inputs[name.as_str()].clone(),
-                    facts: tool.facts.clone(),
-                    needs_time,
-                    needs_session,
-                    policies,
-                },
-            );
-        }
+        let per_tool = rules_per_tool(&all, tools, &inputs);
         Rules {
             tools: per_tool,
             agents: agent_uids,
@@ -330,50 +185,17 @@ impl Rules {
         let Some(principal) = self.agents.get(agent) else {
             return Ok(Verdict::default());
         };
-        let input = t.input.to_record_expr(args)?;
-        let now_ms = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let secs = (now_ms / 1000) as i64;
-        let mut pairs = Vec::with_capacity(4);
-        pairs.push(("input".to_owned(), input));
-        if t.needs_session {
-            let session = RestrictedExpression::new_string(session.unwrap_or("").to_owned());
-            pairs.push(("session".to_owned(), session));
-        }
-        if t.needs_time {
-            let time = RestrictedExpression::new_record([
-                ("unix".to_owned(), RestrictedExpression::new_long(secs)),
-                (
-                    "hour".to_owned(),
-                    RestrictedExpression::new_long(secs.rem_euclid(86_400) / 3600),
-                ),
-                // 1970-01-01 was a Thursday; ISO weekday, Monday = 1.
-                (
-                    "weekday".to_owned(),
-                    RestrictedExpression::new_long((secs.div_euclid(86_400) + 3).rem_euclid(7) + 1),
-                ),
-            ])
-            .expect("distinct keys");
-            pairs.push(("time".to_owned(), time));
-        }
-        if !t.facts.is_empty() {
-            let results = history::compute(&t.facts, history, agent, session, now_ms, args);
-            let fields = t.facts.iter().zip(results).map(|(f, r)| {
-                let v = match r {
-                    FactResult::Exists(b) => RestrictedExpression::new_bool(b),
-                    FactResult::Count(n) => RestrictedExpression::new_long(n),
-                };
-                (f.name.clone(), v)
-            });
-            pairs.push((
-                "history".to_owned(),
-                RestrictedExpression::new_record(fields).expect("fact names are unique"),
-            ));
-        }
-        let context = Context::from_pairs(pairs).map_err(|_| "the arguments cannot be compared by rules".to_owned())?;
+        let context = context(t, agent, session, now, args, history)?;
         let request = Request::new(principal.clone(), t.action.clone(), t.resource.clone(), context, None)
             .map_err(|_| "the arguments cannot be compared by rules".to_owned())?;
 
-        let r = self.authorizer.is_authorized(&request, &t.policies, &self.entities);
+        let response = self.authorizer.is_authorized(&request, &t.policies, &self.entities);
+        Ok(self.verdict(&response))
+    }
+
+    /// What the forbids that matched (and those that could not be evaluated) make of a call:
+    /// an error denies; a hard forbid outranks any approval; shadow rules only report.
+    fn verdict(&self, r: &cedar_policy::Response) -> Verdict {
         let mut verdict = Verdict::default();
         let mut errored: Vec<&RuleMeta> = Vec::new();
         for id in r.diagnostics().errors().map(failed_policy) {
@@ -408,12 +230,12 @@ impl Rules {
                     m.id
                 ),
             ));
-            return Ok(verdict);
+            return verdict;
         }
         // A hard forbid outranks any approval; among equals, the first id decides (stable).
         fired.sort_by(|a, b| (a.approval.is_some(), &a.id).cmp(&(b.approval.is_some(), &b.id)));
         let Some(m) = fired.first() else {
-            return Ok(verdict);
+            return verdict;
         };
         verdict.blocked = Some(match &m.approval {
             Some(group) => {
@@ -439,7 +261,7 @@ impl Rules {
                     .unwrap_or_else(|| format!("Rule '{}' forbids this call.", m.id)),
             ),
         });
-        Ok(verdict)
+        verdict
     }
 }
 
@@ -521,6 +343,236 @@ fn problem(file: &str, text: &str, offset: usize, message: impl Into<String>) ->
         path: String::new(),
         message: message.into(),
     }
+}
+
+/// The context a tool's rules see: its arguments (`context.input`), and as the rules need them
+/// the session, the time and the facts about earlier calls (`context.history`).
+fn context(
+    t: &ToolRules,
+    agent: &str,
+    session: Option<&str>,
+    now: SystemTime,
+    args: &Map<String, Value>,
+    history: &dyn History,
+) -> Result<Context, String> {
+    let input = t.input.to_record_expr(args)?;
+    let now_ms = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let secs = (now_ms / 1000) as i64;
+    let mut pairs = Vec::with_capacity(4);
+    pairs.push(("input".to_owned(), input));
+    if t.needs_session {
+        let session = RestrictedExpression::new_string(session.unwrap_or("").to_owned());
+        pairs.push(("session".to_owned(), session));
+    }
+    if t.needs_time {
+        let time = RestrictedExpression::new_record([
+            ("unix".to_owned(), RestrictedExpression::new_long(secs)),
+            (
+                "hour".to_owned(),
+                RestrictedExpression::new_long(secs.rem_euclid(86_400) / 3600),
+            ),
+            // 1970-01-01 was a Thursday; ISO weekday, Monday = 1.
+            (
+                "weekday".to_owned(),
+                RestrictedExpression::new_long((secs.div_euclid(86_400) + 3).rem_euclid(7) + 1),
+            ),
+        ])
+        .expect("distinct keys");
+        pairs.push(("time".to_owned(), time));
+    }
+    if !t.facts.is_empty() {
+        let results = history::compute(&t.facts, history, agent, session, now_ms, args);
+        let fields = t.facts.iter().zip(results).map(|(f, r)| {
+            let v = match r {
+                FactResult::Exists(b) => RestrictedExpression::new_bool(b),
+                FactResult::Count(n) => RestrictedExpression::new_long(n),
+            };
+            (f.name.clone(), v)
+        });
+        pairs.push((
+            "history".to_owned(),
+            RestrictedExpression::new_record(fields).expect("fact names are unique"),
+        ));
+    }
+    Context::from_pairs(pairs).map_err(|_| "the arguments cannot be compared by rules".to_owned())
+}
+
+/// Every rule file parsed, and each rule checked: a `forbid`, with a unique `@id`, known
+/// annotations and valid values. The rules (renamed to their ids), what each says about itself,
+/// and where each id was defined.
+#[allow(clippy::type_complexity)]
+fn parse_rules(
+    sources: &[(String, String)],
+    problems: &mut Vec<Problem>,
+) -> (PolicySet, HashMap<String, RuleMeta>, HashMap<String, (String, usize)>) {
+    let mut all = PolicySet::new();
+    let mut meta: HashMap<String, RuleMeta> = HashMap::new();
+    let mut located: HashMap<String, (String, usize)> = HashMap::new();
+    for (file, text) in sources {
+        let set = match PolicySet::from_str(text) {
+            Ok(set) => set,
+            Err(errs) => {
+                for e in errs.iter() {
+                    problems.push(problem(file, text, first_offset(e), e.to_string()));
+                }
+                continue;
+            }
+        };
+        if set.templates().next().is_some() {
+            problems.push(problem(
+                file,
+                text,
+                0,
+                "templates (`?principal`, `?resource`) are not supported in rule files",
+            ));
+        }
+        let mut search_from = 0;
+        let mut ordered: Vec<&Policy> = set.policies().collect();
+        ordered.sort_by_key(|p| {
+            p.id()
+                .to_string()
+                .trim_start_matches("policy")
+                .parse::<usize>()
+                .unwrap_or(0)
+        });
+        for p in ordered {
+            let src = p.to_string();
+            let at = text[search_from..]
+                .find(src.as_str())
+                .map_or(search_from, |i| search_from + i);
+            search_from = at + src.len().min(text.len() - at);
+            let mut here = |msg: String| problems.push(problem(file, text, at, msg));
+            if p.effect() == Effect::Permit {
+                here("rules may only `forbid`: the agents' allowlists are the permits".to_owned());
+                continue;
+            }
+            let Some(id) = p.annotation("id").filter(|id| !id.trim().is_empty()) else {
+                here("every rule needs an `@id(\"…\")`: it names the rule in errors and audit events".to_owned());
+                continue;
+            };
+            if let Some((prev_file, prev_at)) = located.get(id) {
+                let prev_text = sources
+                    .iter()
+                    .find(|(n, _)| n == prev_file)
+                    .map_or("", |(_, t)| t.as_str());
+                let (line, col) = line_col(prev_text, *prev_at);
+                here(format!("rule id `{id}` is already used at {prev_file}:{line}:{col}"));
+                continue;
+            }
+            let shadow = match p.annotation("mode") {
+                None | Some("enforce") => false,
+                Some("shadow") => true,
+                Some(other) => {
+                    here(format!("@mode must be \"enforce\" or \"shadow\", not \"{other}\""));
+                    continue;
+                }
+            };
+            let approval = p.annotation("approval").map(str::to_owned);
+            if approval.as_deref().is_some_and(|g| g.trim().is_empty()) {
+                here("@approval needs the approver group, e.g. @approval(\"billing-leads\")".to_owned());
+                continue;
+            }
+            for (key, _) in p.annotations() {
+                if !matches!(key, "id" | "reason" | "approval" | "mode") {
+                    here(format!(
+                        "unknown annotation `@{key}` (known: @id, @reason, @approval, @mode)"
+                    ));
+                }
+            }
+            located.insert(id.to_owned(), (file.clone(), at));
+            meta.insert(
+                id.to_owned(),
+                RuleMeta {
+                    id: id.to_owned(),
+                    reason: p.annotation("reason").map(str::to_owned),
+                    approval,
+                    shadow,
+                    file: file.clone(),
+                },
+            );
+            let renamed = p.new_id(PolicyId::new(id));
+            all.add(renamed).expect("ids are unique");
+        }
+    }
+    (all, meta, located)
+}
+
+/// The agents (with their attributes as tags) and tools as Cedar entities.
+fn build_entities(
+    tools: &BTreeMap<String, Tool>,
+    agents: &FastMap<String, Agent>,
+    schema: &Schema,
+    problems: &mut Vec<Problem>,
+) -> (HashMap<String, EntityUid>, Entities) {
+    let mut agent_uids = HashMap::new();
+    let mut entities = Vec::new();
+    for (id, agent) in agents {
+        let uid = uid("Agent", id);
+        let tags = agent
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), RestrictedExpression::new_string(v.clone())));
+        match Entity::new_with_tags(uid.clone(), [], [], tags) {
+            Ok(e) => entities.push(e),
+            Err(e) => problems.push(problem("policies", "", 0, format!("agent `{id}`: {e}"))),
+        }
+        agent_uids.insert(id.clone(), uid);
+    }
+    for name in tools.keys() {
+        entities.push(Entity::new_no_attrs(uid("Tool", name), Default::default()));
+    }
+    let entities = match Entities::from_entities(entities, Some(schema)) {
+        Ok(e) => e,
+        Err(e) => {
+            problems.push(problem("policies", "", 0, format!("cannot build rule entities: {e}")));
+            Entities::empty()
+        }
+    };
+    (agent_uids, entities)
+}
+
+/// Each tool's own policy set: the forbids whose action scope can match it. A tool no rule can
+/// match has none, and skips Cedar.
+fn rules_per_tool(
+    all: &PolicySet,
+    tools: &BTreeMap<String, Tool>,
+    inputs: &BTreeMap<&str, ArgType>,
+) -> FastMap<String, ToolRules> {
+    let mut per_tool = FastMap::default();
+    for (name, tool) in tools {
+        let action = uid("Action", name);
+        let applicable: Vec<&Policy> = all
+            .policies()
+            .filter(|p| match p.action_constraint() {
+                ActionConstraint::Any => true,
+                ActionConstraint::Eq(a) => a == action,
+                ActionConstraint::In(list) => list.contains(&action),
+            })
+            .collect();
+        if applicable.is_empty() {
+            continue;
+        }
+        let texts: Vec<String> = applicable.iter().map(|p| p.to_string()).collect();
+        let needs_time = texts.iter().any(|t| t.contains("time"));
+        let needs_session = texts.iter().any(|t| t.contains("session"));
+        let mut policies = PolicySet::new();
+        for p in applicable {
+            policies.add(p.clone()).expect("unique");
+        }
+        per_tool.insert(
+            name.clone(),
+            ToolRules {
+                action,
+                resource: uid("Tool", name),
+                input: inputs[name.as_str()].clone(),
+                facts: tool.facts.clone(),
+                needs_time,
+                needs_session,
+                policies,
+            },
+        );
+    }
+    per_tool
 }
 
 #[cfg(test)]
