@@ -23,7 +23,8 @@ pub enum Code {
     UpstreamTimeout,
     UpstreamError,
     Unavailable,
-    /// A malformed request header (session id, request id).
+    /// A malformed request: a session id, an unreadable body, a bad MCP message. (A malformed
+    /// `X-Request-Id` is replaced, not refused.)
     InvalidRequest,
     /// Not a block: the route does not exist on this plane.
     NotFound,

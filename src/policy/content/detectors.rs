@@ -267,15 +267,10 @@ fn is_ssn_plausible(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::filter;
     use super::super::normalize::normalize;
-    use super::super::{Filter, FilterConfig};
     use super::*;
-    use serde_json::{Value, json};
-
-    fn filter(yaml_like: Value) -> Filter {
-        let c: FilterConfig = serde_json::from_value(yaml_like).unwrap();
-        Filter::compile("f", &c).unwrap()
-    }
+    use serde_json::json;
 
     #[test]
     fn cards_need_a_valid_luhn_checksum() {

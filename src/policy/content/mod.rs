@@ -431,15 +431,17 @@ fn unique_names(map: &Map<String, Value>, renamed: &[(usize, String)]) -> Vec<St
         .collect()
 }
 
+/// A filter named `f` from its config as JSON, for the tests of this module and its parts.
+#[cfg(test)]
+fn filter(config: Value) -> Filter {
+    let c: FilterConfig = serde_json::from_value(config).unwrap();
+    Filter::compile("f", &c).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
-
-    fn filter(yaml_like: Value) -> Filter {
-        let c: FilterConfig = serde_json::from_value(yaml_like).unwrap();
-        Filter::compile("f", &c).unwrap()
-    }
 
     #[test]
     fn deny_terms_survive_case_width_invisible_and_space_tricks() {

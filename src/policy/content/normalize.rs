@@ -80,14 +80,9 @@ fn normalize_ascii(s: &str) -> Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Filter, FilterConfig, Finding};
+    use super::super::{Finding, filter};
     use super::*;
-    use serde_json::{Value, json};
-
-    fn filter(yaml_like: Value) -> Filter {
-        let c: FilterConfig = serde_json::from_value(yaml_like).unwrap();
-        Filter::compile("f", &c).unwrap()
-    }
+    use serde_json::json;
 
     #[test]
     fn ascii_and_unicode_paths_normalise_alike() {
