@@ -216,6 +216,32 @@ impl Event for ToolCallEvent<'_> {
     }
 }
 
+/// `call_forwarding`: a call every check admitted, recorded before it is sent to its tool. Its
+/// outcome follows in the `tool_call` event with the same `request_id`; one without the other
+/// means toolgate could not record how the call ended (it was killed, or the log failed, while
+/// the tool ran): the tool may have acted. Written by hand (`line.rs`), as serde would.
+#[derive(Debug, Serialize)]
+pub struct CallForwarding<'a> {
+    pub request_id: &'a str,
+    pub agent: &'a str,
+    pub tool: &'a str,
+    pub arguments_sha256: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<&'a str>,
+    /// The approval the call passes with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<&'a str>,
+    pub policy_version: &'a str,
+}
+
+impl Event for CallForwarding<'_> {
+    const NAME: &'static str = "call_forwarding";
+
+    fn to_line(&self) -> Vec<u8> {
+        self.write_line(now())
+    }
+}
+
 impl Event for RequestRefused<'_> {
     const NAME: &'static str = "request_refused";
 }

@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 
-use super::{Event, RecordedArguments, ToolCallEvent};
+use super::{CallForwarding, Event, RecordedArguments, Timestamp, ToolCallEvent};
 use crate::policy::arguments::write_str;
 
 /// A key as [`Line::key`] takes it, `,"name":`, put together at compile time: one copy per key.
@@ -157,6 +157,27 @@ impl ToolCallEvent<'_> {
     }
 }
 
+impl CallForwarding<'_> {
+    /// The event as one newline-terminated JSON line, field for field what serde would write.
+    pub(super) fn write_line(&self, ts: Timestamp) -> Vec<u8> {
+        let mut line = Line::new();
+        line.str(k!("ts"), ts.as_str());
+        line.str(k!("event"), Self::NAME);
+        line.str(k!("request_id"), self.request_id);
+        line.str(k!("agent"), self.agent);
+        line.str(k!("tool"), self.tool);
+        line.str(k!("arguments_sha256"), self.arguments_sha256);
+        if let Some(session) = self.session {
+            line.str(k!("session"), session);
+        }
+        if let Some(id) = self.approval_id {
+            line.str(k!("approval_id"), id);
+        }
+        line.str(k!("policy_version"), self.policy_version);
+        line.finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,5 +289,26 @@ mod tests {
         };
         let (by_hand, by_serde) = both(&event);
         assert_eq!(by_hand, by_serde);
+    }
+
+    #[test]
+    fn a_call_forwarding_line_matches_serde() {
+        let ts = crate::audit::now();
+        for (session, approval_id) in [(None, None), (Some("s-1"), Some("apr_x\"q"))] {
+            let event = CallForwarding {
+                request_id: "r-1",
+                agent: "support-bot",
+                tool: "kb.search",
+                arguments_sha256: "ab12",
+                session,
+                approval_id,
+                policy_version: "v1",
+            };
+            let line = event.write_line(ts);
+            let by_hand: Value = serde_json::from_slice(&line).unwrap();
+            let by_serde: Value = serde_json::from_slice(&crate::audit::events::stamped(ts, &event)).unwrap();
+            assert_eq!(by_hand, by_serde);
+            assert_eq!(line.last(), Some(&b'\n'));
+        }
     }
 }

@@ -23,9 +23,9 @@ mod rotation;
 mod unknown;
 
 pub use events::{
-    ActionNotDone, AgentQuarantined, AgentReleased, Anomaly, ApprovalDecided, AuditRotated, Event, PolicyReloadFailed,
-    PolicyReloaded, RecordedArguments, RefusalsSummarized, RequestRefused, Timestamp, Tokens, ToolApproved,
-    ToolCallEvent, ToolDefinitionChanged, ToolPinned, UpstreamInfo, format_unix, millis, now,
+    ActionNotDone, AgentQuarantined, AgentReleased, Anomaly, ApprovalDecided, AuditRotated, CallForwarding, Event,
+    PolicyReloadFailed, PolicyReloaded, RecordedArguments, RefusalsSummarized, RequestRefused, Timestamp, Tokens,
+    ToolApproved, ToolCallEvent, ToolDefinitionChanged, ToolPinned, UpstreamInfo, format_unix, millis, now,
 };
 pub use rotation::{Rotated, Trigger, rotated_files, rotation_suffix};
 

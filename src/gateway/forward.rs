@@ -46,7 +46,7 @@ impl Gateway {
     pub(super) async fn forward(
         &self,
         policy: &Policy,
-        req: &CallRequest<'_>,
+        req: &CallRequest,
         rec: &mut Record<'_>,
         call: &Call<'_>,
     ) -> Result<Answer, Reason> {
@@ -69,10 +69,10 @@ impl Gateway {
                     origin: template.origin(),
                     arguments: call.args,
                     body: call.body.clone(),
-                    request_id: req.request_id,
-                    request_id_header: req.request_id_header,
+                    request_id: &req.request_id,
+                    request_id_header: req.request_id_header.as_ref(),
                     agent: call.agent,
-                    trace: req.trace,
+                    trace: &req.trace,
                     timeout,
                     started,
                     max_response_bytes: self.config.limits.max_response_bytes,
@@ -111,7 +111,7 @@ impl Gateway {
             role_arn: tool.aws_role.as_ref().map(|r| r.arn.clone()),
         });
         let answer = result.map_err(|e| {
-            tracing::warn!(request_id = req.request_id, tool = %tool.name, "upstream failed: {e}");
+            tracing::warn!(request_id = &*req.request_id, tool = %tool.name, "upstream failed: {e}");
             upstream_failed(tool, e)
         })?;
         let answer = self.filter_output(policy, tool, answer, &mut rec.notes)?;
@@ -122,7 +122,7 @@ impl Gateway {
     /// them the call is not sent (`rec.upstream` names the role, with no status).
     async fn signing_parts(
         &self,
-        req: &CallRequest<'_>,
+        req: &CallRequest,
         rec: &mut Record<'_>,
         call: &Call<'_>,
     ) -> Result<Option<SigningParts>, Reason> {
@@ -139,10 +139,10 @@ impl Gateway {
             Reason::new(code, Stage::Upstream, "aws_role", msg)
         };
         let roles = &self.forwarder.roles;
-        let credentials = match Box::pin(roles.credentials(role, call.agent, &tool.name, req.request_id)).await {
+        let credentials = match Box::pin(roles.credentials(role, call.agent, &tool.name, &req.request_id)).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(request_id = req.request_id, tool = %tool.name, "{e}");
+                tracing::warn!(request_id = &*req.request_id, tool = %tool.name, "{e}");
                 return Err(match e {
                     RoleError::Refused { .. } => fail(
                         Code::UpstreamError,

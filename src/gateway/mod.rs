@@ -44,36 +44,68 @@ use crate::upstream::guardrail::Guardrails;
 use crate::upstream::mcp::McpClient;
 use crate::upstream::{Inbound, Upstream};
 
-/// A tool call as received, before anything is checked.
+/// A tool call as received, before anything is checked. Owned, so the call can run in a task
+/// of its own: once it is handed over, the client's connection no longer decides whether it
+/// finishes (see `server::request::call_detached`).
 #[derive(Debug)]
-pub struct CallRequest<'a> {
-    pub request_id: &'a str,
+pub struct CallRequest {
+    pub request_id: Arc<str>,
     /// `request_id` as a header value, when the transport already made one (it is forwarded).
-    pub request_id_header: Option<&'a HeaderValue>,
+    pub request_id_header: Option<HeaderValue>,
     /// Where the call came from (the connection's peer), for the audit event.
     pub source: Option<std::net::IpAddr>,
-    pub caller: Caller<'a>,
-    pub tool: &'a str,
+    pub caller: Caller,
+    pub tool: ToolName,
     /// The arguments, or why the transport could not read them (too large, too slow).
     pub arguments: Result<Arguments, Reason>,
     /// `X-Toolgate-Session` (or the MCP session), for session-aware rules.
-    pub session: Option<&'a str>,
+    pub session: Option<String>,
     /// `X-Toolgate-Approval`: an approval id for a call a rule holds.
-    pub approval: Option<&'a str>,
+    pub approval: Option<String>,
     /// The W3C trace context, checked, as forwarded to HTTP tools.
-    pub trace: TraceContext<'a>,
+    pub trace: TraceContext,
 }
 
 /// Who is calling, as the transport knows it.
-#[derive(Debug, Clone, Copy)]
-pub enum Caller<'a> {
-    /// The `Authorization` header's value, if any: the call authenticates it.
-    Credentials(Option<&'a str>),
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// The `Authorization` header, if any: the call authenticates it.
+    Credentials(Option<HeaderValue>),
     /// An agent the transport has authenticated already, with this gateway's policy: MCP
     /// checks every message's credentials before it reads the method, so a `tools/call` need
     /// not hash the key (or verify the JWT's signature) a second time. The agent must still be
     /// in the policy the call is decided by (a reload in between may have removed it).
-    Agent(&'a str),
+    Agent(Arc<str>),
+}
+
+/// The tool a call names, as the transport has it: a segment of the request's path (shared
+/// with the request, not copied) or a name from the transport's own message.
+#[derive(Debug, Clone)]
+pub struct ToolName(ToolRepr);
+
+#[derive(Debug, Clone)]
+enum ToolRepr {
+    /// `path[start..]`.
+    Path(http::uri::PathAndQuery, usize),
+    Name(String),
+}
+
+impl ToolName {
+    /// The part of `path` after its first `start` bytes (`/v1/tools/` for the HTTP transport).
+    pub fn from_path(path: http::uri::PathAndQuery, start: usize) -> Self {
+        Self(ToolRepr::Path(path, start))
+    }
+
+    pub fn new(name: impl Into<String>) -> Self {
+        Self(ToolRepr::Name(name.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            ToolRepr::Path(p, start) => p.path().get(*start..).unwrap_or(""),
+            ToolRepr::Name(n) => n,
+        }
+    }
 }
 
 /// A call's arguments, as its transport has them.
@@ -308,11 +340,11 @@ impl Gateway {
     /// The pipeline's state machine is several KB; boxing it here keeps the future that the
     /// transports box and move in turn down to a pointer (measured: the unboxed one cost ≈13k
     /// instructions of `memcpy` per call, nearly a third of a bare proxy's per-request work).
-    pub async fn call(&self, req: CallRequest<'_>) -> CallOutcome {
+    pub async fn call(&self, req: CallRequest) -> CallOutcome {
         Box::pin(self.call_inner(req)).await
     }
 
-    async fn call_inner(&self, mut req: CallRequest<'_>) -> CallOutcome {
+    async fn call_inner(&self, mut req: CallRequest) -> CallOutcome {
         let started = Instant::now();
         // A guard, not an `Arc` clone: the clone and its drop are two writes per call to the
         // policy's reference count, which every core's calls share. The guard borrows one of
@@ -338,11 +370,11 @@ impl Gateway {
         reasons.extend(outcome.reason().cloned());
         let event = ToolCallEvent {
             ts: crate::audit::now(),
-            request_id: req.request_id,
+            request_id: &req.request_id,
             source: req.source,
-            session: req.session.filter(|s| is_valid_session(s)),
+            session: req.session.as_deref().filter(|s| is_valid_session(s)),
             agent: rec.agent,
-            tool: Some(truncate(req.tool, 256)),
+            tool: Some(truncate(req.tool.as_str(), 256)),
             decision: outcome.decision(),
             code: code.map(Code::as_str),
             reasons: &reasons,
@@ -363,23 +395,15 @@ impl Gateway {
             && matches!(req.caller, Caller::Credentials(_))
             && code.is_some_and(|c| c != Code::Unavailable && !self.audit.admit_unknown_caller(req.source, c.as_str()));
         if !summarized && let Err(e) = self.audit.emit(&event).await {
-            tracing::error!(
-                request_id = req.request_id,
-                "audit write failed, refusing the call: {e}"
-            );
-            return CallOutcome::Refused(Reason::new(
-                Code::Unavailable,
-                Stage::Audit,
-                "audit",
-                "The call could not be recorded in the audit log, so it was refused. Try again later.",
-            ));
+            tracing::error!(request_id = &*req.request_id, "audit write failed: {e}");
+            return CallOutcome::Refused(unrecorded(outcome, event.upstream.is_some()));
         }
         if let (Some(reason), Some(agent)) = (outcome.reason(), rec.agent) {
-            Box::pin(self.watch_for_anomalies(&policy, agent, reason, req.request_id)).await;
+            Box::pin(self.watch_for_anomalies(&policy, agent, reason, &req.request_id)).await;
         }
         self.meters.call(
             rec.agent.unwrap_or("(unauthenticated)"),
-            if rec.known_tool { req.tool } else { "(unknown)" },
+            if rec.known_tool { req.tool.as_str() } else { "(unknown)" },
             outcome.decision(),
             code.map_or("ok", Code::as_str),
         );
@@ -388,6 +412,24 @@ impl Gateway {
         }
         outcome
     }
+}
+
+/// The outcome of a call whose `tool_call` event could not be written: refused, and what the
+/// agent is told depends on how far the call got.
+fn unrecorded(outcome: CallOutcome, forwarded: bool) -> Reason {
+    let (rule, message) = match outcome {
+        // Refused already because the log failed (the write ahead of the tool): that reason.
+        CallOutcome::Refused(r) if r.stage == Stage::Audit => return r,
+        _ if forwarded => (
+            "audit",
+            "The call was sent to its tool, but its outcome could not be recorded in the audit log, so the answer is withheld. The call may have taken effect: check before sending it again.",
+        ),
+        _ => (
+            "audit",
+            "The call could not be recorded in the audit log, so it was refused. Try again later.",
+        ),
+    };
+    Reason::new(Code::Unavailable, Stage::Audit, rule, message)
 }
 
 /// `X-Toolgate-Session`: 1 to 128 characters, letters, digits, `-`, `_`, `.`, `:`.

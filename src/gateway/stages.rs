@@ -21,13 +21,17 @@
 //! 8. **Budget, then rate limits**, after every static check, so a denied call costs nothing;
 //!    a refusal gives the budget reservation back.
 //! 9. **The approval is spent** only now, so a 429 does not use it up.
-//! 10. **History records the call** when it is decided, not when the tool answers, so calls in
+//! 10. **Written ahead**: a `call_forwarding` event is in the audit log before the call reaches
+//!     its tool, so a process killed while the tool runs, or a disk that fills meanwhile,
+//!     cannot leave a forwarded call with no record; and a log that cannot be written stops the
+//!     call here, before the tool acts (the first call after the disk fills included).
+//! 11. **History records the call** when it is decided, not when the tool answers, so calls in
 //!     flight count for the rules of the calls after them.
-//! 11. **Forward**, then the answer through guardrails and output filters (`forward`).
-//! 12. **Settle**: a failed call is taken back out of history, and the budget is charged what
+//! 12. **Forward**, then the answer through guardrails and output filters (`forward`).
+//! 13. **Settle**: a failed call is taken back out of history, and the budget is charged what
 //!     flowed.
 //!
-//! The audit event is written by the caller, [`Gateway::call`], whatever this returns.
+//! The `tool_call` event is written by the caller, [`Gateway::call`], whatever this returns.
 
 use std::borrow::Cow;
 
@@ -36,7 +40,7 @@ use serde_json::{Map, Value};
 
 use super::{Answer, Arguments, CallRequest, Caller, Gateway, Record, is_valid_session};
 use crate::approval::HoldRequest;
-use crate::audit::{RecordedArguments, Tokens};
+use crate::audit::{CallForwarding, RecordedArguments, Tokens};
 use crate::config::AuditArguments;
 use crate::policy::history::{PastCall, hash_value};
 use crate::policy::limits::estimate_tokens;
@@ -71,7 +75,7 @@ impl Gateway {
     pub(super) async fn process<'p>(
         &self,
         policy: &'p Policy,
-        req: &CallRequest<'_>,
+        req: &CallRequest,
         arguments: Result<Arguments, Reason>,
         rec: &mut Record<'p>,
     ) -> Result<Answer, Reason> {
@@ -88,13 +92,13 @@ impl Gateway {
         // 3. The body, as the transport read it.
         let arguments = arguments?;
         // 4. Tool pinning.
-        if let Err(reason) = self.check_pinned(policy, agent, req.tool) {
+        if let Err(reason) = self.check_pinned(policy, agent, req.tool.as_str()) {
             rec.arguments_sha256 = arguments.sha256();
             return Err(reason);
         }
         // 5. The policy, in the agent's history turn when rules read history (held until the
         //    call is recorded in history at 10, or refused).
-        let history_turn = match policy.tools.get(req.tool).is_some_and(|t| t.touches_history) {
+        let history_turn = match policy.tools.get(req.tool.as_str()).is_some_and(|t| t.touches_history) {
             true => Some(self.state.history_turn(agent).await),
             false => None,
         };
@@ -113,12 +117,17 @@ impl Gateway {
             self.give_back(reservation);
             return Err(reason);
         }
-        // 10. History.
+        // 10. Written ahead.
+        if let Err(reason) = self.write_ahead(policy, req, &call, rec).await {
+            self.give_back(reservation);
+            return Err(reason);
+        }
+        // 11. History.
         let past = self.record_history(policy, req, &call);
         drop(history_turn);
-        // 11. Forward, and the answer back through guardrails and output filters.
+        // 12. Forward, and the answer back through guardrails and output filters.
         let answered = self.forward(policy, req, rec, &call.to_forward()).await;
-        // 12. Settle.
+        // 13. Settle.
         if let Some(p) = past
             && !answered.as_ref().is_ok_and(Answer::succeeded)
         {
@@ -137,12 +146,14 @@ impl Gateway {
 
     /// Stages 1–2: the agent (authenticated now, or by the transport with this policy), the
     /// session header, quarantine, and the audit log's health.
-    fn admit<'p>(&self, policy: &'p Policy, req: &CallRequest<'_>, rec: &mut Record<'p>) -> Result<&'p str, Reason> {
-        let agent: &'p str = match req.caller {
-            Caller::Credentials(authorization) => policy.auth.authenticate(authorization)?,
+    fn admit<'p>(&self, policy: &'p Policy, req: &CallRequest, rec: &mut Record<'p>) -> Result<&'p str, Reason> {
+        let agent: &'p str = match &req.caller {
+            Caller::Credentials(authorization) => policy
+                .auth
+                .authenticate(authorization.as_ref().and_then(|v| v.to_str().ok()))?,
             Caller::Agent(id) => policy
                 .agents
-                .get_key_value(id)
+                .get_key_value(&**id)
                 .map(|(id, _)| id.as_str())
                 .ok_or_else(|| {
                     let message = "The agent is no longer in the policy.";
@@ -150,7 +161,7 @@ impl Gateway {
                 })?,
         };
         rec.agent = Some(agent);
-        if req.session.is_some_and(|s| !is_valid_session(s)) {
+        if req.session.as_deref().is_some_and(|s| !is_valid_session(s)) {
             return Err(Reason::new(
                 Code::InvalidRequest,
                 Stage::Request,
@@ -194,7 +205,7 @@ impl Gateway {
         &self,
         policy: &'p Policy,
         agent: &'p str,
-        req: &CallRequest<'_>,
+        req: &CallRequest,
         arguments: Arguments,
         rec: &mut Record<'p>,
     ) -> Decided<'p> {
@@ -204,9 +215,9 @@ impl Gateway {
         };
         let call = ToolCall {
             agent,
-            tool: req.tool,
+            tool: req.tool.as_str(),
             body: &body,
-            session: req.session,
+            session: req.session.as_deref(),
             now: std::time::SystemTime::now(),
         };
         let mut eval = match parsed {
@@ -246,7 +257,7 @@ impl Gateway {
     async fn hold_or_pass<'p>(
         &self,
         agent: &'p str,
-        req: &CallRequest<'_>,
+        req: &CallRequest,
         decided: Decided<'p>,
         rec: &mut Record<'p>,
     ) -> Result<Admitted<'p>, Reason> {
@@ -261,18 +272,18 @@ impl Gateway {
             groups.dedup();
             let held = HoldRequest {
                 agent: agent.to_owned(),
-                tool: req.tool.to_owned(),
+                tool: req.tool.as_str().to_owned(),
                 rule: reason.rule.clone(),
                 rules: eval.approvals.iter().map(|(r, _)| r.clone()).collect(),
                 group: groups.join(", "),
                 reason: reason.message.clone(),
                 arguments: redacted(&eval),
                 arguments_sha256: rec.arguments_sha256.clone(),
-                request_id: req.request_id.to_owned(),
-                session: req.session.map(str::to_owned),
+                request_id: req.request_id.to_string(),
+                session: req.session.clone(),
             };
-            match req.approval {
-                Some(id) => approval = Some((held, id.to_owned())),
+            match &req.approval {
+                Some(id) => approval = Some((held, id.clone())),
                 None => return Err(Box::pin(self.hold(held, reason.clone(), rec)).await),
             }
         }
@@ -357,6 +368,38 @@ impl Gateway {
         Ok(reservation)
     }
 
+    /// Stage 10: the `call_forwarding` event, written before the call is sent. If it cannot be
+    /// written, the call is not sent.
+    async fn write_ahead(
+        &self,
+        policy: &Policy,
+        req: &CallRequest,
+        call: &Admitted<'_>,
+        rec: &Record<'_>,
+    ) -> Result<(), Reason> {
+        let event = CallForwarding {
+            request_id: &req.request_id,
+            agent: call.agent,
+            tool: &call.tool.name,
+            arguments_sha256: &rec.arguments_sha256,
+            session: req.session.as_deref(),
+            approval_id: rec.approval_id.as_deref(),
+            policy_version: &policy.version,
+        };
+        self.audit.emit(&event).await.map_err(|e| {
+            tracing::error!(
+                request_id = &*req.request_id,
+                "audit write failed, the call was not sent: {e}"
+            );
+            Reason::new(
+                Code::Unavailable,
+                Stage::Audit,
+                "audit",
+                "The call could not be recorded before it was sent to its tool, so it was not sent. Try again later.",
+            )
+        })
+    }
+
     fn give_back(&self, reservation: Option<Reservation>) {
         if let Some(r) = reservation {
             self.state.release_tokens(r);
@@ -365,12 +408,12 @@ impl Gateway {
 
     /// Stage 10: the call in its agent's history, if any rule reads calls of this tool; the
     /// entry, to take back if the call fails.
-    fn record_history(&self, policy: &Policy, req: &CallRequest<'_>, call: &Admitted<'_>) -> Option<PastCall> {
+    fn record_history(&self, policy: &Policy, req: &CallRequest, call: &Admitted<'_>) -> Option<PastCall> {
         let fields = policy.recorded.get(&call.tool.name)?;
         let past = PastCall {
             tool: call.tool.name.as_str().into(),
             at_ms: call.at_ms,
-            session: req.session.map(Into::into),
+            session: req.session.as_deref().map(Into::into),
             values: fields
                 .iter()
                 .filter_map(|f| call.args.get(&**f).map(|v| (f.clone(), hash_value(v))))

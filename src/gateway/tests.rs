@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::{Arguments, CallOutcome, CallRequest, Caller, Gateway};
+use super::{Arguments, CallOutcome, CallRequest, Caller, Gateway, ToolName};
 use crate::approval::Approvals;
 use crate::audit::AuditLog;
 use crate::config::ServerConfig;
@@ -72,14 +72,14 @@ impl Fixture {
         }
     }
 
-    async fn call(&self, id: &str, caller: Caller<'_>, tool: &str, args: Result<&str, Reason>) -> CallOutcome {
+    async fn call(&self, id: &str, caller: Caller, tool: &str, args: Result<&str, Reason>) -> CallOutcome {
         self.call_with(id, caller, tool, args, None, None).await
     }
 
     async fn call_with(
         &self,
         id: &str,
-        caller: Caller<'_>,
+        caller: Caller,
         tool: &str,
         args: Result<&str, Reason>,
         session: Option<&str>,
@@ -88,14 +88,14 @@ impl Fixture {
         let arguments = args.map(|a| Arguments::Body(Bytes::from(a.to_owned())));
         self.gateway
             .call(CallRequest {
-                request_id: id,
+                request_id: id.into(),
                 request_id_header: None,
                 source: None,
                 caller,
-                tool,
+                tool: ToolName::new(tool),
                 arguments,
-                session,
-                approval,
+                session: session.map(str::to_owned),
+                approval: approval.map(str::to_owned),
                 trace: TraceContext::default(),
             })
             .await
@@ -111,8 +111,8 @@ impl Fixture {
     }
 }
 
-fn bot() -> Caller<'static> {
-    Caller::Credentials(Some("Bearer test-key"))
+fn bot() -> Caller {
+    Caller::Credentials(Some(http::HeaderValue::from_static("Bearer test-key")))
 }
 
 /// The refusal's code, stage and rule, checked against its decision.
@@ -138,7 +138,7 @@ async fn an_unauthenticated_caller_learns_nothing_not_even_the_body_limit() {
         refused(&out),
         (Code::Unauthenticated, Stage::Authentication, "authentication")
     );
-    let out = f.call("r2", Caller::Agent("ghost"), "kb.search", Ok("{}")).await;
+    let out = f.call("r2", Caller::Agent("ghost".into()), "kb.search", Ok("{}")).await;
     assert_eq!(
         refused(&out).0,
         Code::Unauthenticated,

@@ -14,8 +14,10 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::Full;
 
-use super::request::{Refusal, RequestId, Source, authenticate, error_body, error_response, read_body};
-use crate::gateway::{Answer, Arguments, CallOutcome, CallRequest, Caller, Gateway};
+use super::request::{
+    HoldsGateway, Refusal, RequestId, Source, authenticate, call_detached, error_body, error_response, read_body,
+};
+use crate::gateway::{Answer, Arguments, CallOutcome, CallRequest, Caller, Gateway, ToolName};
 use crate::policy::Code;
 use crate::upstream::TraceContext;
 
@@ -33,7 +35,7 @@ pub fn routes(gateway: Arc<Gateway>, mcp: Arc<super::mcp::Mcp>) -> Router {
             "/v1/tools/{tool}",
             post(|State(gw): State<Arc<Gateway>>, req: Request| async move {
                 let (id, source) = (RequestId::of(&req), Source::of(&req));
-                call_tool(&gw, id, None, source, req).await
+                call_tool(gw, id, None, source, req).await
             }),
         )
         .route("/v1/approvals/{id}", get(approval_status))
@@ -91,7 +93,7 @@ pub(super) fn is_tool_call<B>(req: &axum::http::Request<B>) -> bool {
 /// A tool call, from its request (hyper's body straight from the data plane, or axum's from the
 /// router) to its response (the answer's bytes as they are, unboxed).
 pub(super) async fn call_tool<B>(
-    gw: &Gateway,
+    owner: impl HoldsGateway,
     id: Arc<str>,
     id_header: Option<&HeaderValue>,
     source: Option<std::net::IpAddr>,
@@ -102,9 +104,11 @@ where
     B::Error: Into<axum::BoxError>,
 {
     let (parts, body) = req.into_parts();
+    let gw = owner.gateway();
     // The raw path segment, not a percent-decoded one: tool names match exactly, and `%2E` is
     // not a dot.
-    let tool = parts.uri.path().strip_prefix("/v1/tools/").unwrap_or_default();
+    let path = parts.uri.into_parts().path_and_query;
+    let tool = path.map_or_else(|| ToolName::new(""), |p| ToolName::from_path(p, "/v1/tools/".len()));
     let body = read_body(gw, &parts.headers, body).await;
     // One pass over the headers for the five the call reads (the first of each name, as
     // `HeaderMap::get` gives): a handful of comparisons instead of five hashed lookups.
@@ -126,19 +130,19 @@ where
         };
         slot.get_or_insert(value);
     }
-    let outcome = gw
-        .call(CallRequest {
-            request_id: &id,
-            request_id_header: id_header,
-            source,
-            caller: Caller::Credentials(authorization.and_then(|v| v.to_str().ok())),
-            tool,
-            arguments: body.map(Arguments::Body),
-            session: session.map(|v| v.to_str().unwrap_or("\u{fffd}")),
-            approval: approval.map(|v| v.to_str().unwrap_or("\u{fffd}")),
-            trace: TraceContext::new(traceparent, tracestate),
-        })
-        .await;
+    let text = |v: &HeaderValue| v.to_str().unwrap_or("\u{fffd}").to_owned();
+    let call = CallRequest {
+        request_id: id.clone(),
+        request_id_header: id_header.cloned(),
+        source,
+        caller: Caller::Credentials(authorization.cloned()),
+        tool,
+        arguments: body.map(Arguments::Body),
+        session: session.map(text),
+        approval: approval.map(text),
+        trace: TraceContext::new(traceparent, tracestate),
+    };
+    let outcome = call_detached(owner, call).await;
     response(outcome, &id)
 }
 

@@ -113,24 +113,36 @@ impl InFlight {
             max,
         }
     }
+}
 
+/// One call's place in [`InFlight`], held by the call (its task, for a tool call: a call whose
+/// client went away still counts until it ends), given back when dropped: the call answered,
+/// failed or panicked. It holds the data plane by its per-thread handle, which is also how the
+/// call reaches the gateway.
+pub(crate) struct InFlightCall(Arc<DataPlaneInner>);
+
+impl InFlightCall {
     /// A place for one more call, or `None` if `max` are in flight.
-    fn try_enter(&self) -> Option<InFlightCall<'_>> {
+    fn try_enter(plane: &Arc<DataPlaneInner>) -> Option<InFlightCall> {
         use std::sync::atomic::Ordering::Relaxed;
-        if self.calls.fetch_add(1, Relaxed) >= self.max {
-            self.calls.fetch_sub(1, Relaxed);
+        let limit = &plane.limit;
+        if limit.calls.fetch_add(1, Relaxed) >= limit.max {
+            limit.calls.fetch_sub(1, Relaxed);
             return None;
         }
-        Some(InFlightCall(self))
+        Some(InFlightCall(plane.clone()))
     }
 }
 
-/// One call's place; given back when dropped (the call answered, failed or panicked).
-struct InFlightCall<'a>(&'a InFlight);
+impl request::HoldsGateway for InFlightCall {
+    fn gateway(&self) -> &Gateway {
+        &self.0.gateway
+    }
+}
 
-impl Drop for InFlightCall<'_> {
+impl Drop for InFlightCall {
     fn drop(&mut self) {
-        self.0.calls.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.limit.calls.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -175,14 +187,14 @@ impl DataPlane {
             other => other,
         };
         // Load shedding instead of queueing: over the limit, a 503 at once.
-        let Some(_in_flight) = plane.limit.try_enter() else {
+        let Some(in_flight) = InFlightCall::try_enter(&plane) else {
             metrics::counter!("toolgate_shed_total").increment(1);
             let res = data::shed(&plane.gateway, id, source, &req).await.map(DataBody::Right);
             return Ok(with_request_id(res, id_header));
         };
         let routed = async {
             if data::is_tool_call(&req) {
-                data::call_tool(&plane.gateway, id.clone(), Some(&id_header), source, req)
+                data::call_tool(in_flight, id.clone(), Some(&id_header), source, req)
                     .await
                     .map(DataBody::Left)
             } else if req.method() == axum::http::Method::POST && req.uri().path() == "/mcp" {
@@ -191,7 +203,7 @@ impl DataPlane {
                 if let Some(ip) = source {
                     req.extensions_mut().insert(Source(ip));
                 }
-                mcp::post(&plane.mcp, req).await.map(DataBody::Right)
+                mcp::post(&plane.mcp, in_flight, req).await.map(DataBody::Right)
             } else {
                 let mut req = req.map(Body::new);
                 req.extensions_mut().insert(RequestId(id.clone()));
@@ -199,6 +211,7 @@ impl DataPlane {
                     req.extensions_mut().insert(Source(ip));
                 }
                 let Ok(res) = plane.router.clone().oneshot(req).await;
+                drop(in_flight);
                 res.map(DataBody::Right)
             }
         };

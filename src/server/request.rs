@@ -12,7 +12,7 @@ use futures_util::FutureExt;
 use serde_json::{Value, json};
 
 use crate::audit::RequestRefused;
-use crate::gateway::Gateway;
+use crate::gateway::{CallOutcome, CallRequest, Gateway};
 use crate::policy::{Code, Reason, Stage};
 use crate::upstream::X_REQUEST_ID;
 
@@ -200,6 +200,33 @@ where
             "limits",
             "The request body was not received in time.",
         )),
+    }
+}
+
+/// What a detached call holds the gateway by: the data plane's per-thread handle (whose
+/// reference count only its own thread writes, see `DataPlane::for_thread`), or the gateway
+/// itself behind an `Arc`.
+pub trait HoldsGateway: Send + Sync + 'static {
+    fn gateway(&self) -> &Gateway;
+}
+
+impl HoldsGateway for Arc<Gateway> {
+    fn gateway(&self) -> &Gateway {
+        self
+    }
+}
+
+/// Runs a call in a task of its own and waits for its outcome. The connection only waits: if
+/// the client goes away (it hung up, or its own timeout fired), the call still runs to its end,
+/// forwarded or not, recorded, its budget settled, instead of being dropped half-way with the
+/// connection's future. On a data-plane thread the task stays on that thread.
+pub async fn call_detached(owner: impl HoldsGateway, req: CallRequest) -> CallOutcome {
+    let call = tokio::spawn(async move { owner.gateway().call(req).await });
+    match call.await {
+        Ok(outcome) => outcome,
+        // Caught by the data plane's panic layer, as if it had happened on the connection.
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => unreachable!("a call's task is never aborted"),
     }
 }
 

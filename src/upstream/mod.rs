@@ -58,7 +58,7 @@ pub struct Outbound<'a> {
     /// `request_id` as a header value, if the caller has one (else it is made from the text).
     pub request_id_header: Option<&'a HeaderValue>,
     pub agent: &'a str,
-    pub trace: TraceContext<'a>,
+    pub trace: &'a TraceContext,
     pub timeout: Duration,
     /// When forwarding began (the caller reads the clock for its own timing): `timeout` counts
     /// from here, and the pool checks its idle connections' age against it.
@@ -74,17 +74,17 @@ pub struct Outbound<'a> {
 /// which checks it, so every transport forwards exactly the same: a malformed `traceparent`
 /// (anything but `vv-<32 hex>-<16 hex>-ff`, lowercase) or a `tracestate` over 512 bytes is
 /// dropped, not forwarded.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TraceContext<'a> {
-    traceparent: Option<&'a HeaderValue>,
-    tracestate: Option<&'a HeaderValue>,
+#[derive(Debug, Clone, Default)]
+pub struct TraceContext {
+    traceparent: Option<HeaderValue>,
+    tracestate: Option<HeaderValue>,
 }
 
-impl<'a> TraceContext<'a> {
-    pub fn new(traceparent: Option<&'a HeaderValue>, tracestate: Option<&'a HeaderValue>) -> Self {
+impl TraceContext {
+    pub fn new(traceparent: Option<&HeaderValue>, tracestate: Option<&HeaderValue>) -> Self {
         Self {
-            traceparent: traceparent.filter(|v| is_traceparent(v)),
-            tracestate: tracestate.filter(|v| v.len() <= 512),
+            traceparent: traceparent.filter(|v| is_traceparent(v)).cloned(),
+            tracestate: tracestate.filter(|v| v.len() <= 512).cloned(),
         }
     }
 }
@@ -251,10 +251,10 @@ fn build_request(out: &Outbound<'_>) -> Result<Request<Full<Bytes>>, UpstreamErr
     if out.method.has_body() && !out.headers.iter().any(|(n, _)| n == CONTENT_TYPE) {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
-    if let Some(tp) = out.trace.traceparent {
+    if let Some(tp) = &out.trace.traceparent {
         headers.insert(TRACEPARENT, tp.clone());
     }
-    if let Some(ts) = out.trace.tracestate {
+    if let Some(ts) = &out.trace.tracestate {
         headers.insert(TRACESTATE, ts.clone());
     }
     for (name, value) in out.headers {
@@ -332,7 +332,7 @@ mod tests {
                 request_id: "r",
                 request_id_header: None,
                 agent: "a",
-                trace: TraceContext::default(),
+                trace: &TraceContext::default(),
                 timeout: Duration::from_secs(1),
                 started: Instant::now(),
                 max_response_bytes: 1,
@@ -353,7 +353,7 @@ mod tests {
         let tp = HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         let state = HeaderValue::from_static("vendor=1");
         let kept = TraceContext::new(Some(&tp), Some(&state));
-        assert_eq!((kept.traceparent, kept.tracestate), (Some(&tp), Some(&state)));
+        assert_eq!((kept.traceparent, kept.tracestate), (Some(tp), Some(state)));
         for bad in [
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",

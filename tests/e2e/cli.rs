@@ -188,7 +188,12 @@ async fn audit_events_survive_kill_9_right_after_the_response() {
     child.wait().unwrap();
     let events = support::read_events(&dir.path().join("audit.jsonl"));
     for id in ids {
-        assert!(events.iter().any(|e| e["request_id"] == id.as_str()), "event {id} lost");
+        assert!(
+            events
+                .iter()
+                .any(|e| e["request_id"] == id.as_str() && e["event"] == "tool_call"),
+            "event {id} lost"
+        );
     }
     assert!(Path::new(&dir.path().join("audit.jsonl")).exists());
 }
@@ -393,7 +398,12 @@ async fn serve_runs_the_data_plane_on_its_configured_threads_and_stops_them_on_s
     assert_eq!(upstream.count("/kb/search"), 24);
     let events = support::read_events(&dir.path().join("audit.jsonl"));
     for id in &ids {
-        assert!(events.iter().any(|e| e["request_id"] == id.as_str()), "event {id} lost");
+        assert!(
+            events
+                .iter()
+                .any(|e| e["request_id"] == id.as_str() && e["event"] == "tool_call"),
+            "event {id} lost"
+        );
     }
 
     // SIGTERM: every thread finishes and the process exits cleanly.

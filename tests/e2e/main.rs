@@ -12,6 +12,7 @@ mod aws;
 mod cli;
 mod content;
 mod gateway;
+mod hardening;
 mod jwt;
 mod limits;
 mod mcp;

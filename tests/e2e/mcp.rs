@@ -561,16 +561,16 @@ async fn upstream_mcp_tools_are_exposed_filtered_and_pinned_against_rug_pulls() 
 /// one a reload removed in between is refused and audited, never let through unauthenticated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_for_an_agent_no_longer_in_the_policy_is_refused() {
-    use toolgate::gateway::{Answer, Arguments, CallOutcome, CallRequest, Caller};
+    use toolgate::gateway::{Answer, Arguments, CallOutcome, CallRequest, Caller, ToolName};
     let h = Harness::start().await;
     let gateway = &h.running.as_ref().expect("in-process gateway").gateway;
     let call = |rid: &'static str, agent: &'static str| {
         gateway.call(CallRequest {
-            request_id: rid,
+            request_id: rid.into(),
             request_id_header: None,
             source: None,
-            caller: Caller::Agent(agent),
-            tool: "kb.search",
+            caller: Caller::Agent(agent.into()),
+            tool: ToolName::new("kb.search"),
             arguments: Ok(Arguments::Body(bytes::Bytes::from_static(br#"{"query": "q"}"#))),
             session: None,
             approval: None,

@@ -149,7 +149,7 @@ async fn an_https_tool_with_an_untrusted_certificate_is_never_called() {
     let events = support::read_events(&dir.path().join("audit.jsonl"));
     let e = events
         .iter()
-        .find(|e| e["request_id"] == r.request_id().as_str())
+        .find(|e| e["request_id"] == r.request_id().as_str() && e["event"] == "tool_call")
         .expect("an audit event");
     assert_eq!(e["code"], "upstream_error");
 }

@@ -30,7 +30,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use super::request::{Refusal, RequestId, Source, authenticate, read_body};
+use super::request::{HoldsGateway, Refusal, RequestId, Source, authenticate, read_body};
 use crate::gateway::Gateway;
 use crate::policy::Code;
 use reply::{INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, Reply, UNSUPPORTED_VERSION};
@@ -76,11 +76,12 @@ enum Revision {
 }
 
 async fn handle(State(mcp): State<Arc<Mcp>>, req: Request) -> Response {
-    post(&mcp, req).await
+    post(&mcp, mcp.gateway.clone(), req).await
 }
 
-/// `POST /mcp`: one JSON-RPC message. The request carries its [`RequestId`] extension.
-pub async fn post(mcp: &Mcp, req: Request) -> Response {
+/// `POST /mcp`: one JSON-RPC message. The request carries its [`RequestId`] extension; `owner`
+/// is what a `tools/call` holds the gateway by while it runs (see `request::call_detached`).
+pub async fn post(mcp: &Mcp, owner: impl HoldsGateway, req: Request) -> Response {
     let mut refusal = Refusal {
         method: None,
         endpoint: "/mcp",
@@ -88,7 +89,7 @@ pub async fn post(mcp: &Mcp, req: Request) -> Response {
     };
     let (parts, body) = req.into_parts();
     let headers = parts.headers;
-    let reply = dispatch(mcp, &headers, body, &mut refusal).await;
+    let reply = dispatch(mcp, owner, &headers, body, &mut refusal).await;
     // Refused at the protocol level (tool calls the policy blocks answer 200 with a JSON-RPC
     // error and have their own `tool_call` event): a `request_refused` event, so probing with
     // batches, foreign origins, stolen sessions or bad credentials leaves a trail too.
@@ -185,7 +186,13 @@ fn refusal_code(status: StatusCode) -> Code {
 
 /// One message, from its bytes to its reply: origin, body, JSON-RPC shape, credentials,
 /// revision and session, then the method.
-async fn dispatch(mcp: &Mcp, headers: &HeaderMap, body: Body, refusal: &mut Refusal) -> Reply {
+async fn dispatch(
+    mcp: &Mcp,
+    owner: impl HoldsGateway,
+    headers: &HeaderMap,
+    body: Body,
+    refusal: &mut Refusal,
+) -> Reply {
     let null = Value::Null;
     let rid = refusal.id.clone();
     if !origin_allowed(mcp, headers) {
@@ -258,7 +265,7 @@ async fn dispatch(mcp: &Mcp, headers: &HeaderMap, body: Body, refusal: &mut Refu
                 request_id: &rid,
                 source: refusal.source,
             };
-            tools::call(mcp, call, params).await
+            tools::call(owner, call, params).await
         }
         _ => Reply::error(
             StatusCode::OK,

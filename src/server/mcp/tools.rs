@@ -4,15 +4,18 @@
 //! whose `data` is the contract's error object; a call that was allowed but whose tool failed is
 //! a `CallToolResult` with `isError: true`: the agent sees the tool's failure, as MCP intends.
 
+use std::sync::Arc;
+
 use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
+use super::super::request::{HoldsGateway, call_detached};
 use super::reply::{BLOCKED, INVALID_PARAMS, Message, Reply};
 use super::{META_APPROVAL, META_SESSION, Mcp, Revision, header_str};
-use crate::gateway::{Answer, Arguments, CallOutcome, CallRequest, Caller};
+use crate::gateway::{Answer, Arguments, CallOutcome, CallRequest, Caller, ToolName};
 use crate::policy::Reason;
 use crate::upstream::{Inbound, TraceContext};
 
@@ -77,14 +80,14 @@ pub(super) fn list(mcp: &Mcp, id: &Value, agent: &str, revision: &Revision) -> R
 /// What a `tools/call` came with, besides the agent and the arguments.
 pub(super) struct Call<'a> {
     pub headers: &'a HeaderMap,
-    pub agent: &'a str,
+    pub agent: &'a Arc<str>,
     pub id: &'a Value,
     pub revision: &'a Revision,
-    pub request_id: &'a str,
+    pub request_id: &'a Arc<str>,
     pub source: Option<std::net::IpAddr>,
 }
 
-pub(super) async fn call(mcp: &Mcp, c: Call<'_>, mut params: Map<String, Value>) -> Reply {
+pub(super) async fn call(owner: impl HoldsGateway, c: Call<'_>, mut params: Map<String, Value>) -> Reply {
     let Some(Value::String(name)) = params.remove("name") else {
         return Reply::error(
             StatusCode::OK,
@@ -113,20 +116,18 @@ pub(super) async fn call(mcp: &Mcp, c: Call<'_>, mut params: Map<String, Value>)
         Some(Value::Object(args)) => Arguments::Parsed(args),
         Some(other) => Arguments::Body(Bytes::from(serde_json::to_vec(&other).expect("JSON serialises"))),
     };
-    let outcome = mcp
-        .gateway
-        .call(CallRequest {
-            request_id: c.request_id,
-            request_id_header: None,
-            source: c.source,
-            caller: Caller::Agent(c.agent),
-            tool: &name,
-            arguments: Ok(arguments),
-            session,
-            approval,
-            trace: TraceContext::new(c.headers.get("traceparent"), c.headers.get("tracestate")),
-        })
-        .await;
+    let call = CallRequest {
+        request_id: c.request_id.clone(),
+        request_id_header: None,
+        source: c.source,
+        caller: Caller::Agent(c.agent.clone()),
+        tool: ToolName::new(name),
+        arguments: Ok(arguments),
+        session: session.map(str::to_owned),
+        approval: approval.map(str::to_owned),
+        trace: TraceContext::new(c.headers.get("traceparent"), c.headers.get("tracestate")),
+    };
+    let outcome = call_detached(owner, call).await;
     reply(outcome, &c)
 }
 

@@ -1,0 +1,216 @@
+//! The hardening catalog's cases, tried as an attacker or an unlucky client would: over real
+//! sockets, with Python's `http.client` where what the client does is the point.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{self, Harness, SUPPORT_KEY, TestUpstream, send, sha256_hex, write_fixture_policies};
+
+const HANGUP_KEY: &str = "hangup-key";
+
+/// An agent with an hourly budget and a tool that takes 1.5 s to answer (its own deadline is
+/// longer), so a client can give up while the tool runs.
+fn slow_tool_policy() -> String {
+    format!(
+        "agents:\n  hangup-bot:\n    credentials: {{ api_key_sha256: [ \"{}\" ] }}\n    tools: [ slow.long ]\n    limits: {{ tokens_per_hour: 100000 }}\ntools:\n  slow.long:\n    upstream: {{ url: \"{{{{UPSTREAM}}}}/slow\", method: POST, timeout_ms: 5000 }}\n",
+        sha256_hex(HANGUP_KEY)
+    )
+}
+
+/// Runs a Python script with `python3`, with `args` as `sys.argv[1:]`; its stdout.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "the Python client failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `http.client` sends one POST and gives up after 0.3 s, closing its connection, as an agent
+/// whose own timeout fires does.
+const IMPATIENT_CLIENT: &str = r#"
+import http.client, socket, sys
+host, port = sys.argv[1].split(":")
+conn = http.client.HTTPConnection(host, int(port), timeout=0.3)
+conn.request("POST", sys.argv[2], body=sys.argv[3], headers={
+    "Authorization": "Bearer " + sys.argv[4], "Content-Type": "application/json",
+    "Accept": "application/json, text/event-stream", "X-Request-Id": sys.argv[5]})
+try:
+    conn.getresponse().read()
+    print("answered")
+except (socket.timeout, TimeoutError):
+    print("gave up")
+conn.close()
+"#;
+
+/// The events of `request_id`, once its `tool_call` is there (polled for up to 5 s).
+async fn events_once_called(h: &Harness, request_id: &str) -> Vec<Value> {
+    for _ in 0..50 {
+        let events: Vec<Value> = h
+            .audit()
+            .into_iter()
+            .filter(|e| e["request_id"] == request_id)
+            .collect();
+        if events.iter().any(|e| e["event"] == "tool_call") {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no tool_call event for {request_id}: {:?}", h.audit());
+}
+
+/// A call's work does not belong to the client's connection: an agent that hangs up (or whose
+/// timeout fires) while the tool runs still leaves the call's event, counted and settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_while_the_tool_runs_leaves_the_call_recorded_and_settled() {
+    let h = Harness::start_full("", &[("hangup.yaml", &slow_tool_policy())]).await;
+    let addr = h.data.trim_start_matches("http://");
+    let mcp_call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "slow.long",
+        "arguments": {"q": "x"}, "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}})
+    .to_string();
+    let cases = [
+        ("/v1/tools/slow.long", r#"{"q": "x"}"#.to_owned(), "hangup-http-1"),
+        ("/mcp", mcp_call, "hangup-mcp-1"),
+    ];
+    for (path, body, id) in &cases {
+        let said = python(IMPATIENT_CLIENT, &[addr, path, body, HANGUP_KEY, id]);
+        assert_eq!(said.trim(), "gave up", "the client must leave before the tool answers");
+    }
+    for (_, _, id) in &cases {
+        let events = events_once_called(&h, id).await;
+        let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+        assert_eq!(kinds, ["call_forwarding", "tool_call"], "{events:?}");
+        let e = &events[1];
+        assert_eq!(e["decision"], "allow", "{e}");
+        assert_eq!(e["upstream"]["status"], 200, "the tool's answer was read: {e}");
+        assert!(e["tokens"]["output"].as_u64().unwrap() > 0, "{e}");
+    }
+    assert_eq!(h.upstream.count("/slow"), 2);
+    // The budget reservation was settled, not left held: nothing reserved, the calls charged.
+    let status = h.admin("GET", "/admin/agents/hangup-bot", true).await.json();
+    assert_eq!(status["budget"]["reserved"], 0, "{status}");
+    assert!(status["budget"]["used"].as_u64().unwrap() > 0, "{status}");
+}
+
+/// A log that cannot be written stops a call before its tool acts: the first call after the
+/// disk fills is refused, and never reaches the tool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_call_after_the_disk_fills_never_reaches_the_tool() {
+    if !std::path::Path::new("/dev/full").exists() {
+        return;
+    }
+    let h = Harness::start_with("audit: { file: /dev/full }\n").await;
+    let r = h.call("kb.search", Some(SUPPORT_KEY), r#"{"query": "q"}"#).await;
+    let body = r.assert_error(503, "unavailable");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("not sent"),
+        "{body}"
+    );
+    assert_eq!(h.upstream.count("/kb/"), 0, "the tool was called with no record of it");
+}
+
+/// The log fails while a call is at its tool (a pipe whose reader goes away, as a disk that
+/// fills): the call's `call_forwarding` event is in the log, and the agent is not given an
+/// answer that could not be recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_fails_while_the_tool_runs_leaves_the_forwarded_call_on_record() {
+    use std::os::unix::fs::OpenOptionsExt;
+    const O_NONBLOCK: i32 = 0o4000; // Linux
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("audit.fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let mut reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let config = format!("audit: {{ file: {} }}\n", fifo.display());
+    let h = Harness::start_full(&config, &[("hangup.yaml", &slow_tool_policy())]).await;
+    let url = format!("{}/v1/tools/slow.long", h.data);
+    let call = tokio::spawn(async move {
+        let headers = vec![
+            ("authorization", format!("Bearer {HANGUP_KEY}")),
+            ("x-request-id", "fails-mid-call".to_owned()),
+        ];
+        send("POST", &url, &headers, br#"{"q": "x"}"#.to_vec()).await
+    });
+    // While the tool runs (1.5 s), read what was written, then stop reading: the call's own
+    // event can no longer be written.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut written = String::new();
+    let _ = reader.read_to_string(&mut written);
+    drop(reader);
+    let r = call.await.unwrap();
+    let body = r.assert_error(503, "unavailable");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("may have taken effect"), "{message}");
+    assert_eq!(h.upstream.count("/slow"), 1);
+    let forwarded: Vec<Value> = written
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["request_id"] == "fails-mid-call")
+        .collect();
+    assert_eq!(forwarded.len(), 1, "{written}");
+    assert_eq!(forwarded[0]["event"], "call_forwarding");
+    assert_eq!(
+        (forwarded[0]["agent"].as_str(), forwarded[0]["tool"].as_str()),
+        (Some("hangup-bot"), Some("slow.long"))
+    );
+}
+
+/// A `kill -9` while the tool runs leaves the call on record: its `call_forwarding` event was
+/// written before the tool was called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_while_the_tool_runs_leaves_the_forwarded_call_on_record() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    write_fixture_policies(&policies, &upstream.url);
+    std::fs::write(
+        policies.join("hangup.yaml"),
+        slow_tool_policy().replace("{{UPSTREAM}}", &upstream.url),
+    )
+    .unwrap();
+    let cfg = support::write_serve_config(dir.path(), "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_toolgate"))
+        .args(["serve", "-c"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (data, _, _log) = support::listeners(&mut child);
+    let url = format!("{data}/v1/tools/slow.long");
+    let call = tokio::spawn(async move {
+        let headers = vec![
+            ("authorization", format!("Bearer {HANGUP_KEY}")),
+            ("x-request-id", "killed-mid-call".to_owned()),
+        ];
+        support::try_send("POST", &url, &headers, br#"{"q": "x"}"#.to_vec()).await
+    });
+    // Until the tool has the call, then SIGKILL: no shutdown, no flush.
+    for _ in 0..100 {
+        if upstream.count("/slow") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(upstream.count("/slow"), 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(call.await.unwrap().is_none(), "a killed gateway answered");
+    let events: Vec<Value> = support::read_events(&dir.path().join("audit.jsonl"))
+        .into_iter()
+        .filter(|e| e["request_id"] == "killed-mid-call")
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["event"], "call_forwarding");
+    assert_eq!(events[0]["arguments_sha256"], sha256_hex(r#"{"q":"x"}"#));
+}
