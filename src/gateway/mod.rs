@@ -337,14 +337,11 @@ impl Gateway {
 
     /// Handles one call end to end. Never fails: every outcome is an answer and an event.
     ///
-    /// The pipeline's state machine is several KB; boxing it here keeps the future that the
-    /// transports box and move in turn down to a pointer (measured: the unboxed one cost ≈13k
-    /// instructions of `memcpy` per call, nearly a third of a bare proxy's per-request work).
-    pub async fn call(&self, req: CallRequest) -> CallOutcome {
-        Box::pin(self.call_inner(req)).await
-    }
-
-    async fn call_inner(&self, mut req: CallRequest) -> CallOutcome {
+    /// The pipeline's state machine is several KB: a caller that moves it around boxes it
+    /// first (the transports do, in `server::request::call_detached`; measured: the unboxed
+    /// one cost ≈13k instructions of `memcpy` per call, nearly a third of a bare proxy's
+    /// per-request work).
+    pub async fn call(&self, mut req: CallRequest) -> CallOutcome {
         let started = Instant::now();
         // A guard, not an `Arc` clone: the clone and its drop are two writes per call to the
         // policy's reference count, which every core's calls share. The guard borrows one of

@@ -2,6 +2,7 @@
 //! source address, its credentials, its body read within the limits, the contract's error
 //! body, and a refusal with its `request_refused` event.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -216,17 +217,43 @@ impl HoldsGateway for Arc<Gateway> {
     }
 }
 
-/// Runs a call in a task of its own and waits for its outcome. The connection only waits: if
-/// the client goes away (it hung up, or its own timeout fired), the call still runs to its end,
-/// forwarded or not, recorded, its budget settled, instead of being dropped half-way with the
-/// connection's future. On a data-plane thread the task stays on that thread.
+/// Runs a call and waits for its outcome, detached from the client's connection: if the
+/// connection goes away first (the client hung up, or its own timeout fired), the call goes on
+/// in a task of its own and runs to its end, forwarded or not, recorded, its budget settled,
+/// instead of being dropped half-way with the connection's future.
+///
+/// While the client waits (nearly always) the call runs inside the connection's own future, as
+/// any handler does: no task, no extra wake-up of the connection per call. Only when that
+/// future is dropped before the call is done is the call moved, boxed as it already is, into a
+/// task on the same thread.
 pub async fn call_detached(owner: impl HoldsGateway, req: CallRequest) -> CallOutcome {
-    let call = tokio::spawn(async move { owner.gateway().call(req).await });
-    match call.await {
-        Ok(outcome) => outcome,
-        // Caught by the data plane's panic layer, as if it had happened on the connection.
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => unreachable!("a call's task is never aborted"),
+    Detached(Some(Box::pin(async move { owner.gateway().call(req).await }))).await
+}
+
+/// A boxed future that, dropped before it is done, finishes in a task of its own.
+struct Detached<F: Future<Output = CallOutcome> + Send + 'static>(Option<std::pin::Pin<Box<F>>>);
+
+impl<F: Future<Output = CallOutcome> + Send + 'static> Future for Detached<F> {
+    type Output = CallOutcome;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<CallOutcome> {
+        let call = self.0.as_mut().expect("polled after it was done");
+        let outcome = std::task::ready!(call.as_mut().poll(cx));
+        self.0 = None;
+        std::task::Poll::Ready(outcome)
+    }
+}
+
+impl<F: Future<Output = CallOutcome> + Send + 'static> Drop for Detached<F> {
+    fn drop(&mut self) {
+        let Some(call) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(call);
+            }
+            // Only outside any runtime (the process is going down): nothing can run it.
+            Err(_) => tracing::error!("a call was abandoned with its runtime"),
+        }
     }
 }
 

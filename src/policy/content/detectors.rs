@@ -75,12 +75,12 @@ impl Detector {
 /// Detector patterns, written for normalised (lowercased) text, in `Detector` order. Word
 /// boundaries are ASCII (`(?-u:\b)`) so the lazy DFA handles any input in one linear pass.
 const DETECTOR_PATTERNS: [&str; 9] = [
-    r"[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}",
+    r"[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.(?:[^\W\d_]{2,}|xn--[a-z0-9-]+)",
     r"\+[1-9][0-9]{7,14}(?-u:\b)|\+[1-9][0-9]{0,2}[ .-]?\(?[0-9]{2,4}\)?(?:[ .-]?[0-9]{2,4}){2,3}(?-u:\b)|\(?(?-u:\b)[2-9][0-9]{2}\)?[ .-][0-9]{3}[ .-][0-9]{4}(?-u:\b)|(?-u:\b)0[1-9][0-9]{2,3} [0-9]{3} ?[0-9]{3,4}(?-u:\b)",
-    r"(?-u:\b)[0-9]{3}-[0-9]{2}-[0-9]{4}(?-u:\b)",
-    r"(?-u:\b)(?:[0-9][ -]?){12,18}[0-9](?-u:\b)",
+    r"(?-u:\b)[0-9]{3}[ .-][0-9]{2}[ .-][0-9]{4}(?-u:\b)",
+    r"(?-u:\b)(?:[0-9][ .-]?){12,18}[0-9](?-u:\b)",
     r"(?-u:\b)[a-z]{2}[0-9]{2}(?: ?[a-z0-9]){11,30}(?-u:\b)",
-    r"(?-u:\b)(?:akia|asia|abia|acca)[a-z0-9]{16}(?-u:\b)",
+    r"(?:akia|asia|abia|acca)[a-z0-9]{16}",
     r"secret[a-z_ ]{0,20}[\x22']?\s?[:=]\s?[\x22']?[a-z0-9/+]{40}(?:[^a-z0-9/+]|$)",
     r"-----begin [a-z ]*private key-----",
     r"(?-u:\b)eyj[a-z0-9_-]{5,}\.[a-z0-9_-]{5,}\.[a-z0-9_-]{5,}|(?-u:\b)bearer [a-z0-9._~+/=-]{16,}",
@@ -160,9 +160,9 @@ pub(super) static DETECTORS: LazyLock<DetectorSet> = LazyLock::new(|| DetectorSe
         .unwrap_or(0),
 });
 
-/// `m` cut at each separator (a space or `-`), and whole: its prefixes that end between words.
+/// `m` cut at each separator (a space, `-` or `.`), and whole: its prefixes that end between words.
 fn prefixes(m: &str) -> impl Iterator<Item = &str> {
-    m.match_indices([' ', '-'])
+    m.match_indices([' ', '-', '.'])
         .map(|(i, _)| &m[..i])
         .chain(std::iter::once(m))
 }
@@ -172,7 +172,7 @@ fn prefixes(m: &str) -> impl Iterator<Item = &str> {
 /// the group sizes, so a soup of single digits costs one pass.
 fn card_in_run(run: &str) -> bool {
     let groups: Vec<(usize, usize)> = run
-        .split([' ', '-'])
+        .split([' ', '-', '.'])
         .scan(0, |at, g| {
             let start = *at;
             *at += g.len() + 1;
@@ -203,7 +203,7 @@ fn extend_digit_run(text: &str, mut end: usize, mut digits: usize) -> usize {
     let b = text.as_bytes();
     while digits > 0 {
         let step = match b.get(end..end + 2) {
-            Some([b' ' | b'-', d]) if d.is_ascii_digit() => 2,
+            Some([b' ' | b'-' | b'.', d]) if d.is_ascii_digit() => 2,
             _ if b.get(end).is_some_and(u8::is_ascii_digit) => 1,
             _ => break,
         };
@@ -306,6 +306,55 @@ mod tests {
         let f = filter(json!({"detect": ["email"], "action": "block"}));
         assert!(f.scan("a@b.cc").is_some());
         assert!(f.scan("a@b.c").is_none());
+    }
+
+    #[test]
+    fn detectors_see_the_forms_people_and_attackers_write() {
+        let f =
+            filter(json!({"detect": ["email", "phone", "ssn", "credit_card", "aws_access_key"], "action": "block"}));
+        let found = |text: &str| f.scan(text).map(|finding| finding.kind());
+        for (text, kind) in [
+            // SSNs with spaces, dots, dashes of any kind and digits of other scripts.
+            ("ssn 123 45 6789", "ssn"),
+            ("ssn 123.45.6789", "ssn"),
+            ("ssn 123\u{2013}45\u{2013}6789", "ssn"),
+            ("ssn 123\u{2212}45\u{2010}6789", "ssn"),
+            (
+                "ssn \u{0661}\u{0662}\u{0663}-\u{0664}\u{0665}-\u{0666}\u{0667}\u{0668}\u{0669}",
+                "ssn",
+            ),
+            ("ssn \u{FF11}\u{FF12}\u{FF13}-45-6789", "ssn"),
+            // Cards and phones with dots and Unicode dashes.
+            ("card 4111.1111.1111.1111", "credit_card"),
+            ("card 4111\u{2013}1111\u{2013}1111\u{2013}1111", "credit_card"),
+            ("card \u{0664}\u{0661}\u{0661}\u{0661} 1111 1111 1111", "credit_card"),
+            ("call 415.555.0123", "phone"),
+            ("call 415\u{2013}555\u{2013}0123", "phone"),
+            ("call +44\u{2011}20\u{2011}7946\u{2011}0958", "phone"),
+            // Emails with internationalised domains and local parts.
+            ("mail ada@b\u{00FC}cher.de", "email"),
+            (
+                "mail \u{0430}\u{0434}\u{0430}@\u{043F}\u{0440}\u{0438}\u{043C}\u{0435}\u{0440}.\u{0440}\u{0444}",
+                "email",
+            ),
+            ("mail ada@example.xn--p1ai", "email"),
+            // AWS key ids glued to other text.
+            ("keyAKIAIOSFODNN7EXAMPLE", "aws_access_key"),
+            ("AKIAIOSFODNN7EXAMPLEsuffix", "aws_access_key"),
+            ("x_AKIAIOSFODNN7EXAMPLE_y", "aws_access_key"),
+        ] {
+            assert_eq!(found(text), Some(kind), "{text:?}");
+        }
+        // The checks that keep false positives out still hold in every form.
+        for text in [
+            "ssn 000.12.3456",
+            "ssn 666 12 3456",
+            "ref 4111.1111.1111.1112",
+            "version 1.2.3",
+            "2024-12-07 12:00",
+        ] {
+            assert_eq!(found(text), None, "{text:?}");
+        }
     }
 
     proptest::proptest! {

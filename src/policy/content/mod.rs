@@ -14,10 +14,12 @@ use serde_json::{Map, Value};
 
 mod detectors;
 mod normalize;
+mod terms;
 
+use detectors::DETECTORS;
 pub use detectors::Detector;
-use detectors::{DETECTORS, Literals};
 pub use normalize::normalize;
+use terms::Terms;
 
 /// `filters.<name>.bedrock_guardrail`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -108,7 +110,7 @@ impl Finding {
 pub struct Filter {
     pub name: String,
     pub action: Action,
-    terms: Option<Literals>,
+    terms: Option<Terms>,
     /// Every deny pattern as one regex (see [`any_of`]).
     patterns: Option<Regex>,
     detectors: Vec<Detector>,
@@ -187,7 +189,7 @@ impl Filter {
         let terms = if terms.is_empty() {
             None
         } else {
-            Some(Literals::new(&terms).map_err(|e| vec![("deny_terms".to_owned(), e.to_string())])?)
+            Some(Terms::compile(&terms).map_err(|(i, e)| vec![(format!("deny_terms[{i}]"), e)])?)
         };
         Ok(Self {
             name: name.to_owned(),
