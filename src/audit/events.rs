@@ -9,6 +9,28 @@ use serde_json::Value;
 
 use crate::policy::Reason;
 
+/// A value toolgate records from a request's headers or path (a session id, an unknown tool's
+/// name) as the trail may hold it: as it is if it is 1 to 128 characters of letters, digits,
+/// `-`, `_`, `.`, `:` and no detector finds anything in it; otherwise `sha256:` and the hex
+/// SHA-256 of it, so no PII or secret reaches the trail by that door, and the value can still
+/// be matched by whoever knows it.
+pub fn recorded(value: &str) -> std::borrow::Cow<'_, str> {
+    if is_safe_text(value) && !crate::policy::content::holds_finding(value) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    std::borrow::Cow::Owned(format!(
+        "sha256:{}",
+        crate::policy::arguments::sha256_hex(value.as_bytes())
+    ))
+}
+
+/// 1 to 128 characters: letters, digits, `-`, `_`, `.`, `:`.
+pub fn is_safe_text(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
 /// An audit event: one kind of record, with its name.
 pub trait Event: Serialize {
     /// The `event` field of its lines.

@@ -33,7 +33,7 @@ use http::HeaderValue;
 use serde_json::{Map, Value};
 
 use crate::approval::{ApprovalStore, Approvals};
-use crate::audit::{AuditError, AuditLog, RecordedArguments, Tokens, ToolCallEvent, UpstreamInfo};
+use crate::audit::{AuditError, AuditLog, RecordedArguments, Tokens, ToolCallEvent, UpstreamInfo, recorded};
 use crate::config::ServerConfig;
 use crate::meters::Meters;
 use crate::policy::{Code, ParseLimits, Policy, Reason, Stage, arguments};
@@ -365,13 +365,20 @@ impl Gateway {
         let code = outcome.reason().map(|r| r.code);
         let mut reasons = std::mem::take(&mut rec.notes);
         reasons.extend(outcome.reason().cloned());
+        // What came from the caller is recorded only if it is safe to keep (else its hash): a
+        // session id; a tool name the policy does not define.
+        let session = req.session.as_deref().filter(|s| is_valid_session(s)).map(recorded);
+        let tool = match policy.tools.contains_key(req.tool.as_str()) {
+            true => std::borrow::Cow::Borrowed(req.tool.as_str()),
+            false => recorded(req.tool.as_str()),
+        };
         let event = ToolCallEvent {
             ts: crate::audit::now(),
             request_id: &req.request_id,
             source: req.source,
-            session: req.session.as_deref().filter(|s| is_valid_session(s)),
+            session: session.as_deref(),
             agent: rec.agent,
-            tool: Some(truncate(req.tool.as_str(), 256)),
+            tool: Some(&tool),
             decision: outcome.decision(),
             code: code.map(Code::as_str),
             reasons: &reasons,
@@ -431,20 +438,13 @@ fn unrecorded(outcome: CallOutcome, forwarded: bool) -> Reason {
 
 /// `X-Toolgate-Session`: 1 to 128 characters, letters, digits, `-`, `_`, `.`, `:`.
 pub fn is_valid_session(s: &str) -> bool {
-    (1..=128).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    crate::audit::is_safe_text(s)
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+/// `X-Toolgate-Approval`: an approval's id, `apr_` and 32 lowercase hex digits.
+pub fn is_approval_id(s: &str) -> bool {
+    s.strip_prefix("apr_")
+        .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-use super::{Answer, Arguments, CallRequest, Caller, Gateway, Record, is_valid_session};
+use super::{Answer, Arguments, CallRequest, Caller, Gateway, Record, is_approval_id, is_valid_session};
 use crate::approval::HoldRequest;
 use crate::audit::{CallForwarding, RecordedArguments, Tokens};
 use crate::config::AuditArguments;
@@ -167,6 +167,14 @@ impl Gateway {
                 Stage::Request,
                 "session",
                 "X-Toolgate-Session must be 1 to 128 characters: letters, digits, `-`, `_`, `.`, `:`.",
+            ));
+        }
+        if req.approval.as_deref().is_some_and(|a| !is_approval_id(a)) {
+            return Err(Reason::new(
+                Code::InvalidRequest,
+                Stage::Request,
+                "approval",
+                "X-Toolgate-Approval must be an approval id as toolgate gave it: `apr_` and 32 hex digits.",
             ));
         }
         self.check_quarantine(agent)?;
@@ -377,12 +385,13 @@ impl Gateway {
         call: &Admitted<'_>,
         rec: &Record<'_>,
     ) -> Result<(), Reason> {
+        let session = req.session.as_deref().map(crate::audit::recorded);
         let event = CallForwarding {
             request_id: &req.request_id,
             agent: call.agent,
             tool: &call.tool.name,
             arguments_sha256: &rec.arguments_sha256,
-            session: req.session.as_deref(),
+            session: session.as_deref(),
             approval_id: rec.approval_id.as_deref(),
             policy_version: &policy.version,
         };

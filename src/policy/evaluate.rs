@@ -209,13 +209,20 @@ impl Policy {
             ));
         };
         let Some(tool) = self.tools.get(call.tool).filter(|_| agent.allowlist.allows(call.tool)) else {
-            let message = if is_valid_tool_name(call.tool) {
-                format!("Agent '{}' may not call '{}'.", agent.id, call.tool)
-            } else {
+            // The name is the caller's: repeated only if it is one and holds no finding, since
+            // the message goes into the audit event too.
+            let message = if !is_valid_tool_name(call.tool) {
                 format!(
                     "Agent '{}' may not call this tool: the name is not a valid tool name.",
                     agent.id
                 )
+            } else if content::holds_finding(call.tool) {
+                format!(
+                    "Agent '{}' may not call this tool (its name is not repeated: it looks like personal data or a secret).",
+                    agent.id
+                )
+            } else {
+                format!("Agent '{}' may not call '{}'.", agent.id, call.tool)
             };
             return Err(Reason::new(
                 Code::ToolNotAllowed,

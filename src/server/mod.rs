@@ -35,12 +35,13 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::gateway::Gateway;
 use crate::policy::Code;
+use request::{IdFrom, client_address, request_id_of, with_request_id};
 pub use request::{RequestId, Source, error_body, error_response};
-use request::{client_address, request_id_of, with_request_id};
 
-/// As [`request_id_of`], also left in the request's extensions for the handlers behind a router.
+/// As [`request_id_of`], also left in the request's extensions for the handlers behind a router
+/// (the admin plane: there a malformed id is replaced, not refused).
 fn assign_request_id(req: &mut Request) -> HeaderValue {
-    let (id, header) = request_id_of(req);
+    let (id, header, _) = request_id_of(req);
     req.extensions_mut().insert(RequestId(id));
     header
 }
@@ -180,12 +181,18 @@ impl DataPlane {
         source: Option<std::net::IpAddr>,
     ) -> Result<axum::http::Response<DataBody>, Infallible> {
         let plane = self.0;
-        let (id, id_header) = request_id_of(&req);
+        let (id, id_header, from) = request_id_of(&req);
         let trusted = &plane.gateway.config.trusted_proxies;
         let source = match source {
             Some(peer) if !trusted.is_empty() => Some(client_address(peer, req.headers(), trusted)),
             other => other,
         };
+        if from == IdFrom::Refused {
+            let message = "X-Request-Id must be 1 to 128 characters: letters, digits, `-`, `_`, `.`, `:`.";
+            let refusal = request::Refusal::of(&req, id, source);
+            let res = refusal.refuse(&plane.gateway, Code::InvalidRequest, message).await;
+            return Ok(with_request_id(res.map(DataBody::Right), id_header));
+        }
         // Load shedding instead of queueing: over the limit, a 503 at once.
         let Some(in_flight) = InFlightCall::try_enter(&plane) else {
             metrics::counter!("toolgate_shed_total").increment(1);

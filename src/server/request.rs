@@ -87,28 +87,49 @@ pub fn error_response(code: Code, message: impl Into<String>, request_id: &str) 
         .into_response()
 }
 
-fn is_sane_request_id(v: &str) -> bool {
-    (1..=128).contains(&v.len())
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+/// Where a request's id came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum IdFrom {
+    /// The caller's `X-Request-Id`, as it sent it.
+    Caller,
+    /// Made here: the caller sent none, or one a detector finds something in (then its hash).
+    Gateway,
+    /// The caller's `X-Request-Id` is not 1 to 128 letters, digits, `-`, `_`, `.`, `:`: the
+    /// data plane refuses the request (with a fresh id to name the refusal by).
+    Refused,
 }
 
-/// The id every response carries: the caller's `X-Request-Id` if it is sane, else a fresh one.
-/// As text (for events and error bodies) and as the header value it is echoed and forwarded as,
-/// made once: the caller's is reused as it came.
-pub(super) fn request_id_of<B>(req: &axum::http::Request<B>) -> (Arc<str>, HeaderValue) {
-    if let Some(h) = req.headers().get(X_REQUEST_ID)
-        && let Ok(v) = h.to_str()
-        && is_sane_request_id(v)
-    {
-        return (v.into(), h.clone());
+/// The id every response carries, as text (for events and error bodies) and as the header
+/// value it is echoed and forwarded as, made once: the caller's `X-Request-Id` if it is safe to
+/// record; its SHA-256 (`sha256:<hex>`) if a detector finds something in it (a card number, a
+/// key: the id is written into every event of the call); a fresh UUID if it sent none, or one
+/// outside the safe alphabet.
+pub(super) fn request_id_of<B>(req: &axum::http::Request<B>) -> (Arc<str>, HeaderValue, IdFrom) {
+    let fresh = || {
+        let mut buf = uuid::Uuid::encode_buffer();
+        let id = &*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+        (
+            id.into(),
+            HeaderValue::from_str(id).expect("a UUID is a valid header value"),
+        )
+    };
+    let Some(h) = req.headers().get(X_REQUEST_ID) else {
+        let (id, header) = fresh();
+        return (id, header, IdFrom::Gateway);
+    };
+    match h.to_str().ok().filter(|v| crate::audit::is_safe_text(v)) {
+        None => {
+            let (id, header) = fresh();
+            (id, header, IdFrom::Refused)
+        }
+        Some(v) => match crate::audit::recorded(v) {
+            std::borrow::Cow::Borrowed(v) => (v.into(), h.clone(), IdFrom::Caller),
+            std::borrow::Cow::Owned(hashed) => {
+                let header = HeaderValue::from_str(&hashed).expect("a hash is a valid header value");
+                (hashed.into(), header, IdFrom::Gateway)
+            }
+        },
     }
-    let mut buf = uuid::Uuid::encode_buffer();
-    let id = &*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-    (
-        id.into(),
-        HeaderValue::from_str(id).expect("a UUID is a valid header value"),
-    )
 }
 
 pub(super) fn with_request_id<B>(mut res: axum::http::Response<B>, id: HeaderValue) -> axum::http::Response<B> {

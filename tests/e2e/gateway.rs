@@ -708,7 +708,7 @@ async fn output_filters_are_not_fooled_by_labels_charsets_or_multi_line_keys() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_request_ids_are_replaced_and_sessions_are_recorded() {
+async fn invalid_request_ids_are_refused_and_sessions_are_recorded() {
     let h = Harness::start().await;
     let headers = vec![
         ("authorization", format!("Bearer {SUPPORT_KEY}")),
@@ -722,8 +722,23 @@ async fn invalid_request_ids_are_replaced_and_sessions_are_recorded() {
         br#"{"query":"q"}"#.to_vec(),
     )
     .await;
+    r.assert_error(400, "invalid_request");
+    assert_ne!(r.request_id(), "bad id with spaces", "the refusal has an id of its own");
+    assert_eq!(h.upstream.count("/kb/"), 0);
+    assert_eq!(h.refusal_for(&r)["code"], "invalid_request");
+
+    let headers = vec![
+        ("authorization", format!("Bearer {SUPPORT_KEY}")),
+        ("x-toolgate-session", "run-42".to_owned()),
+    ];
+    let r = send(
+        "POST",
+        &format!("{}/v1/tools/kb.search", h.data),
+        &headers,
+        br#"{"query":"q"}"#.to_vec(),
+    )
+    .await;
     assert_eq!(r.status, 200);
-    assert_ne!(r.request_id(), "bad id with spaces");
     assert_eq!(h.event_for(&r)["session"], "run-42");
 
     let headers = vec![

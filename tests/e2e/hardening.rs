@@ -214,3 +214,53 @@ async fn a_kill_9_while_the_tool_runs_leaves_the_forwarded_call_on_record() {
     assert_eq!(events[0]["event"], "call_forwarding");
     assert_eq!(events[0]["arguments_sha256"], sha256_hex(r#"{"q":"x"}"#));
 }
+
+/// No PII or secret reaches the trail by another door than the arguments: what toolgate
+/// records from headers and the path is refused when it is not a safe token (a request id, a
+/// session, an approval id), and recorded as its hash when a detector finds something in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_from_headers_and_the_path_never_carry_pii_into_the_trail() {
+    let h = Harness::start().await;
+    let card = "4111111111111111";
+    let hashed = format!("sha256:{}", sha256_hex(card));
+    let call = |tool: &str, extra: Vec<(&'static str, String)>| {
+        let mut headers = vec![("authorization", format!("Bearer {SUPPORT_KEY}"))];
+        headers.extend(extra);
+        let url = format!("{}/v1/tools/{tool}", h.data);
+        async move { send("POST", &url, &headers, br#"{"query": "q"}"#.to_vec()).await }
+    };
+    // A request id that is a card number: kept out of the trail, as its hash, which the
+    // response carries (the caller can compute it to find its call).
+    let r = call("kb.search", vec![("x-request-id", card.to_owned())]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.request_id(), hashed);
+    assert_eq!(h.event_for(&r)["decision"], "allow");
+    // A session that is one: the call is decided (rules see it), the event records its hash.
+    let r = call("kb.search", vec![("x-toolgate-session", card.to_owned())]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(h.event_for(&r)["session"], hashed.as_str());
+    // An unknown tool named with one, or with an email address.
+    let r = call(card, vec![]).await;
+    r.assert_error(403, "tool_not_allowed");
+    assert_eq!(h.event_for(&r)["tool"], hashed.as_str());
+    let r = call("ada@example.com", vec![]).await;
+    r.assert_error(403, "tool_not_allowed");
+    let tool = h.event_for(&r)["tool"].as_str().unwrap().to_owned();
+    assert!(tool.starts_with("sha256:"), "{tool}");
+    // An approval id that is not one is refused before it is looked up.
+    let r = call(
+        "kb.search",
+        vec![("x-toolgate-approval", format!("apr_{card}<script>"))],
+    )
+    .await;
+    let body = r.assert_error(400, "invalid_request");
+    assert_eq!(body["error"]["rule"], "approval");
+    // A request id outside the safe alphabet is refused: nothing of it is written.
+    let r = call("kb.search", vec![("x-request-id", "ada@example.com".to_owned())]).await;
+    r.assert_error(400, "invalid_request");
+
+    let trail = std::fs::read_to_string(h.dir.path().join("audit.jsonl")).unwrap();
+    for raw in [card, "ada@example.com", "<script>"] {
+        assert!(!trail.contains(raw), "{raw} reached the audit trail:\n{trail}");
+    }
+}

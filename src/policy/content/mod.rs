@@ -249,6 +249,12 @@ impl Filter {
 /// arguments through, whatever the tool's own filters are.
 pub static AUDIT_REDACTOR: LazyLock<Filter> = LazyLock::new(Filter::audit_redactor);
 
+/// Whether any built-in detector finds something in `text`: a value that must not be written
+/// into a message or an event as it is.
+pub fn holds_finding(text: &str) -> bool {
+    AUDIT_REDACTOR.scan(text).is_some()
+}
+
 /// What running filters over a value did.
 #[derive(Debug, Default)]
 pub struct Outcome {
