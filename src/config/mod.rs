@@ -129,6 +129,14 @@ pub struct Limits {
     /// Calls in flight at once; more get 503 `unavailable` at once rather than queueing (default 4096).
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent_requests: usize,
+    /// A response write that makes no progress for this long closes the connection, so a
+    /// client that stops reading cannot hold its answer in memory (default 10 000).
+    #[serde(default = "default_write_timeout")]
+    pub response_write_timeout_ms: u64,
+    /// Answers held for clients still reading them, in all (default 256 MiB): beyond it, new
+    /// calls get 503 `unavailable` until clients read (or time out), instead of more memory.
+    #[serde(default = "default_max_buffered")]
+    pub max_buffered_response_bytes: usize,
 }
 
 fn default_max_body() -> usize {
@@ -149,6 +157,12 @@ fn default_request_read_timeout() -> u64 {
 fn default_max_concurrent() -> usize {
     4096
 }
+fn default_write_timeout() -> u64 {
+    10_000
+}
+fn default_max_buffered() -> usize {
+    256 * 1024 * 1024
+}
 
 impl Default for Limits {
     fn default() -> Self {
@@ -159,6 +173,8 @@ impl Default for Limits {
             max_response_bytes: default_max_response(),
             request_read_timeout_ms: default_request_read_timeout(),
             max_concurrent_requests: default_max_concurrent(),
+            response_write_timeout_ms: default_write_timeout(),
+            max_buffered_response_bytes: default_max_buffered(),
         }
     }
 }
@@ -494,6 +510,8 @@ fn check_limits(doc: &Document, l: &Limits, problems: &mut Problems) {
         ("max_response_bytes", l.max_response_bytes as u64),
         ("request_read_timeout_ms", l.request_read_timeout_ms),
         ("max_concurrent_requests", l.max_concurrent_requests as u64),
+        ("response_write_timeout_ms", l.response_write_timeout_ms),
+        ("max_buffered_response_bytes", l.max_buffered_response_bytes as u64),
     ] {
         if value == 0 {
             problems.push(doc.problem(&limits.key(key), "must be greater than 0"));

@@ -15,7 +15,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 
 use super::request::{
-    HoldsGateway, Refusal, RequestId, Source, authenticate, call_detached, error_body, error_response, read_body,
+    HoldsGateway, Refusal, RequestId, Source, authenticate, call_detached, error_body, error_response,
+    expects_continue, read_body,
 };
 use crate::gateway::{Answer, Arguments, CallOutcome, CallRequest, Caller, Gateway, ToolName};
 use crate::policy::Code;
@@ -109,7 +110,6 @@ where
     // not a dot.
     let path = parts.uri.into_parts().path_and_query;
     let tool = path.map_or_else(|| ToolName::new(""), |p| ToolName::from_path(p, "/v1/tools/".len()));
-    let body = read_body(gw, &parts.headers, body).await;
     // One pass over the headers for the five the call reads (the first of each name, as
     // `HeaderMap::get` gives): a handful of comparisons instead of five hashed lookups.
     let [
@@ -130,6 +130,14 @@ where
         };
         slot.get_or_insert(value);
     }
+    // A caller waiting to be told to send its body is refused on its headers when they already
+    // decide (credentials, quarantine, allowlist): the body is never read, so the client is
+    // never asked for it. The gateway decides the call as usual, on an empty body.
+    let body = if expects_continue(&parts.headers) && refused_on_headers(gw, authorization, tool.as_str()) {
+        Ok(Bytes::new())
+    } else {
+        read_body(gw, &parts.headers, body).await
+    };
     let text = |v: &HeaderValue| v.to_str().unwrap_or("\u{fffd}").to_owned();
     let call = CallRequest {
         request_id: id.clone(),
@@ -144,6 +152,16 @@ where
     };
     let outcome = call_detached(owner, call).await;
     response(outcome, &id)
+}
+
+/// Whether a call would be refused before its body counts: unknown credentials, a quarantined
+/// agent, or a tool not on its allowlist.
+fn refused_on_headers(gw: &Gateway, authorization: Option<&HeaderValue>, tool: &str) -> bool {
+    let policy = gw.policy_now();
+    match policy.auth.authenticate(authorization.and_then(|v| v.to_str().ok())) {
+        Err(_) => true,
+        Ok(agent) => gw.state.quarantined(agent).is_some() || !policy.is_allowed(agent, tool),
+    }
 }
 
 /// A call's outcome as HTTP: the tool's answer as it came (after filters), or the contract's

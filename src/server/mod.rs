@@ -4,6 +4,7 @@
 //! and the rest through its axum router); the admin plane is an axum router inside tower layers.
 
 pub mod admin;
+mod conn;
 pub mod data;
 mod drain;
 pub mod mcp;
@@ -24,6 +25,7 @@ use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
@@ -59,9 +61,109 @@ fn panic_response(request_id: &str) -> Response {
     )
 }
 
-/// A data-plane response body: a tool call's bytes as they are, or whatever the router built.
-/// Tool calls skip axum's boxed `Body` both ways (an allocation and dynamic calls per call).
-pub type DataBody = http_body_util::Either<http_body_util::Full<bytes::Bytes>, Body>;
+/// A data-plane response body: a tool call's bytes as they are, or whatever the router built
+/// (tool calls skip axum's boxed `Body` both ways: an allocation and dynamic calls per call),
+/// counted against `limits.max_buffered_response_bytes` until it is written or dropped.
+pub type DataBody = Held<http_body_util::Either<http_body_util::Full<bytes::Bytes>, Body>>;
+
+/// A response body and the bytes it holds of the data plane's allowance for answers not yet
+/// taken by their clients, given back when it is dropped: written, or its connection gone (a
+/// client that stops reading is cut off by the write timeout, `conn::Conn`).
+///
+/// Its data goes to hyper in pieces of at most [`Held::PIECE`]: hyper takes the next piece only
+/// when its write buffer has room, so the body (and its count) lasts until all but the last
+/// piece of the answer is on the socket. Given whole, a large answer would be queued in hyper's
+/// buffer at once and the body dropped, uncounted, while the client had read none of it.
+pub struct Held<B> {
+    body: B,
+    /// The rest of a data frame larger than one piece.
+    rest: Option<bytes::Bytes>,
+    held: Option<(Arc<DataPlaneInner>, usize)>,
+}
+
+impl<B: hyper::body::Body<Data = bytes::Bytes> + Unpin> hyper::body::Body for Held<B> {
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, B::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let data = match this.rest.take() {
+            Some(rest) => rest,
+            None => match std::task::ready!(std::pin::Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return Poll::Ready(other),
+            },
+        };
+        if data.len() <= Self::PIECE {
+            return Poll::Ready(Some(Ok(hyper::body::Frame::data(data))));
+        }
+        let mut data = data;
+        let piece = data.split_to(Self::PIECE);
+        this.rest = Some(data);
+        Poll::Ready(Some(Ok(hyper::body::Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        let rest = self.rest.as_ref().map_or(0, |r| r.len() as u64);
+        let inner = self.body.size_hint();
+        let mut hint = hyper::body::SizeHint::new();
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint.set_lower(inner.lower() + rest);
+        hint
+    }
+}
+
+impl<B: hyper::body::Body> Held<B> {
+    /// The most given to hyper at once.
+    const PIECE: usize = 64 * 1024;
+
+    /// A body that holds nothing of the allowance (refusals: small, and made here).
+    fn new(body: B) -> Self {
+        Self {
+            body,
+            rest: None,
+            held: None,
+        }
+    }
+
+    /// A body that holds its size of the allowance until it is dropped.
+    fn counted(body: B, plane: &Arc<DataPlaneInner>) -> Self {
+        let bytes = body.size_hint().lower() as usize;
+        plane
+            .limit
+            .buffered
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        Self {
+            body,
+            rest: None,
+            held: Some((plane.clone(), bytes)),
+        }
+    }
+}
+
+impl<B> Drop for Held<B> {
+    fn drop(&mut self) {
+        if let Some((plane, bytes)) = self.held.take() {
+            plane
+                .limit
+                .buffered
+                .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
 
 /// The admin listener's whole service: its router inside its transport layers.
 pub type Plane = BoxCloneSyncService<axum::http::Request<Incoming>, Response, Infallible>;
@@ -91,7 +193,7 @@ struct DataPlaneInner {
 pub fn data_plane(gateway: Arc<Gateway>) -> DataPlane {
     let mcp = mcp::Mcp::new(gateway.clone());
     DataPlane(Arc::new(DataPlaneInner {
-        limit: Arc::new(InFlight::new(gateway.config.limits.max_concurrent_requests)),
+        limit: Arc::new(InFlight::new(&gateway.config.limits)),
         router: data::routes(gateway.clone(), mcp.clone()),
         mcp,
         gateway,
@@ -102,16 +204,25 @@ pub fn data_plane(gateway: Arc<Gateway>) -> DataPlane {
 /// counter for every thread (the limit is the whole gateway's), taken and given back with one
 /// atomic add each. tokio's `Semaphore` also locks its wait list on every release, and a shed
 /// call never waits.
+///
+/// Beside it, on the same cache line, the bytes of answers held for clients still reading them:
+/// past `limits.max_buffered_response_bytes`, new calls are shed the same way, so clients that
+/// read slowly (or not at all, until the write timeout cuts them off) cannot make the gateway
+/// hold answers without bound.
 struct InFlight {
     calls: std::sync::atomic::AtomicUsize,
     max: usize,
+    buffered: std::sync::atomic::AtomicUsize,
+    max_buffered: usize,
 }
 
 impl InFlight {
-    fn new(max: usize) -> Self {
+    fn new(limits: &crate::config::Limits) -> Self {
         Self {
             calls: std::sync::atomic::AtomicUsize::new(0),
-            max,
+            max: limits.max_concurrent_requests,
+            buffered: std::sync::atomic::AtomicUsize::new(0),
+            max_buffered: limits.max_buffered_response_bytes,
         }
     }
 }
@@ -123,10 +234,14 @@ impl InFlight {
 pub(crate) struct InFlightCall(Arc<DataPlaneInner>);
 
 impl InFlightCall {
-    /// A place for one more call, or `None` if `max` are in flight.
+    /// A place for one more call, or `None` if `max` are in flight, or the answers held for
+    /// slow clients are over their allowance.
     fn try_enter(plane: &Arc<DataPlaneInner>) -> Option<InFlightCall> {
         use std::sync::atomic::Ordering::Relaxed;
         let limit = &plane.limit;
+        if limit.buffered.load(Relaxed) > limit.max_buffered {
+            return None;
+        }
         if limit.calls.fetch_add(1, Relaxed) >= limit.max {
             limit.calls.fetch_sub(1, Relaxed);
             return None;
@@ -191,26 +306,26 @@ impl DataPlane {
             let message = "X-Request-Id must be 1 to 128 characters: letters, digits, `-`, `_`, `.`, `:`.";
             let refusal = request::Refusal::of(&req, id, source);
             let res = refusal.refuse(&plane.gateway, Code::InvalidRequest, message).await;
-            return Ok(with_request_id(res.map(DataBody::Right), id_header));
+            return Ok(with_request_id(res.map(|b| Held::new(Either::Right(b))), id_header));
         }
         // Load shedding instead of queueing: over the limit, a 503 at once.
         let Some(in_flight) = InFlightCall::try_enter(&plane) else {
             metrics::counter!("toolgate_shed_total").increment(1);
-            let res = data::shed(&plane.gateway, id, source, &req).await.map(DataBody::Right);
-            return Ok(with_request_id(res, id_header));
+            let res = data::shed(&plane.gateway, id, source, &req).await;
+            return Ok(with_request_id(res.map(|b| Held::new(Either::Right(b))), id_header));
         };
         let routed = async {
             if data::is_tool_call(&req) {
                 data::call_tool(in_flight, id.clone(), Some(&id_header), source, req)
                     .await
-                    .map(DataBody::Left)
+                    .map(Either::Left)
             } else if req.method() == axum::http::Method::POST && req.uri().path() == "/mcp" {
                 let mut req = req.map(Body::new);
                 req.extensions_mut().insert(RequestId(id.clone()));
                 if let Some(ip) = source {
                     req.extensions_mut().insert(Source(ip));
                 }
-                mcp::post(&plane.mcp, in_flight, req).await.map(DataBody::Right)
+                mcp::post(&plane.mcp, in_flight, req).await.map(Either::Right)
             } else {
                 let mut req = req.map(Body::new);
                 req.extensions_mut().insert(RequestId(id.clone()));
@@ -219,14 +334,14 @@ impl DataPlane {
                 }
                 let Ok(res) = plane.router.clone().oneshot(req).await;
                 drop(in_flight);
-                res.map(DataBody::Right)
+                res.map(Either::Right)
             }
         };
         let res = AssertUnwindSafe(routed)
             .catch_unwind()
             .await
-            .unwrap_or_else(|_| panic_response(&id).map(DataBody::Right));
-        Ok(with_request_id(res, id_header))
+            .unwrap_or_else(|_| panic_response(&id).map(Either::Right));
+        Ok(with_request_id(res.map(|body| Held::counted(body, &plane)), id_header))
     }
 }
 
@@ -276,14 +391,18 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
     let admin = TcpListener::bind(gateway.config.admin.listen).await?;
     let (data_addr, admin_addr) = (data[0].local_addr()?, admin.local_addr()?);
     let (stop, stopped) = watch::channel(false);
-    let read_timeout = Duration::from_millis(gateway.config.limits.request_read_timeout_ms);
+    let limits = &gateway.config.limits;
+    let timeouts = Timeouts {
+        read: Duration::from_millis(limits.request_read_timeout_ms),
+        write: Duration::from_millis(limits.response_write_timeout_ms),
+    };
     let metrics = admin::metrics_handle();
     let mut tasks = vec![
         workers::spawn(
             data,
             gateway.config.workers,
             data_plane(gateway.clone()),
-            read_timeout,
+            timeouts,
             stopped.clone(),
         )?,
         tokio::spawn(serve(
@@ -292,7 +411,7 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
                 let plane = TowerToHyperService::new(admin_plane(gateway.clone()));
                 move |_| plane.clone()
             },
-            read_timeout,
+            timeouts,
             wait(stopped.clone()),
         )),
     ];
@@ -391,10 +510,17 @@ async fn wait(mut stopped: watch::Receiver<bool>) {
 }
 
 /// Serves `listener`'s connections, each with the service `app` makes for its peer.
+/// How long a connection may take to send a request's headers, and to take in a response.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    read: Duration,
+    write: Duration,
+}
+
 async fn serve<S, B>(
     listener: TcpListener,
     app: impl Fn(SocketAddr) -> S,
-    read_timeout: Duration,
+    timeouts: Timeouts,
     shutdown: impl Future<Output = ()>,
 ) where
     S: hyper::service::Service<axum::http::Request<Incoming>, Response = axum::http::Response<B>, Error = Infallible>
@@ -411,7 +537,7 @@ async fn serve<S, B>(
     // hyper's default, left implicit: set explicitly, hyper builds and fills a 100-slot vector
     // on every request (~1.7k instructions) instead of using an uninitialised array.
     http.timer(crate::timer::HyperTimer(crate::timer::Timers::new()))
-        .header_read_timeout(read_timeout)
+        .header_read_timeout(timeouts.read)
         .max_buf_size(64 * 1024);
     tokio::pin!(shutdown);
     loop {
@@ -430,7 +556,7 @@ async fn serve<S, B>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = http.serve_connection(TokioIo::new(stream), app(peer));
+                let conn = http.serve_connection(TokioIo::new(conn::Conn::new(stream, timeouts.write)), app(peer));
                 let conn = drain.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;

@@ -178,6 +178,15 @@ pub(super) fn authenticate(gw: &Gateway, headers: &HeaderMap) -> Result<Arc<str>
     gw.policy_now().auth.authenticate(authorization).cloned()
 }
 
+/// Whether the client waits for `100 Continue` before it sends its body (`Expect:
+/// 100-continue`). hyper sends that the first time the body is read: a request refused on its
+/// headers alone is answered before, and the client never sends the body.
+pub(super) fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// A request's body, whole, within `limits.max_body_bytes` and `limits.request_read_timeout_ms`.
 pub(super) async fn read_body<B>(gw: &Gateway, headers: &HeaderMap, body: B) -> Result<Bytes, Reason>
 where

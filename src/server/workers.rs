@@ -19,12 +19,11 @@
 //! thread more than another, as with any per-core design.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
-use super::{DataPlane, serve, wait};
+use super::{DataPlane, Timeouts, serve, wait};
 
 /// The data plane's listening sockets for `threads` threads, bound to `addr`: one per thread
 /// on Linux (`SO_REUSEPORT`), else one that the threads share.
@@ -73,7 +72,7 @@ pub(super) fn spawn(
     listeners: Vec<std::net::TcpListener>,
     threads: usize,
     plane: DataPlane,
-    read_timeout: Duration,
+    timeouts: Timeouts,
     stopped: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let mut done = Vec::with_capacity(threads);
@@ -89,7 +88,7 @@ pub(super) fn spawn(
             .spawn(move || {
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
-                        Ok(listener) => serve(listener, app, read_timeout, wait(stopped)).await,
+                        Ok(listener) => serve(listener, app, timeouts, wait(stopped)).await,
                         Err(e) => tracing::error!("data-plane thread {i} cannot listen: {e}"),
                     }
                 });
@@ -110,6 +109,7 @@ pub(super) fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn each_thread_gets_a_socket_on_one_address_and_a_second_gateway_cannot_bind_it() {

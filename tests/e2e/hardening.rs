@@ -264,3 +264,139 @@ async fn values_from_headers_and_the_path_never_carry_pii_into_the_trail() {
         assert!(!trail.contains(raw), "{raw} reached the audit trail:\n{trail}");
     }
 }
+
+/// `http.client` sends a body over the limit whole, then reads: it must get its 413, with the
+/// contract's body, not a reset (declared length, and chunked with no length).
+const EAGER_CLIENT: &str = r#"
+import http.client, json, sys
+host, port = sys.argv[1].split(":")
+size = int(sys.argv[2])
+for chunked in (False, True):
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    body = b'{"query": "' + b"x" * size + b'"}'
+    headers = {"Authorization": "Bearer " + sys.argv[3], "Content-Type": "application/json"}
+    if chunked:
+        conn.request("POST", "/v1/tools/kb.search", body=iter([body[i:i + 8192] for i in range(0, len(body), 8192)]),
+                     headers=headers, encode_chunked=True)
+    else:
+        conn.request("POST", "/v1/tools/kb.search", body=body, headers=headers)
+    r = conn.getresponse()
+    print(r.status, json.loads(r.read())["error"]["code"])
+    conn.close()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_its_whole_oversized_body_before_reading_gets_its_413() {
+    let h = Harness::start().await;
+    let addr = h.data.trim_start_matches("http://");
+    // 4 KiB is the limit here; 256 KiB and 8 MiB are far more than the socket buffers hold.
+    for size in ["262144", "8388608"] {
+        let said = python(EAGER_CLIENT, &[addr, size, SUPPORT_KEY]);
+        assert_eq!(
+            said.lines().collect::<Vec<_>>(),
+            ["413 payload_too_large"; 2],
+            "{size} bytes: {said}"
+        );
+    }
+    assert_eq!(h.upstream.count("/kb/"), 0);
+}
+
+/// A raw `Expect: 100-continue` request; what comes back first, and then (if told to continue)
+/// the final status after the body is sent.
+const EXPECTING_CLIENT: &str = r#"
+import socket, sys
+host, port = sys.argv[1].split(":")
+path, key, body = sys.argv[2], sys.argv[3], sys.argv[4].encode()
+s = socket.create_connection((host, int(port)), timeout=5)
+head = f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n"
+s.sendall(head.encode())
+first = s.recv(65536).decode().split("\r\n")[0]
+print(first)
+if " 100 " in first + " ":
+    s.sendall(body)
+    print(s.recv(65536).decode().split("\r\n")[0])
+s.close()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_refused_on_its_headers_is_never_asked_for_its_body() {
+    let h = Harness::start().await;
+    let addr = h.data.trim_start_matches("http://");
+    let body = r#"{"query": "q"}"#;
+    let first = |path: &'static str, key: &'static str| python(EXPECTING_CLIENT, &[addr, path, key, body]);
+    // Unknown credentials, a tool not on the allowlist, and MCP without credentials: the final
+    // status at once, no `100 Continue`.
+    assert_eq!(
+        first("/v1/tools/kb.search", "wrong-key").trim(),
+        "HTTP/1.1 401 Unauthorized"
+    );
+    assert_eq!(
+        first("/v1/tools/billing.refund", crate::support::ANALYST_KEY).trim(),
+        "HTTP/1.1 403 Forbidden"
+    );
+    assert_eq!(first("/mcp", "wrong-key").trim(), "HTTP/1.1 401 Unauthorized");
+    // A caller the headers admit is told to continue, and its call goes through.
+    let allowed = first("/v1/tools/kb.search", SUPPORT_KEY);
+    assert_eq!(
+        allowed.lines().collect::<Vec<_>>(),
+        ["HTTP/1.1 100 Continue", "HTTP/1.1 200 OK"],
+        "{allowed}"
+    );
+    assert_eq!(h.upstream.count("/kb/"), 1);
+}
+
+/// A client that stops reading cannot pin its answer: the write that makes no progress times
+/// out and the connection is closed; meanwhile the answers held for slow clients count against
+/// their allowance, and past it new calls are shed instead of buffered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_cannot_pin_its_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let policy = format!(
+        "agents:\n  reader-bot:\n    credentials: {{ api_key_sha256: [ \"{}\" ] }}\n    tools: [ huge.read ]\ntools:\n  huge.read:\n    upstream: {{ url: \"{{{{UPSTREAM}}}}/huge\", method: POST }}\n",
+        sha256_hex(HANGUP_KEY)
+    );
+    let limits = "limits: { max_body_bytes: 4096, max_json_depth: 8, upstream_timeout_ms: 5000, max_response_bytes: 33554432, response_write_timeout_ms: 700, max_buffered_response_bytes: 1048576 }\n";
+    let h = Harness::start_full(limits, &[("reader.yaml", &policy)]).await;
+    let addr: std::net::SocketAddr = h.data.trim_start_matches("http://").parse().unwrap();
+    // A client with a tiny receive buffer that asks for a 12 MiB answer and reads none of it.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(addr).await.unwrap();
+    let request = format!(
+        "POST /v1/tools/huge.read HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {HANGUP_KEY}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    // Once its answer is held, new calls are shed rather than buffered.
+    let mut shed = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let r = h.call("kb.search", Some(SUPPORT_KEY), r#"{"query": "q"}"#).await;
+        if r.status == 503 {
+            shed = Some(r);
+            break;
+        }
+    }
+    let shed = shed.expect("a call made while a slow client held its answer was not shed");
+    shed.assert_error(503, "unavailable");
+    // The stalled write times out and its connection is closed: the allowance is back.
+    let mut served = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if h.call("kb.search", Some(SUPPORT_KEY), r#"{"query": "q"}"#).await.status == 200 {
+            served = true;
+            break;
+        }
+    }
+    assert!(
+        served,
+        "the allowance was not given back when the slow client was cut off"
+    );
+    // What the slow client can still read is cut short: the answer was not kept for it.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the stalled connection was not closed");
+    assert!(
+        got.len() < 12 << 20,
+        "the whole answer was kept for a client that did not read"
+    );
+}

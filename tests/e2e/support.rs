@@ -89,6 +89,7 @@ async fn respond(log: Arc<Mutex<Vec<Seen>>>, req: Request) -> Response {
             (json_ct, r#"{"late":true}"#).into_response()
         }
         "/big" => (json_ct, format!("{{\"blob\":\"{}\"}}", "x".repeat(100_000))).into_response(),
+        "/huge" => (json_ct, format!("{{\"blob\":\"{}\"}}", "x".repeat(12 << 20))).into_response(),
         "/text" => ([("content-type", "text/plain")], "hello\ncontact ada@example.com please\nbye").into_response(),
         "/secret" => (json_ct, r#"{"key":"AKIAIOSFODNN7EXAMPLE"}"#).into_response(),
         // Answers for output filters: clean (with spacing a re-serialisation would lose), PII

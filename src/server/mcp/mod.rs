@@ -30,7 +30,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use super::request::{HoldsGateway, Refusal, RequestId, Source, authenticate, read_body};
+use super::request::{HoldsGateway, Refusal, RequestId, Source, authenticate, expects_continue, read_body};
 use crate::gateway::Gateway;
 use crate::policy::Code;
 use reply::{INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, Reply, UNSUPPORTED_VERSION};
@@ -202,6 +202,21 @@ async fn dispatch(
             &null,
             reply::BLOCKED,
             "origin not allowed",
+            why,
+            &rid,
+        );
+    }
+    // A client waiting for `100 Continue` is refused on its credentials before it is asked for
+    // its body (see `request::expects_continue`).
+    if expects_continue(headers)
+        && let Err(reason) = authenticate(&mcp.gateway, headers)
+    {
+        let why = (reason.code, reason.message.as_str());
+        return Reply::refused(
+            StatusCode::UNAUTHORIZED,
+            &null,
+            reply::BLOCKED,
+            reason.message.clone(),
             why,
             &rid,
         );
