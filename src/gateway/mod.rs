@@ -23,6 +23,7 @@ mod stages;
 pub use catalog::Catalog;
 pub use operator::Quarantined;
 pub use reload::{FileStamp, ReloadError};
+pub(crate) use stages::two_credentials;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -76,6 +77,9 @@ pub enum Caller {
     /// not hash the key (or verify the JWT's signature) a second time. The agent must still be
     /// in the policy the call is decided by (a reload in between may have removed it).
     Agent(Arc<str>),
+    /// More than one `Authorization` header: refused, never the first (or last) of them read
+    /// as if it were the only one.
+    Ambiguous,
 }
 
 /// The tool a call names, as the transport has it: a segment of the request's path (shared

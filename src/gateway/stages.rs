@@ -159,6 +159,7 @@ impl Gateway {
                     let message = "The agent is no longer in the policy.";
                     Reason::new(Code::Unauthenticated, Stage::Authentication, "authentication", message)
                 })?,
+            Caller::Ambiguous => return Err(two_credentials()),
         };
         rec.agent = Some(agent);
         if req.session.as_deref().is_some_and(|s| !is_valid_session(s)) {
@@ -462,6 +463,12 @@ impl<'p> Admitted<'p> {
             body: self.body.clone(),
         }
     }
+}
+
+/// The refusal of a request with more than one `Authorization` header.
+pub(crate) fn two_credentials() -> Reason {
+    let message = "Send exactly one Authorization header: this request has more than one.";
+    Reason::new(Code::Unauthenticated, Stage::Authentication, "authentication", message)
 }
 
 /// The evaluated arguments redacted by every detector: what audit events (in `redacted`

@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 use super::decision::{Code, Reason, Stage};
 use crate::FastMap;
 
-/// Seconds of clock skew tolerated on `exp` and `nbf`.
+/// Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
 const JWT_LEEWAY_SECS: u64 = 30;
 
 /// `auth.jwt` in a policy file.
@@ -94,6 +94,8 @@ impl JwtVerifier {
         #[derive(Deserialize)]
         struct Claims {
             sub: String,
+            #[serde(default)]
+            iat: Option<u64>,
         }
         let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as E;
@@ -105,6 +107,14 @@ impl JwtVerifier {
                 _ => "The token could not be verified.",
             }
         })?;
+        // Issued in the future (beyond the skew allowed): minted with a wrong clock, or ahead of
+        // its time to outlive a revocation. jsonwebtoken does not check `iat`.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if data.claims.iat.is_some_and(|iat| iat > now + JWT_LEEWAY_SECS) {
+            return Err("The token was issued in the future.");
+        }
         Ok(data.claims.sub)
     }
 }

@@ -97,9 +97,11 @@ async fn check_token(expected: Option<&[u8]>, req: Request, next: Next) -> Respo
             &id,
         );
     };
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
+    // One Authorization header: with two, neither is taken for the one that counts.
+    let mut all = req.headers().get_all(header::AUTHORIZATION).iter();
+    let presented = all
+        .next()
+        .filter(|_| all.next().is_none())
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() });

@@ -119,7 +119,9 @@ where
         mut traceparent,
         mut tracestate,
     ] = [None; 5];
+    let mut credentials = 0;
     for (name, value) in &parts.headers {
+        credentials += usize::from(name == header::AUTHORIZATION);
         let slot = match name {
             n if n == header::AUTHORIZATION => &mut authorization,
             n if n == X_TOOLGATE_SESSION => &mut session,
@@ -133,7 +135,8 @@ where
     // A caller waiting to be told to send its body is refused on its headers when they already
     // decide (credentials, quarantine, allowlist): the body is never read, so the client is
     // never asked for it. The gateway decides the call as usual, on an empty body.
-    let body = if expects_continue(&parts.headers) && refused_on_headers(gw, authorization, tool.as_str()) {
+    let refused = |gw| credentials > 1 || refused_on_headers(gw, authorization, tool.as_str());
+    let body = if expects_continue(&parts.headers) && refused(gw) {
         Ok(Bytes::new())
     } else {
         read_body(gw, &parts.headers, body).await
@@ -143,7 +146,10 @@ where
         request_id: id.clone(),
         request_id_header: id_header.cloned(),
         source,
-        caller: Caller::Credentials(authorization.cloned()),
+        caller: match credentials {
+            0 | 1 => Caller::Credentials(authorization.cloned()),
+            _ => Caller::Ambiguous,
+        },
         tool,
         arguments: body.map(Arguments::Body),
         session: session.map(text),

@@ -172,9 +172,15 @@ pub(super) fn client_address(
     client
 }
 
-/// The agent whose credentials the `Authorization` header carries, in the policy in force.
+/// The agent whose credentials the `Authorization` header carries, in the policy in force. A
+/// request with more than one is refused.
 pub(super) fn authenticate(gw: &Gateway, headers: &HeaderMap) -> Result<Arc<str>, Reason> {
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let mut all = headers.get_all(header::AUTHORIZATION).iter();
+    let authorization = all.next();
+    if all.next().is_some() {
+        return Err(crate::gateway::two_credentials());
+    }
+    let authorization = authorization.and_then(|v| v.to_str().ok());
     gw.policy_now().auth.authenticate(authorization).cloned()
 }
 

@@ -400,3 +400,51 @@ async fn a_client_that_stops_reading_cannot_pin_its_answer() {
         "the whole answer was kept for a client that did not read"
     );
 }
+
+/// Two `Authorization` headers are refused, whichever comes first, on every door that reads
+/// one: a tool call, MCP, an agent's approval poll, the admin plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_authorization_headers_are_refused_not_first_wins() {
+    let h = Harness::start().await;
+    let good = format!("Bearer {SUPPORT_KEY}");
+    let bad = "Bearer someone-elses-key".to_owned();
+    let mcp = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}}).to_string();
+    for pair in [
+        [good.clone(), bad.clone()],
+        [bad.clone(), good.clone()],
+        [good.clone(), good.clone()],
+    ] {
+        let headers = vec![
+            ("authorization", pair[0].clone()),
+            ("authorization", pair[1].clone()),
+            ("content-type", "application/json".to_owned()),
+        ];
+        let r = send(
+            "POST",
+            &format!("{}/v1/tools/kb.search", h.data),
+            &headers,
+            br#"{"query": "q"}"#.to_vec(),
+        )
+        .await;
+        let body = r.assert_error(401, "unauthenticated");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains("exactly one"),
+            "{body}"
+        );
+        let r = send("POST", &format!("{}/mcp", h.data), &headers, mcp.clone().into_bytes()).await;
+        assert_eq!(r.status, 401, "{:?}", r.body);
+        let r = send(
+            "GET",
+            &format!("{}/v1/approvals/apr_00000000000000000000000000000000", h.data),
+            &headers,
+            Vec::new(),
+        )
+        .await;
+        r.assert_error(401, "unauthenticated");
+    }
+    assert_eq!(h.upstream.count("/kb/"), 0);
+    let token = format!("Bearer {}", crate::support::ADMIN_TOKEN);
+    let headers = vec![("authorization", token.clone()), ("authorization", token)];
+    let r = send("GET", &format!("{}/admin/policy", h.admin), &headers, Vec::new()).await;
+    r.assert_error(401, "unauthenticated");
+}

@@ -155,3 +155,24 @@ async fn a_rotated_jwks_outside_the_policy_directory_is_picked_up() {
     assert_eq!(reloaded.len(), 1);
     assert_eq!(reloaded[0]["trigger"], "file_change");
 }
+
+/// A token issued or valid only in the future, beyond the 30 s allowed for clock skew, is
+/// refused; one a few seconds ahead (a clock slightly fast) is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_the_future_is_refused() {
+    let h = Harness::start_full("", &[("auth.yaml", AUTH)]).await;
+    let mut issued_ahead = claims();
+    issued_ahead["iat"] = json!(now() + 3600);
+    let mut valid_later = claims();
+    valid_later["nbf"] = json!(now() + 3600);
+    for (token, message) in [
+        (rs256(&issued_ahead, "rsa-1"), "issued in the future"),
+        (rs256(&valid_later, "rsa-1"), "not valid yet"),
+    ] {
+        let body = call(&h, &token).await.assert_error(401, "unauthenticated");
+        assert!(body["error"]["message"].as_str().unwrap().contains(message), "{body}");
+    }
+    let mut slightly_fast = claims();
+    slightly_fast["iat"] = json!(now() + 10);
+    assert_eq!(call(&h, &rs256(&slightly_fast, "rsa-1")).await.status, 200);
+}
