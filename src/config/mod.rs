@@ -129,6 +129,11 @@ pub struct Limits {
     /// Calls in flight at once; more get 503 `unavailable` at once rather than queueing (default 4096).
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent_requests: usize,
+    /// How long a kept-alive connection to a tool may sit idle and still be reused (default
+    /// 900): below the keep-alive timeout of the tools, so a tool never closes a connection as
+    /// a call is sent on it. A tool's `upstream.idle_timeout_ms` overrides it.
+    #[serde(default = "default_upstream_idle")]
+    pub upstream_idle_timeout_ms: u64,
     /// A response write that makes no progress for this long closes the connection, so a
     /// client that stops reading cannot hold its answer in memory (default 10 000).
     #[serde(default = "default_write_timeout")]
@@ -157,6 +162,9 @@ fn default_request_read_timeout() -> u64 {
 fn default_max_concurrent() -> usize {
     4096
 }
+fn default_upstream_idle() -> u64 {
+    900
+}
 fn default_write_timeout() -> u64 {
     10_000
 }
@@ -173,6 +181,7 @@ impl Default for Limits {
             max_response_bytes: default_max_response(),
             request_read_timeout_ms: default_request_read_timeout(),
             max_concurrent_requests: default_max_concurrent(),
+            upstream_idle_timeout_ms: default_upstream_idle(),
             response_write_timeout_ms: default_write_timeout(),
             max_buffered_response_bytes: default_max_buffered(),
         }
@@ -511,6 +520,7 @@ fn check_limits(doc: &Document, l: &Limits, problems: &mut Problems) {
         ("request_read_timeout_ms", l.request_read_timeout_ms),
         ("max_concurrent_requests", l.max_concurrent_requests as u64),
         ("response_write_timeout_ms", l.response_write_timeout_ms),
+        ("upstream_idle_timeout_ms", l.upstream_idle_timeout_ms),
         ("max_buffered_response_bytes", l.max_buffered_response_bytes as u64),
     ] {
         if value == 0 {

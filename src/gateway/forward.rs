@@ -74,6 +74,9 @@ impl Gateway {
                     agent: call.agent,
                     trace: &req.trace,
                     timeout,
+                    idle_timeout: tool
+                        .idle_timeout
+                        .unwrap_or(Duration::from_millis(self.config.limits.upstream_idle_timeout_ms)),
                     started,
                     max_response_bytes: self.config.limits.max_response_bytes,
                     headers: &tool.headers,

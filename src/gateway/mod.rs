@@ -296,7 +296,10 @@ impl Gateway {
             catalog: Catalog::new(),
             forwarder: forward::Forwarder {
                 upstream: Upstream::new(),
-                mcp: McpClient::new(config.limits.max_response_bytes),
+                mcp: McpClient::new(
+                    config.limits.max_response_bytes,
+                    std::time::Duration::from_millis(config.limits.upstream_idle_timeout_ms),
+                ),
                 roles: Roles::new(region.clone()),
                 guardrails: Guardrails::new(region),
             },

@@ -402,6 +402,7 @@ fn add_discovered(
                     tool: d.tool.clone(),
                 },
                 timeout: server.timeout,
+                idle_timeout: None,
                 headers: Vec::new(),
                 aws_role: server.aws_role.clone(),
                 schema: Some(schema),

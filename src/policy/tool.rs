@@ -102,6 +102,10 @@ pub struct UpstreamConfig {
     /// Overrides `limits.upstream_timeout_ms` for this tool.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Overrides `limits.upstream_idle_timeout_ms`: how long a kept-alive connection to the
+    /// tool may sit idle and still be reused. Set it below the tool's own keep-alive timeout.
+    #[serde(default)]
+    pub idle_timeout_ms: Option<u64>,
     /// Fixed headers sent with every call (e.g. `X-Amz-Target` and `Content-Type` for an AWS
     /// JSON API; a `Content-Type` here replaces toolgate's `application/json`). Never
     /// `Authorization`, `Host`, hop-by-hop headers or what toolgate or SigV4 sets itself.
@@ -352,6 +356,8 @@ pub struct Tool {
     pub description: String,
     pub target: Target,
     pub timeout: Option<Duration>,
+    /// How long an idle kept-alive connection to it may be reused (default: the limits').
+    pub idle_timeout: Option<Duration>,
     /// Fixed headers for every call.
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// The AWS role calls run under.
@@ -469,6 +475,9 @@ pub(super) fn compile_tool(
     if c.upstream.timeout_ms == Some(0) {
         problems.push(doc.problem(&up.key("timeout_ms"), "must be greater than 0"));
     }
+    if c.upstream.idle_timeout_ms == Some(0) {
+        problems.push(doc.problem(&up.key("idle_timeout_ms"), "must be greater than 0"));
+    }
     if let Some(role) = &c.aws_role {
         for (key, msg) in role.check() {
             problems.push(doc.problem(&path.key("aws_role").key(key), msg));
@@ -543,6 +552,7 @@ pub(super) fn compile_tool(
         headers,
         aws_role: c.aws_role,
         timeout: c.upstream.timeout_ms.map(std::time::Duration::from_millis),
+        idle_timeout: c.upstream.idle_timeout_ms.map(std::time::Duration::from_millis),
         schema,
         schema_source: c.arguments,
         input_filters,

@@ -51,9 +51,14 @@ pub struct McpClient {
 }
 
 impl McpClient {
-    pub fn new(max_response_bytes: usize) -> Self {
+    /// `idle_timeout`: how long a kept-alive connection to a server may sit idle and be reused
+    /// (below the servers' own keep-alive timeout, so none closes one as a request goes out).
+    pub fn new(max_response_bytes: usize, idle_timeout: Duration) -> Self {
         Self {
-            client: Client::builder(TokioExecutor::new()).build(crate::upstream::connector()),
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(idle_timeout)
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .build(crate::upstream::connector()),
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             max_response_bytes,

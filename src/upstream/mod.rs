@@ -13,7 +13,7 @@ pub mod pool;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue, USER_AGENT};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue, TRANSFER_ENCODING, USER_AGENT};
 use http::uri::PathAndQuery;
 use http::{Request, Uri};
 use http_body_util::Full;
@@ -60,6 +60,8 @@ pub struct Outbound<'a> {
     pub agent: &'a str,
     pub trace: &'a TraceContext,
     pub timeout: Duration,
+    /// How long a pooled connection may have been idle to carry this call.
+    pub idle_timeout: Duration,
     /// When forwarding began (the caller reads the clock for its own timing): `timeout` counts
     /// from here, and the pool checks its idle connections' age against it.
     pub started: Instant,
@@ -132,6 +134,7 @@ impl Default for Upstream {
 impl Upstream {
     pub fn new() -> Self {
         Self {
+            // Idle connections are kept at most this long, whatever a tool allows.
             pool: Pool::new(connector(), Duration::from_secs(30), 512),
             timers: Timers::new(),
         }
@@ -141,11 +144,27 @@ impl Upstream {
     pub async fn forward(&self, out: &Outbound<'_>) -> Result<Inbound, UpstreamError> {
         let request = build_request(out)?;
         let exchange = async {
-            let (response, lease) = self.pool.send(request, out.started).await.map_err(|e| match e {
-                PoolError::Connect(e) => UpstreamError::Unreachable(source_chain(&*e)),
-                e => UpstreamError::Protocol(source_chain(&e)),
-            })?;
+            let (response, lease) =
+                self.pool
+                    .send(request, out.started, out.idle_timeout)
+                    .await
+                    .map_err(|e| match e {
+                        PoolError::Connect(e) => UpstreamError::Unreachable(source_chain(&*e)),
+                        e => UpstreamError::Protocol(source_chain(&e)),
+                    })?;
             let status = response.status().as_u16();
+            // A final status a tool may not send (an informational 1xx other than what hyper
+            // already consumed, or past 599) is the tool's fault, not an answer to relay.
+            if !(200..=599).contains(&status) {
+                return Err(UpstreamError::Protocol(format!(
+                    "the tool answered with status {status}"
+                )));
+            }
+            // Both framings at once (RFC 9112 6.3: a sign of request smuggling, or a broken
+            // tool): the answer is read by `Transfer-Encoding`, and the connection is closed
+            // after it, never reused for another call.
+            let reusable = !(response.headers().contains_key(TRANSFER_ENCODING)
+                && response.headers().contains_key(CONTENT_LENGTH));
             let content_type = response.headers().get(CONTENT_TYPE).cloned();
             let body = crate::body::read_all(response.into_body(), out.max_response_bytes)
                 .await
@@ -153,7 +172,9 @@ impl Upstream {
                     BodyError::TooLarge(limit) => UpstreamError::TooLarge(limit),
                     BodyError::Read(e) => UpstreamError::Protocol(e.to_string()),
                 })?;
-            lease.release();
+            if reusable {
+                lease.release();
+            }
             Ok::<_, UpstreamError>((status, content_type, body))
         };
         let (status, content_type, body) = self
@@ -334,6 +355,7 @@ mod tests {
                 agent: "a",
                 trace: &TraceContext::default(),
                 timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(1),
                 started: Instant::now(),
                 max_response_bytes: 1,
                 headers: &[],

@@ -114,10 +114,12 @@ impl Pool {
     /// on a pooled or new connection, and returns the response head with the connection it
     /// arrived on. `now` is the time the caller read last (an idle connection's age is checked
     /// against it; a few microseconds early is no matter against an idle timeout of seconds).
+    /// `idle_timeout`: how long an idle connection may have sat to be reused for this call.
     pub async fn send(
         &self,
         mut req: Request<Full<Bytes>>,
         now: Instant,
+        idle_timeout: Duration,
     ) -> Result<(Response<Incoming>, Lease<'_>), PoolError> {
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         let authority = parts.authority.take().ok_or(PoolError::NoAuthority)?;
@@ -130,12 +132,24 @@ impl Pool {
         }
         *req.uri_mut() = Uri::from_parts(parts).expect("a path alone is a URI");
         loop {
-            let (mut sender, pooled) = match self.take(tls, authority.as_str(), now) {
-                Some(sender) => (sender, true),
-                // Boxed: the TLS connect future is large, and every call's state machine would
-                // carry (and copy) it though few calls connect.
-                None => (Box::pin(self.connect(tls, &authority)).await?, false),
-            };
+            let (mut sender, pooled) =
+                match self.take(tls, authority.as_str(), now, idle_timeout.min(self.idle_timeout)) {
+                    Some((sender, idle)) => {
+                        // A connection that sat idle a while may have been closed by the tool just
+                        // now, its FIN not yet read by the connection's task (on this thread): let
+                        // the task run once, so the close is seen here, not after the call is sent.
+                        if idle >= Duration::from_millis(50) {
+                            tokio::task::yield_now().await;
+                            if sender.is_closed() {
+                                continue;
+                            }
+                        }
+                        (sender, true)
+                    }
+                    // Boxed: the TLS connect future is large, and every call's state machine would
+                    // carry (and copy) it though few calls connect.
+                    None => (Box::pin(self.connect(tls, &authority)).await?, false),
+                };
             // A pooled connection the tool has closed since fails here, before anything is
             // sent: take another.
             if let Err(e) = sender.ready().await {
@@ -169,13 +183,15 @@ impl Pool {
         &self.idle[per_thread::index()].0
     }
 
-    /// The most recently used idle connection to the origin that is still open and fresh.
-    fn take(&self, tls: Tls, authority: &str, now: Instant) -> Option<Sender> {
+    /// The most recently used idle connection to the origin that is still open and has been
+    /// idle less than `max_idle`, and how long it was.
+    fn take(&self, tls: Tls, authority: &str, now: Instant, max_idle: Duration) -> Option<(Sender, Duration)> {
         let mut idle = lock(self.shard());
         let list = idle[tls as usize].get_mut(authority)?;
         while let Some(c) = list.pop() {
-            if !c.sender.is_closed() && now.duration_since(c.since) < self.idle_timeout {
-                return Some(c.sender);
+            let idle = now.saturating_duration_since(c.since);
+            if !c.sender.is_closed() && idle < max_idle {
+                return Some((c.sender, idle));
             }
         }
         None

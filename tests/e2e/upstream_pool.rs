@@ -24,6 +24,12 @@ struct RawTool {
 
 impl RawTool {
     async fn start(close_after_each: bool) -> Self {
+        Self::start_with(close_after_each, None).await
+    }
+
+    /// As `start`; with `idle`, a kept-alive connection that brings no new request within it
+    /// is closed by the tool, as servers' keep-alive timeouts do.
+    async fn start_with(close_after_each: bool, idle: Option<Duration>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let tool = Self {
             url: format!("http://{}", listener.local_addr().unwrap()),
@@ -35,13 +41,13 @@ impl RawTool {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 t.connections.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(t.clone().serve(stream, close_after_each));
+                tokio::spawn(t.clone().serve(stream, close_after_each, idle));
             }
         });
         tool
     }
 
-    async fn serve(self, mut stream: tokio::net::TcpStream, close_after_each: bool) {
+    async fn serve(self, mut stream: tokio::net::TcpStream, close_after_each: bool, idle: Option<Duration>) {
         let mut buf = Vec::new();
         loop {
             // The head, then as many body bytes as it declares.
@@ -50,7 +56,14 @@ impl RawTool {
                     break i + 4;
                 }
                 let mut chunk = [0; 4096];
-                match stream.read(&mut chunk).await {
+                let read = match idle.filter(|_| buf.is_empty()) {
+                    Some(idle) => match tokio::time::timeout(idle, stream.read(&mut chunk)).await {
+                        Ok(read) => read,
+                        Err(_) => return, // idle too long: the tool closes the connection
+                    },
+                    None => stream.read(&mut chunk).await,
+                };
+                match read {
                     Ok(0) | Err(_) => return,
                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 }
@@ -79,10 +92,27 @@ impl RawTool {
                 return;
             }
             let body = r#"{"ok":true}"#;
-            let response = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
+            let response = if let Some(status) = request_line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.strip_prefix("/status/"))
+            {
+                format!(
+                    "HTTP/1.1 {status} Odd\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            } else if request_line.contains("/both") {
+                // Both framings: chunked (which wins) and a length that disagrees.
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                    body.len()
+                )
+            } else {
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            };
             if stream.write_all(response.as_bytes()).await.is_err() || close_after_each {
                 return;
             }
@@ -118,6 +148,14 @@ tools:
     upstream: {{ url: "{url}/ok", method: POST }}
   raw.hang:
     upstream: {{ url: "{url}/hang", method: POST, timeout_ms: 300 }}
+  raw.both:
+    upstream: {{ url: "{url}/both", method: POST }}
+  raw.s101:
+    upstream: {{ url: "{url}/status/101", method: POST }}
+  raw.s600:
+    upstream: {{ url: "{url}/status/600", method: POST }}
+  raw.s999:
+    upstream: {{ url: "{url}/status/999", method: POST }}
 "#,
         digest = hex::encode(Sha256::digest(KEY)),
         url = tool.url,
@@ -182,4 +220,61 @@ async fn a_timed_out_exchange_leaves_its_connection_out_of_the_pool() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(tool.requests(), ["POST /hang HTTP/1.1", "POST /ok HTTP/1.1"]);
     assert_eq!(tool.connections(), 2);
+}
+
+/// A tool answers with a status no answer may have (101 to a request that asked for no
+/// upgrade, or past 599): the agent gets 502, not the odd status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusual_upstream_status_is_an_upstream_error() {
+    let tool = RawTool::start(false).await;
+    let h = gateway_for(&tool, 1).await;
+    for tool in ["raw.s101", "raw.s600", "raw.s999"] {
+        let r = h.call(tool, Some(KEY), "{}").await;
+        r.assert_error(502, "upstream_error");
+    }
+    call_ok(&h, 0).await;
+}
+
+/// A connection that answered with both `Content-Length` and `Transfer-Encoding` is read by
+/// the chunks and closed: the next call opens another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_answered_with_both_framings_is_never_reused() {
+    let tool = RawTool::start(false).await;
+    let h = gateway_for(&tool, 1).await;
+    let r = h.call("raw.both", Some(KEY), "{}").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["ok"], true, "read by its chunks");
+    call_ok(&h, 1).await;
+    call_ok(&h, 2).await;
+    assert_eq!(tool.connections(), 2, "the ambiguous connection was reused");
+}
+
+/// A tool that closes kept-alive connections after 1 s idle: calls spaced around that second
+/// never meet a connection the tool is closing (toolgate lets a connection idle less than the
+/// tool does) and never see a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_that_closes_idle_connections_at_one_second_never_causes_a_502() {
+    let tool = RawTool::start_with(false, Some(Duration::from_secs(1))).await;
+    let h = gateway_for(&tool, 1).await;
+    call_ok(&h, 0).await;
+    for (i, gap) in [980, 1000, 1010, 990, 850, 1000, 995].into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(gap)).await;
+        call_ok(&h, i + 1).await;
+    }
+    assert_eq!(tool.requests().len(), 8, "each call sent once: {:?}", tool.requests());
+}
+
+/// A connection idle longer than `limits.upstream_idle_timeout_ms` (900 ms by default, below
+/// the usual keep-alive timeouts of servers) is not reused; one idle less is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_past_the_idle_timeout_is_not_reused() {
+    let tool = RawTool::start(false).await;
+    let h = gateway_for(&tool, 1).await;
+    call_ok(&h, 0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    call_ok(&h, 1).await;
+    assert_eq!(tool.connections(), 1, "a connection idle 300 ms is reused");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    call_ok(&h, 2).await;
+    assert_eq!(tool.connections(), 2, "a connection idle past 900 ms was reused");
 }
