@@ -113,10 +113,13 @@ impl Gateway {
             duration_ms: crate::audit::millis(elapsed),
             role_arn: tool.aws_role.as_ref().map(|r| r.arn.clone()),
         });
-        let answer = result.map_err(|e| {
+        let mut answer = result.map_err(|e| {
             tracing::warn!(request_id = &*req.request_id, tool = %tool.name, "upstream failed: {e}");
             upstream_failed(tool, e)
         })?;
+        if let Some((credentials, _, _)) = &signing_parts {
+            answer = scrub_credentials(answer, credentials, &mut rec.notes);
+        }
         let answer = self.filter_output(policy, tool, answer, &mut rec.notes)?;
         self.output_guardrails(policy, tool, answer, rec).await
     }
@@ -336,6 +339,82 @@ impl Gateway {
             }),
         })
     }
+}
+
+/// The answer without the role credentials the call was signed with: a tool that echoes its
+/// request (headers, a debug dump) must not hand the agent toolgate's temporary AWS
+/// credentials. Their exact values are replaced wherever they occur, as written and with `/`
+/// JSON-escaped, by `[REDACTED:aws_credentials]`; a note says so.
+fn scrub_credentials(
+    answer: Answer,
+    credentials: &aws_credential_types::Credentials,
+    notes: &mut Vec<Reason>,
+) -> Answer {
+    let mut secrets: Vec<String> = [
+        Some(credentials.access_key_id()),
+        Some(credentials.secret_access_key()),
+        credentials.session_token(),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|s| s.len() >= 8)
+    .map(str::to_owned)
+    .collect();
+    let escaped: Vec<String> = secrets
+        .iter()
+        .filter(|s| s.contains('/'))
+        .map(|s| s.replace('/', "\\/"))
+        .collect();
+    secrets.extend(escaped);
+    let Ok(found) = aho_corasick::AhoCorasick::builder()
+        .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+        .build(&secrets)
+    else {
+        return answer;
+    };
+    const GONE: &str = "[REDACTED:aws_credentials]";
+    let with = vec![GONE; secrets.len()];
+    let mut scrubbed = false;
+    let mut scrub_value = |v: &mut Value| {
+        let mut stack = vec![v];
+        while let Some(v) = stack.pop() {
+            match v {
+                Value::String(s) if found.is_match(s.as_str()) => {
+                    *s = found.replace_all(s, &with);
+                    scrubbed = true;
+                }
+                Value::Array(items) => stack.extend(items.iter_mut()),
+                Value::Object(map) => stack.extend(map.values_mut()),
+                _ => {}
+            }
+        }
+    };
+    let answer = match answer {
+        Answer::Http(mut inbound) => {
+            if found.is_match(&inbound.body[..]) {
+                inbound.body = Bytes::from(found.replace_all_bytes(&inbound.body, &with));
+                scrubbed = true;
+            }
+            Answer::Http(inbound)
+        }
+        Answer::Mcp(result) => {
+            let mut value = Value::Object(result);
+            scrub_value(&mut value);
+            let Value::Object(result) = value else {
+                unreachable!("scrubbing replaces strings only")
+            };
+            Answer::Mcp(result)
+        }
+        Answer::McpError(mut error) => {
+            scrub_value(&mut error);
+            Answer::McpError(error)
+        }
+    };
+    if scrubbed {
+        let message = "Removed the AWS credentials the call was signed with from the tool's response.";
+        notes.push(Reason::new(Code::ContentBlocked, Stage::Output, "aws_role", message));
+    }
+    answer
 }
 
 /// The reason for a tool that did not answer usefully.

@@ -233,11 +233,13 @@ async fn tools_run_under_their_own_assumed_roles_signed_and_checked_by_the_emula
     let digest = support::sha256_hex("ops-key");
     let batch = support::sha256_hex("batch-key");
     let text = format!(
-        "agents:\n  ops-bot:\n    credentials: {{ api_key_sha256: [ \"{digest}\" ] }}\n    tools: [ logs.*, echo.signed ]\n  batch-bot:\n    credentials: {{ api_key_sha256: [ \"{batch}\" ] }}\n    tools: [ echo.signed ]\ntools:\n  logs.create_group:\n{}    arguments: {{ type: object, required: [ logGroupName ], properties: {{ logGroupName: {{ type: string }} }} }}\n  logs.create_group_as_reader:\n{}  logs.describe:\n{}  logs.create_group_unassumable:\n{}  echo.signed:\n    upstream: {{ url: \"{}/signed\", method: POST }}\n    aws_role: {}\n",
+        "agents:\n  ops-bot:\n    credentials: {{ api_key_sha256: [ \"{digest}\" ] }}\n    tools: [ logs.*, echo.signed, echo.headers ]\n  batch-bot:\n    credentials: {{ api_key_sha256: [ \"{batch}\" ] }}\n    tools: [ echo.signed ]\ntools:\n  logs.create_group:\n{}    arguments: {{ type: object, required: [ logGroupName ], properties: {{ logGroupName: {{ type: string }} }} }}\n  logs.create_group_as_reader:\n{}  logs.describe:\n{}  logs.create_group_unassumable:\n{}  echo.signed:\n    upstream: {{ url: \"{}/signed\", method: POST }}\n    aws_role: {}\n  echo.headers:\n    upstream: {{ url: \"{}/echo_headers\", method: POST }}\n    aws_role: {}\n",
         logs_tool("CreateLogGroup", "logs-writer"),
         logs_tool("CreateLogGroup", "logs-reader"),
         logs_tool("DescribeLogGroups", "logs-writer"),
         logs_tool("CreateLogGroup", "admin-role"),
+        echo.url,
+        role("logs-writer", "execute-api"),
         echo.url,
         role("logs-writer", "execute-api"),
     );
@@ -317,6 +319,28 @@ async fn tools_run_under_their_own_assumed_roles_signed_and_checked_by_the_emula
         assert!(s.headers.contains_key("x-amz-security-token"));
         assert!(s.headers.contains_key("x-amz-date"));
     }
+
+    // A tool that echoes its request headers does not hand the agent the role's credentials:
+    // the session token and the key id toolgate signed with are scrubbed from its answer.
+    let r = call("echo.headers", json!({"q": 2})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sent = echo.requests().last().unwrap().headers.clone();
+    let token = sent["x-amz-security-token"].to_str().unwrap().to_owned();
+    let credential = sent["authorization"].to_str().unwrap();
+    let access_key = credential
+        .split("Credential=")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let answer = String::from_utf8(r.body.to_vec()).unwrap();
+    assert!(!answer.contains(&token), "the session token came back: {answer}");
+    assert!(!answer.contains(&access_key), "the access key id came back: {answer}");
+    assert!(answer.contains("[REDACTED:aws_credentials]"), "{answer}");
+    let e = events_for(&dir, &r);
+    assert!(e["reasons"].to_string().contains("aws_role"), "{e}");
 
     // Concurrent first calls of another agent (its own session tags): one AssumeRole for all.
     let mut burst = Vec::new();
@@ -759,4 +783,12 @@ async fn upstream_mcp_servers_are_called_under_their_aws_role() {
         );
         assert!(!token.is_empty(), "with the role session's token");
     }
+}
+
+/// The `tool_call` event of a response, from a served gateway's audit file in `dir`.
+fn events_for(dir: &tempfile::TempDir, r: &support::Resp) -> Value {
+    support::read_events(&dir.path().join("audit.jsonl"))
+        .into_iter()
+        .find(|e| e["event"] == "tool_call" && e["request_id"] == r.request_id().as_str())
+        .expect("the call's event")
 }

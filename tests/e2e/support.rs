@@ -89,6 +89,14 @@ async fn respond(log: Arc<Mutex<Vec<Seen>>>, req: Request) -> Response {
             (json_ct, r#"{"late":true}"#).into_response()
         }
         "/big" => (json_ct, format!("{{\"blob\":\"{}\"}}", "x".repeat(100_000))).into_response(),
+        "/echo_headers" => {
+            let headers: serde_json::Map<String, Value> = parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), Value::from(v.to_str().unwrap_or(""))))
+                .collect();
+            (json_ct, json!({"headers": headers}).to_string()).into_response()
+        }
         "/huge" => (json_ct, format!("{{\"blob\":\"{}\"}}", "x".repeat(12 << 20))).into_response(),
         "/text" => ([("content-type", "text/plain")], "hello\ncontact ada@example.com please\nbye").into_response(),
         "/secret" => (json_ct, r#"{"key":"AKIAIOSFODNN7EXAMPLE"}"#).into_response(),
