@@ -78,7 +78,7 @@ impl Gateway {
                         .idle_timeout
                         .unwrap_or(Duration::from_millis(self.config.limits.upstream_idle_timeout_ms)),
                     started,
-                    max_response_bytes: self.config.limits.max_response_bytes,
+                    max_response_bytes: tool.max_response_bytes.unwrap_or(self.config.limits.max_response_bytes),
                     headers: &tool.headers,
                     signing,
                 };

@@ -43,7 +43,7 @@ use crate::approval::HoldRequest;
 use crate::audit::{CallForwarding, RecordedArguments, Tokens};
 use crate::config::AuditArguments;
 use crate::policy::history::{PastCall, hash_value};
-use crate::policy::limits::estimate_tokens;
+use crate::policy::limits::{BudgetMode, estimate_tokens};
 use crate::policy::tool::Tool;
 use crate::policy::{Code, Decision, Evaluation, Policy, Reason, Stage, ToolCall, arguments, content};
 use crate::state::Reservation;
@@ -342,8 +342,18 @@ impl Gateway {
     ) -> Result<Option<Reservation>, Reason> {
         let (agent, tool) = (call.agent, &call.tool.name);
         let limits = &policy.agents.get(agent).expect("evaluated agents exist").limits;
+        // Strict: the tool's largest answer is reserved beside the arguments, so the budget can
+        // never be exceeded; else the state reserves an estimate (see `BudgetMode`).
+        let answer = match limits.budget {
+            BudgetMode::Strict => Some(estimate_tokens(
+                call.tool
+                    .max_response_bytes
+                    .unwrap_or(self.config.limits.max_response_bytes),
+            )),
+            BudgetMode::Estimate => None,
+        };
         let reservation = match limits.tokens_per_hour {
-            Some(limit) => Some(self.state.reserve_tokens(agent, limit.get(), input_tokens, call.at_ms / 1000).map_err(|wait| {
+            Some(limit) => Some(self.state.reserve_tokens(agent, limit.get(), input_tokens, answer, call.at_ms / 1000).map_err(|wait| {
                 Reason::new(Code::BudgetExceeded, Stage::Limits, "tokens_per_hour",
                     format!("This call ({input_tokens} tokens, plus what its answer is expected to add) would exceed agent '{agent}''s budget of {limit} tokens for this hour; it resets in {} s.", wait.as_secs()))
                     .retry_after(wait.as_secs())

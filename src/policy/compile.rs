@@ -403,6 +403,7 @@ fn add_discovered(
                 },
                 timeout: server.timeout,
                 idle_timeout: None,
+                max_response_bytes: None,
                 headers: Vec::new(),
                 aws_role: server.aws_role.clone(),
                 schema: Some(schema),

@@ -21,6 +21,25 @@ pub struct AgentLimits {
     /// Tighter per-tool call limits, e.g. `{ billing.refund: { calls_per_minute: 5 } }`.
     #[serde(default)]
     pub tools: BTreeMap<String, ToolLimits>,
+    /// How a call's answer is reserved against `tokens_per_hour` before it is known.
+    #[serde(default)]
+    pub budget: BudgetMode,
+}
+
+/// How the hourly token budget reserves a call's answer before the tool has given it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetMode {
+    /// The answer the agent's recent answers suggest (a moving average), reserved while other
+    /// calls are in flight. Answers larger than expected can take the budget past its limit,
+    /// by at most the calls in flight times what each answer exceeds its estimate by (each
+    /// bounded by the tool's largest answer); the next call then waits for the hour to reset.
+    #[default]
+    Estimate,
+    /// The tool's largest answer (`upstream.max_response_bytes`, else
+    /// `limits.max_response_bytes`): the budget is never exceeded, at the price of admitting
+    /// fewer calls at once.
+    Strict,
 }
 
 #[derive(Debug, Clone, Deserialize)]

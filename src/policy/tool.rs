@@ -106,6 +106,10 @@ pub struct UpstreamConfig {
     /// tool may sit idle and still be reused. Set it below the tool's own keep-alive timeout.
     #[serde(default)]
     pub idle_timeout_ms: Option<u64>,
+    /// Overrides `limits.max_response_bytes`: the largest answer relayed from this tool (and
+    /// what a `budget: strict` agent reserves for it).
+    #[serde(default)]
+    pub max_response_bytes: Option<usize>,
     /// Fixed headers sent with every call (e.g. `X-Amz-Target` and `Content-Type` for an AWS
     /// JSON API; a `Content-Type` here replaces toolgate's `application/json`). Never
     /// `Authorization`, `Host`, hop-by-hop headers or what toolgate or SigV4 sets itself.
@@ -358,6 +362,8 @@ pub struct Tool {
     pub timeout: Option<Duration>,
     /// How long an idle kept-alive connection to it may be reused (default: the limits').
     pub idle_timeout: Option<Duration>,
+    /// Its largest answer (default: the limits').
+    pub max_response_bytes: Option<usize>,
     /// Fixed headers for every call.
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// The AWS role calls run under.
@@ -478,6 +484,9 @@ pub(super) fn compile_tool(
     if c.upstream.idle_timeout_ms == Some(0) {
         problems.push(doc.problem(&up.key("idle_timeout_ms"), "must be greater than 0"));
     }
+    if c.upstream.max_response_bytes == Some(0) {
+        problems.push(doc.problem(&up.key("max_response_bytes"), "must be greater than 0"));
+    }
     if let Some(role) = &c.aws_role {
         for (key, msg) in role.check() {
             problems.push(doc.problem(&path.key("aws_role").key(key), msg));
@@ -553,6 +562,7 @@ pub(super) fn compile_tool(
         aws_role: c.aws_role,
         timeout: c.upstream.timeout_ms.map(std::time::Duration::from_millis),
         idle_timeout: c.upstream.idle_timeout_ms.map(std::time::Duration::from_millis),
+        max_response_bytes: c.upstream.max_response_bytes,
         schema,
         schema_source: c.arguments,
         input_filters,

@@ -219,10 +219,18 @@ impl State {
         }
     }
 
-    /// Reserves `tokens` of the agent's hourly budget if they fit, or says how long until the
-    /// window resets. Checking and reserving happen under one lock. `now` is the call's time
-    /// (Unix seconds), read once for all of its checks.
-    pub fn reserve_tokens(&self, agent: &str, limit: u64, tokens: u64, now: u64) -> Result<Reservation, Duration> {
+    /// Reserves `tokens` of the agent's hourly budget, and its answer (`answer`: the most it can
+    /// be, strict; else the state's estimate), if they fit; or says how long until the window
+    /// resets. Checking and reserving happen under one lock. `now` is the call's time (Unix
+    /// seconds), read once for all of its checks.
+    pub fn reserve_tokens(
+        &self,
+        agent: &str,
+        limit: u64,
+        tokens: u64,
+        answer: Option<u64>,
+        now: u64,
+    ) -> Result<Reservation, Duration> {
         let window = now / HOUR;
         match self {
             State::Memory(m) => {
@@ -232,10 +240,10 @@ impl State {
                 // The expected answer counts while other calls are in flight (that is when
                 // answers add up unseen); a call alone needs only its arguments to fit, so a
                 // large estimate can never lock the agent out.
-                let tokens = if b.reserved == 0 {
-                    tokens
-                } else {
-                    tokens + b.expected_output
+                let tokens = match answer {
+                    Some(most) => tokens + most,
+                    None if b.reserved == 0 => tokens,
+                    None => tokens + b.expected_output,
                 };
                 if b.used + b.reserved + tokens > limit {
                     return Err(Duration::from_secs((window + 1) * HOUR - now));
@@ -463,17 +471,17 @@ mod tests {
     #[test]
     fn budgets_reserve_settle_and_release() {
         let s = State::default();
-        let r1 = s.reserve_tokens("a", 100, 60, unix_now()).unwrap();
+        let r1 = s.reserve_tokens("a", 100, 60, None, unix_now()).unwrap();
         assert!(
-            s.reserve_tokens("a", 100, 50, unix_now()).is_err(),
+            s.reserve_tokens("a", 100, 50, None, unix_now()).is_err(),
             "reserved tokens count"
         );
         s.settle_tokens(r1, 60, 0);
         assert_eq!(s.budget("a", 100).remaining, 40);
-        let r2 = s.reserve_tokens("a", 100, 30, unix_now()).unwrap();
+        let r2 = s.reserve_tokens("a", 100, 30, None, unix_now()).unwrap();
         s.release_tokens(r2);
         assert_eq!(s.budget("a", 100).used, 60);
-        let wait = s.reserve_tokens("a", 100, 41, unix_now()).unwrap_err();
+        let wait = s.reserve_tokens("a", 100, 41, None, unix_now()).unwrap_err();
         assert!(wait <= Duration::from_secs(HOUR));
     }
 
@@ -481,14 +489,14 @@ mod tests {
     fn calls_in_flight_reserve_the_answers_earlier_calls_brought_back() {
         let s = State::default();
         // One call with a 10-token request and a 400-token answer teaches the estimate.
-        let r = s.reserve_tokens("a", 10_000, 10, unix_now()).unwrap();
+        let r = s.reserve_tokens("a", 10_000, 10, None, unix_now()).unwrap();
         s.settle_tokens(r, 10, 400);
         let expected = s.budget("a", 10_000).remaining;
         assert_eq!(expected, 10_000 - 410);
         // Now calls in flight together each hold their arguments and an expected answer: far
         // fewer fit than if only their 10-token arguments counted (959 of them).
         let mut held = Vec::new();
-        while let Ok(r) = s.reserve_tokens("a", 10_000, 10, unix_now()) {
+        while let Ok(r) = s.reserve_tokens("a", 10_000, 10, None, unix_now()) {
             held.push(r);
         }
         assert!(held.len() < 100, "{} calls in flight", held.len());

@@ -288,3 +288,39 @@ async fn a_changed_rate_limit_counts_the_calls_already_made() {
     assert_eq!(ok, 7, "10 a minute, 3 counted already");
     assert_eq!(h.upstream.count("/kb/search"), 4 + 7);
 }
+
+/// `budget: strict` reserves each call's largest possible answer (the tool's
+/// `max_response_bytes`): however many calls arrive at once, the hour's budget is never
+/// exceeded, even by answers far larger than the agent's earlier ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_budget_is_never_exceeded_by_concurrent_large_answers() {
+    let policy = format!(
+        r#"
+agents:
+  strict-bot:
+    credentials: {{ api_key_sha256: [ "{}" ] }}
+    tools: [ big.capped ]
+    limits: {{ tokens_per_hour: 60000, budget: strict }}
+tools:
+  big.capped:
+    upstream: {{ url: "{{{{UPSTREAM}}}}/big", method: POST, max_response_bytes: 110000 }}
+"#,
+        sha256_hex("strict-key")
+    );
+    let h = Harness::start_full("", &[("strict.yaml", policy.as_str())]).await;
+    // Each answer is ~100 KB (~25k tokens): two fit in the hour, not sixteen.
+    let results = burst(&h, "strict-key", "big.capped", "{}", 16).await;
+    let ok = results.iter().filter(|r| r.status == 200).count();
+    assert!(
+        (1..=2).contains(&ok),
+        "{ok} calls of ~25k tokens passed a budget of 60k"
+    );
+    for r in results.iter().filter(|r| r.status != 200) {
+        r.assert_error(429, "budget_exceeded");
+    }
+    let status = h.admin("GET", "/admin/agents/strict-bot", true).await.json();
+    let used = status["budget"]["used"].as_u64().unwrap();
+    assert!(used <= 60000, "the budget was exceeded: {status}");
+    assert_eq!(status["budget"]["reserved"], 0, "{status}");
+    assert_eq!(h.upstream.count("/big"), ok);
+}
