@@ -275,6 +275,11 @@ impl ApprovalStore {
         self.run(move |s| s.pin(&tool)).await
     }
 
+    /// [`Approvals::has_pins`].
+    pub async fn has_pins(&self, server: String) -> Result<bool, ApprovalError> {
+        self.run(move |s| s.has_pins(&server)).await
+    }
+
     /// [`Approvals::set_pin`].
     pub async fn set_pin(&self, tool: String, pin: Pin) -> Result<(), ApprovalError> {
         self.run(move |s| s.set_pin(&tool, &pin)).await

@@ -310,6 +310,20 @@ impl Approvals {
         }
     }
 
+    /// Whether any tool of the MCP server `server` is pinned (its exposed names start with
+    /// `<server>.`): whether toolgate has listed that server before.
+    pub fn has_pins(&self, server: &str) -> Result<bool, ApprovalError> {
+        let txn = self.db.begin_read()?;
+        let table = match txn.open_table(PINS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        // `/` sorts right after `.`: every `<server>.…` key lies between the two.
+        let (from, to) = (format!("{server}."), format!("{server}/"));
+        Ok(table.range(from.as_str()..to.as_str())?.next().is_some())
+    }
+
     /// Pins (or re-pins) a tool's definition.
     pub fn set_pin(&self, tool: &str, pin: &Pin) -> Result<(), ApprovalError> {
         let txn = self.db.begin_write()?;

@@ -379,6 +379,26 @@ impl Event for ToolPinned<'_> {
     const NAME: &'static str = "tool_pinned";
 }
 
+/// `tool_held`: an upstream MCP tool seen for the first time is held for an operator's review
+/// instead of pinned: its definition looks like it hides instructions (`suspicious`: blocked
+/// for every agent), or it is new on a server toolgate had listed before (`new`: callable only
+/// by agents whose allowlist names it exactly).
+#[derive(Debug, Serialize)]
+pub struct ToolHeld<'a> {
+    pub tool: &'a str,
+    pub server: &'a str,
+    pub sha256: &'a str,
+    /// `suspicious` or `new`.
+    pub reason: &'static str,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub findings: &'a [String],
+    pub trigger: &'a str,
+}
+
+impl Event for ToolHeld<'_> {
+    const NAME: &'static str = "tool_held";
+}
+
 /// `tool_approved`: an operator approved an upstream MCP tool's current definition. Written
 /// before it takes effect.
 #[derive(Debug, Serialize)]

@@ -25,8 +25,8 @@ mod unknown;
 pub use events::{
     ActionNotDone, AgentQuarantined, AgentReleased, Anomaly, ApprovalDecided, AuditRotated, CallForwarding, Event,
     PolicyReloadFailed, PolicyReloaded, RecordedArguments, RefusalsSummarized, RequestRefused, Timestamp, Tokens,
-    ToolApproved, ToolCallEvent, ToolDefinitionChanged, ToolPinned, UpstreamInfo, format_unix, is_safe_text, millis,
-    now, recorded,
+    ToolApproved, ToolCallEvent, ToolDefinitionChanged, ToolHeld, ToolPinned, UpstreamInfo, format_unix, is_safe_text,
+    millis, now, recorded,
 };
 pub use rotation::{Rotated, Trigger, rotated_files, rotation_suffix};
 

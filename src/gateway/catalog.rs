@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 
 use super::{ActionError, Gateway};
 use crate::approval::Pin;
-use crate::audit::{ActionNotDone, ToolApproved, ToolDefinitionChanged, ToolPinned};
-use crate::policy::tool::{DiscoveredTool, McpServer};
+use crate::audit::{ActionNotDone, ToolApproved, ToolDefinitionChanged, ToolHeld, ToolPinned};
+use crate::policy::tool::{DiscoveredTool, McpServer, NewTools};
 use crate::upstream::Signing;
 
 /// The tools upstream MCP servers listed at the last refresh.
@@ -22,6 +22,9 @@ pub struct Catalog {
     /// and the answer needs no lock then (a lock both data-plane cores would write per call).
     /// Kept by [`Catalog::update`].
     any_changed: AtomicBool,
+    /// One refresh at a time: two at once (the periodic one and an admin's) would each see the
+    /// same catalog before them, and each audit the same new definitions.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl Catalog {
@@ -29,6 +32,7 @@ impl Catalog {
         Self {
             discovered: Mutex::new(Vec::new()),
             any_changed: AtomicBool::new(false),
+            refreshing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -69,23 +73,29 @@ impl Gateway {
     }
 
     /// Asks every upstream MCP server for its tools, checks each definition against its pin
-    /// (pinning what is seen for the first time), and rebuilds the policy if anything changed.
-    /// A server that cannot be reached keeps the tools it had.
+    /// (pinning what is seen for the first time, unless it is held for review), and rebuilds
+    /// the policy if anything changed. A server that cannot be reached keeps the tools it had.
     pub async fn refresh_mcp(&self, trigger: &str) {
         let policy = self.policy();
         if policy.mcp_servers.is_empty() && self.catalog.is_empty() {
             return;
         }
+        let _one = self.catalog.refreshing.lock().await;
         let previous = self.catalog.tools();
         let mut found = Vec::new();
         for server in policy.mcp_servers.values() {
-            match self.list_tools(server, trigger).await {
-                Some(tools) => found.extend(tools),
-                None => found.extend(previous.iter().filter(|d| d.server == server.name).cloned()),
+            let mut tools = match self.list_tools(server, trigger).await {
+                Some(tools) => tools,
+                None => previous.iter().filter(|d| d.server == server.name).cloned().collect(),
+            };
+            // A tool without a pin is new only on a server listed before (one with pins): the
+            // first listing is trusted as it is seen. Unknown (the store failed): held.
+            let listed_before = self.approvals.has_pins(server.name.clone()).await.unwrap_or(true);
+            let hold_new = listed_before && server.new_tools == NewTools::Review;
+            for d in &mut tools {
+                self.check_pin(d, &previous, trigger, hold_new).await;
             }
-        }
-        for d in &mut found {
-            self.check_pin(d, &previous, trigger).await;
+            found.extend(tools);
         }
         found.sort_by_key(DiscoveredTool::exposed_name);
         if found != previous {
@@ -133,6 +143,8 @@ impl Gateway {
                                 .cloned()
                                 .unwrap_or_else(|| json!({"type": "object"})),
                             changed: false,
+                            unreviewed: false,
+                            findings: Vec::new(),
                         })
                     })
                     .collect(),
@@ -144,9 +156,12 @@ impl Gateway {
         }
     }
 
-    /// Checks a listed tool against its pin: pinned if new, marked changed if it differs (and
-    /// audited the first time this definition is seen), or hidden if the pin store fails.
-    async fn check_pin(&self, d: &mut DiscoveredTool, previous: &[DiscoveredTool], trigger: &str) {
+    /// Checks a listed tool against its pin. A tool seen for the first time is pinned, or
+    /// held for review: blocked if its definition looks like it hides instructions, callable
+    /// only by exact grants if it is new on a server listed before (`hold_new`). One whose
+    /// definition differs from its pin is blocked. Each is audited the first time it is seen
+    /// so; if the pin store fails, the tool is hidden.
+    async fn check_pin(&self, d: &mut DiscoveredTool, previous: &[DiscoveredTool], trigger: &str, hold_new: bool) {
         let name = d.exposed_name();
         let sha = d.definition_sha256();
         let pin = match self.approvals.pin(name.clone()).await {
@@ -158,14 +173,17 @@ impl Gateway {
                 return;
             }
         };
+        // Seen before in this state (same definition): already audited.
+        let seen = |held: &dyn Fn(&DiscoveredTool) -> bool| {
+            previous
+                .iter()
+                .any(|o| o.exposed_name() == name && o.definition_sha256() == sha && held(o))
+        };
         match pin {
             Some(p) if p.sha256 == sha => {}
             Some(p) => {
                 d.changed = true;
-                let already = previous
-                    .iter()
-                    .any(|o| o.exposed_name() == name && o.changed && o.definition_sha256() == sha);
-                if !already {
+                if !seen(&|o| o.changed) {
                     tracing::warn!(tool = %name, "an upstream MCP tool's definition changed; blocked until approved");
                     metrics::counter!("toolgate_tool_definition_changes_total", "tool" => name.clone()).increment(1);
                     let event = ToolDefinitionChanged {
@@ -181,27 +199,55 @@ impl Gateway {
                 }
             }
             None => {
-                let pin = Pin {
-                    sha256: sha.clone(),
-                    description: d.description.clone(),
-                    input_schema: d.input_schema.clone(),
-                    pinned_at: crate::state::unix_now(),
-                    pinned_by: "first-seen".to_owned(),
-                };
-                if let Err(e) = self.approvals.set_pin(name.clone(), pin).await {
-                    tracing::error!(tool = %name, "cannot pin the tool: {e}");
+                let findings = d.suspicious();
+                let reason = if !findings.is_empty() {
                     d.changed = true;
+                    d.findings = findings.into_iter().map(str::to_owned).collect();
+                    "suspicious"
+                } else if hold_new {
+                    d.unreviewed = true;
+                    "new"
+                } else {
+                    self.pin_first_seen(d, &name, &sha).await;
                     return;
-                }
-                let event = ToolPinned {
-                    tool: &name,
-                    server: &d.server,
-                    sha256: &sha,
-                    by: "first-seen",
                 };
-                self.audit.emit_or_log(&event).await;
+                if !seen(&|o| o.changed || o.unreviewed) {
+                    tracing::warn!(tool = %name, reason, "an upstream MCP tool is held for review");
+                    let event = ToolHeld {
+                        tool: &name,
+                        server: &d.server,
+                        sha256: &sha,
+                        reason,
+                        findings: &d.findings,
+                        trigger,
+                    };
+                    self.audit.emit_or_log(&event).await;
+                }
             }
         }
+    }
+
+    /// Pins a tool as first seen (trust on first use), and audits it.
+    async fn pin_first_seen(&self, d: &mut DiscoveredTool, name: &str, sha: &str) {
+        let pin = Pin {
+            sha256: sha.to_owned(),
+            description: d.description.clone(),
+            input_schema: d.input_schema.clone(),
+            pinned_at: crate::state::unix_now(),
+            pinned_by: "first-seen".to_owned(),
+        };
+        if let Err(e) = self.approvals.set_pin(name.to_owned(), pin).await {
+            tracing::error!(tool = %name, "cannot pin the tool: {e}");
+            d.changed = true;
+            return;
+        }
+        let event = ToolPinned {
+            tool: name,
+            server: &d.server,
+            sha256: sha,
+            by: "first-seen",
+        };
+        self.audit.emit_or_log(&event).await;
     }
 
     /// Approves an upstream MCP tool's definition — the one with hash `reviewed`, which must be
@@ -252,6 +298,8 @@ impl Gateway {
             for d in discovered.iter_mut() {
                 if d.exposed_name() == name && d.definition_sha256() == sha {
                     d.changed = false;
+                    d.unreviewed = false;
+                    d.findings.clear();
                 }
             }
         });
@@ -259,6 +307,11 @@ impl Gateway {
         // need not hold up other decisions, or an anomaly's quarantine.
         drop(one);
         let _ = self.reload_now("tool_approved").await;
-        Ok(Ok(DiscoveredTool { changed: false, ..tool }))
+        Ok(Ok(DiscoveredTool {
+            changed: false,
+            unreviewed: false,
+            findings: Vec::new(),
+            ..tool
+        }))
     }
 }

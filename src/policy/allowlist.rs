@@ -58,6 +58,13 @@ impl Allowlist {
     pub fn allows(&self, tool: &str) -> bool {
         self.0.iter().any(|p| p.matches(tool))
     }
+
+    /// Whether an entry names `tool` exactly (not through a glob).
+    pub fn names(&self, tool: &str) -> bool {
+        self.0
+            .iter()
+            .any(|p| matches!(p, ToolPattern::Exact(name) if name == tool))
+    }
 }
 
 #[cfg(test)]

@@ -363,6 +363,7 @@ fn compile_mcp_servers(
                     input_filters,
                     output_filters,
                     aws_role: c.aws_role,
+                    new_tools: c.new_tools,
                 },
             );
         }
@@ -413,6 +414,7 @@ fn add_discovered(
                 facts: Vec::new(),
                 touches_history: false,
                 changed: d.changed,
+                unreviewed: d.unreviewed,
             },
         );
     }

@@ -126,6 +126,19 @@ impl Policy {
             }
         };
         eval.tool = Some(tool);
+        if tool.unreviewed
+            && !self
+                .agents
+                .get(call.agent)
+                .is_some_and(|a| a.allowlist.names(call.tool))
+        {
+            eval.arguments_sha256 = input_sha256(&parsed);
+            let msg = format!(
+                "Tool '{}' is new on its MCP server and not yet approved: until an operator approves it (POST /admin/tools/{}/approve), only agents whose allowlist names it exactly may call it.",
+                tool.name, tool.name
+            );
+            return eval.deny(Reason::new(Code::ToolChanged, Stage::Allowlist, "tool-review", msg));
+        }
         if tool.changed {
             eval.arguments_sha256 = input_sha256(&parsed);
             let msg = format!(
@@ -322,6 +335,8 @@ forbid (principal, action == Action::"mail.send", resource) when { context.input
             description: "Look a customer up.".into(),
             input_schema: json!({"type": "object"}),
             changed: true,
+            unreviewed: false,
+            findings: Vec::new(),
         };
         let unreadable = |_: &Path| Err(std::io::Error::other("no files here"));
         Policy::compile_with(&sources, unreadable, &[changed]).unwrap()

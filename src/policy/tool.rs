@@ -381,6 +381,9 @@ pub struct Tool {
     /// An upstream MCP tool whose definition differs from the one pinned: hidden from
     /// `tools/list` and refused (`tool_changed`) until an admin approves the new definition.
     pub changed: bool,
+    /// An upstream MCP tool new on its server and not yet approved: only agents whose
+    /// allowlist names it exactly may see and call it.
+    pub unreviewed: bool,
 }
 
 /// Where an allowed call goes.
@@ -420,6 +423,20 @@ pub struct McpServerConfig {
     /// Call the server under this AWS role, every request SigV4-signed (as for HTTP tools).
     #[serde(default)]
     pub aws_role: Option<AwsRoleConfig>,
+    /// Tools the server starts listing after toolgate first listed it: `review` (default: held
+    /// until an operator approves them, callable meanwhile only by agents that name them
+    /// exactly) or `allow` (pinned as first seen, callable through glob grants at once).
+    #[serde(default)]
+    pub new_tools: NewTools,
+}
+
+/// What becomes of a tool an upstream MCP server adds after toolgate first listed it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NewTools {
+    #[default]
+    Review,
+    Allow,
 }
 
 /// A compiled upstream MCP server.
@@ -431,6 +448,7 @@ pub struct McpServer {
     pub input_filters: Vec<usize>,
     pub output_filters: Vec<usize>,
     pub aws_role: Option<AwsRoleConfig>,
+    pub new_tools: NewTools,
 }
 
 /// A tool an upstream MCP server listed, as the gateway discovered it.
@@ -441,13 +459,50 @@ pub struct DiscoveredTool {
     pub tool: String,
     pub description: String,
     pub input_schema: Value,
-    /// The definition differs from the pinned one.
+    /// Blocked until an operator approves it: the definition differs from the pinned one, or
+    /// was flagged when first seen (see [`DiscoveredTool::suspicious`]).
     pub changed: bool,
+    /// New on its server since toolgate first listed it, and not yet approved: callable only
+    /// by agents whose allowlist names it exactly (see [`NewTools`]).
+    pub unreviewed: bool,
+    /// What [`DiscoveredTool::suspicious`] found when it was first seen (it is held then).
+    pub findings: Vec<String>,
 }
 
 impl DiscoveredTool {
     pub fn exposed_name(&self) -> String {
         format!("{}.{}", self.server, self.tool)
+    }
+
+    /// What in the definition looks like instructions hidden from the people who approve it:
+    /// characters that render as nothing (zero-width, bidi controls, tag characters), and text
+    /// addressed to the model rather than describing the tool (`ignore previous
+    /// instructions`...), in the description or any string of the input schema. Empty: none.
+    pub fn suspicious(&self) -> Vec<&'static str> {
+        let mut texts = vec![self.description.as_str()];
+        let mut stack = vec![&self.input_schema];
+        while let Some(v) = stack.pop() {
+            match v {
+                Value::String(s) => texts.push(s),
+                Value::Array(items) => stack.extend(items),
+                Value::Object(map) => {
+                    texts.extend(map.keys().map(String::as_str));
+                    stack.extend(map.values());
+                }
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        if texts.iter().any(|t| super::content::has_invisible(t)) {
+            found.push("invisible characters");
+        }
+        if texts
+            .iter()
+            .any(|t| super::content::INSTRUCTION_TERMS.scan(t).is_some())
+        {
+            found.push("instructions addressed to the model");
+        }
+        found
     }
 
     /// SHA-256 over name, description and input schema (canonical): the pinned identity.
@@ -570,6 +625,7 @@ pub(super) fn compile_tool(
         facts,
         touches_history: false,
         changed: false,
+        unreviewed: false,
     })
 }
 

@@ -496,9 +496,15 @@ async fn list_mcp_tools(State(gw): State<Arc<Gateway>>) -> Response {
         .discovered_tools()
         .iter()
         .map(|d| {
+            let state = match (d.changed, d.findings.is_empty(), d.unreviewed) {
+                (true, false, _) => "flagged",
+                (true, true, _) => "changed",
+                (false, _, true) => "new",
+                (false, _, false) => "approved",
+            };
             json!({"name": d.exposed_name(), "server": d.server, "description": d.description,
                 "sha256": d.definition_sha256(), "input_schema": d.input_schema,
-                "state": if d.changed { "changed" } else { "approved" }})
+                "state": state, "findings": d.findings})
         })
         .collect();
     axum::Json(json!({"tools": tools})).into_response()

@@ -411,6 +411,11 @@ impl Drop for UpstreamMcp {
 }
 
 pub(crate) async fn upstream_mcp(rug_pull: &std::path::Path) -> UpstreamMcp {
+    upstream_mcp_with(rug_pull, &[]).await
+}
+
+/// As [`upstream_mcp`], with extra arguments for the server (`extras`).
+pub(crate) async fn upstream_mcp_with(rug_pull: &std::path::Path, extra: &[&str]) -> UpstreamMcp {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -422,6 +427,7 @@ pub(crate) async fn upstream_mcp(rug_pull: &std::path::Path) -> UpstreamMcp {
         .arg(script)
         .arg(port.to_string())
         .arg(rug_pull)
+        .args(extra)
         .spawn()
         .unwrap();
     let server = UpstreamMcp { child, port };
@@ -745,4 +751,77 @@ async fn a_tools_call_forwards_the_trace_context_only_when_it_is_well_formed() {
             "an oversized tracestate was forwarded"
         );
     }
+}
+
+/// An upstream tool whose definition hides instructions for the model is held the first time
+/// it is seen (blocked for every agent); a tool a known server adds later is held as new
+/// (callable only by agents that name it exactly); an operator's approval releases either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspicious_and_new_upstream_tools_are_held_for_review() {
+    let dir = tempfile::tempdir().unwrap();
+    let trigger = dir.path().join("changes");
+    let crm = upstream_mcp_with(&trigger, &["extras"]).await;
+    let policy = format!(
+        "mcp_servers:\n  crm: {{ url: \"http://127.0.0.1:{}/mcp\" }}\nagents:\n  crm-bot:\n    credentials: {{ api_key_sha256: [ \"{}\" ] }}\n    tools: [ crm.* ]\n  export-bot:\n    credentials: {{ api_key_sha256: [ \"{}\" ] }}\n    tools: [ crm.export ]\n",
+        crm.port,
+        support::sha256_hex("crm-key"),
+        support::sha256_hex("export-key")
+    );
+    let h = Harness::start_full("mcp: { refresh_seconds: 3600 }\n", &[("crm.yaml", &policy)]).await;
+    assert_eq!(h.admin("POST", "/admin/reload", true).await.status, 200);
+    let tools = || async {
+        let listed = h.admin("GET", "/admin/tools", true).await.json();
+        listed["tools"].as_array().unwrap().clone()
+    };
+    let state = |all: &[Value], name: &str| all.iter().find(|t| t["name"] == name).cloned().unwrap_or(Value::Null);
+    let first = tools().await;
+    assert_eq!(state(&first, "crm.lookup")["state"], "approved");
+    let sync = state(&first, "crm.sync");
+    assert_eq!(sync["state"], "flagged", "{sync}");
+    let findings = sync["findings"].to_string();
+    assert!(
+        findings.contains("invisible") && findings.contains("instructions"),
+        "{findings}"
+    );
+    let call = |tool: &'static str, key: &'static str| h.call(tool, Some(key), r#"{"customer_id": "C-1"}"#);
+    call("crm.sync", "crm-key").await.assert_error(403, "tool_changed");
+
+    // A tool the (already listed) server adds later: held as new.
+    std::fs::write(dir.path().join("changes.new"), b"").unwrap();
+    let mut export = Value::Null;
+    for _ in 0..50 {
+        assert_eq!(h.admin("POST", "/admin/reload", true).await.status, 200);
+        export = state(&tools().await, "crm.export");
+        if !export.is_null() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(export["state"], "new", "{export}");
+    call("crm.export", "crm-key").await.assert_error(403, "tool_changed");
+    assert_eq!(
+        call("crm.export", "export-key").await.status,
+        200,
+        "an exact grant may call a new tool"
+    );
+    let held: Vec<Value> = h.audit().into_iter().filter(|e| e["event"] == "tool_held").collect();
+    let reasons: Vec<(&str, &str)> = held
+        .iter()
+        .map(|e| (e["tool"].as_str().unwrap(), e["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(reasons, [("crm.sync", "suspicious"), ("crm.export", "new")], "{held:?}");
+
+    // Approved (the definition reviewed, by its hash): callable through the glob grant.
+    for (name, t) in [("crm.export", &export), ("crm.sync", &sync)] {
+        let r = h
+            .admin_json(
+                "POST",
+                &format!("/admin/tools/{name}/approve"),
+                &json!({"by": "sam", "sha256": t["sha256"]}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    assert_eq!(call("crm.export", "crm-key").await.status, 200);
+    assert_eq!(call("crm.sync", "crm-key").await.status, 200);
 }

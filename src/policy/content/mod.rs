@@ -18,7 +18,7 @@ mod terms;
 
 use detectors::DETECTORS;
 pub use detectors::Detector;
-pub use normalize::normalize;
+pub use normalize::{has_invisible, normalize};
 use terms::Terms;
 
 /// `filters.<name>.bedrock_guardrail`.
@@ -248,6 +248,37 @@ impl Filter {
 /// Every built-in detector, redacting: what audit events, approvers and approval webhooks see
 /// arguments through, whatever the tool's own filters are.
 pub static AUDIT_REDACTOR: LazyLock<Filter> = LazyLock::new(Filter::audit_redactor);
+
+/// Phrases that address the model rather than describe a tool: found in an upstream MCP tool's
+/// definition, they hold it for an operator's review (matched as deny terms are: whatever
+/// separates their words, look-alike letters read as what they show).
+pub static INSTRUCTION_TERMS: LazyLock<Filter> = LazyLock::new(|| {
+    let terms = [
+        "ignore previous instructions",
+        "ignore all previous",
+        "ignore the previous",
+        "ignore prior instructions",
+        "ignore the above",
+        "disregard previous",
+        "disregard all previous",
+        "disregard the above",
+        "forget your instructions",
+        "system prompt",
+        "do not tell the user",
+        "don't tell the user",
+        "without telling the user",
+        "do not mention this to the user",
+    ];
+    let config = FilterConfig {
+        deny_terms: terms.iter().map(|t| (*t).to_owned()).collect(),
+        // Tags that frame text as instructions to the model: `<IMPORTANT>`, `</system>`.
+        deny_patterns: vec![r"<\s*/?\s*(?:important|system|instructions?|admin)\s*>".to_owned()],
+        detect: Vec::new(),
+        action: Some(Action::Block),
+        bedrock_guardrail: None,
+    };
+    Filter::compile("tool-review", &config).expect("the built-in instruction terms compile")
+});
 
 /// Whether any built-in detector finds something in `text`: a value that must not be written
 /// into a message or an event as it is.

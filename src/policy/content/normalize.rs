@@ -21,6 +21,12 @@ fn is_invisible(c: char) -> bool {
         | '\u{1BCA0}'..='\u{1BCA3}' | '\u{E0000}'..='\u{E0FFF}')
 }
 
+/// Whether `text` holds a character that renders as nothing (see [`is_invisible`]; tag
+/// characters included).
+pub fn has_invisible(text: &str) -> bool {
+    !text.is_ascii() && text.chars().any(is_invisible)
+}
+
 /// A Unicode tag character (U+E0020 to U+E007E) as the ASCII character it mirrors; any other
 /// invisible character as nothing. Tags render as nothing, so text can be smuggled in them:
 /// it is read, not dropped.

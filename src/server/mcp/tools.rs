@@ -55,7 +55,7 @@ pub(super) fn list(mcp: &Mcp, id: &Value, agent: &str, revision: &Revision) -> R
     let tools: Vec<Value> = policy
         .tools
         .values()
-        .filter(|t| a.allowlist.allows(&t.name) && !t.changed)
+        .filter(|t| a.allowlist.allows(&t.name) && !t.changed && (!t.unreviewed || a.allowlist.names(&t.name)))
         .map(|t| {
             let mut schema = t.schema_source.clone().unwrap_or_else(|| json!({"type": "object"}));
             if let Some(obj) = schema.as_object_mut() {
