@@ -375,7 +375,7 @@ impl Gateway {
         // What came from the caller is recorded only if it is safe to keep (else its hash): a
         // session id; a tool name the policy does not define.
         let session = req.session.as_deref().filter(|s| is_valid_session(s)).map(recorded);
-        let tool = match policy.tools.contains_key(req.tool.as_str()) {
+        let tool = match rec.known_tool || policy.tools.contains_key(req.tool.as_str()) {
             true => std::borrow::Cow::Borrowed(req.tool.as_str()),
             false => recorded(req.tool.as_str()),
         };

@@ -689,6 +689,19 @@ mod tests {
         fn scanning_digit_and_separator_soup_never_panics(text in "[0-9 +()./@a-zA-Z-]{0,400}") {
             let _ = everything().scan(&text);
         }
+
+        /// Anything at all, from the characters the normaliser and the term matcher treat
+        /// specially (tags, invisible characters, dashes, digits of other scripts, look-alikes,
+        /// combining marks, full-width), never panics.
+        #[test]
+        fn normalising_and_matching_special_characters_never_panics(
+            text in "[a-z0-9 .@_\u{E0000}-\u{E007F}\u{200B}-\u{200F}\u{2010}-\u{2015}\u{0660}-\u{0669}\u{0430}-\u{044F}\u{0300}-\u{036F}\u{FF01}-\u{FF5E}]{0,300}"
+        ) {
+            let f = everything();
+            let _ = f.scan(&text);
+            let _ = normalize(&text);
+            let _ = terms::fold_confusables(&normalize(&text));
+        }
     }
 
     #[test]
@@ -717,7 +730,30 @@ mod tests {
         let f = everything();
         let big = 256 * 1024;
         for unit in [
-            "1 ", "1-", "a@", "a.", "+1", "ab", "\u{0301}", "x", " ", "\u{200B}", "akia", "secret:",
+            "1 ",
+            "1-",
+            "a@",
+            "a.",
+            "+1",
+            "ab",
+            "\u{0301}",
+            "x",
+            " ",
+            "\u{200B}",
+            "akia",
+            "secret:",
+            // The term matcher's own worst cases: a term's first word then endless separators,
+            // words that almost make a term, look-alikes to fold, smuggled tags.
+            "project ",
+            "project-_. ",
+            "projec",
+            "pr\u{043E}ject f",
+            "\u{E0070}\u{E0072}",
+            // Digit runs of other scripts and dashes: folded, then read as card or SSN runs.
+            "\u{0661}\u{2013}",
+            "4.",
+            "\u{FF11}",
+            "a\u{00E9}@\u{0431}.",
         ] {
             let text = unit.repeat(big / unit.len());
             let _ = f.scan(&text);

@@ -26,6 +26,10 @@ const BETWEEN_WORDS: &str = r"(?:[^\w]|_)*";
 /// A filter's deny terms, compiled.
 #[derive(Debug)]
 pub(super) struct Terms {
+    /// Each term's first word: text holding none of them holds no term, and nearly all text
+    /// holds none. Aho-Corasick's SIMD search says so for a fraction of what starting the
+    /// regex costs.
+    first_words: super::detectors::Literals,
     any: Regex,
 }
 
@@ -33,21 +37,26 @@ impl Terms {
     /// `terms`, already normalised. `Err` names a term that has no letter or digit to match.
     pub(super) fn compile(terms: &[String]) -> Result<Terms, (usize, String)> {
         let mut alternatives = Vec::with_capacity(terms.len());
+        let mut first_words = Vec::with_capacity(terms.len());
         for (i, term) in terms.iter().enumerate() {
             let folded = fold_confusables(term);
-            let words: Vec<String> = words(&folded).map(regex_syntax::escape).collect();
-            if words.is_empty() {
+            let words: Vec<&str> = words(&folded).collect();
+            let Some(first) = words.first() else {
                 return Err((i, "must contain a letter or a digit".to_owned()));
-            }
-            alternatives.push(format!("(?:{})", words.join(BETWEEN_WORDS)));
+            };
+            first_words.push(first.to_string());
+            let escaped: Vec<String> = words.iter().map(|w| regex_syntax::escape(w)).collect();
+            alternatives.push(format!("(?:{})", escaped.join(BETWEEN_WORDS)));
         }
         let any = Regex::new(&alternatives.join("|")).map_err(|e| (0, e.to_string()))?;
-        Ok(Terms { any })
+        let first_words = super::detectors::Literals::new(&first_words).map_err(|e| (0, e.to_string()))?;
+        Ok(Terms { first_words, any })
     }
 
     /// Whether a term occurs in `normalized` (text the normaliser produced).
     pub(super) fn is_match(&self, normalized: &str) -> bool {
-        self.any.is_match(&fold_confusables(normalized))
+        let folded = fold_confusables(normalized);
+        self.first_words.is_match(&folded) && self.any.is_match(&folded)
     }
 }
 
