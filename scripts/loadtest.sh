@@ -20,6 +20,8 @@
 #   SLICES=1 scripts/loadtest.sh        # each target for the whole DURATION, back to back
 #   INSTRUCTIONS=1 scripts/loadtest.sh  # user-space instructions per request under callgrind:
 #                                       # repeatable whatever else the machine is doing
+#   TOOLGATE=/tmp/old/toolgate scripts/loadtest.sh   # another build of toolgate (an earlier
+#                                       # commit's), against the same bare proxy and upstream
 #
 # Needs wrk (apt-get install wrk). Traffic stays on 127.0.0.1; every run is bounded in time.
 set -euo pipefail
@@ -39,6 +41,7 @@ fi
 
 cargo build --release --quiet --bin toolgate --example bench_upstream --example bare_proxy
 bin=target/release
+TOOLGATE=${TOOLGATE:-$bin/toolgate}
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
@@ -81,7 +84,7 @@ YAML
 [ -n "$INSTRUCTIONS" ] && wrap=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.%p")
 "${wrap[@]}" "$bin/examples/bare_proxy" 127.0.0.1:19101 http://127.0.0.1:19100 2>"$work/bare.log" & pids+=($!); bare_pid=$!
 BARE_RUNTIME=work-stealing "$bin/examples/bare_proxy" 127.0.0.1:19104 http://127.0.0.1:19100 2>"$work/bare_ws.log" & pids+=($!); ws_pid=$!
-RUST_LOG=warn "${wrap[@]}" "$bin/toolgate" serve -c "$work/toolgate.yaml" 2>"$work/toolgate.log" & pids+=($!); tg_pid=$!
+RUST_LOG=warn "${wrap[@]}" "$TOOLGATE" serve -c "$work/toolgate.yaml" 2>"$work/toolgate.log" & pids+=($!); tg_pid=$!
 for _ in $(seq 1 60); do
   curl -s -o /dev/null http://127.0.0.1:19101/ && curl -s -o /dev/null http://127.0.0.1:19104/ && curl -s -o /dev/null http://127.0.0.1:19103/healthz && break
   sleep 0.5
@@ -229,4 +232,5 @@ if [ "$ROUNDS" -gt 1 ]; then
     printf "against the work-stealing bare proxy, median over %d rounds: CPU per request %.2fx, throughput %.0f%%\n", n, wc, 100 * wt }'
 fi
 events=$( [ -f "$work/audit.jsonl" ] && wc -l < "$work/audit.jsonl" || echo 0)
-echo "audit events written: $events (one per toolgate request, warm-up included)"
+ahead=$( [ -f "$work/audit.jsonl" ] && grep -c '"event":"call_forwarding"' "$work/audit.jsonl" || true)
+echo "audit events written: $events, of which ${ahead:-0} call_forwarding (each forwarded call writes one before and one after; warm-up included)"
