@@ -242,10 +242,22 @@ async fn a_session_cannot_be_used_by_another_agent() {
     )
     .await;
     assert_eq!(del.status, 204);
-    assert_eq!(post_mcp(&h, SUPPORT_KEY, &own, call).await.status, 404);
-    // A made-up session id is unknown, too; no credentials at all is 401.
+    let ended = post_mcp(&h, SUPPORT_KEY, &own, call).await;
+    assert_eq!(ended.status, 404);
+    // A made-up session id is unknown, too; no credentials at all is 401. Both are on the
+    // trail: an unknown session is what a guessed or replayed id looks like.
     let fake = [("mcp-session-id", "0123456789abcdef0123456789abcdef")];
-    assert_eq!(post_mcp(&h, SUPPORT_KEY, &fake, call).await.status, 404);
+    let guessed = post_mcp(&h, SUPPORT_KEY, &fake, call).await;
+    assert_eq!(guessed.status, 404);
+    for r in [&ended, &guessed] {
+        let e = h.refusal_for(r);
+        assert_eq!(
+            (e["agent"].as_str(), e["status"].as_u64()),
+            (Some("support-bot"), Some(404)),
+            "{e}"
+        );
+        assert_eq!(e["method"], "tools/call");
+    }
     let anon = send(
         "POST",
         &format!("{}/mcp", h.data),
