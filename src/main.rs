@@ -9,10 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use toolgate::audit::AuditLog;
-use toolgate::config::{ConfigError, ServerConfig};
+use toolgate::config::{ConfigError, ServerConfig, StateBackend};
 use toolgate::gateway::Gateway;
 use toolgate::policy::history::NoHistory;
 use toolgate::policy::{Decision, Policy, ToolCall};
+use toolgate::state::State;
 
 /// mimalloc: a proxy allocates and frees many small buffers per call; glibc's malloc spent ~14% of
 /// the CPU under load.
@@ -158,8 +159,19 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
     let dir = config.policies.clone();
     let version = policy.version.clone();
     let approvals = toolgate::approval::Approvals::open_configured(&config.approvals)?;
-    let gateway = Arc::new(Gateway::new(config, policy, Some(dir), audit, approvals));
-    runtime()?.block_on(async move {
+    let runtime = runtime()?;
+    let state = match &config.state {
+        StateBackend::Memory => State::default(),
+        StateBackend::Redis(redis) => {
+            let shared = runtime
+                .block_on(toolgate::state::RedisState::connect(redis))
+                .context("the state backend is not usable")?;
+            tracing::info!(server = %redis.server(), "state: redis");
+            State::redis(shared)
+        }
+    };
+    let gateway = Arc::new(Gateway::new(config, policy, Some(dir), audit, approvals).with_state(state));
+    runtime.block_on(async move {
         let running = toolgate::server::start(gateway)
             .await
             .context("cannot bind the listeners")?;
@@ -214,6 +226,22 @@ fn demo(
 fn check(config_path: &Path) -> ExitCode {
     match load(config_path) {
         Ok((cfg, policy)) => {
+            // The state backend is part of the config: a Redis that cannot be reached (or
+            // refuses the credentials, or does not persist) would stop `serve` too.
+            if let StateBackend::Redis(redis) = &cfg.state {
+                let connected = runtime().map_err(|e| e.to_string()).and_then(|rt| {
+                    rt.block_on(toolgate::state::RedisState::connect(redis))
+                        .map_err(|e| e.to_string())
+                });
+                match connected {
+                    Ok(_) => println!("ok: state backend redis at {}", redis.server()),
+                    Err(e) => {
+                        println!("{}: state: {e}", config_path.display());
+                        eprintln!("1 error(s)");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             println!(
                 "ok: {} and {} (policy version {}: {} agents, {} tools, {} filters)",
                 config_path.display(),

@@ -5,6 +5,7 @@
 //! defaults (`config/toolgate.yaml` next to `policies/`) assume.
 
 pub mod error;
+pub mod state;
 pub mod yaml;
 
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use error::{ConfigError, Problem, Problems};
+pub use state::{RedisConfig, RedisOptions, StateBackend};
 use yaml::{Document, KeyPath};
 
 /// The deepest JSON nesting a config may allow: serde_json refuses deeper input on its own.
@@ -33,6 +35,9 @@ struct ServerConfigRaw {
     limits: Limits,
     #[serde(default = "default_state")]
     state: String,
+    /// How to reach Redis, when `state` is a Redis URL.
+    #[serde(default)]
+    redis: Option<RedisOptions>,
     #[serde(default)]
     audit: AuditConfig,
     #[serde(default)]
@@ -421,12 +426,6 @@ impl McpConfig {
     }
 }
 
-/// Where shared state lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StateBackend {
-    Memory,
-}
-
 /// The validated server config.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -461,7 +460,7 @@ impl ServerConfig {
         let raw: ServerConfigRaw = doc.decode(&root, &doc.value).map_err(ConfigError::one)?;
         let mut problems = Problems::default();
         check_limits(&doc, &raw.limits, &mut problems);
-        let state = check_state(&doc, &raw.state, &mut problems);
+        let state = state::check_state(&doc, &raw.state, raw.redis, &mut problems);
         check_audit(&doc, &raw.audit, &mut problems);
         if raw.listen == raw.admin.listen && raw.listen.port() != 0 {
             problems.push(doc.problem(
@@ -525,23 +524,6 @@ fn check_limits(doc: &Document, l: &Limits, problems: &mut Problems) {
     ] {
         if value == 0 {
             problems.push(doc.problem(&limits.key(key), "must be greater than 0"));
-        }
-    }
-}
-
-fn check_state(doc: &Document, state: &str, problems: &mut Problems) -> StateBackend {
-    match state {
-        "memory" => StateBackend::Memory,
-        s if s.starts_with("redis://") => {
-            problems.push(doc.problem(
-                &KeyPath::root().key("state"),
-                "the redis state backend is not available in this build; use `memory`",
-            ));
-            StateBackend::Memory
-        }
-        _ => {
-            problems.push(doc.problem(&KeyPath::root().key("state"), "must be `memory` or `redis://HOST:PORT`"));
-            StateBackend::Memory
         }
     }
 }
@@ -694,8 +676,13 @@ mod tests {
 
     #[test]
     fn reports_every_semantic_problem_at_once() {
-        let text = "limits: { max_json_depth: 500, max_body_bytes: 0 }\nstate: redis://x:1\n";
+        let text = "limits: { max_json_depth: 500, max_body_bytes: 0 }\nstate: redis://:secret@x:1\n";
         let err = ServerConfig::parse("c.yaml", text).unwrap_err();
         assert_eq!(err.problems.len(), 3, "{err}");
+        assert!(err.to_string().contains("must not hold the password"), "{err}");
+        assert!(
+            !err.to_string().contains("secret"),
+            "the password is not repeated: {err}"
+        );
     }
 }

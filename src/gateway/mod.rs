@@ -238,6 +238,9 @@ pub enum ActionError {
     /// takes effect.
     #[error("its audit event could not be written: {0}")]
     Unrecorded(#[from] AuditError),
+    /// The state backend (Redis) did not answer.
+    #[error("{0}")]
+    State(#[from] crate::state::StateError),
 }
 
 /// What the stages learned, for the audit event, whatever the outcome.
@@ -312,6 +315,13 @@ impl Gateway {
             decisions: tokio::sync::Mutex::new(()),
             meters: Meters::default(),
         }
+    }
+
+    /// Keeps limits, budgets, denials and quarantines in `state` (Redis, shared by replicas)
+    /// instead of this process's memory.
+    pub fn with_state(mut self, state: State) -> Self {
+        self.state = state;
+        self
     }
 
     /// Uses a fixed admin token (the demo's), instead of the configured source.

@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
-use super::Gateway;
-use crate::audit::{AgentQuarantined, AgentReleased, Anomaly, AuditError};
+use super::{ActionError, Gateway};
+use crate::audit::{AgentQuarantined, AgentReleased, Anomaly};
 use crate::policy::{Policy, Reason, Stage};
+use crate::state::StateError;
 
 /// What a quarantine did. It only closes, so it takes effect even when its event cannot be
 /// written (`audited: false`; the failure is logged and counted).
@@ -31,13 +32,19 @@ impl Gateway {
         let Some(threshold) = anomaly.threshold(kind) else {
             return;
         };
-        let Some(count) = self
+        let count = match self
             .state
             .record_denial(agent, kind, anomaly.window(), threshold as usize)
-        else {
-            return;
+            .await
+        {
+            Ok(Some(count)) => count,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(agent, kind, "a denial could not be counted: {e}");
+                return;
+            }
         };
-        if self.state.quarantined(agent).is_some() {
+        if let Ok(Some(_)) = self.state.quarantined(agent).await {
             return;
         }
         let action = if anomaly.quarantine { "quarantine" } else { "none" };
@@ -56,22 +63,31 @@ impl Gateway {
         if anomaly.quarantine {
             let duration = (anomaly.quarantine_seconds > 0).then(|| Duration::from_secs(anomaly.quarantine_seconds));
             let why = format!("{count} {kind} denials within {} s", anomaly.window_seconds);
-            let _ = self.quarantine(agent, duration, "anomaly", &why).await;
+            if let Err(e) = self.quarantine(agent, duration, "anomaly", &why).await {
+                tracing::error!(agent, "the anomaly's quarantine could not be put in force: {e}");
+            }
         }
     }
 
-    /// Quarantines an agent and audits it (see [`Quarantined`]).
-    pub async fn quarantine(&self, agent: &str, duration: Option<Duration>, by: &str, reason: &str) -> Quarantined {
+    /// Quarantines an agent and audits it (see [`Quarantined`]). An error if the state backend
+    /// could not put it in force (then nothing is recorded).
+    pub async fn quarantine(
+        &self,
+        agent: &str,
+        duration: Option<Duration>,
+        by: &str,
+        reason: &str,
+    ) -> Result<Quarantined, StateError> {
         // Not while a release is being recorded: it would then remove this quarantine, not
         // the one its event names.
         let _one = self.decisions.lock().await;
-        if !self.state.quarantine(agent, duration, by, reason) {
-            return Quarantined {
+        if !self.state.quarantine(agent, duration, by, reason).await? {
+            return Ok(Quarantined {
                 changed: false,
                 audited: true,
-            };
+            });
         }
-        let until = self.state.quarantined(agent).and_then(|q| q.until);
+        let until = self.state.quarantined(agent).await.ok().flatten().and_then(|q| q.until);
         metrics::gauge!("toolgate_agent_quarantined", "agent" => agent.to_owned()).set(1.0);
         tracing::warn!(agent, by, reason, "agent quarantined");
         let event = AgentQuarantined {
@@ -91,15 +107,15 @@ impl Gateway {
                 false
             }
         };
-        Quarantined { changed: true, audited }
+        Ok(Quarantined { changed: true, audited })
     }
 
     /// Releases an agent, once its `agent_released` event (with who did it) is written.
     /// `Ok(false)` if it was not quarantined; an error, and no release, if the event could not
-    /// be written.
-    pub async fn release(&self, agent: &str, by: &str, comment: &str) -> Result<bool, AuditError> {
+    /// be written or the state backend did not answer.
+    pub async fn release(&self, agent: &str, by: &str, comment: &str) -> Result<bool, ActionError> {
         let _one = self.decisions.lock().await;
-        let Some(q) = self.state.quarantined(agent) else {
+        let Some(q) = self.state.quarantined(agent).await? else {
             return Ok(false);
         };
         let event = AgentReleased {
@@ -110,7 +126,7 @@ impl Gateway {
             quarantined_by: &q.by,
         };
         self.audit.emit(&event).await?;
-        self.state.release(agent);
+        self.state.release(agent).await?;
         metrics::gauge!("toolgate_agent_quarantined", "agent" => agent.to_owned()).set(0.0);
         tracing::info!(agent, by, "agent released from quarantine");
         Ok(true)
@@ -120,12 +136,13 @@ impl Gateway {
     /// as of now: called when `/metrics` is scraped, not on every call (a gauge written per
     /// call is a line both data-plane cores write, and it went stale when an hour's window
     /// reset with no call to update it).
-    pub fn report_budgets(&self) {
-        let policy = self.policy.load();
+    pub async fn report_budgets(&self) {
+        let policy = self.policy.load_full();
         for (id, agent) in &policy.agents {
-            if let Some(limit) = agent.limits.tokens_per_hour {
-                let left = self.state.budget(id, limit.get()).remaining;
-                self.meters.budget_remaining(id, left as f64);
+            if let Some(limit) = agent.limits.tokens_per_hour
+                && let Ok(b) = self.state.budget(id, limit.get()).await
+            {
+                self.meters.budget_remaining(id, b.remaining as f64);
             }
         }
     }

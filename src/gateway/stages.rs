@@ -34,6 +34,7 @@
 //! The `tool_call` event is written by the caller, [`Gateway::call`], whatever this returns.
 
 use std::borrow::Cow;
+use std::num::NonZeroU32;
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
@@ -46,7 +47,11 @@ use crate::policy::history::{PastCall, hash_value};
 use crate::policy::limits::{BudgetMode, estimate_tokens};
 use crate::policy::tool::Tool;
 use crate::policy::{Code, Decision, Evaluation, Policy, Reason, Stage, ToolCall, arguments, content};
-use crate::state::Reservation;
+use crate::state::{Admission, Quarantine, Refusal, Reservation};
+
+/// A budget lease outlives the tool's deadline by this much: the answer's checks and the
+/// settling happen after it.
+const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The policy's evaluation of a call, with its forwarded body taken out (shared with the event's
 /// record of the arguments) and the time it was decided at.
@@ -109,17 +114,17 @@ impl Gateway {
         self.guard_input(policy, &mut call, rec).await?;
         // 8. Budget and rate limits.
         let input_tokens = estimate_tokens(call.body.len());
-        let reservation = self.take_limits(policy, &call, input_tokens)?;
+        let reservation = self.take_limits(policy, &call, input_tokens).await?;
         // 9. The approval, spent.
         if let Some((held, id)) = call.approval.take()
             && let Err(reason) = Box::pin(self.use_approval(held, &id, rec)).await
         {
-            self.give_back(reservation);
+            self.give_back(reservation).await;
             return Err(reason);
         }
         // 10. Written ahead.
         if let Err(reason) = self.write_ahead(policy, req, &call, rec).await {
-            self.give_back(reservation);
+            self.give_back(reservation).await;
             return Err(reason);
         }
         // 11. History.
@@ -139,7 +144,7 @@ impl Gateway {
             output: output_tokens,
         });
         if let Some(r) = reservation {
-            self.state.settle_tokens(r, input_tokens, output_tokens);
+            self.state.settle_tokens(r, input_tokens, output_tokens).await;
         }
         answered
     }
@@ -293,7 +298,17 @@ impl Gateway {
             };
             match &req.approval {
                 Some(id) => approval = Some((held, id.clone())),
-                None => return Err(Box::pin(self.hold(held, reason.clone(), rec)).await),
+                None => {
+                    // A quarantined agent's call is never put before an approver. In memory
+                    // that was checked at stage 2; with Redis it is read now, for held calls
+                    // only (the rest read it with their limits).
+                    match self.state.quarantined(agent).await {
+                        Ok(None) => {}
+                        Ok(Some(q)) => return Err(quarantined(agent, &q)),
+                        Err(e) => return Err(state_unavailable(agent, req.tool.as_str(), &e)),
+                    }
+                    return Err(Box::pin(self.hold(held, reason.clone(), rec)).await);
+                }
             }
         }
         let Evaluation {
@@ -333,8 +348,9 @@ impl Gateway {
     }
 
     /// Stage 8: the budget reserved first (atomically), then rate allowances taken, the tighter
-    /// per-tool one first; a refusal gives the reservation back.
-    fn take_limits(
+    /// per-tool one first; nothing is taken unless all admit. With Redis this is one round
+    /// trip, which reads the quarantine too; a backend that does not answer refuses the call.
+    async fn take_limits(
         &self,
         policy: &Policy,
         call: &Admitted<'_>,
@@ -352,39 +368,43 @@ impl Gateway {
             )),
             BudgetMode::Estimate => None,
         };
-        let reservation = match limits.tokens_per_hour {
-            Some(limit) => Some(self.state.reserve_tokens(agent, limit.get(), input_tokens, answer, call.at_ms / 1000).map_err(|wait| {
+        let timeout = call
+            .tool
+            .timeout
+            .unwrap_or(std::time::Duration::from_millis(self.config.limits.upstream_timeout_ms));
+        let admission = Admission {
+            agent,
+            tool,
+            budget: limits.tokens_per_hour.map(|l| (l.get(), input_tokens, answer)),
+            tool_rate: limits.tools.get(tool).map(|t| t.calls_per_minute),
+            agent_rate: limits.calls_per_minute,
+            now: call.at_ms / 1000,
+            // The tool's deadline, and time for its answer's checks and the settling.
+            lease: timeout + LEASE_MARGIN,
+        };
+        self.state.admit(admission).await.map_err(|refusal| match refusal {
+            Refusal::OverBudget(wait) => {
+                let limit = limits.tokens_per_hour.map_or(0, |l| l.get());
                 Reason::new(Code::BudgetExceeded, Stage::Limits, "tokens_per_hour",
                     format!("This call ({input_tokens} tokens, plus what its answer is expected to add) would exceed agent '{agent}''s budget of {limit} tokens for this hour; it resets in {} s.", wait.as_secs()))
                     .retry_after(wait.as_secs())
-            })?),
-            None => None,
-        };
-        let rate_keys = [
-            limits.tools.get(tool).map(|t| {
-                let key = Cow::Owned(format!("{agent}|{tool}"));
-                (key, t.calls_per_minute, "tool calls_per_minute")
-            }),
-            limits
-                .calls_per_minute
-                .map(|n| (Cow::Borrowed(agent), n, "calls_per_minute")),
-        ];
-        for (key, per_minute, rule) in rate_keys.into_iter().flatten() {
-            if let Err(wait) = self.state.take_rate(&key, per_minute) {
-                self.give_back(reservation);
-                let secs = wait.as_secs_f64().ceil() as u64;
-                let whose = if rule.starts_with("tool") {
-                    format!(" for '{tool}'")
-                } else {
-                    String::new()
+            }
+            Refusal::ToolRate(wait) | Refusal::AgentRate(wait) => {
+                let per_tool = matches!(refusal, Refusal::ToolRate(_));
+                let (rule, per_minute, whose) = match per_tool {
+                    true => ("tool calls_per_minute", limits.tools.get(tool).map(|t| t.calls_per_minute.get()), format!(" for '{tool}'")),
+                    false => ("calls_per_minute", limits.calls_per_minute.map(NonZeroU32::get), String::new()),
                 };
+                let per_minute = per_minute.unwrap_or(0);
+                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
                 let message = format!(
                     "Agent '{agent}' is over its limit of {per_minute} calls per minute{whose}. Retry in {secs} s."
                 );
-                return Err(Reason::new(Code::RateLimited, Stage::Limits, rule, message).retry_after(secs));
+                Reason::new(Code::RateLimited, Stage::Limits, rule, message).retry_after(secs)
             }
-        }
-        Ok(reservation)
+            Refusal::Quarantined(q) => quarantined(agent, &q),
+            Refusal::Unavailable(e) => state_unavailable(agent, tool, &e),
+        })
     }
 
     /// Stage 10: the `call_forwarding` event, written before the call is sent. If it cannot be
@@ -420,9 +440,9 @@ impl Gateway {
         })
     }
 
-    fn give_back(&self, reservation: Option<Reservation>) {
+    async fn give_back(&self, reservation: Option<Reservation>) {
         if let Some(r) = reservation {
-            self.state.release_tokens(r);
+            self.state.release_tokens(r).await;
         }
     }
 
@@ -444,23 +464,42 @@ impl Gateway {
         Some(past)
     }
 
+    /// Stage 2: the quarantine, where this process knows it at no cost (memory); with Redis
+    /// it is read with the limits, at stage 8.
     fn check_quarantine(&self, agent: &str) -> Result<(), Reason> {
-        let Some(q) = self.state.quarantined(agent) else {
-            return Ok(());
-        };
-        let until = q.until.map_or("until an admin releases it".to_owned(), |u| {
-            format!("until {}", crate::audit::format_unix(u))
-        });
-        Err(Reason::new(
-            Code::AgentQuarantined,
-            Stage::Quarantine,
-            "quarantine",
-            format!(
-                "Agent '{agent}' is quarantined ({}), {until}. Ask an operator to review it: DELETE /admin/agents/{agent}/quarantine.",
-                q.reason
-            ),
-        ))
+        match self.state.quarantined_locally(agent) {
+            Some(q) => Err(quarantined(agent, &q)),
+            None => Ok(()),
+        }
     }
+}
+
+/// The refusal of a call the state backend could not admit.
+fn state_unavailable(agent: &str, tool: &str, e: &crate::state::StateError) -> Reason {
+    tracing::error!(agent, tool, "the call could not be admitted: {e}");
+    Reason::new(
+        Code::Unavailable,
+        Stage::Limits,
+        "state",
+        "The shared state that holds this agent's limits did not answer, so the call was refused \
+         (never forwarded unchecked). Try again shortly.",
+    )
+}
+
+/// The refusal of a quarantined agent's call.
+fn quarantined(agent: &str, q: &Quarantine) -> Reason {
+    let until = q.until.map_or("until an admin releases it".to_owned(), |u| {
+        format!("until {}", crate::audit::format_unix(u))
+    });
+    Reason::new(
+        Code::AgentQuarantined,
+        Stage::Quarantine,
+        "quarantine",
+        format!(
+            "Agent '{agent}' is quarantined ({}), {until}. Ask an operator to review it: DELETE /admin/agents/{agent}/quarantine.",
+            q.reason
+        ),
+    )
 }
 
 impl<'p> Admitted<'p> {

@@ -168,7 +168,7 @@ async fn a_malformed_session_is_refused_and_never_recorded() {
 #[tokio::test]
 async fn a_quarantined_agent_is_refused_before_anything_else_is_looked_at() {
     let f = Fixture::new();
-    let done = f.gateway.quarantine("bot", None, "alice", "testing").await;
+    let done = f.gateway.quarantine("bot", None, "alice", "testing").await.unwrap();
     assert!(done.changed && done.audited);
     // Its body would be refused too, and its tool is not allowed: quarantine answers first.
     let out = f.call("q1", bot(), "billing.delete", Err(too_large())).await;

@@ -114,8 +114,18 @@ async fn check_token(expected: Option<&[u8]>, req: Request, next: Next) -> Respo
 
 async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     let audit_ok = gw.audit.is_healthy();
-    let body = json!({"ready": audit_ok, "policy_version": gw.policy().version, "audit": if audit_ok { "ok" } else { "failing" }});
-    let status = if audit_ok {
+    // Asked on every probe: a replica found not ready gets no traffic, so only the probe can
+    // find the state backend back.
+    let state_ok = gw.state.is_reachable().await;
+    let ready = audit_ok && state_ok;
+    let body = json!({
+        "ready": ready,
+        "policy_version": gw.policy().version,
+        "audit": if audit_ok { "ok" } else { "failing" },
+        "state": if state_ok { "ok" } else { "unreachable" },
+        "state_backend": gw.state.describe(),
+    });
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -124,7 +134,7 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 async fn render_metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    gw.report_budgets();
+    gw.report_budgets().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics_handle().render(),
@@ -316,7 +326,26 @@ async fn agent_status(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, re
         return unknown_agent(&id, &request_id(&req));
     };
     let limits = &agent.limits;
-    let budget = limits.tokens_per_hour.map(|l| gw.state.budget(&id, l.get()));
+    let rid = request_id(&req);
+    let read = async {
+        let budget = match limits.tokens_per_hour {
+            Some(l) => Some(gw.state.budget(&id, l.get()).await?),
+            None => None,
+        };
+        let quarantine = gw.state.quarantined(&id).await?;
+        let denials = gw.state.denials(&id, p.anomaly.window()).await?;
+        Ok::<_, crate::state::StateError>((budget, quarantine, denials))
+    };
+    let (budget, quarantine, denials) = match read.await {
+        Ok(r) => r,
+        Err(e) => {
+            return not_done(
+                ActionError::State(e),
+                &format!("Agent '{id}''s state was not read"),
+                &rid,
+            );
+        }
+    };
     let tools: Vec<&str> = p
         .tools
         .keys()
@@ -334,8 +363,8 @@ async fn agent_status(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, re
         "tools": tools,
         "limits": {"calls_per_minute": limits.calls_per_minute, "tokens_per_hour": limits.tokens_per_hour, "tools": per_tool},
         "budget": budget,
-        "quarantine": gw.state.quarantined(&id),
-        "recent_denials": gw.state.denials(&id, p.anomaly.window()),
+        "quarantine": quarantine,
+        "recent_denials": denials,
         "policy_version": p.version,
     }))
     .into_response()
@@ -350,6 +379,7 @@ async fn agent_action(gw: &Gateway, id: &str, req: Request) -> Result<AdminActio
 }
 
 async fn quarantine(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+    let rid = request_id(&req);
     let a = match agent_action(&gw, &id, req).await {
         Ok(a) => a,
         Err(r) => return r,
@@ -361,9 +391,20 @@ async fn quarantine(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req:
         let (gw, id) = (gw.clone(), id.clone());
         to_the_end(async move { gw.quarantine(&id, duration, &by, &comment).await }).await
     };
+    let done = match done {
+        Ok(done) => done,
+        Err(e) => {
+            return not_done(
+                ActionError::State(e),
+                &format!("Agent '{id}' was not quarantined"),
+                &rid,
+            );
+        }
+    };
+    let now = gw.state.quarantined(&id).await.ok().flatten();
     axum::Json(
         json!({"agent": id, "quarantined": true, "changed": done.changed, "audited": done.audited,
-        "quarantine": gw.state.quarantined(&id)}),
+        "quarantine": now}),
     )
     .into_response()
 }
@@ -381,11 +422,7 @@ async fn release(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Re
     };
     match released {
         Ok(changed) => axum::Json(json!({"agent": id, "quarantined": false, "changed": changed})).into_response(),
-        Err(e) => not_done(
-            ActionError::Unrecorded(e),
-            &format!("Agent '{id}' was not released"),
-            &rid,
-        ),
+        Err(e) => not_done(e, &format!("Agent '{id}' was not released"), &rid),
     }
 }
 
@@ -403,6 +440,14 @@ fn not_done(e: ActionError, what: &str, rid: &str) -> Response {
             error_response(
                 Code::Unavailable,
                 format!("{what}: the approval store is unavailable. Try again later."),
+                rid,
+            )
+        }
+        ActionError::State(e) => {
+            tracing::error!(request_id = rid, "{what}: {e}");
+            error_response(
+                Code::Unavailable,
+                format!("{what}: the shared state (Redis) did not answer. Try again once GET /readyz reports it ok."),
                 rid,
             )
         }

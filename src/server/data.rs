@@ -166,7 +166,7 @@ fn refused_on_headers(gw: &Gateway, authorization: Option<&HeaderValue>, tool: &
     let policy = gw.policy_now();
     match policy.auth.authenticate(authorization.and_then(|v| v.to_str().ok())) {
         Err(_) => true,
-        Ok(agent) => gw.state.quarantined(agent).is_some() || !policy.is_allowed(agent, tool),
+        Ok(agent) => gw.state.quarantined_locally(agent).is_some() || !policy.is_allowed(agent, tool),
     }
 }
 

@@ -1,29 +1,28 @@
 //! Shared, mutable state behind one small interface: rate limits, token budgets, denial counts
-//! for anomaly detection, and quarantines. Checks never hold their own global maps, so a second
-//! backend (Redis, shared by replicas) slots in behind the same methods.
+//! for anomaly detection, quarantines and session history. Checks never hold their own global
+//! maps, so the backend is a choice of config: `memory` (this process, [`memory`]) or Redis
+//! (shared by replicas, [`in_redis`]).
 //!
-//! Every operation that admits a call is atomic: a rate-limit cell is taken with a
-//! compare-and-swap (governor's GCRA), a budget reservation under one lock that checks and
-//! reserves together, so concurrent calls can never together pass a limit that admits fewer.
+//! A call is admitted by one operation ([`State::admit`]: quarantine, budget, rates), which is
+//! one round trip to Redis, and settled by one more after its answer. Every operation that can
+//! reach Redis is async and fallible: its caller fails closed on an error.
 
-use std::collections::{HashMap, VecDeque};
+mod in_redis;
+mod memory;
+
+use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use governor::clock::{Clock, DefaultClock};
-use governor::middleware::StateInformationMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::FastMap;
+pub use in_redis::{ConnectError, RedisState};
+pub use memory::{MAX_HISTORY_PER_AGENT, MemoryState};
+
 use crate::policy::history::{History, PastCall};
-use crate::read_mostly::ReadMostly;
 
 /// Why an agent is quarantined, and until when.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Quarantine {
     /// Unix seconds.
     pub since: u64,
@@ -33,12 +32,25 @@ pub struct Quarantine {
     pub reason: String,
 }
 
+impl Quarantine {
+    fn new(duration: Option<Duration>, by: &str, reason: &str) -> Self {
+        let now = unix_now();
+        Quarantine {
+            since: now,
+            // A duration meant as "forever" must not wrap into the past, nor pass the last
+            // second a timestamp can be written for (9999-12-31).
+            until: duration.map(|d| now.saturating_add(d.as_secs()).min(LAST_WRITABLE_SECOND)),
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+        }
+    }
+}
+
 /// A held token reservation; settle it once the call is over.
 #[derive(Debug, Clone)]
-pub struct Reservation {
-    budget: Arc<Mutex<Budget>>,
-    window: u64,
-    tokens: u64,
+pub enum Reservation {
+    Memory(memory::Reservation),
+    Redis(in_redis::Lease),
 }
 
 /// An agent's budget as of now.
@@ -52,250 +64,8 @@ pub struct BudgetStatus {
     pub resets_at: u64,
 }
 
-#[derive(Default, Debug)]
-pub struct Budget {
-    window: u64,
-    used: u64,
-    reserved: u64,
-    /// What this agent's answers have brought back lately (a moving average, in tokens):
-    /// reserved with each call's arguments, so calls in flight together count their answers
-    /// too (not only the first call's answer can take the budget past its limit).
-    expected_output: u64,
-}
-
-impl Budget {
-    /// A new hour's window starts empty (the expected answer size carries over).
-    fn start_window(&mut self, window: u64) {
-        if self.window != window {
-            self.window = window;
-            self.used = 0;
-            self.reserved = 0;
-        }
-    }
-}
-
-/// 9999-12-31T23:59:59Z: the last time RFC 3339 (and so an audit event) can say.
-const LAST_WRITABLE_SECOND: u64 = 253_402_300_799;
-
-/// The state backends. A closed set, dispatched with `match`.
-pub enum State {
-    Memory(MemoryState),
-}
-
-impl Default for State {
-    fn default() -> Self {
-        State::Memory(MemoryState::default())
-    }
-}
-
-/// Process-local state (`state: memory`).
-///
-/// The maps every call reads are copy-on-write and hold `Arc`s, so concurrent calls contend
-/// only on their own agent's entry (a short `Mutex` for a budget, a lock-free compare-and-swap
-/// for a rate limiter); the rest are behind locks that calls take only when there is something
-/// to record (a denial, a quarantine, history).
-#[derive(Default)]
-pub struct MemoryState {
-    /// Read on every call, added to once per key: copy-on-write (`read_mostly`), so reading
-    /// writes nothing both data-plane cores share.
-    limiters: ReadMostly<FastMap<String, (u32, Arc<Limiter>)>>,
-    budgets: ReadMostly<FastMap<String, Arc<Mutex<Budget>>>>,
-    denials: Mutex<HashMap<(String, &'static str), VecDeque<Instant>>>,
-    quarantines: RwLock<FastMap<String, Quarantine>>,
-    /// Whether `quarantines` has any entry: every call asks, and almost always none is. Set
-    /// under its write lock, so the common answer needs no lock (whose reader count both cores
-    /// would write on every call).
-    any_quarantined: AtomicBool,
-    /// Recorded calls per agent, oldest first, for session-aware rules.
-    history: RwLock<FastMap<String, Arc<Mutex<VecDeque<PastCall>>>>>,
-    /// Per agent: whose turn it is to decide a call that reads or writes history.
-    history_turns: RwLock<FastMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    clock: DefaultClock,
-}
-
-/// A rate limiter that can say how much of its burst is left (for a quota changed by a reload).
-type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
-
-/// How many calls of `quota` the limiter counts as made (it is being replaced: asking takes
-/// one more).
-fn used(limiter: &Limiter, quota: u32) -> u32 {
-    match limiter.check() {
-        Ok(snapshot) => quota.saturating_sub(snapshot.remaining_burst_capacity() + 1),
-        Err(_) => quota,
-    }
-}
-
-/// At most this many recorded calls per agent; the oldest go first. With a 1 h window that is
-/// over one call a second, sustained, to a tool some rule looks back at.
-pub const MAX_HISTORY_PER_AGENT: usize = 4096;
-
-impl MemoryState {
-    /// Takes one call from `key`'s allowance. A new key starts a full one; a quota changed by
-    /// a reload starts from the calls the old one had let through (a lowered limit does not
-    /// hand an agent a fresh burst).
-    fn take(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Duration> {
-        let n = per_minute.get();
-        let checked = self.limiters.find_or_add(
-            |map| map.get(key).filter(|(quota, _)| *quota == n).map(|(_, l)| l.check()),
-            |map| {
-                let limiter =
-                    RateLimiter::direct(Quota::per_minute(per_minute)).with_middleware::<StateInformationMiddleware>();
-                if let Some(used) = map
-                    .get(key)
-                    .and_then(|(quota, old)| NonZeroU32::new(used(old, *quota).min(n)))
-                {
-                    let _ = limiter.check_n(used);
-                }
-                map.insert(key.to_owned(), (n, Arc::new(limiter)));
-            },
-        );
-        checked
-            .map(|_| ())
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
-    }
-
-    fn budget(&self, agent: &str) -> Arc<Mutex<Budget>> {
-        self.budgets.find_or_add(
-            |map| map.get(agent).cloned(),
-            |map| {
-                map.insert(agent.to_owned(), Arc::default());
-            },
-        )
-    }
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-const HOUR: u64 = 3600;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
-}
-
-impl State {
-    /// Waits for this agent's turn to decide a call whose rules read history or that history
-    /// records, and holds it until the guard drops: from evaluation to recording, so that
-    /// concurrent calls cannot all pass a count ("at most 3 refunds an hour") together.
-    pub async fn history_turn(&self, agent: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let turn = match self {
-            State::Memory(m) => {
-                let existing = read(&m.history_turns).get(agent).cloned();
-                existing.unwrap_or_else(|| write(&m.history_turns).entry(agent.to_owned()).or_default().clone())
-            }
-        };
-        turn.lock_owned().await
-    }
-
-    /// Records a call that rules may look back at; drops what is older than `retention`.
-    pub fn record_call(&self, agent: &str, call: PastCall, retention: Duration) {
-        match self {
-            State::Memory(m) => {
-                let existing = read(&m.history).get(agent).cloned();
-                let list = existing.unwrap_or_else(|| write(&m.history).entry(agent.to_owned()).or_default().clone());
-                let mut list = list.lock().expect("history lock");
-                let horizon = call.at_ms.saturating_sub(retention.as_millis() as u64);
-                while list.front().is_some_and(|c| c.at_ms < horizon) || list.len() >= MAX_HISTORY_PER_AGENT {
-                    list.pop_front();
-                }
-                list.push_back(call);
-            }
-        }
-    }
-
-    /// Takes one call from the `key`'s per-minute allowance, or says how long to wait.
-    pub fn take_rate(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Duration> {
-        match self {
-            State::Memory(m) => m.take(key, per_minute),
-        }
-    }
-
-    /// Reserves `tokens` of the agent's hourly budget, and its answer (`answer`: the most it can
-    /// be, strict; else the state's estimate), if they fit; or says how long until the window
-    /// resets. Checking and reserving happen under one lock. `now` is the call's time (Unix
-    /// seconds), read once for all of its checks.
-    pub fn reserve_tokens(
-        &self,
-        agent: &str,
-        limit: u64,
-        tokens: u64,
-        answer: Option<u64>,
-        now: u64,
-    ) -> Result<Reservation, Duration> {
-        let window = now / HOUR;
-        match self {
-            State::Memory(m) => {
-                let budget = m.budget(agent);
-                let mut b = lock(&budget);
-                b.start_window(window);
-                // The expected answer counts while other calls are in flight (that is when
-                // answers add up unseen); a call alone needs only its arguments to fit, so a
-                // large estimate can never lock the agent out.
-                let tokens = match answer {
-                    Some(most) => tokens + most,
-                    None if b.reserved == 0 => tokens,
-                    None => tokens + b.expected_output,
-                };
-                if b.used + b.reserved + tokens > limit {
-                    return Err(Duration::from_secs((window + 1) * HOUR - now));
-                }
-                b.reserved += tokens;
-                drop(b);
-                Ok(Reservation { budget, window, tokens })
-            }
-        }
-    }
-
-    /// Settles a reservation: the call's arguments and answer become `used` tokens in the
-    /// window the answer came in (a call that straddles the hour is charged to the new one,
-    /// never dropped), and the answer updates the expected size of the next ones. A response
-    /// larger than expected may take the budget past its limit (the call already happened);
-    /// the next call then waits for the window to reset.
-    pub fn settle_tokens(&self, r: Reservation, input: u64, output: u64) {
-        let mut b = lock(&r.budget);
-        if b.window == r.window {
-            b.reserved = b.reserved.saturating_sub(r.tokens);
-        }
-        b.start_window(unix_now() / HOUR);
-        b.used += input + output;
-        // Only answers teach the estimate: a call that failed before answering says nothing
-        // about the size of the next answer.
-        if output > 0 {
-            b.expected_output = (b.expected_output * 3 + output).div_ceil(4);
-        }
-    }
-
-    /// Gives a reservation back unused (the call was refused after reserving).
-    pub fn release_tokens(&self, r: Reservation) {
-        let mut b = lock(&r.budget);
-        if b.window == r.window {
-            b.reserved = b.reserved.saturating_sub(r.tokens);
-        }
-    }
-
-    pub fn budget(&self, agent: &str, limit: u64) -> BudgetStatus {
-        let now = unix_now();
-        let window = now / HOUR;
-        let (used, reserved) = match self {
-            State::Memory(m) => {
-                let b = m.budget(agent);
-                let b = lock(&b);
-                if b.window == window {
-                    (b.used, b.reserved)
-                } else {
-                    (0, 0)
-                }
-            }
-        };
+impl BudgetStatus {
+    fn new(limit: u64, used: u64, reserved: u64, window: u64) -> Self {
         BudgetStatus {
             limit,
             used,
@@ -304,250 +74,285 @@ impl State {
             resets_at: (window + 1) * HOUR,
         }
     }
+}
 
-    /// Records a denial of `kind` for `agent`. If that makes `threshold` or more in the last
-    /// `window`, returns how many and starts the count again, under the same lock: one caller
-    /// among concurrent ones sees the crossing, and the next crossing needs `threshold` new
-    /// denials (so an agent released from quarantine, or one not quarantined, is caught again
-    /// by the next run of denials, not by none). Memory is bounded: at most `threshold`
-    /// timestamps are kept per agent and kind.
-    pub fn record_denial(&self, agent: &str, kind: &'static str, window: Duration, threshold: usize) -> Option<usize> {
-        let now = Instant::now();
-        match self {
-            State::Memory(m) => {
-                let mut denials = lock(&m.denials);
-                let q = denials.entry((agent.to_owned(), kind)).or_default();
-                while q.front().is_some_and(|t| now.duration_since(*t) > window) {
-                    q.pop_front();
-                }
-                q.push_back(now);
-                if q.len() >= threshold.max(1) {
-                    let count = q.len();
-                    q.clear();
-                    return Some(count);
-                }
-                None
-            }
-        }
-    }
+/// What went wrong with the state backend. The caller fails closed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("the state backend did not answer within {0} ms")]
+    Timeout(u64),
+    #[error("the state backend failed: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("the state backend holds unexpected data: {0}")]
+    Corrupt(String),
+}
 
-    /// Recent denials per kind, for `GET /admin/agents/{id}`.
-    pub fn denials(&self, agent: &str, window: Duration) -> HashMap<&'static str, usize> {
-        let now = Instant::now();
-        match self {
-            State::Memory(m) => lock(&m.denials)
-                .iter()
-                .filter(|((a, _), _)| a == agent)
-                .map(|((_, kind), q)| (*kind, q.iter().filter(|t| now.duration_since(**t) <= window).count()))
-                .filter(|(_, n)| *n > 0)
-                .collect(),
-        }
-    }
+/// What admitting one call asks: its agent's limits, as the policy in force sets them.
+pub struct Admission<'a> {
+    pub agent: &'a str,
+    pub tool: &'a str,
+    /// `(tokens_per_hour, the call's tokens, the answer's tokens to reserve)`; the answer's
+    /// `None` reserves the state's estimate.
+    pub budget: Option<(u64, u64, Option<u64>)>,
+    pub tool_rate: Option<NonZeroU32>,
+    pub agent_rate: Option<NonZeroU32>,
+    /// The call's time (Unix seconds), read once for all of its checks.
+    pub now: u64,
+    /// How long a reservation may be held before it is given back on its own (a replica that
+    /// dies mid-call): longer than the call can take.
+    pub lease: Duration,
+}
 
-    /// Quarantines an agent. Returns false if it already was.
-    pub fn quarantine(&self, agent: &str, duration: Option<Duration>, by: &str, reason: &str) -> bool {
-        let now = unix_now();
-        let q = Quarantine {
-            since: now,
-            // A duration meant as "forever" must not wrap into the past, nor pass the last
-            // second a timestamp can be written for (9999-12-31).
-            until: duration.map(|d| now.saturating_add(d.as_secs()).min(LAST_WRITABLE_SECOND)),
-            by: by.to_owned(),
-            reason: reason.to_owned(),
-        };
-        match self {
-            State::Memory(m) => {
-                let mut map = write(&m.quarantines);
-                if map
-                    .get(agent)
-                    .is_some_and(|existing| existing.until.is_none_or(|u| u > now))
-                {
-                    return false;
-                }
-                map.insert(agent.to_owned(), q);
-                m.any_quarantined.store(true, Ordering::Release);
-                true
-            }
-        }
-    }
+/// Why a call was not admitted.
+#[derive(Debug)]
+pub enum Refusal {
+    Quarantined(Quarantine),
+    OverBudget(Duration),
+    ToolRate(Duration),
+    AgentRate(Duration),
+    Unavailable(StateError),
+}
 
-    /// Releases an agent. Returns the quarantine it was under, if any.
-    pub fn release(&self, agent: &str) -> Option<Quarantine> {
-        match self {
-            State::Memory(m) => {
-                let mut map = write(&m.quarantines);
-                let q = map.remove(agent);
-                m.any_quarantined.store(!map.is_empty(), Ordering::Release);
-                q
-            }
-        }
-    }
+/// 9999-12-31T23:59:59Z: the last time RFC 3339 (and so an audit event) can say.
+const LAST_WRITABLE_SECOND: u64 = 253_402_300_799;
 
-    /// The agent's quarantine, if one is in force (an expired one is dropped).
-    pub fn quarantined(&self, agent: &str) -> Option<Quarantine> {
-        match self {
-            State::Memory(m) => {
-                if !m.any_quarantined.load(Ordering::Acquire) {
-                    return None;
-                }
-                let found = read(&m.quarantines).get(agent).cloned();
-                match found {
-                    Some(q) if q.until.is_some_and(|u| u <= unix_now()) => {
-                        // Expired: dropped, unless it was renewed meanwhile.
-                        let now = unix_now();
-                        let mut map = write(&m.quarantines);
-                        if map.get(agent).is_some_and(|q| q.until.is_some_and(|u| u <= now)) {
-                            map.remove(agent);
-                        }
-                        m.any_quarantined.store(!map.is_empty(), Ordering::Release);
-                        None
-                    }
-                    other => other,
-                }
-            }
-        }
+const HOUR: u64 = 3600;
+
+/// The denial kinds the anomaly watch counts (`anomaly.thresholds`).
+const DENIAL_KINDS: [&str; 4] = [
+    "tool_not_allowed",
+    "content_blocked",
+    "invalid_arguments",
+    "rate_limited",
+];
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The state backends. A closed set, dispatched with `match`.
+pub enum State {
+    Memory(MemoryState),
+    /// Limits, budgets, denials and quarantines in Redis. Session history is still kept per
+    /// process (`local`): see docs/deployment.md.
+    Redis {
+        shared: Box<RedisState>,
+        local: MemoryState,
+    },
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State::Memory(MemoryState::default())
     }
 }
 
 impl State {
-    /// Takes back a recorded call (its tool failed).
-    pub fn forget_call(&self, agent: &str, call: &PastCall) {
+    pub fn redis(shared: RedisState) -> Self {
+        State::Redis {
+            shared: Box::new(shared),
+            local: MemoryState::default(),
+        }
+    }
+
+    /// The process-local part: all of it in memory mode; session history with Redis.
+    fn local(&self) -> &MemoryState {
+        match self {
+            State::Memory(m) => m,
+            State::Redis { local, .. } => local,
+        }
+    }
+
+    /// Whether the backend answers now: memory always; Redis if a `PING` is answered within
+    /// its deadline.
+    pub async fn is_reachable(&self) -> bool {
+        match self {
+            State::Memory(_) => true,
+            State::Redis { shared, .. } => shared.ping().await,
+        }
+    }
+
+    /// The backend, for `/readyz` and logs: `memory`, or Redis's host and port.
+    pub fn describe(&self) -> String {
+        match self {
+            State::Memory(_) => "memory".to_owned(),
+            State::Redis { shared, .. } => format!("redis {}", shared.server()),
+        }
+    }
+
+    /// Admits one call: quarantine (Redis only: in memory it is read earlier, for free), the
+    /// budget reserved, then the rate allowances taken, the tighter per-tool one first;
+    /// nothing is taken unless everything admits.
+    pub async fn admit(&self, a: Admission<'_>) -> Result<Option<Reservation>, Refusal> {
         match self {
             State::Memory(m) => {
-                let Some(list) = read(&m.history).get(agent).cloned() else {
-                    return;
+                let reservation = match a.budget {
+                    Some((limit, tokens, answer)) => Some(
+                        m.reserve_tokens(a.agent, limit, tokens, answer, a.now)
+                            .map_err(Refusal::OverBudget)?,
+                    ),
+                    None => None,
                 };
-                let mut list = list.lock().expect("history lock");
-                if let Some(i) = list
-                    .iter()
-                    .rposition(|c| c.at_ms == call.at_ms && c.tool == call.tool && c.session == call.session)
-                {
-                    list.remove(i);
+                let tool = a
+                    .tool_rate
+                    .and_then(|n| m.take_rate(&format!("{}|{}", a.agent, a.tool), n).err());
+                let refused = match tool {
+                    Some(wait) => Some(Refusal::ToolRate(wait)),
+                    None => a
+                        .agent_rate
+                        .and_then(|n| m.take_rate(a.agent, n).err())
+                        .map(Refusal::AgentRate),
+                };
+                match refused {
+                    Some(r) => {
+                        if let Some(res) = reservation {
+                            m.release_tokens(res);
+                        }
+                        Err(r)
+                    }
+                    None => Ok(reservation.map(Reservation::Memory)),
+                }
+            }
+            State::Redis { shared, .. } => {
+                let ask = in_redis::Ask {
+                    agent: a.agent,
+                    tool: a.tool,
+                    budget: a.budget,
+                    tool_rate: a.tool_rate.map_or(0, NonZeroU32::get),
+                    agent_rate: a.agent_rate.map_or(0, NonZeroU32::get),
+                    lease: a.lease,
+                };
+                match shared.admit(ask).await.map_err(Refusal::Unavailable)? {
+                    in_redis::Answer::Admitted(lease) => Ok(lease.map(Reservation::Redis)),
+                    in_redis::Answer::Quarantined(q) => Err(Refusal::Quarantined(q)),
+                    in_redis::Answer::OverBudget(w) => Err(Refusal::OverBudget(w)),
+                    in_redis::Answer::ToolRate(w) => Err(Refusal::ToolRate(w)),
+                    in_redis::Answer::AgentRate(w) => Err(Refusal::AgentRate(w)),
                 }
             }
         }
+    }
+
+    /// Settles a reservation with what flowed (see [`MemoryState::settle_tokens`]). With Redis,
+    /// a failure is logged: the call already happened, and its lease ends on its own.
+    pub async fn settle_tokens(&self, r: Reservation, input: u64, output: u64) {
+        match (self, r) {
+            (State::Memory(m), Reservation::Memory(r)) => m.settle_tokens(r, input, output),
+            (State::Redis { shared, .. }, Reservation::Redis(lease)) => {
+                if let Err(e) = shared.settle(&lease, input, output).await {
+                    tracing::error!("a budget reservation could not be settled (its lease will end on its own): {e}");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Gives a reservation back unused (the call was refused after reserving).
+    pub async fn release_tokens(&self, r: Reservation) {
+        match (self, r) {
+            (State::Memory(m), Reservation::Memory(r)) => m.release_tokens(r),
+            (State::Redis { shared, .. }, Reservation::Redis(lease)) => {
+                if let Err(e) = shared.settle(&lease, 0, 0).await {
+                    tracing::error!(
+                        "a budget reservation could not be given back (its lease will end on its own): {e}"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub async fn budget(&self, agent: &str, limit: u64) -> Result<BudgetStatus, StateError> {
+        match self {
+            State::Memory(m) => Ok(m.budget(agent, limit)),
+            State::Redis { shared, .. } => {
+                let (used, reserved) = shared.budget(agent).await?;
+                Ok(BudgetStatus::new(limit, used, reserved, unix_now() / HOUR))
+            }
+        }
+    }
+
+    /// Records a denial (see [`MemoryState::record_denial`]).
+    pub async fn record_denial(
+        &self,
+        agent: &str,
+        kind: &'static str,
+        window: Duration,
+        threshold: usize,
+    ) -> Result<Option<usize>, StateError> {
+        match self {
+            State::Memory(m) => Ok(m.record_denial(agent, kind, window, threshold)),
+            State::Redis { shared, .. } => shared.record_denial(agent, kind, window, threshold).await,
+        }
+    }
+
+    /// Recent denials per kind, for `GET /admin/agents/{id}`.
+    pub async fn denials(&self, agent: &str, window: Duration) -> Result<HashMap<&'static str, usize>, StateError> {
+        match self {
+            State::Memory(m) => Ok(m.denials(agent, window)),
+            State::Redis { shared, .. } => shared.denials(agent, &DENIAL_KINDS, window).await,
+        }
+    }
+
+    /// Quarantines an agent. `Ok(false)` if it already was.
+    pub async fn quarantine(
+        &self,
+        agent: &str,
+        duration: Option<Duration>,
+        by: &str,
+        reason: &str,
+    ) -> Result<bool, StateError> {
+        match self {
+            State::Memory(m) => Ok(m.quarantine(agent, duration, by, reason)),
+            State::Redis { shared, .. } => shared.quarantine(agent, &Quarantine::new(duration, by, reason)).await,
+        }
+    }
+
+    /// Releases an agent. Returns the quarantine it was under, if any.
+    pub async fn release(&self, agent: &str) -> Result<Option<Quarantine>, StateError> {
+        match self {
+            State::Memory(m) => Ok(m.release(agent)),
+            State::Redis { shared, .. } => shared.release(agent).await,
+        }
+    }
+
+    /// The agent's quarantine, if one is in force.
+    pub async fn quarantined(&self, agent: &str) -> Result<Option<Quarantine>, StateError> {
+        match self {
+            State::Memory(m) => Ok(m.quarantined(agent)),
+            State::Redis { shared, .. } => shared.quarantined(agent).await,
+        }
+    }
+
+    /// The agent's quarantine if this process can tell at no cost: in memory, always; with
+    /// Redis, never (the admission reads it, in the same round trip as the limits).
+    pub fn quarantined_locally(&self, agent: &str) -> Option<Quarantine> {
+        match self {
+            State::Memory(m) => m.quarantined(agent),
+            State::Redis { .. } => None,
+        }
+    }
+
+    /// Waits for this agent's turn to decide a call whose rules read history or that history
+    /// records, and holds it until the guard drops: from evaluation to recording, so that
+    /// concurrent calls cannot all pass a count ("at most 3 refunds an hour") together.
+    pub async fn history_turn(&self, agent: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        self.local().history_turn(agent).await
+    }
+
+    /// Records a call that rules may look back at; drops what is older than `retention`.
+    pub fn record_call(&self, agent: &str, call: PastCall, retention: Duration) {
+        self.local().record_call(agent, call, retention)
+    }
+
+    /// Takes back a recorded call (its tool failed).
+    pub fn forget_call(&self, agent: &str, call: &PastCall) {
+        self.local().forget_call(agent, call)
     }
 }
 
 impl History for State {
     fn visit(&self, agent: &str, since_ms: u64, visit: &mut dyn FnMut(&PastCall)) {
-        match self {
-            State::Memory(m) => {
-                let Some(list) = read(&m.history).get(agent).cloned() else {
-                    return;
-                };
-                let list = list.lock().expect("history lock");
-                // Newest last: walk back until the window starts.
-                for call in list.iter().rev().take_while(|c| c.at_ms >= since_ms) {
-                    visit(call);
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rate_limits_admit_exactly_the_quota_then_say_how_long_to_wait() {
-        let s = State::default();
-        let q = NonZeroU32::new(3).unwrap();
-        assert!((0..3).all(|_| s.take_rate("a", q).is_ok()));
-        let wait = s.take_rate("a", q).unwrap_err();
-        assert!(
-            wait > Duration::from_secs(1) && wait <= Duration::from_secs(20),
-            "{wait:?}"
-        );
-        assert!(s.take_rate("b", q).is_ok(), "keys are independent");
-        // A reloaded policy with another quota carries over the calls made: 3 of 5 leaves 2.
-        let q5 = NonZeroU32::new(5).unwrap();
-        assert!((0..2).all(|_| s.take_rate("a", q5).is_ok()));
-        assert!(s.take_rate("a", q5).is_err());
-        assert!(s.take_rate("b", q).is_ok() && s.take_rate("b", q).is_ok() && s.take_rate("b", q).is_err());
-    }
-
-    #[test]
-    fn budgets_reserve_settle_and_release() {
-        let s = State::default();
-        let r1 = s.reserve_tokens("a", 100, 60, None, unix_now()).unwrap();
-        assert!(
-            s.reserve_tokens("a", 100, 50, None, unix_now()).is_err(),
-            "reserved tokens count"
-        );
-        s.settle_tokens(r1, 60, 0);
-        assert_eq!(s.budget("a", 100).remaining, 40);
-        let r2 = s.reserve_tokens("a", 100, 30, None, unix_now()).unwrap();
-        s.release_tokens(r2);
-        assert_eq!(s.budget("a", 100).used, 60);
-        let wait = s.reserve_tokens("a", 100, 41, None, unix_now()).unwrap_err();
-        assert!(wait <= Duration::from_secs(HOUR));
-    }
-
-    #[test]
-    fn calls_in_flight_reserve_the_answers_earlier_calls_brought_back() {
-        let s = State::default();
-        // One call with a 10-token request and a 400-token answer teaches the estimate.
-        let r = s.reserve_tokens("a", 10_000, 10, None, unix_now()).unwrap();
-        s.settle_tokens(r, 10, 400);
-        let expected = s.budget("a", 10_000).remaining;
-        assert_eq!(expected, 10_000 - 410);
-        // Now calls in flight together each hold their arguments and an expected answer: far
-        // fewer fit than if only their 10-token arguments counted (959 of them).
-        let mut held = Vec::new();
-        while let Ok(r) = s.reserve_tokens("a", 10_000, 10, None, unix_now()) {
-            held.push(r);
-        }
-        assert!(held.len() < 100, "{} calls in flight", held.len());
-        for r in held {
-            s.release_tokens(r);
-        }
-        assert_eq!(s.budget("a", 10_000).reserved, 0);
-    }
-
-    #[test]
-    fn a_threshold_is_crossed_once_per_run_of_denials() {
-        let s = State::default();
-        let deny = || s.record_denial("a", "tool_not_allowed", Duration::from_secs(60), 3);
-        assert_eq!((deny(), deny()), (None, None));
-        assert_eq!(s.denials("a", Duration::from_secs(60))["tool_not_allowed"], 2);
-        assert_eq!(deny(), Some(3), "the third crosses");
-        // The count starts again: the next crossing takes three new denials, not one.
-        assert_eq!((deny(), deny(), deny()), (None, None, Some(3)));
-        assert_eq!(
-            s.record_denial("a", "other", Duration::from_secs(60), 3),
-            None,
-            "kinds apart"
-        );
-    }
-
-    #[test]
-    fn quarantines_hold_until_released_or_expired() {
-        let s = State::default();
-        assert!(s.quarantine("a", None, "alice", "manual"));
-        assert!(!s.quarantine("a", None, "bob", "again"));
-        assert_eq!(s.quarantined("a").unwrap().by, "alice");
-        assert!(s.release("a").is_some());
-        assert!(s.quarantined("a").is_none());
-        assert!(s.quarantine("b", Some(Duration::ZERO), "anomaly", "x"));
-        assert!(s.quarantined("b").is_none(), "a zero-length quarantine has ended");
-        // The longest duration means a long time, not a time in the past.
-        assert!(s.quarantine("f", Some(Duration::from_secs(u64::MAX)), "alice", "forever"));
-        assert!(s.quarantined("f").is_some());
-        // Releasing or expiring one agent leaves the others' quarantines in force.
-        assert!(s.quarantine("c", None, "alice", "manual"));
-        assert!(s.quarantine("d", None, "alice", "manual"));
-        assert!(s.quarantine("e", Some(Duration::ZERO), "anomaly", "x"));
-        assert!(s.quarantined("e").is_none());
-        assert!(s.release("c").is_some());
-        assert!(s.quarantined("c").is_none());
-        assert_eq!(s.quarantined("d").unwrap().by, "alice");
-        assert!(s.release("d").is_some());
-        assert!(
-            s.quarantine("c", None, "bob", "again"),
-            "quarantined again after release"
-        );
-        assert_eq!(s.quarantined("c").unwrap().by, "bob");
+        self.local().visit(agent, since_ms, visit)
     }
 }

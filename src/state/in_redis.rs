@@ -1,0 +1,362 @@
+//! `state: redis://…`: the state that replicas share, in Redis.
+//!
+//! Why it is shaped this way:
+//! - **One round trip admits a call.** Quarantine, the token budget and the rate allowances
+//!   are checked and taken by one Lua script (`lua/admit.lua`), atomically: concurrent calls on
+//!   any number of replicas can never together pass a limit that admits fewer. Scripts run by
+//!   `EVALSHA` (loaded once; reloaded if Redis forgets them). Redis's clock, not the
+//!   replicas', decides rate cells and hourly windows.
+//! - **A reservation is a lease.** A budget reservation is a member of the agent's lease set
+//!   with an end; the admission that finds a lease past its end gives its tokens back, so a
+//!   replica that dies mid-call holds the budget only until the lease ends.
+//! - **Every key carries the agent's hash tag** (`PREFIX:{agent}:…`): a script touches one
+//!   agent's keys only, so a Redis Cluster could shard them by agent.
+//! - **A connection per data-plane thread**, multiplexed and reconnecting on its own
+//!   (redis-rs's `ConnectionManager`), made on that thread's event loop the first time it is
+//!   needed: a call's round trip never wakes another core.
+//! - **Every call has a deadline** (`redis.timeout_ms`); past it, or on any error, the caller
+//!   fails closed.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, Value};
+
+use super::{Quarantine, StateError};
+use crate::config::RedisConfig;
+use crate::per_thread;
+
+/// What one admission asks of the backend.
+pub(super) struct Ask<'a> {
+    pub agent: &'a str,
+    pub tool: &'a str,
+    /// `(tokens_per_hour, the call's tokens, the answer's tokens to reserve (None: estimate))`.
+    pub budget: Option<(u64, u64, Option<u64>)>,
+    pub tool_rate: u32,
+    pub agent_rate: u32,
+    pub lease: Duration,
+}
+
+/// What the admission script answered.
+pub(super) enum Answer {
+    Admitted(Option<Lease>),
+    Quarantined(Quarantine),
+    OverBudget(Duration),
+    ToolRate(Duration),
+    AgentRate(Duration),
+}
+
+/// A budget lease: its member in the agent's lease set, and its tokens.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    agent: String,
+    member: String,
+    tokens: u64,
+}
+
+struct Scripts {
+    admit: Script,
+    settle: Script,
+    denial: Script,
+    quarantine: Script,
+}
+
+pub struct RedisState {
+    client: redis::Client,
+    manager: ConnectionManagerConfig,
+    conns: Box<[per_thread::Shard<OnceLock<ConnectionManager>>]>,
+    timeout: Duration,
+    prefix: String,
+    server: String,
+    scripts: Scripts,
+    /// False after a call failed or timed out, until one succeeds (readiness reads it).
+    reachable: AtomicBool,
+}
+
+/// Why the backend cannot be used at start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the Redis settings are not usable: {0}")]
+    Settings(String),
+    #[error("cannot reach Redis at {server} within {ms} ms: {reason}")]
+    Unreachable { server: String, ms: u64, reason: String },
+    #[error(
+        "Redis at {0} does not persist writes (`appendonly no`): quarantines and approvals would be lost \
+         with a Redis restart. Turn on AOF (`appendonly yes`), or set `redis.require_persistence: false` \
+         if that loss is acceptable"
+    )]
+    NotPersistent(String),
+}
+
+impl RedisState {
+    /// Connects, checks the server (it answers, the credentials work, it persists writes if
+    /// required) and loads the scripts. Errors say what to fix.
+    pub async fn connect(config: &RedisConfig) -> Result<RedisState, ConnectError> {
+        let info = config.connection_info().map_err(ConnectError::Settings)?;
+        let client = redis::Client::open(info).map_err(|e| ConnectError::Settings(e.to_string()))?;
+        let timeout = config.timeout();
+        let server = config.server();
+        let unreachable = |reason: String| ConnectError::Unreachable {
+            server: server.clone(),
+            ms: config.options.timeout_ms,
+            reason,
+        };
+        let scripts = Scripts {
+            admit: Script::new(include_str!("lua/admit.lua")),
+            settle: Script::new(include_str!("lua/settle.lua")),
+            denial: Script::new(include_str!("lua/denial.lua")),
+            quarantine: Script::new(include_str!("lua/quarantine.lua")),
+        };
+        let check = async {
+            let mut c = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let _: String = redis::cmd("PING")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            if config.options.require_persistence {
+                let info: String = redis::cmd("INFO")
+                    .arg("persistence")
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+                if !info.lines().any(|l| l.trim() == "aof_enabled:1") {
+                    return Err(ConnectError::NotPersistent(server.clone()));
+                }
+            }
+            for s in [&scripts.admit, &scripts.settle, &scripts.denial, &scripts.quarantine] {
+                s.load_async(&mut c).await.map_err(|e| unreachable(e.to_string()))?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(timeout * 4, check)
+            .await
+            .map_err(|_| unreachable("no answer".to_owned()))??;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(timeout);
+        Ok(RedisState {
+            client,
+            manager,
+            conns: per_thread::shards(),
+            timeout,
+            prefix: config.options.key_prefix.clone(),
+            server,
+            scripts,
+            reachable: AtomicBool::new(true),
+        })
+    }
+
+    /// This thread's connection, made on its event loop the first time.
+    fn conn(&self) -> Result<ConnectionManager, StateError> {
+        let slot = &self.conns[per_thread::index()].0;
+        if let Some(c) = slot.get() {
+            return Ok(c.clone());
+        }
+        let made = ConnectionManager::new_lazy_with_config(self.client.clone(), self.manager.clone())?;
+        Ok(slot.get_or_init(|| made).clone())
+    }
+
+    /// Runs one Redis exchange under the deadline, and records whether Redis answered.
+    async fn run<T>(&self, f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StateError> {
+        let result = match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StateError::Redis(e)),
+            Err(_) => Err(StateError::Timeout(self.timeout.as_millis() as u64)),
+        };
+        if self.reachable.load(Ordering::Relaxed) != result.is_ok() {
+            self.reachable.store(result.is_ok(), Ordering::Relaxed);
+            match &result {
+                Ok(_) => tracing::info!(server = %self.server, "the state backend answers again"),
+                Err(e) => tracing::error!(server = %self.server, "the state backend failed: {e}"),
+            }
+        }
+        if result.is_err() {
+            metrics::counter!("toolgate_state_errors_total").increment(1);
+        }
+        result
+    }
+
+    fn key(&self, agent: &str, rest: &str) -> String {
+        format!("{}:{{{agent}}}:{rest}", self.prefix)
+    }
+
+    /// Whether Redis answers a `PING` now (readiness asks on every probe, so it recovers with
+    /// no traffic: a load balancer sends none to a replica it finds not ready).
+    pub async fn ping(&self) -> bool {
+        let Ok(mut c) = self.conn() else { return false };
+        self.run(async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await
+            .is_ok()
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    pub(super) async fn admit(&self, ask: Ask<'_>) -> Result<Answer, StateError> {
+        let mut c = self.conn()?;
+        let lease_id = uuid::Uuid::new_v4().simple().to_string();
+        let (limit, tokens, answer) = ask.budget.unwrap_or((0, 0, None));
+        let mut inv = self.scripts.admit.prepare_invoke();
+        inv.key(self.key(ask.agent, "quarantine"))
+            .key(self.key(ask.agent, "budget"))
+            .key(self.key(ask.agent, "leases"))
+            .key(self.key(ask.agent, &format!("rate:tool:{}", ask.tool)))
+            .key(self.key(ask.agent, "rate"))
+            .arg(limit)
+            .arg(tokens)
+            .arg(answer.map_or(-1, |a| a as i64))
+            .arg(&lease_id)
+            .arg(ask.lease.as_millis() as u64)
+            .arg(ask.tool_rate)
+            .arg(ask.agent_rate);
+        let reply: Vec<Value> = self.run(async move { inv.invoke_async(&mut c).await }).await?;
+        let int = |i: usize| match reply.get(i) {
+            Some(Value::Int(n)) => Ok(*n),
+            other => Err(StateError::Corrupt(format!("the admission script answered {other:?}"))),
+        };
+        let wait = || int(1).map(|ms| Duration::from_millis(ms.max(0) as u64));
+        Ok(match int(0)? {
+            0 => Answer::Admitted(match ask.budget {
+                Some(_) => {
+                    let tokens = int(1)?.max(0) as u64;
+                    Some(Lease {
+                        agent: ask.agent.to_owned(),
+                        member: format!("{lease_id}|{tokens}"),
+                        tokens,
+                    })
+                }
+                None => None,
+            }),
+            1 => match reply.get(1) {
+                Some(Value::BulkString(text)) => Answer::Quarantined(parse_quarantine(text)?),
+                other => return Err(StateError::Corrupt(format!("a quarantine read as {other:?}"))),
+            },
+            2 => Answer::OverBudget(wait()?),
+            3 => Answer::ToolRate(wait()?),
+            4 => Answer::AgentRate(wait()?),
+            other => return Err(StateError::Corrupt(format!("the admission script answered {other}"))),
+        })
+    }
+
+    /// Settles a lease (`input`, `output`: what flowed) or gives it back (both 0).
+    pub(super) async fn settle(&self, lease: &Lease, input: u64, output: u64) -> Result<(), StateError> {
+        let mut c = self.conn()?;
+        let mut inv = self.scripts.settle.prepare_invoke();
+        inv.key(self.key(&lease.agent, "budget"))
+            .key(self.key(&lease.agent, "leases"))
+            .arg(&lease.member)
+            .arg(lease.tokens)
+            .arg(input)
+            .arg(output);
+        self.run(async move { inv.invoke_async::<i64>(&mut c).await })
+            .await
+            .map(drop)
+    }
+
+    /// `(used, reserved)` in the current hour.
+    pub(super) async fn budget(&self, agent: &str) -> Result<(u64, u64), StateError> {
+        let mut c = self.conn()?;
+        let key = self.key(agent, "budget");
+        let window = super::unix_now() / super::HOUR;
+        let (w, used, reserved): (Option<u64>, Option<u64>, Option<u64>) = self
+            .run(async move {
+                redis::cmd("HMGET")
+                    .arg(key)
+                    .arg(&["window", "used", "reserved"])
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(match w == Some(window) {
+            true => (used.unwrap_or(0), reserved.unwrap_or(0)),
+            false => (0, reserved.unwrap_or(0)),
+        })
+    }
+
+    pub(super) async fn record_denial(
+        &self,
+        agent: &str,
+        kind: &str,
+        window: Duration,
+        threshold: usize,
+    ) -> Result<Option<usize>, StateError> {
+        let mut c = self.conn()?;
+        let mut inv = self.scripts.denial.prepare_invoke();
+        inv.key(self.key(agent, &format!("denials:{kind}")))
+            .arg(window.as_millis() as u64)
+            .arg(threshold)
+            .arg(uuid::Uuid::new_v4().simple().to_string());
+        let n: usize = self.run(async move { inv.invoke_async(&mut c).await }).await?;
+        Ok((n > 0).then_some(n))
+    }
+
+    pub(super) async fn denials(
+        &self,
+        agent: &str,
+        kinds: &[&'static str],
+        window: Duration,
+    ) -> Result<HashMap<&'static str, usize>, StateError> {
+        let mut c = self.conn()?;
+        let since = (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_sub(window))
+        .as_millis() as u64;
+        let mut pipe = redis::pipe();
+        for kind in kinds {
+            pipe.cmd("ZCOUNT")
+                .arg(self.key(agent, &format!("denials:{kind}")))
+                .arg(since)
+                .arg("+inf");
+        }
+        let counts: Vec<usize> = self.run(async move { pipe.query_async(&mut c).await }).await?;
+        Ok(kinds
+            .iter()
+            .zip(counts)
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| (*k, n))
+            .collect())
+    }
+
+    pub(super) async fn quarantine(&self, agent: &str, q: &Quarantine) -> Result<bool, StateError> {
+        let mut c = self.conn()?;
+        let mut inv = self.scripts.quarantine.prepare_invoke();
+        let text = serde_json::to_string(q).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        inv.key(self.key(agent, "quarantine"))
+            .arg(text)
+            .arg(q.until.map_or(0, |u| u.saturating_mul(1000)));
+        let n: i64 = self.run(async move { inv.invoke_async(&mut c).await }).await?;
+        Ok(n == 1)
+    }
+
+    pub(super) async fn quarantined(&self, agent: &str) -> Result<Option<Quarantine>, StateError> {
+        let mut c = self.conn()?;
+        let key = self.key(agent, "quarantine");
+        let text: Option<Vec<u8>> = self
+            .run(async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .await?;
+        text.map(|t| parse_quarantine(&t)).transpose()
+    }
+
+    pub(super) async fn release(&self, agent: &str) -> Result<Option<Quarantine>, StateError> {
+        let mut c = self.conn()?;
+        let key = self.key(agent, "quarantine");
+        let text: Option<Vec<u8>> = self
+            .run(async move { redis::cmd("GETDEL").arg(key).query_async(&mut c).await })
+            .await?;
+        text.map(|t| parse_quarantine(&t)).transpose()
+    }
+}
+
+fn parse_quarantine(text: &[u8]) -> Result<Quarantine, StateError> {
+    serde_json::from_slice(text).map_err(|e| StateError::Corrupt(format!("a quarantine that does not parse: {e}")))
+}
