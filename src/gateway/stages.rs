@@ -50,8 +50,9 @@ use crate::policy::{Code, Decision, Evaluation, Policy, Reason, Stage, ToolCall,
 use crate::state::{Admission, Quarantine, Refusal, Reservation};
 
 /// A budget lease outlives the tool's deadline by this much: the answer's checks and the
-/// settling happen after it.
-const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
+/// settling happen after it. A lease that ends before its call is settled only gives its
+/// reservation back early; the call is still charged what flowed.
+const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The policy's evaluation of a call, with its forwarded body taken out (shared with the event's
 /// record of the arguments) and the time it was decided at.

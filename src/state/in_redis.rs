@@ -84,6 +84,15 @@ pub enum ConnectError {
     #[error("cannot reach Redis at {server} within {ms} ms: {reason}")]
     Unreachable { server: String, ms: u64, reason: String },
     #[error(
+        "Redis at {server} refused the credentials ({reason}): check the user in `state`, and the password \
+         in the environment variable {env} or the file `redis.password_file`"
+    )]
+    Credentials {
+        server: String,
+        reason: String,
+        env: String,
+    },
+    #[error(
         "Redis at {0} does not persist writes (`appendonly no`): quarantines and approvals would be lost \
          with a Redis restart. Turn on AOF (`appendonly yes`), or set `redis.require_persistence: false` \
          if that loss is acceptable"
@@ -99,10 +108,19 @@ impl RedisState {
         let client = redis::Client::open(info).map_err(|e| ConnectError::Settings(e.to_string()))?;
         let timeout = config.timeout();
         let server = config.server();
-        let unreachable = |reason: String| ConnectError::Unreachable {
-            server: server.clone(),
-            ms: config.options.timeout_ms,
-            reason,
+        let unreachable = |e: redis::RedisError| match e.kind() {
+            redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
+                ConnectError::Credentials {
+                    server: server.clone(),
+                    reason: e.to_string(),
+                    env: config.options.password_env.clone(),
+                }
+            }
+            _ => ConnectError::Unreachable {
+                server: server.clone(),
+                ms: config.options.timeout_ms,
+                reason: e.to_string(),
+            },
         };
         let scripts = Scripts {
             admit: Script::new(include_str!("lua/admit.lua")),
@@ -111,32 +129,30 @@ impl RedisState {
             quarantine: Script::new(include_str!("lua/quarantine.lua")),
         };
         let check = async {
-            let mut c = client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-            let _: String = redis::cmd("PING")
-                .query_async(&mut c)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
+            let mut c = client.get_multiplexed_async_connection().await.map_err(unreachable)?;
+            let _: String = redis::cmd("PING").query_async(&mut c).await.map_err(unreachable)?;
             if config.options.require_persistence {
                 let info: String = redis::cmd("INFO")
                     .arg("persistence")
                     .query_async(&mut c)
                     .await
-                    .map_err(|e| unreachable(e.to_string()))?;
+                    .map_err(unreachable)?;
                 if !info.lines().any(|l| l.trim() == "aof_enabled:1") {
                     return Err(ConnectError::NotPersistent(server.clone()));
                 }
             }
             for s in [&scripts.admit, &scripts.settle, &scripts.denial, &scripts.quarantine] {
-                s.load_async(&mut c).await.map_err(|e| unreachable(e.to_string()))?;
+                s.load_async(&mut c).await.map_err(unreachable)?;
             }
             Ok(())
         };
         tokio::time::timeout(timeout * 4, check)
             .await
-            .map_err(|_| unreachable("no answer".to_owned()))??;
+            .map_err(|_| ConnectError::Unreachable {
+                server: server.clone(),
+                ms: config.options.timeout_ms * 4,
+                reason: "no answer".to_owned(),
+            })??;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
@@ -164,11 +180,25 @@ impl RedisState {
         Ok(slot.get_or_init(|| made).clone())
     }
 
-    /// Runs one Redis exchange under the deadline, and records whether Redis answered.
-    async fn run<T>(&self, f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StateError> {
-        let result = match tokio::time::timeout(self.timeout, f).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StateError::Redis(e)),
+    /// Runs one Redis exchange under the deadline, and records whether Redis answered. An
+    /// exchange on a connection found broken (Redis restarted, a failover) is tried once more
+    /// on the new one the manager makes: if the first had taken effect unseen, the second can
+    /// only count a call twice, which makes limits stricter, never looser.
+    async fn run<T, F, Fut>(&self, mut exchange: F) -> Result<T, StateError>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let attempts = async {
+            match exchange(self.conn()?).await {
+                Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() => {
+                    Ok(exchange(self.conn()?).await?)
+                }
+                other => Ok(other?),
+            }
+        };
+        let result = match tokio::time::timeout(self.timeout, attempts).await {
+            Ok(r) => r,
             Err(_) => Err(StateError::Timeout(self.timeout.as_millis() as u64)),
         };
         if self.reachable.load(Ordering::Relaxed) != result.is_ok() {
@@ -191,8 +221,7 @@ impl RedisState {
     /// Whether Redis answers a `PING` now (readiness asks on every probe, so it recovers with
     /// no traffic: a load balancer sends none to a replica it finds not ready).
     pub async fn ping(&self) -> bool {
-        let Ok(mut c) = self.conn() else { return false };
-        self.run(async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+        self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
             .await
             .is_ok()
     }
@@ -202,7 +231,6 @@ impl RedisState {
     }
 
     pub(super) async fn admit(&self, ask: Ask<'_>) -> Result<Answer, StateError> {
-        let mut c = self.conn()?;
         let lease_id = uuid::Uuid::new_v4().simple().to_string();
         let (limit, tokens, answer) = ask.budget.unwrap_or((0, 0, None));
         let mut inv = self.scripts.admit.prepare_invoke();
@@ -218,7 +246,12 @@ impl RedisState {
             .arg(ask.lease.as_millis() as u64)
             .arg(ask.tool_rate)
             .arg(ask.agent_rate);
-        let reply: Vec<Value> = self.run(async move { inv.invoke_async(&mut c).await }).await?;
+        let reply: Vec<Value> = self
+            .run(|mut c| {
+                let inv = &inv;
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
         let int = |i: usize| match reply.get(i) {
             Some(Value::Int(n)) => Ok(*n),
             other => Err(StateError::Corrupt(format!("the admission script answered {other:?}"))),
@@ -249,7 +282,6 @@ impl RedisState {
 
     /// Settles a lease (`input`, `output`: what flowed) or gives it back (both 0).
     pub(super) async fn settle(&self, lease: &Lease, input: u64, output: u64) -> Result<(), StateError> {
-        let mut c = self.conn()?;
         let mut inv = self.scripts.settle.prepare_invoke();
         inv.key(self.key(&lease.agent, "budget"))
             .key(self.key(&lease.agent, "leases"))
@@ -257,23 +289,28 @@ impl RedisState {
             .arg(lease.tokens)
             .arg(input)
             .arg(output);
-        self.run(async move { inv.invoke_async::<i64>(&mut c).await })
-            .await
-            .map(drop)
+        self.run(|mut c| {
+            let inv = &inv;
+            async move { inv.invoke_async::<i64>(&mut c).await }
+        })
+        .await
+        .map(drop)
     }
 
     /// `(used, reserved)` in the current hour.
     pub(super) async fn budget(&self, agent: &str) -> Result<(u64, u64), StateError> {
-        let mut c = self.conn()?;
         let key = self.key(agent, "budget");
         let window = super::unix_now() / super::HOUR;
         let (w, used, reserved): (Option<u64>, Option<u64>, Option<u64>) = self
-            .run(async move {
-                redis::cmd("HMGET")
-                    .arg(key)
-                    .arg(&["window", "used", "reserved"])
-                    .query_async(&mut c)
-                    .await
+            .run(|mut c| {
+                let key = &key;
+                async move {
+                    redis::cmd("HMGET")
+                        .arg(key)
+                        .arg(&["window", "used", "reserved"])
+                        .query_async(&mut c)
+                        .await
+                }
             })
             .await?;
         Ok(match w == Some(window) {
@@ -289,13 +326,17 @@ impl RedisState {
         window: Duration,
         threshold: usize,
     ) -> Result<Option<usize>, StateError> {
-        let mut c = self.conn()?;
         let mut inv = self.scripts.denial.prepare_invoke();
         inv.key(self.key(agent, &format!("denials:{kind}")))
             .arg(window.as_millis() as u64)
             .arg(threshold)
             .arg(uuid::Uuid::new_v4().simple().to_string());
-        let n: usize = self.run(async move { inv.invoke_async(&mut c).await }).await?;
+        let n: usize = self
+            .run(|mut c| {
+                let inv = &inv;
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
         Ok((n > 0).then_some(n))
     }
 
@@ -305,7 +346,6 @@ impl RedisState {
         kinds: &[&'static str],
         window: Duration,
     ) -> Result<HashMap<&'static str, usize>, StateError> {
-        let mut c = self.conn()?;
         let since = (std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -318,7 +358,12 @@ impl RedisState {
                 .arg(since)
                 .arg("+inf");
         }
-        let counts: Vec<usize> = self.run(async move { pipe.query_async(&mut c).await }).await?;
+        let counts: Vec<usize> = self
+            .run(|mut c| {
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut c).await }
+            })
+            .await?;
         Ok(kinds
             .iter()
             .zip(counts)
@@ -328,30 +373,38 @@ impl RedisState {
     }
 
     pub(super) async fn quarantine(&self, agent: &str, q: &Quarantine) -> Result<bool, StateError> {
-        let mut c = self.conn()?;
         let mut inv = self.scripts.quarantine.prepare_invoke();
         let text = serde_json::to_string(q).map_err(|e| StateError::Corrupt(e.to_string()))?;
         inv.key(self.key(agent, "quarantine"))
             .arg(text)
             .arg(q.until.map_or(0, |u| u.saturating_mul(1000)));
-        let n: i64 = self.run(async move { inv.invoke_async(&mut c).await }).await?;
+        let n: i64 = self
+            .run(|mut c| {
+                let inv = &inv;
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
         Ok(n == 1)
     }
 
     pub(super) async fn quarantined(&self, agent: &str) -> Result<Option<Quarantine>, StateError> {
-        let mut c = self.conn()?;
         let key = self.key(agent, "quarantine");
         let text: Option<Vec<u8>> = self
-            .run(async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .run(|mut c| {
+                let key = &key;
+                async move { redis::cmd("GET").arg(key).query_async(&mut c).await }
+            })
             .await?;
         text.map(|t| parse_quarantine(&t)).transpose()
     }
 
     pub(super) async fn release(&self, agent: &str) -> Result<Option<Quarantine>, StateError> {
-        let mut c = self.conn()?;
         let key = self.key(agent, "quarantine");
         let text: Option<Vec<u8>> = self
-            .run(async move { redis::cmd("GETDEL").arg(key).query_async(&mut c).await })
+            .run(|mut c| {
+                let key = &key;
+                async move { redis::cmd("GETDEL").arg(key).query_async(&mut c).await }
+            })
             .await?;
         text.map(|t| parse_quarantine(&t)).transpose()
     }

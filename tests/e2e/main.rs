@@ -16,6 +16,7 @@ mod hardening;
 mod jwt;
 mod limits;
 mod mcp;
+mod replicas;
 mod rules;
 mod tls_upstream;
 mod upstream_pool;
