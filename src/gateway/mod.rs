@@ -261,6 +261,23 @@ struct Record<'p> {
     would_deny: Vec<String>,
 }
 
+/// This replica's id: `TOOLGATE_REPLICA_ID` if set (a pod name), else the host name and a
+/// random suffix, so two processes on one host are told apart.
+fn replica_id() -> String {
+    if let Ok(id) = std::env::var("TOOLGATE_REPLICA_ID")
+        && crate::audit::is_safe_text(&id)
+    {
+        return id;
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| crate::audit::is_safe_text(h))
+        .unwrap_or_else(|| "toolgate".to_owned());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}", &suffix[..8])
+}
+
 /// Shared state of a running gateway.
 pub struct Gateway {
     policy: ArcSwap<Policy>,
@@ -282,6 +299,9 @@ pub struct Gateway {
     decisions: tokio::sync::Mutex<()>,
     /// Handles of the metrics every call updates.
     meters: Meters,
+    /// This replica's id (`TOOLGATE_REPLICA_ID`, else the host name and a random suffix) and
+    /// when it started: what it reports in its heartbeat.
+    replica: (String, u64),
 }
 
 impl Gateway {
@@ -314,6 +334,25 @@ impl Gateway {
             admin_token: None,
             decisions: tokio::sync::Mutex::new(()),
             meters: Meters::default(),
+            replica: (replica_id(), crate::state::unix_now()),
+        }
+    }
+
+    /// This replica as it reports itself now.
+    pub fn replica(&self) -> crate::state::Replica {
+        crate::state::Replica {
+            id: self.replica.0.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            policy_version: self.policy().version.clone(),
+            started_at: self.replica.1,
+            last_seen: crate::state::unix_now(),
+        }
+    }
+
+    /// Records this replica as alive in the shared state (every few seconds, from upkeep).
+    pub async fn heartbeat(&self) {
+        if let Err(e) = self.state.heartbeat(&self.replica()).await {
+            tracing::warn!("the replica heartbeat could not be written: {e}");
         }
     }
 

@@ -61,6 +61,7 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
         .route("/admin/reload", post(reload))
         .route("/admin/audit/rotate", post(rotate_audit))
         .route("/admin/policy", get(policy))
+        .route("/admin/replicas", get(replicas))
         .route("/admin/agents/{id}", get(agent_status))
         .route("/admin/agents/{id}/quarantine", post(quarantine).delete(release))
         .route("/admin/tools", get(list_mcp_tools))
@@ -305,6 +306,30 @@ fn names_who_acts(action: &AdminAction, required: bool) -> bool {
     match &action.by {
         Some(by) => !by.trim().is_empty() && by.len() <= 128,
         None => !required,
+    }
+}
+
+/// The replicas sharing this gateway's state, and whether they serve the same policy: a skew
+/// means a reload reached some replicas and not others.
+async fn replicas(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let rid = request_id(&req);
+    let me = gw.replica();
+    let id = me.id.clone();
+    match gw.state.replicas(me).await {
+        Ok(all) => {
+            let mut versions: Vec<&str> = all.iter().map(|r| r.policy_version.as_str()).collect();
+            versions.sort_unstable();
+            versions.dedup();
+            axum::Json(json!({
+                "self": id,
+                "state_backend": gw.state.describe(),
+                "replicas": all,
+                "policy_versions": versions,
+                "policy_skew": versions.len() > 1,
+            }))
+            .into_response()
+        }
+        Err(e) => not_done(ActionError::State(e), "The replicas were not listed", &rid),
     }
 }
 

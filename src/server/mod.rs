@@ -485,6 +485,9 @@ async fn upkeep(
         }
         ticks += 1;
         metrics.run_upkeep();
+        if ticks % crate::state::HEARTBEAT_SECONDS == 1 {
+            gateway.heartbeat().await;
+        }
         if ticks % 3600 == 0
             && let Err(e) = gateway.approvals.prune(crate::state::unix_now()).await
         {

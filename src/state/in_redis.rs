@@ -410,6 +410,63 @@ impl RedisState {
     }
 }
 
+impl RedisState {
+    /// Records this replica as alive (`replicas`: one hash for the gateway, a field per
+    /// replica; a replica silent for [`super::REPLICA_STALE_SECONDS`] is dropped by the next
+    /// listing).
+    pub(super) async fn heartbeat(&self, replica: &super::Replica) -> Result<(), StateError> {
+        let key = format!("{}:replicas", self.prefix);
+        let value = serde_json::to_string(replica).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        self.run(|mut c| {
+            let (key, value) = (&key, &value);
+            async move {
+                redis::pipe()
+                    .cmd("HSET")
+                    .arg(key)
+                    .arg(&replica.id)
+                    .arg(value)
+                    .ignore()
+                    .cmd("PEXPIRE")
+                    .arg(key)
+                    .arg(3_600_000)
+                    .ignore()
+                    .query_async::<()>(&mut c)
+                    .await
+            }
+        })
+        .await
+    }
+
+    /// The replicas heard from lately.
+    pub(super) async fn replicas(&self) -> Result<Vec<super::Replica>, StateError> {
+        let key = format!("{}:replicas", self.prefix);
+        let all: HashMap<String, String> = self
+            .run(|mut c| {
+                let key = &key;
+                async move { redis::cmd("HGETALL").arg(key).query_async(&mut c).await }
+            })
+            .await?;
+        let now = super::unix_now();
+        let (alive, stale): (Vec<_>, Vec<_>) = all
+            .into_iter()
+            .map(|(id, v)| (id, serde_json::from_str::<super::Replica>(&v).ok()))
+            .partition(|(_, r)| {
+                r.as_ref()
+                    .is_some_and(|r| r.last_seen + super::REPLICA_STALE_SECONDS >= now)
+            });
+        if !stale.is_empty() {
+            let ids: Vec<String> = stale.into_iter().map(|(id, _)| id).collect();
+            let _ = self
+                .run(|mut c| {
+                    let (key, ids) = (&key, &ids);
+                    async move { redis::cmd("HDEL").arg(key).arg(ids).query_async::<i64>(&mut c).await }
+                })
+                .await;
+        }
+        Ok(alive.into_iter().filter_map(|(_, r)| r).collect())
+    }
+}
+
 fn parse_quarantine(text: &[u8]) -> Result<Quarantine, StateError> {
     serde_json::from_slice(text).map_err(|e| StateError::Corrupt(format!("a quarantine that does not parse: {e}")))
 }

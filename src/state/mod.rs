@@ -113,6 +113,23 @@ pub enum Refusal {
     Unavailable(StateError),
 }
 
+/// One replica of the gateway, as it reports itself (`GET /admin/replicas`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Replica {
+    pub id: String,
+    pub version: String,
+    pub policy_version: String,
+    /// Unix seconds.
+    pub started_at: u64,
+    /// Unix seconds: its last heartbeat.
+    pub last_seen: u64,
+}
+
+/// A replica reports itself this often...
+pub const HEARTBEAT_SECONDS: u64 = 5;
+/// ...and is taken for gone after this long without a word.
+pub const REPLICA_STALE_SECONDS: u64 = 15;
+
 /// 9999-12-31T23:59:59Z: the last time RFC 3339 (and so an audit event) can say.
 const LAST_WRITABLE_SECOND: u64 = 253_402_300_799;
 
@@ -322,6 +339,27 @@ impl State {
             State::Memory(m) => Ok(m.quarantined(agent)),
             State::Redis { shared, .. } => shared.quarantined(agent).await,
         }
+    }
+
+    /// Records this replica as alive, with the policy version it serves (Redis; nothing to
+    /// record in memory).
+    pub async fn heartbeat(&self, me: &Replica) -> Result<(), StateError> {
+        match self {
+            State::Memory(_) => Ok(()),
+            State::Redis { shared, .. } => shared.heartbeat(me).await,
+        }
+    }
+
+    /// The replicas sharing this state, `me` included, by id.
+    pub async fn replicas(&self, me: Replica) -> Result<Vec<Replica>, StateError> {
+        let mut all = match self {
+            State::Memory(_) => Vec::new(),
+            State::Redis { shared, .. } => shared.replicas().await?,
+        };
+        all.retain(|r| r.id != me.id);
+        all.push(me);
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
     }
 
     /// The agent's quarantine if this process can tell at no cost: in memory, always; with

@@ -116,6 +116,10 @@ impl Replica {
     /// A replica named `name` (its own config, audit file and approval store in `dir/name`),
     /// on the shared policies and Redis.
     fn start(dir: &Path, name: &str, state: &str) -> Replica {
+        Self::start_with_policies(dir, name, state, &dir.join("policies"))
+    }
+
+    fn start_with_policies(dir: &Path, name: &str, state: &str, policies: &Path) -> Replica {
         let own = dir.join(name);
         std::fs::create_dir_all(&own).unwrap();
         std::fs::write(own.join("admin-token"), ADMIN_TOKEN).unwrap();
@@ -127,7 +131,7 @@ impl Replica {
                  policies: {p}\naudit: {{ file: {o}/audit.jsonl }}\napprovals: {{ store: {o}/approvals.redb }}\n\
                  limits: {{ upstream_timeout_ms: 2000 }}\nstate: {state}\n",
                 o = own.display(),
-                p = dir.join("policies").display(),
+                p = policies.display(),
             ),
         )
         .unwrap();
@@ -311,6 +315,54 @@ async fn a_quarantine_on_one_replica_holds_on_the_other() {
     assert_eq!(released.json()["changed"], true, "{}", released.json());
     assert_eq!(a.call("kb.search", "after").await.unwrap().status, 200);
     assert_eq!(upstream.count("/kb/search"), 2);
+}
+
+/// Each replica reports itself with the policy version it serves, so an operator sees them
+/// all from any one, and sees a policy skew between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_is_listed_with_its_policy_version() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    policies(dir.path(), &upstream.url, "{ calls_per_minute: 10 }");
+    let a = Replica::start(dir.path(), "a", &redis.url());
+    // B serves another policy: the same files and one more tool.
+    let other = dir.path().join("b-policies");
+    policies(&other, &upstream.url, "{ calls_per_minute: 10 }");
+    std::fs::write(
+        other.join("policies/extra.yaml"),
+        format!(
+            "tools:\n  kb.extra:\n    upstream: {{ url: \"{}/kb/extra\" }}\n",
+            upstream.url
+        ),
+    )
+    .unwrap();
+    let b = Replica::start_with_policies(dir.path(), "b", &redis.url(), &other.join("policies"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let listing = loop {
+        let r = a.admin("GET", "/admin/replicas", json!({})).await;
+        assert_eq!(r.status, 200);
+        let listing = r.json();
+        if listing["replicas"].as_array().unwrap().len() == 2 {
+            break listing;
+        }
+        assert!(Instant::now() < deadline, "B never showed up: {listing}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let versions: Vec<&str> = listing["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["policy_version"].as_str().unwrap())
+        .collect();
+    assert_ne!(versions[0], versions[1], "{listing}");
+    assert_eq!(listing["policy_skew"], true, "{listing}");
+    let b_id = b.admin("GET", "/admin/replicas", json!({})).await.json()["self"].clone();
+    assert_ne!(listing["self"], b_id);
+    assert!(
+        listing["replicas"].as_array().unwrap().iter().any(|r| r["id"] == b_id),
+        "{listing}"
+    );
 }
 
 /// Redis dies while calls are in flight: each call either completed or was refused with 503
