@@ -43,7 +43,7 @@ use super::{Answer, Arguments, CallRequest, Caller, Gateway, Record, is_approval
 use crate::approval::HoldRequest;
 use crate::audit::{CallForwarding, RecordedArguments, Tokens};
 use crate::config::AuditArguments;
-use crate::policy::history::{PastCall, hash_value};
+use crate::policy::history::{History, PastCall, hash_value};
 use crate::policy::limits::{BudgetMode, estimate_tokens};
 use crate::policy::tool::Tool;
 use crate::policy::{Code, Decision, Evaluation, Policy, Reason, Stage, ToolCall, arguments, content};
@@ -105,10 +105,19 @@ impl Gateway {
         // 5. The policy, in the agent's history turn when rules read history (held until the
         //    call is recorded in history at 10, or refused).
         let history_turn = match policy.tools.get(req.tool.as_str()).is_some_and(|t| t.touches_history) {
-            true => Some(self.state.history_turn(agent).await),
+            true => match self.state.history_turn(agent, policy.history_retention).await {
+                Ok(turn) => Some(turn),
+                Err(e) => {
+                    rec.arguments_sha256 = arguments.sha256();
+                    return Err(state_unavailable(agent, req.tool.as_str(), &e));
+                }
+            },
             false => None,
         };
-        let decided = self.evaluate(policy, agent, req, arguments, rec);
+        let history = history_turn
+            .as_ref()
+            .map_or(&self.state as &dyn History, |t| t.history(&self.state));
+        let decided = self.evaluate(policy, agent, req, arguments, history, rec);
         // 6. Approval.
         let mut call = self.hold_or_pass(agent, req, decided, rec).await?;
         // 7. Guardrails on the arguments.
@@ -129,7 +138,13 @@ impl Gateway {
             return Err(reason);
         }
         // 11. History.
-        let past = self.record_history(policy, req, &call);
+        let past = match self.record_history(policy, req, &call).await {
+            Ok(past) => past,
+            Err(reason) => {
+                self.give_back(reservation).await;
+                return Err(reason);
+            }
+        };
         drop(history_turn);
         // 12. Forward, and the answer back through guardrails and output filters.
         let answered = self.forward(policy, req, rec, &call.to_forward()).await;
@@ -137,7 +152,7 @@ impl Gateway {
         if let Some(p) = past
             && !answered.as_ref().is_ok_and(Answer::succeeded)
         {
-            self.state.forget_call(agent, &p);
+            self.state.forget_call(agent, &p).await;
         }
         let output_tokens = answered.as_ref().map_or(0, |a| estimate_tokens(a.len()));
         rec.tokens = Some(Tokens {
@@ -222,6 +237,7 @@ impl Gateway {
         agent: &'p str,
         req: &CallRequest,
         arguments: Arguments,
+        history: &dyn History,
         rec: &mut Record<'p>,
     ) -> Decided<'p> {
         let (body, parsed) = match arguments {
@@ -236,8 +252,8 @@ impl Gateway {
             now: std::time::SystemTime::now(),
         };
         let mut eval = match parsed {
-            None => policy.evaluate(&call, self.parse_limits(), &self.state),
-            Some(args) => policy.evaluate_parsed(&call, args, self.parse_limits(), &self.state),
+            None => policy.evaluate(&call, self.parse_limits(), history),
+            Some(args) => policy.evaluate_parsed(&call, args, self.parse_limits(), history),
         };
         rec.decided_at = Some(std::time::Instant::now());
         rec.known_tool = eval.tool.is_some();
@@ -447,10 +463,18 @@ impl Gateway {
         }
     }
 
-    /// Stage 10: the call in its agent's history, if any rule reads calls of this tool; the
-    /// entry, to take back if the call fails.
-    fn record_history(&self, policy: &Policy, req: &CallRequest, call: &Admitted<'_>) -> Option<PastCall> {
-        let fields = policy.recorded.get(&call.tool.name)?;
+    /// Stage 11: the call in its agent's history, if any rule reads calls of this tool; the
+    /// entry, to take back if the call fails. A history that cannot be written (Redis) stops
+    /// the call: the rules after it would count one call too few.
+    async fn record_history(
+        &self,
+        policy: &Policy,
+        req: &CallRequest,
+        call: &Admitted<'_>,
+    ) -> Result<Option<PastCall>, Reason> {
+        let Some(fields) = policy.recorded.get(&call.tool.name) else {
+            return Ok(None);
+        };
         let past = PastCall {
             tool: call.tool.name.as_str().into(),
             at_ms: call.at_ms,
@@ -461,8 +485,10 @@ impl Gateway {
                 .collect(),
         };
         self.state
-            .record_call(call.agent, past.clone(), policy.history_retention);
-        Some(past)
+            .record_call(call.agent, past.clone(), policy.history_retention)
+            .await
+            .map_err(|e| state_unavailable(call.agent, &call.tool.name, &e))?;
+        Ok(Some(past))
     }
 
     /// Stage 2: the quarantine, where this process knows it at no cost (memory); with Redis

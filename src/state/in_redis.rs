@@ -22,6 +22,9 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+mod history;
+
+pub use history::Turn;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
@@ -62,6 +65,8 @@ struct Scripts {
     settle: Script,
     denial: Script,
     quarantine: Script,
+    record: Script,
+    unlock: Script,
 }
 
 pub struct RedisState {
@@ -127,6 +132,8 @@ impl RedisState {
             settle: Script::new(include_str!("lua/settle.lua")),
             denial: Script::new(include_str!("lua/denial.lua")),
             quarantine: Script::new(include_str!("lua/quarantine.lua")),
+            record: Script::new(include_str!("lua/record.lua")),
+            unlock: Script::new(include_str!("lua/unlock.lua")),
         };
         let check = async {
             let mut c = client.get_multiplexed_async_connection().await.map_err(unreachable)?;
@@ -141,7 +148,14 @@ impl RedisState {
                     return Err(ConnectError::NotPersistent(server.clone()));
                 }
             }
-            for s in [&scripts.admit, &scripts.settle, &scripts.denial, &scripts.quarantine] {
+            for s in [
+                &scripts.admit,
+                &scripts.settle,
+                &scripts.denial,
+                &scripts.quarantine,
+                &scripts.record,
+                &scripts.unlock,
+            ] {
                 s.load_async(&mut c).await.map_err(unreachable)?;
             }
             Ok(())

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 pub use in_redis::{ConnectError, RedisState};
 pub use memory::{MAX_HISTORY_PER_AGENT, MemoryState};
 
-use crate::policy::history::{History, PastCall};
+use crate::policy::history::{History, PastCall, Recorded};
 
 /// Why an agent is quarantined, and until when.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -147,13 +147,37 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An agent's turn to decide a call whose rules read history or that history records (see
+/// [`State::history_turn`]); over when dropped.
+pub enum HistoryTurn {
+    Local(tokio::sync::OwnedMutexGuard<()>),
+    /// A turn held in Redis, and the agent's calls as read once the turn was taken.
+    Shared(in_redis::Turn, Recorded),
+}
+
+impl HistoryTurn {
+    /// The history the call is decided on: read with the turn (Redis), or the state itself.
+    pub fn history<'a>(&'a self, state: &'a State) -> &'a dyn History {
+        match self {
+            HistoryTurn::Local(_) => state,
+            HistoryTurn::Shared(_, calls) => calls,
+        }
+    }
+}
+
 /// The state backends. A closed set, dispatched with `match`.
 pub enum State {
     Memory(MemoryState),
-    /// Limits, budgets, denials and quarantines in Redis. Session history is still kept per
-    /// process (`local`): see docs/deployment.md.
+    /// Limits, budgets, denials, quarantines and session history in Redis; `local` keeps
+    /// nothing shared (it answers the memory-only questions as "nothing").
     Redis {
-        shared: Box<RedisState>,
+        shared: std::sync::Arc<RedisState>,
         local: MemoryState,
     },
 }
@@ -167,7 +191,7 @@ impl Default for State {
 impl State {
     pub fn redis(shared: RedisState) -> Self {
         State::Redis {
-            shared: Box::new(shared),
+            shared: std::sync::Arc::new(shared),
             local: MemoryState::default(),
         }
     }
@@ -372,20 +396,41 @@ impl State {
     }
 
     /// Waits for this agent's turn to decide a call whose rules read history or that history
-    /// records, and holds it until the guard drops: from evaluation to recording, so that
-    /// concurrent calls cannot all pass a count ("at most 3 refunds an hour") together.
-    pub async fn history_turn(&self, agent: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        self.local().history_turn(agent).await
+    /// records, and holds it until the turn drops: from evaluation to recording, so that
+    /// concurrent calls cannot all pass a count ("at most 3 refunds an hour") together. With
+    /// Redis the turn is shared by every replica, and the history read with it.
+    pub async fn history_turn(&self, agent: &str, retention: Duration) -> Result<HistoryTurn, StateError> {
+        match self {
+            State::Memory(m) => Ok(HistoryTurn::Local(m.history_turn(agent).await)),
+            State::Redis { shared, .. } => {
+                let (turn, calls) = shared.history_turn(agent, retention).await?;
+                Ok(HistoryTurn::Shared(turn, calls))
+            }
+        }
     }
 
     /// Records a call that rules may look back at; drops what is older than `retention`.
-    pub fn record_call(&self, agent: &str, call: PastCall, retention: Duration) {
-        self.local().record_call(agent, call, retention)
+    pub async fn record_call(&self, agent: &str, call: PastCall, retention: Duration) -> Result<(), StateError> {
+        match self {
+            State::Memory(m) => {
+                m.record_call(agent, call, retention);
+                Ok(())
+            }
+            State::Redis { shared, .. } => shared.record_call(agent, &call, retention, MAX_HISTORY_PER_AGENT).await,
+        }
     }
 
-    /// Takes back a recorded call (its tool failed).
-    pub fn forget_call(&self, agent: &str, call: &PastCall) {
-        self.local().forget_call(agent, call)
+    /// Takes back a recorded call (its tool failed). With Redis, a failure is logged: the call
+    /// then counts as made, the stricter error.
+    pub async fn forget_call(&self, agent: &str, call: &PastCall) {
+        match self {
+            State::Memory(m) => m.forget_call(agent, call),
+            State::Redis { shared, .. } => {
+                if let Err(e) = shared.forget_call(agent, call).await {
+                    tracing::error!(agent, "a failed call could not be taken out of history: {e}");
+                }
+            }
+        }
     }
 }
 

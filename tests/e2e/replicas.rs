@@ -165,6 +165,17 @@ impl Replica {
         .await
     }
 
+    async fn call_as(&self, key: &str, tool: &str, body: &str) -> Resp {
+        let headers = vec![("authorization", format!("Bearer {key}"))];
+        send(
+            "POST",
+            &format!("{}/v1/tools/{tool}", self.data),
+            &headers,
+            body.as_bytes().to_vec(),
+        )
+        .await
+    }
+
     async fn admin(&self, method: &str, path: &str, body: Value) -> Resp {
         let headers = vec![
             ("authorization", format!("Bearer {ADMIN_TOKEN}")),
@@ -315,6 +326,62 @@ async fn a_quarantine_on_one_replica_holds_on_the_other() {
     assert_eq!(released.json()["changed"], true, "{}", released.json());
     assert_eq!(a.call("kb.search", "after").await.unwrap().status, 200);
     assert_eq!(upstream.count("/kb/search"), 2);
+}
+
+/// Session-aware rules read one history across replicas: a fraud check made through A
+/// counts for a refund through B, and a count rule holds for calls sent to both at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_rule_holds_across_replicas() {
+    const OPS_KEY: &str = "ops-key";
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    policies(dir.path(), &upstream.url, "{ calls_per_minute: 1000 }");
+    let tools = std::fs::read_to_string(support::fixture("rules/tools.yaml"))
+        .unwrap()
+        .replace("{{UPSTREAM}}", &upstream.url)
+        .replace("OPS_DIGEST", &sha256_hex(OPS_KEY))
+        .replace("FIN_DIGEST", &sha256_hex("fin-key"))
+        .replace("LIMITED_DIGEST", &sha256_hex("limited-key"));
+    std::fs::write(dir.path().join("policies/rules-tools.yaml"), tools).unwrap();
+    std::fs::copy(
+        support::fixture("rules/rules.cedar"),
+        dir.path().join("policies/rules.cedar"),
+    )
+    .unwrap();
+    let a = Replica::start(dir.path(), "a", &redis.url());
+    let b = Replica::start(dir.path(), "b", &redis.url());
+    let refund = |order: &str| format!(r#"{{"order_id": "{order}", "amount": 5}}"#);
+    let r = b.call_as(OPS_KEY, "refund.issue", &refund("O-1")).await;
+    assert_eq!(
+        r.assert_error(403, "rule_denied")["error"]["rule"],
+        "refund-needs-fraud-check"
+    );
+    assert_eq!(
+        a.call_as(OPS_KEY, "fraud.check", r#"{"order_id": "O-1"}"#).await.status,
+        200
+    );
+    let r = b.call_as(OPS_KEY, "refund.issue", &refund("O-1")).await;
+    assert_eq!(r.status, 200, "{}", r.json());
+    // 23 more checked orders, then refunds for all of them at once, split between the
+    // replicas: two more pass the three-an-hour rule, not two more per replica.
+    for i in 2..=24 {
+        let r = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            r.call_as(OPS_KEY, "fraud.check", &format!(r#"{{"order_id": "O-{i}"}}"#))
+                .await
+                .status,
+            200
+        );
+    }
+    let calls = (2..=24).map(|i| {
+        let r = if i % 2 == 0 { &a } else { &b };
+        let body = refund(&format!("O-{i}"));
+        async move { r.call_as(OPS_KEY, "refund.issue", &body).await.status }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 2, "{statuses:?}");
+    assert_eq!(upstream.count("/refunds/"), 3);
 }
 
 /// Each replica reports itself with the policy version it serves, so an operator sees them
