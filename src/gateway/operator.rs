@@ -126,7 +126,8 @@ impl Gateway {
             quarantined_by: &q.by,
         };
         self.audit.emit(&event).await?;
-        self.state.release(agent).await?;
+        // The quarantine the event names, not one another replica put in force since.
+        self.state.release(agent, &q).await?;
         metrics::gauge!("toolgate_agent_quarantined", "agent" => agent.to_owned()).set(0.0);
         tracing::info!(agent, by, "agent released from quarantine");
         Ok(true)
@@ -136,12 +137,17 @@ impl Gateway {
     /// as of now: called when `/metrics` is scraped, not on every call (a gauge written per
     /// call is a line both data-plane cores write, and it went stale when an hour's window
     /// reset with no call to update it).
+    ///
+    /// With Redis, the agents are read at once: a Redis that does not answer costs the scrape
+    /// one deadline, not one per agent.
     pub async fn report_budgets(&self) {
         let policy = self.policy.load_full();
-        for (id, agent) in &policy.agents {
-            if let Some(limit) = agent.limits.tokens_per_hour
-                && let Ok(b) = self.state.budget(id, limit.get()).await
-            {
+        let reads = policy.agents.iter().filter_map(|(id, agent)| {
+            let limit = agent.limits.tokens_per_hour?;
+            Some(async move { (id, self.state.budget(id, limit.get()).await) })
+        });
+        for (id, read) in futures_util::future::join_all(reads).await {
+            if let Ok(b) = read {
                 self.meters.budget_remaining(id, b.remaining as f64);
             }
         }

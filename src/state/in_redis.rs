@@ -67,6 +67,7 @@ struct Scripts {
     quarantine: Script,
     record: Script,
     unlock: Script,
+    release: Script,
 }
 
 pub struct RedisState {
@@ -77,7 +78,9 @@ pub struct RedisState {
     prefix: String,
     server: String,
     scripts: Scripts,
-    /// False after a call failed or timed out, until one succeeds (readiness reads it).
+    /// False after a call failed or timed out, until one succeeds: the log says so once per
+    /// change, not once per call. (Readiness pings instead: it must find Redis back with no
+    /// calls flowing.)
     reachable: AtomicBool,
 }
 
@@ -98,11 +101,26 @@ pub enum ConnectError {
         env: String,
     },
     #[error(
-        "Redis at {0} does not persist writes (`appendonly no`): quarantines and approvals would be lost \
-         with a Redis restart. Turn on AOF (`appendonly yes`), or set `redis.require_persistence: false` \
-         if that loss is acceptable"
+        "Redis at {0} does not persist writes (`appendonly no`): quarantines would be lost with a Redis \
+         restart. Turn on AOF (`appendonly yes`), or set `redis.require_persistence: false` if that loss is \
+         acceptable"
     )]
     NotPersistent(String),
+    #[error(
+        "Redis at {server} may evict keys (maxmemory {maxmemory} bytes, maxmemory-policy {policy}): under \
+         memory pressure it could drop a quarantine or a budget and let an agent do more. Set \
+         `maxmemory-policy noeviction` (or no maxmemory)"
+    )]
+    Evicts {
+        server: String,
+        maxmemory: u64,
+        policy: String,
+    },
+    #[error(
+        "Redis at {0} is a Cluster node: toolgate speaks to one standalone server (or a primary with \
+         replicas and failover). Point `state` at a standalone Redis"
+    )]
+    Cluster(String),
 }
 
 impl RedisState {
@@ -134,19 +152,37 @@ impl RedisState {
             quarantine: Script::new(include_str!("lua/quarantine.lua")),
             record: Script::new(include_str!("lua/record.lua")),
             unlock: Script::new(include_str!("lua/unlock.lua")),
+            release: Script::new(include_str!("lua/release.lua")),
         };
         let check = async {
             let mut c = client.get_multiplexed_async_connection().await.map_err(unreachable)?;
             let _: String = redis::cmd("PING").query_async(&mut c).await.map_err(unreachable)?;
-            if config.options.require_persistence {
-                let info: String = redis::cmd("INFO")
-                    .arg("persistence")
-                    .query_async(&mut c)
-                    .await
-                    .map_err(unreachable)?;
-                if !info.lines().any(|l| l.trim() == "aof_enabled:1") {
-                    return Err(ConnectError::NotPersistent(server.clone()));
-                }
+            // What the server is, from INFO (which managed services that disable CONFIG keep).
+            let info: String = redis::cmd("INFO")
+                .arg("everything")
+                .query_async(&mut c)
+                .await
+                .map_err(unreachable)?;
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            if field("cluster_enabled") == "1" {
+                return Err(ConnectError::Cluster(server.clone()));
+            }
+            let maxmemory: u64 = field("maxmemory").parse().unwrap_or(0);
+            let policy = field("maxmemory_policy");
+            if maxmemory > 0 && policy != "noeviction" {
+                return Err(ConnectError::Evicts {
+                    server: server.clone(),
+                    maxmemory,
+                    policy,
+                });
+            }
+            if config.options.require_persistence && field("aof_enabled") != "1" {
+                return Err(ConnectError::NotPersistent(server.clone()));
             }
             for s in [
                 &scripts.admit,
@@ -155,6 +191,7 @@ impl RedisState {
                 &scripts.quarantine,
                 &scripts.record,
                 &scripts.unlock,
+                &scripts.release,
             ] {
                 s.load_async(&mut c).await.map_err(unreachable)?;
             }
@@ -412,15 +449,20 @@ impl RedisState {
         text.map(|t| parse_quarantine(&t)).transpose()
     }
 
-    pub(super) async fn release(&self, agent: &str) -> Result<Option<Quarantine>, StateError> {
-        let key = self.key(agent, "quarantine");
-        let text: Option<Vec<u8>> = self
+    /// Releases the agent from quarantine `q` (as read and recorded by the caller), and only
+    /// from that one: a quarantine another replica put in force since is kept. True if `q`
+    /// was released.
+    pub(super) async fn release(&self, agent: &str, q: &Quarantine) -> Result<bool, StateError> {
+        let mut inv = self.scripts.release.prepare_invoke();
+        let text = serde_json::to_string(q).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        inv.key(self.key(agent, "quarantine")).arg(text);
+        let n: i64 = self
             .run(|mut c| {
-                let key = &key;
-                async move { redis::cmd("GETDEL").arg(key).query_async(&mut c).await }
+                let inv = &inv;
+                async move { inv.invoke_async(&mut c).await }
             })
             .await?;
-        text.map(|t| parse_quarantine(&t)).transpose()
+        Ok(n == 1)
     }
 }
 

@@ -287,6 +287,17 @@ impl MemoryState {
         q
     }
 
+    /// Releases the agent from quarantine `q` only (see [`super::State::release`]).
+    pub fn release_if(&self, agent: &str, q: &Quarantine) -> bool {
+        let mut map = write(&self.quarantines);
+        if map.get(agent) != Some(q) {
+            return false;
+        }
+        map.remove(agent);
+        self.any_quarantined.store(!map.is_empty(), Ordering::Release);
+        true
+    }
+
     /// The agent's quarantine, if one is in force (an expired one is dropped).
     pub fn quarantined(&self, agent: &str) -> Option<Quarantine> {
         if !self.any_quarantined.load(Ordering::Acquire) {
@@ -437,5 +448,16 @@ mod tests {
             "quarantined again after release"
         );
         assert_eq!(s.quarantined("c").unwrap().by, "bob");
+    }
+
+    #[test]
+    fn a_release_ends_only_the_quarantine_it_names() {
+        let s = MemoryState::default();
+        assert!(s.quarantine("a", None, "anomaly", "first"));
+        let first = s.quarantined("a").unwrap();
+        assert!(s.release_if("a", &first));
+        assert!(s.quarantine("a", None, "bob", "second"));
+        assert!(!s.release_if("a", &first), "a newer quarantine is not the one released");
+        assert_eq!(s.quarantined("a").unwrap().by, "bob");
     }
 }

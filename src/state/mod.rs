@@ -349,11 +349,13 @@ impl State {
         }
     }
 
-    /// Releases an agent. Returns the quarantine it was under, if any.
-    pub async fn release(&self, agent: &str) -> Result<Option<Quarantine>, StateError> {
+    /// Releases the agent from quarantine `q`, the one the caller read (and recorded the
+    /// release of): a quarantine put in force since, by another replica, is kept. True if `q`
+    /// was released.
+    pub async fn release(&self, agent: &str, q: &Quarantine) -> Result<bool, StateError> {
         match self {
-            State::Memory(m) => Ok(m.release(agent)),
-            State::Redis { shared, .. } => shared.release(agent).await,
+            State::Memory(m) => Ok(m.release_if(agent, q)),
+            State::Redis { shared, .. } => shared.release(agent, q).await,
         }
     }
 
