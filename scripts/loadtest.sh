@@ -22,6 +22,8 @@
 #                                       # repeatable whatever else the machine is doing
 #   TOOLGATE=/tmp/old/toolgate scripts/loadtest.sh   # another build of toolgate (an earlier
 #                                       # commit's), against the same bare proxy and upstream
+#   REDIS=1 scripts/loadtest.sh         # also a second toolgate with `state: redis://` (a local
+#                                       # redis-server), against the memory one in the same run
 #
 # Needs wrk (apt-get install wrk). Traffic stays on 127.0.0.1; every run is bounded in time.
 set -euo pipefail
@@ -82,11 +84,24 @@ YAML
 
 "$bin/examples/bench_upstream" 127.0.0.1:19100 & pids+=($!)
 [ -n "$INSTRUCTIONS" ] && wrap=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.%p")
+REDIS=${REDIS:-}
+if [ -n "$REDIS" ]; then
+  command -v redis-server >/dev/null || { echo "loadtest: REDIS=1 needs redis-server" >&2; exit 1; }
+  mkdir -p "$work/redis"
+  redis-server --port 19105 --bind 127.0.0.1 --save "" --appendonly yes --dir "$work/redis" >/dev/null 2>&1 & pids+=($!); redis_pid=$!
+  for _ in $(seq 1 50); do redis-cli -p 19105 ping >/dev/null 2>&1 && break; sleep 0.1; done
+  sed -e 's#127.0.0.1:19102#127.0.0.1:19106#' -e 's#127.0.0.1:19103#127.0.0.1:19107#' -e "s#audit.jsonl#audit-redis.jsonl#" \
+    "$work/toolgate.yaml" > "$work/toolgate-redis.yaml"
+  # Its own approval store: a store is locked by the process that opened it.
+  printf 'state: redis://127.0.0.1:19105/0\nredis: { timeout_ms: 5000 }\napprovals: { store: %s }\n' "$work/approvals-redis.redb" >> "$work/toolgate-redis.yaml"
+  RUST_LOG=warn "${wrap[@]}" "$TOOLGATE" serve -c "$work/toolgate-redis.yaml" 2>"$work/toolgate-redis.log" & pids+=($!); tgr_pid=$!
+fi
 "${wrap[@]}" "$bin/examples/bare_proxy" 127.0.0.1:19101 http://127.0.0.1:19100 2>"$work/bare.log" & pids+=($!); bare_pid=$!
 BARE_RUNTIME=work-stealing "$bin/examples/bare_proxy" 127.0.0.1:19104 http://127.0.0.1:19100 2>"$work/bare_ws.log" & pids+=($!); ws_pid=$!
 RUST_LOG=warn "${wrap[@]}" "$TOOLGATE" serve -c "$work/toolgate.yaml" 2>"$work/toolgate.log" & pids+=($!); tg_pid=$!
 for _ in $(seq 1 60); do
-  curl -s -o /dev/null http://127.0.0.1:19101/ && curl -s -o /dev/null http://127.0.0.1:19104/ && curl -s -o /dev/null http://127.0.0.1:19103/healthz && break
+  curl -s -o /dev/null http://127.0.0.1:19101/ && curl -s -o /dev/null http://127.0.0.1:19104/ && curl -s -o /dev/null http://127.0.0.1:19103/healthz \
+    && { [ -z "$REDIS" ] || curl -s -o /dev/null http://127.0.0.1:19107/healthz; } && break
   sleep 0.5
 done
 
@@ -129,6 +144,10 @@ if [ -n "$INSTRUCTIONS" ]; then
   t=$(instructions toolgate "$tg_pid" "http://127.0.0.1:19102/v1/tools/kb.search")
   m=$(instructions mcp "$tg_pid" "http://127.0.0.1:19102/mcp" "$work/mcp.lua")
   f=$(instructions screened "$tg_pid" "http://127.0.0.1:19102/v1/tools/kb.screened")
+  if [ -n "$REDIS" ]; then
+    r=$(instructions redis "$tgr_pid" "http://127.0.0.1:19106/v1/tools/kb.search")
+    printf 'toolgate, state: redis %24s (%.2fx the memory state)\n' "$r" "$(awk -v r="$r" -v t="$t" 'BEGIN { print r / t }')"
+  fi
   printf '\n%-28s %24s\n' "proxy (callgrind, $CONNS conns)" "instructions / request"
   printf '%-28s %24s\n' "bare hyper pass-through" "$b" "toolgate (full pipeline)" "$t" "toolgate, MCP tools/call" "$m" \
     "toolgate, every filter" "$f"
@@ -144,14 +163,17 @@ targets=("bare $bare_pid http://127.0.0.1:19101/v1/tools/kb.search $work/post.lu
   "toolgate $tg_pid http://127.0.0.1:19102/v1/tools/kb.search $work/post.lua"
   "mcp $tg_pid http://127.0.0.1:19102/mcp $work/mcp.lua"
   "screened $tg_pid http://127.0.0.1:19102/v1/tools/kb.screened $work/post.lua")
+[ -n "$REDIS" ] && targets+=("redis $tgr_pid http://127.0.0.1:19106/v1/tools/kb.search $work/post.lua")
 
 # slice NAME PID URL SCRIPT SECONDS: one wrk run against one target; appends
 # "cpu_ticks requests seconds p50_ms p99_ms" to NAME.acc.
 slice() {
   local name=$1 pid=$2 url=$3 script=$4 secs=$5
   local before; before=$(ticks "$pid")
+  local rbefore=0; [ "$name" = redis ] && rbefore=$(ticks "$redis_pid")
   wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" --latency -s "$script" "$url" > "$work/$name.slice"
   local after; after=$(ticks "$pid")
+  [ "$name" = redis ] && echo $(( $(ticks "$redis_pid") - rbefore )) >> "$work/redis_server.ticks"
   if grep -q "Non-2xx" "$work/$name.slice"; then
     grep -H "Non-2xx" "$work/$name.slice" >&2
     echo "loadtest: $name had non-2xx responses, so these figures do not measure forwarded calls" >&2
@@ -170,7 +192,7 @@ slice() {
 # to back for the whole DURATION each.
 round() {
   local secs=$((DURATION / SLICES)); [ "$secs" -ge 1 ] || { echo "loadtest: DURATION must be at least SLICES seconds" >&2; exit 1; }
-  rm -f "$work"/*.acc
+  rm -f "$work"/*.acc "$work/redis_server.ticks"
   for t in "${targets[@]}"; do
     set -- $t; wrk -t"$THREADS" -c"$CONNS" -d2s -s "$4" "$3" >/dev/null 2>&1   # warm-up
   done
@@ -211,6 +233,16 @@ round() {
     printf "against the work-stealing bare proxy: CPU per request %.2fx, throughput %.0f%%\n", tc / wc, 100 * tr / wr
     printf "MCP vs plain HTTP path: CPU per request %.2fx, throughput %.0f%%\n", mc / tc, 100 * mr / tr
     printf "%.4f %.4f %.4f %.4f %.4f %.4f\n", tc / bc, tr / br, fc / bc, fr / br, tc / wc, tr / wr >> "'"$work/ratios"'" }'
+  if [ -n "$REDIS" ]; then
+    read -r r_rps r_p50 r_p99 r_cpu < <(figures redis)
+    local rs_cpu; rs_cpu=$(awk -v clk="$clk" '{ t += $1 } END { print t }' "$work/redis_server.ticks")
+    local r_n; r_n=$(awk '{ n += $2 } END { print n }' "$work/redis.acc")
+    printf '%-28s %10s %9s %9s %14s\n' "toolgate, state: redis" "$r_rps" "$r_p50" "$r_p99" "$r_cpu"
+    awk -v rc="$r_cpu" -v tc="$t_cpu" -v rr="$r_rps" -v tr="$t_rps" -v r99="$r_p99" -v t99="$t_p99" \
+      -v rs="$rs_cpu" -v n="$r_n" -v clk="$clk" 'BEGIN {
+      printf "state: redis against memory: CPU per call %.2fx, throughput %.0f%%, p99 %+.2f ms; redis-server %.1f us CPU per call besides\n", rc / tc, 100 * rr / tr, r99 - t99, rs / clk * 1e6 / n
+      printf "%.4f %.4f %.3f\n", rc / tc, rr / tr, r99 - t99 >> "'"$work/redis_ratios"'" }'
+  fi
 }
 
 median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -230,6 +262,13 @@ if [ "$ROUNDS" -gt 1 ]; then
     printf "\nmedian over %d rounds: CPU per request %.2fx the bare proxy, throughput %.0f%% of it\n", n, c, 100 * t
     printf "every filter on, median over %d rounds: CPU per request %.2fx, throughput %.0f%%\n", n, fc, 100 * ft
     printf "against the work-stealing bare proxy, median over %d rounds: CPU per request %.2fx, throughput %.0f%%\n", n, wc, 100 * wt }'
+  if [ -n "$REDIS" ]; then
+    rc=$(awk '{ print $1 }' "$work/redis_ratios" | median)
+    rt=$(awk '{ print $2 }' "$work/redis_ratios" | median)
+    rp=$(awk '{ print $3 }' "$work/redis_ratios" | median)
+    awk -v c="$rc" -v t="$rt" -v p="$rp" -v n="$ROUNDS" 'BEGIN {
+      printf "state: redis against memory, median over %d rounds: CPU per call %.2fx, throughput %.0f%%, p99 %+.2f ms\n", n, c, 100 * t, p }'
+  fi
 fi
 events=$( [ -f "$work/audit.jsonl" ] && wc -l < "$work/audit.jsonl" || echo 0)
 ahead=$( [ -f "$work/audit.jsonl" ] && grep -c '"event":"call_forwarding"' "$work/audit.jsonl" || true)
