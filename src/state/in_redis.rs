@@ -23,10 +23,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 mod history;
+mod sessions;
 
 pub use history::Turn;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
+pub use sessions::Found;
 
 use super::{Quarantine, StateError};
 use crate::config::RedisConfig;
@@ -68,6 +70,7 @@ struct Scripts {
     record: Script,
     unlock: Script,
     release: Script,
+    session: Script,
 }
 
 pub struct RedisState {
@@ -153,6 +156,7 @@ impl RedisState {
             record: Script::new(include_str!("lua/record.lua")),
             unlock: Script::new(include_str!("lua/unlock.lua")),
             release: Script::new(include_str!("lua/release.lua")),
+            session: Script::new(include_str!("lua/session.lua")),
         };
         let check = async {
             let mut c = client.get_multiplexed_async_connection().await.map_err(unreachable)?;
@@ -192,6 +196,7 @@ impl RedisState {
                 &scripts.record,
                 &scripts.unlock,
                 &scripts.release,
+                &scripts.session,
             ] {
                 s.load_async(&mut c).await.map_err(unreachable)?;
             }

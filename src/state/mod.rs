@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-pub use in_redis::{ConnectError, RedisState};
+pub use in_redis::{ConnectError, Found, RedisState};
 pub use memory::{MAX_HISTORY_PER_AGENT, MemoryState};
 
 use crate::policy::history::{History, PastCall, Recorded};
@@ -196,7 +196,15 @@ impl State {
         }
     }
 
-    /// The process-local part: all of it in memory mode; session history with Redis.
+    /// The Redis backend, for what keeps its own shape there (MCP sessions).
+    pub fn shared(&self) -> Option<std::sync::Arc<RedisState>> {
+        match self {
+            State::Memory(_) => None,
+            State::Redis { shared, .. } => Some(shared.clone()),
+        }
+    }
+
+    /// The process-local part: all of it in memory mode; nothing shared with Redis.
     fn local(&self) -> &MemoryState {
         match self {
             State::Memory(m) => m,

@@ -384,6 +384,53 @@ async fn a_history_rule_holds_across_replicas() {
     assert_eq!(upstream.count("/refunds/"), 3);
 }
 
+/// An MCP session of a handshake revision opened through A is served by B, still bound to
+/// its agent, and ended through B it is gone on A too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_session_opened_on_one_replica_is_served_by_another() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    policies(dir.path(), &upstream.url, "{ calls_per_minute: 1000 }");
+    let a = Replica::start(dir.path(), "a", &redis.url());
+    let b = Replica::start(dir.path(), "b", &redis.url());
+    let mcp = |r: &Replica, key: &str, session: Option<&str>, body: &str| {
+        let mut headers = vec![
+            ("authorization", format!("Bearer {key}")),
+            ("content-type", "application/json".to_owned()),
+            ("accept", "application/json, text/event-stream".to_owned()),
+        ];
+        if let Some(s) = session {
+            headers.push(("mcp-session-id", s.to_owned()));
+            headers.push(("mcp-protocol-version", "2025-06-18".to_owned()));
+        }
+        let (url, body) = (format!("{}/mcp", r.data), body.as_bytes().to_vec());
+        async move { send("POST", &url, &headers, body).await }
+    };
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let opened = mcp(&a, BOT_KEY, None, init).await;
+    assert_eq!(opened.status, 200, "{:?}", opened.body);
+    let session = opened.header("mcp-session-id").unwrap().to_owned();
+    let call =
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"kb.search","arguments":{"query":"x"}}}"#;
+    let r = mcp(&b, BOT_KEY, Some(&session), call).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["result"]["isError"], false, "{}", r.json());
+    assert_eq!(upstream.count("/kb/search"), 1);
+    // Another agent's credential with it, on either replica: refused.
+    let hijack = mcp(&b, support::SUPPORT_KEY, Some(&session), call).await;
+    assert_eq!(hijack.status, 403);
+    // Ended through B: unknown on A.
+    let headers = vec![
+        ("authorization", format!("Bearer {BOT_KEY}")),
+        ("mcp-session-id", session.clone()),
+    ];
+    let del = send("DELETE", &format!("{}/mcp", b.data), &headers, Vec::new()).await;
+    assert_eq!(del.status, 204);
+    assert_eq!(mcp(&a, BOT_KEY, Some(&session), call).await.status, 404);
+    assert_eq!(upstream.count("/kb/search"), 1);
+}
+
 /// Each replica reports itself with the policy version it serves, so an operator sees them
 /// all from any one, and sees a policy skew between them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,6 +47,9 @@ const META_SESSION: &str = "io.toolgate/session";
 const META_APPROVAL: &str = "io.toolgate/approval";
 
 /// The `/mcp` endpoint's state.
+/// What a session request is told when Redis, which holds the sessions, does not answer.
+const SESSIONS_UNAVAILABLE: &str = "MCP sessions are unavailable (the shared state did not answer); try again shortly, or use the stateless revision 2026-07-28.";
+
 pub struct Mcp {
     gateway: Arc<Gateway>,
     sessions: Sessions,
@@ -54,7 +57,11 @@ pub struct Mcp {
 
 impl Mcp {
     pub fn new(gateway: Arc<Gateway>) -> Arc<Mcp> {
-        let sessions = Sessions::new(gateway.config.mcp.max_sessions, gateway.config.mcp.session_idle());
+        let sessions = Sessions::new(
+            gateway.config.mcp.max_sessions,
+            gateway.config.mcp.session_idle(),
+            gateway.state.shared(),
+        );
         Arc::new(Mcp { gateway, sessions })
     }
 }
@@ -133,13 +140,13 @@ async fn end_session(State(mcp): State<Arc<Mcp>>, req: Request) -> Response {
         endpoint: "/mcp",
         ..Refusal::of(&req, RequestId::of(&req), Source::of(&req))
     };
-    match end(&mcp, req.headers(), &mut refusal) {
+    match end(&mcp, req.headers(), &mut refusal).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err((code, message)) => refusal.refuse(&mcp.gateway, code, &message).await,
     }
 }
 
-fn end(mcp: &Mcp, headers: &HeaderMap, refusal: &mut Refusal) -> Result<(), (Code, String)> {
+async fn end(mcp: &Mcp, headers: &HeaderMap, refusal: &mut Refusal) -> Result<(), (Code, String)> {
     let refuse = |code: Code, message: &str| Err((code, message.to_owned()));
     if !origin_allowed(mcp, headers) {
         return refuse(Code::ToolNotAllowed, "This Origin may not use the MCP endpoint.");
@@ -149,10 +156,11 @@ fn end(mcp: &Mcp, headers: &HeaderMap, refusal: &mut Refusal) -> Result<(), (Cod
     let Some(id) = header_str(headers, "mcp-session-id") else {
         return refuse(Code::InvalidRequest, "DELETE /mcp needs the Mcp-Session-Id header.");
     };
-    match mcp.sessions.end(id, &agent) {
+    match mcp.sessions.end(id, &agent).await {
         Ok(()) => Ok(()),
         Err(SessionError::Unknown) => refuse(Code::NotFound, "No such MCP session (it may have expired)."),
         Err(SessionError::OtherAgent) => refuse(Code::ToolNotAllowed, "This MCP session belongs to another agent."),
+        Err(SessionError::Unavailable) => refuse(Code::Unavailable, SESSIONS_UNAVAILABLE),
         Err(SessionError::Full) => unreachable!("ending a session never needs room"),
     }
 }
@@ -257,7 +265,7 @@ async fn dispatch(
         }
     };
     refusal.agent = Some(agent.clone());
-    let revision = match revision(mcp, headers, method, &params, &agent) {
+    let revision = match revision(mcp, headers, method, &params, &agent).await {
         Ok(r) => r,
         Err(reply) => return reply.with_id(id.as_ref().unwrap_or(&null)),
     };
@@ -267,7 +275,7 @@ async fn dispatch(
         return Reply::accepted();
     };
     match method {
-        "initialize" => initialize(mcp, &id, &params, &agent),
+        "initialize" => initialize(mcp, &id, &params, &agent).await,
         "server/discover" => Reply::result(&id, discover()),
         "ping" if revision != Revision::Stateless => Reply::result(&id, json!({})),
         "tools/list" => tools::list(mcp, &id, &agent, &revision),
@@ -327,7 +335,7 @@ async fn read_message(mcp: &Mcp, headers: &HeaderMap, body: Body, rid: &str) -> 
 }
 
 /// Which revision a request speaks, and for handshake revisions, its (checked) session.
-fn revision(
+async fn revision(
     mcp: &Mcp,
     headers: &HeaderMap,
     method: &str,
@@ -344,11 +352,20 @@ fn revision(
         return Ok(Revision::Session(HANDSHAKE[0], None));
     }
     if let Some(id) = header_str(headers, "mcp-session-id") {
-        let version = match mcp.sessions.check(id, agent) {
+        let version = match mcp.sessions.check(id, agent, &HANDSHAKE).await {
             Ok(v) => v,
             Err(SessionError::Unknown) => {
                 let what = "No such MCP session (it may have expired or been deleted): initialize again.";
                 return Err(Reply::error(StatusCode::NOT_FOUND, &null, INVALID_REQUEST, what, None));
+            }
+            Err(SessionError::Unavailable) => {
+                return Err(Reply::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &null,
+                    INVALID_REQUEST,
+                    SESSIONS_UNAVAILABLE,
+                    None,
+                ));
             }
             Err(_) => {
                 tracing::warn!(agent, "mcp: a session id was presented with another agent's credential");
@@ -395,7 +412,7 @@ fn revision(
     }
 }
 
-fn initialize(mcp: &Mcp, id: &Value, params: &Map<String, Value>, agent: &Arc<str>) -> Reply {
+async fn initialize(mcp: &Mcp, id: &Value, params: &Map<String, Value>, agent: &Arc<str>) -> Reply {
     let offered = params.get("protocolVersion").and_then(Value::as_str).unwrap_or("");
     // Echo a revision we speak; otherwise counter-offer the newest handshake revision.
     let version = HANDSHAKE
@@ -403,14 +420,26 @@ fn initialize(mcp: &Mcp, id: &Value, params: &Map<String, Value>, agent: &Arc<st
         .find(|v| **v == offered)
         .copied()
         .unwrap_or(HANDSHAKE[0]);
-    let Ok(session) = mcp.sessions.open(agent.clone(), version) else {
-        return Reply::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            id,
-            INVALID_REQUEST,
-            "Too many open MCP sessions; try again later, or use the stateless revision 2026-07-28.",
-            None,
-        );
+    let session = match mcp.sessions.open(agent.clone(), version).await {
+        Ok(session) => session,
+        Err(SessionError::Unavailable) => {
+            return Reply::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                id,
+                INVALID_REQUEST,
+                SESSIONS_UNAVAILABLE,
+                None,
+            );
+        }
+        Err(_) => {
+            return Reply::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                id,
+                INVALID_REQUEST,
+                "Too many open MCP sessions; try again later, or use the stateless revision 2026-07-28.",
+                None,
+            );
+        }
     };
     tracing::info!(agent = &**agent, version, "mcp: session opened");
     let mut reply = Reply::result(

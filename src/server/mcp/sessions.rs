@@ -1,10 +1,13 @@
 //! MCP sessions of the handshake revisions (2025-11-25 / 2025-06-18): a random id bound to the
 //! agent that opened it and the revision it negotiated. Bounded in number; idle ones expire.
-//! The stateless revision needs none of this.
+//! The stateless revision needs none of this. With `state: redis://…` sessions are in Redis,
+//! so any replica serves any session; in memory, only the replica that opened it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::state::{Found, RedisState};
 
 struct Session {
     agent: Arc<str>,
@@ -18,15 +21,81 @@ pub enum SessionError {
     /// The id exists but another agent opened it: a hijack attempt, or a leaked id.
     OtherAgent,
     Full,
+    /// Redis did not answer.
+    Unavailable,
 }
 
-pub struct Sessions {
+/// The sessions, in this process or in Redis.
+pub enum Sessions {
+    Local(LocalSessions),
+    Shared {
+        state: Arc<RedisState>,
+        idle: Duration,
+        /// The most sessions one agent may hold: a tenth of `mcp.max_sessions`, as in memory.
+        per_agent: usize,
+    },
+}
+
+impl Sessions {
+    pub fn new(max: usize, idle: Duration, shared: Option<Arc<RedisState>>) -> Self {
+        match shared {
+            None => Sessions::Local(LocalSessions::new(max, idle)),
+            Some(state) => Sessions::Shared {
+                state,
+                idle,
+                per_agent: (max / 10).max(1),
+            },
+        }
+    }
+
+    pub async fn open(&self, agent: Arc<str>, version: &'static str) -> Result<String, SessionError> {
+        match self {
+            Sessions::Local(l) => l.open(agent, version),
+            Sessions::Shared { state, idle, per_agent } => {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                match state.open_session(&agent, &id, version, *idle, *per_agent).await {
+                    Ok(true) => Ok(id),
+                    Ok(false) => Err(SessionError::Full),
+                    Err(_) => Err(SessionError::Unavailable),
+                }
+            }
+        }
+    }
+
+    /// The session's revision (one of `known`), if `id` is a live session of `agent`.
+    pub async fn check(&self, id: &str, agent: &str, known: &[&'static str]) -> Result<&'static str, SessionError> {
+        match self {
+            Sessions::Local(l) => l.check(id, agent),
+            Sessions::Shared { state, idle, .. } => match state.check_session(agent, id, *idle).await {
+                Ok(Found::Live(v)) => known.iter().find(|k| **k == v).copied().ok_or(SessionError::Unknown),
+                Ok(Found::Unknown) => Err(SessionError::Unknown),
+                Ok(Found::OtherAgent) => Err(SessionError::OtherAgent),
+                Err(_) => Err(SessionError::Unavailable),
+            },
+        }
+    }
+
+    /// Ends `agent`'s session `id`.
+    pub async fn end(&self, id: &str, agent: &str) -> Result<(), SessionError> {
+        match self {
+            Sessions::Local(l) => l.end(id, agent),
+            Sessions::Shared { state, .. } => match state.end_session(agent, id).await {
+                Ok(Found::Live(_)) => Ok(()),
+                Ok(Found::Unknown) => Err(SessionError::Unknown),
+                Ok(Found::OtherAgent) => Err(SessionError::OtherAgent),
+                Err(_) => Err(SessionError::Unavailable),
+            },
+        }
+    }
+}
+
+pub struct LocalSessions {
     map: Mutex<HashMap<String, Session>>,
     max: usize,
     idle: Duration,
 }
 
-impl Sessions {
+impl LocalSessions {
     pub fn new(max: usize, idle: Duration) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
@@ -93,7 +162,7 @@ mod tests {
 
     #[test]
     fn sessions_are_bound_to_their_agent_bounded_and_expire() {
-        let s = Sessions::new(20, Duration::from_millis(50));
+        let s = LocalSessions::new(20, Duration::from_millis(50));
         let a = s.open("a".into(), "2025-06-18").unwrap();
         assert_eq!(s.check(&a, "a"), Ok("2025-06-18"));
         assert_eq!(s.check(&a, "b"), Err(SessionError::OtherAgent));
