@@ -153,6 +153,92 @@ pub struct Hold<'a> {
     pub session: Option<&'a str>,
 }
 
+/// Decided, used or expired approvals are kept this long after they stopped mattering (for the
+/// admin list), then pruned.
+pub(crate) const KEEP_FOR_SECS: u64 = 7 * 24 * 3600;
+
+/// The key of the pending request for one exact call: agent, tool, arguments.
+pub(crate) fn pending_key(agent: &str, tool: &str, sha: &str) -> String {
+    format!("{agent}\0{tool}\0{sha}")
+}
+
+/// A new pending approval for `hold`, valid for `ttl`.
+pub(crate) fn new_approval(hold: Hold<'_>, now: u64, ttl: std::time::Duration) -> Approval {
+    Approval {
+        id: format!("apr_{}", uuid::Uuid::new_v4().simple()),
+        status: Status::Pending,
+        agent: hold.agent.to_owned(),
+        tool: hold.tool.to_owned(),
+        rule: hold.rule.to_owned(),
+        group: hold.group.to_owned(),
+        rules: hold.rules.to_vec(),
+        reason: hold.reason.to_owned(),
+        arguments: hold.arguments,
+        arguments_sha256: hold.arguments_sha256.to_owned(),
+        request_id: hold.request_id.to_owned(),
+        session: hold.session.map(str::to_owned),
+        requested_at: now,
+        expires_at: now + ttl.as_secs(),
+        decided_by: None,
+        decided_at: None,
+        comment: None,
+        used_at: None,
+        used_by_request: None,
+    }
+}
+
+/// Approves or denies `a` (settled as of `now`), if it is pending.
+pub(crate) fn decide(a: &mut Approval, approve: bool, by: &str, comment: &str, now: u64) -> Result<(), DecideError> {
+    if a.status != Status::Pending {
+        return Err(DecideError::NotPending(a.status));
+    }
+    a.status = if approve { Status::Approved } else { Status::Denied };
+    a.decided_by = Some(by.to_owned());
+    a.decided_at = Some(now);
+    a.comment = (!comment.is_empty()).then(|| comment.to_owned());
+    Ok(())
+}
+
+/// Lets `call` through on approval `a` (settled as of `now`) if `a` approved exactly it, and
+/// marks `a` used.
+pub(crate) fn consume(a: &mut Approval, call: &Hold<'_>, now: u64) -> Result<(), Refused> {
+    // The same answer for "not yours" as for "no such approval": no enumeration.
+    if a.agent != call.agent {
+        return Err(Refused("no approval with this id exists for this agent"));
+    }
+    if a.tool != call.tool || a.arguments_sha256 != call.arguments_sha256 {
+        return Err(Refused(
+            "the approval is for another call: the tool and the arguments must be exactly those approved",
+        ));
+    }
+    // Records from before `rules` existed cover their one rule.
+    let covered = |r: &String| a.rules.contains(r) || (a.rules.is_empty() && *r == a.rule);
+    if !call.rules.iter().all(covered) {
+        return Err(Refused(
+            "the approval does not cover every rule that now holds this call: request a new approval",
+        ));
+    }
+    match a.status {
+        Status::Approved => {
+            a.status = Status::Used;
+            a.used_at = Some(now);
+            a.used_by_request = Some(call.request_id.to_owned());
+            Ok(())
+        }
+        Status::Pending => Err(Refused("the approval is still pending: no one has approved it yet")),
+        Status::Denied => Err(Refused("the approval was denied")),
+        Status::Used => Err(Refused(
+            "the approval was already used: each approval lets one call through",
+        )),
+        Status::Expired => Err(Refused("the approval has expired")),
+    }
+}
+
+/// When an approval stopped mattering: used, decided, or expired, whichever is latest.
+pub(crate) fn settled_at(a: &Approval) -> u64 {
+    a.used_at.or(a.decided_at).unwrap_or(a.expires_at).max(a.expires_at)
+}
+
 /// Pending approvals one agent may have at once: more is refused, so one agent cannot bury
 /// the approvers (or fill the disk).
 pub const MAX_PENDING_PER_AGENT: usize = 100;

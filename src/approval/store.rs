@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Approval, ApprovalError, DecideError, Hold, MAX_PENDING_PER_AGENT, Pin, Refused, Status, TooMany};
+use super::{
+    Approval, ApprovalError, DecideError, Hold, KEEP_FOR_SECS, MAX_PENDING_PER_AGENT, Pin, Refused, Status, TooMany,
+    pending_key,
+};
 
 /// id → approval (JSON).
 const APPROVALS: TableDefinition<&str, &[u8]> = TableDefinition::new("approvals");
@@ -16,9 +19,6 @@ const PENDING: TableDefinition<&str, &str> = TableDefinition::new("pending");
 
 /// Exposed tool name → the pinned definition of an upstream MCP tool (JSON [`Pin`]).
 const PINS: TableDefinition<&str, &[u8]> = TableDefinition::new("tool_pins");
-
-/// Decided, used or expired approvals are pruned this long after they stopped mattering.
-const KEEP_FOR_SECS: u64 = 7 * 24 * 3600;
 
 fn pending_for(pending: &redb::Table<'_, &str, &str>, agent: &str) -> Result<usize, ApprovalError> {
     let start = format!("{agent}\0");
@@ -69,10 +69,6 @@ impl std::fmt::Debug for Approvals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Approvals").field("ttl", &self.ttl).finish()
     }
-}
-
-fn pending_key(agent: &str, tool: &str, sha: &str) -> String {
-    format!("{agent}\0{tool}\0{sha}")
 }
 
 impl Approvals {
@@ -129,27 +125,7 @@ impl Approvals {
                     return Ok(Err(TooMany));
                 }
                 None => {
-                    let a = Approval {
-                        id: format!("apr_{}", uuid::Uuid::new_v4().simple()),
-                        status: Status::Pending,
-                        agent: hold.agent.to_owned(),
-                        tool: hold.tool.to_owned(),
-                        rule: hold.rule.to_owned(),
-                        group: hold.group.to_owned(),
-                        rules: hold.rules.to_vec(),
-                        reason: hold.reason.to_owned(),
-                        arguments: hold.arguments,
-                        arguments_sha256: hold.arguments_sha256.to_owned(),
-                        request_id: hold.request_id.to_owned(),
-                        session: hold.session.map(str::to_owned),
-                        requested_at: now,
-                        expires_at: now + self.ttl.as_secs(),
-                        decided_by: None,
-                        decided_at: None,
-                        comment: None,
-                        used_at: None,
-                        used_by_request: None,
-                    };
+                    let a = super::new_approval(hold, now, self.ttl);
                     approvals.insert(a.id.as_str(), serde_json::to_vec(&a)?.as_slice())?;
                     pending.insert(key.as_str(), a.id.as_str())?;
                     (a, true)
@@ -198,61 +174,14 @@ impl Approvals {
         comment: &str,
         now: u64,
     ) -> Result<Result<Approval, DecideError>, ApprovalError> {
-        self.update(id, now, |a| {
-            if a.status != Status::Pending {
-                return Err(DecideError::NotPending(a.status));
-            }
-            a.status = if approve { Status::Approved } else { Status::Denied };
-            a.decided_by = Some(by.to_owned());
-            a.decided_at = Some(now);
-            a.comment = (!comment.is_empty()).then(|| comment.to_owned());
-            Ok(())
-        })
-        .map(|r| r.map_err(|e| e.unwrap_or(DecideError::NotFound)))
+        self.update(id, now, |a| super::decide(a, approve, by, comment, now))
+            .map(|r| r.map_err(|e| e.unwrap_or(DecideError::NotFound)))
     }
 
     /// Lets the exact approved call through once: checks the binding and marks the approval
     /// used in one transaction.
     pub fn consume(&self, id: &str, call: &Hold<'_>, now: u64) -> Result<Result<Approval, Refused>, ApprovalError> {
-        let (agent, tool, arguments_sha256, rules, request_id) = (
-            call.agent,
-            call.tool,
-            call.arguments_sha256,
-            call.rules,
-            call.request_id,
-        );
-        let outcome = self.update(id, now, |a| {
-            // The same answer for "not yours" as for "no such approval": no enumeration.
-            if a.agent != agent {
-                return Err(Refused("no approval with this id exists for this agent"));
-            }
-            if a.tool != tool || a.arguments_sha256 != arguments_sha256 {
-                return Err(Refused(
-                    "the approval is for another call: the tool and the arguments must be exactly those approved",
-                ));
-            }
-            // Records from before `rules` existed cover their one rule.
-            let covered = |r: &String| a.rules.contains(r) || (a.rules.is_empty() && *r == a.rule);
-            if !rules.iter().all(covered) {
-                return Err(Refused(
-                    "the approval does not cover every rule that now holds this call: request a new approval",
-                ));
-            }
-            match a.status {
-                Status::Approved => {
-                    a.status = Status::Used;
-                    a.used_at = Some(now);
-                    a.used_by_request = Some(request_id.to_owned());
-                    Ok(())
-                }
-                Status::Pending => Err(Refused("the approval is still pending: no one has approved it yet")),
-                Status::Denied => Err(Refused("the approval was denied")),
-                Status::Used => Err(Refused(
-                    "the approval was already used: each approval lets one call through",
-                )),
-                Status::Expired => Err(Refused("the approval has expired")),
-            }
-        })?;
+        let outcome = self.update(id, now, |a| super::consume(a, call, now))?;
         Ok(outcome.map_err(|e| e.unwrap_or(Refused("no approval with this id exists for this agent"))))
     }
 
@@ -346,7 +275,7 @@ impl Approvals {
             for entry in approvals.iter()? {
                 let (id, bytes) = entry?;
                 let a: Approval = serde_json::from_slice(bytes.value())?;
-                let settled_at = a.used_at.or(a.decided_at).unwrap_or(a.expires_at).max(a.expires_at);
+                let settled_at = super::settled_at(&a);
                 if now > settled_at + KEEP_FOR_SECS {
                     stale.push((
                         id.value().to_owned(),
