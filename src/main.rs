@@ -158,16 +158,24 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
     }
     let dir = config.policies.clone();
     let version = policy.version.clone();
-    let approvals = toolgate::approval::Approvals::open_configured(&config.approvals)?;
     let runtime = runtime()?;
-    let state = match &config.state {
-        StateBackend::Memory => State::default(),
+    // With Redis, approvals and tool pins are kept there too (shared by the replicas), and
+    // the approval store file is not opened.
+    let (state, approvals) = match &config.state {
+        StateBackend::Memory => (
+            State::default(),
+            toolgate::approval::Approvals::open_configured(&config.approvals)?.into(),
+        ),
         StateBackend::Redis(redis) => {
-            let shared = runtime
-                .block_on(toolgate::state::RedisState::connect(redis))
-                .context("the state backend is not usable")?;
+            let shared = Arc::new(
+                runtime
+                    .block_on(toolgate::state::RedisState::connect(redis))
+                    .context("the state backend is not usable")?,
+            );
             tracing::info!(server = %redis.server(), "state: redis");
-            State::redis(shared)
+            let ttl = std::time::Duration::from_secs(config.approvals.ttl_seconds);
+            let approvals = toolgate::approval::ApprovalStore::shared(shared.clone(), ttl);
+            (State::redis(shared), approvals)
         }
     };
     let gateway = Arc::new(Gateway::new(config, policy, Some(dir), audit, approvals).with_state(state));

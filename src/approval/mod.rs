@@ -8,6 +8,7 @@
 //! requested, whether pending or approved. Records are kept for a week after they stop
 //! mattering, for the admin list, then pruned.
 
+mod shared;
 mod store;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use shared::SharedApprovals;
 pub use store::Approvals;
 
 /// An upstream MCP tool's definition as first seen (or last approved by an operator).
@@ -291,25 +293,46 @@ impl HoldRequest {
     }
 }
 
-/// The store as the gateway and the admin plane use it: every operation on tokio's blocking
-/// pool, since a redb transaction reads and writes (and may sync) the file, and an event loop
-/// must never wait on the disk. One place that knows this, instead of one per caller.
+/// The store as the gateway and the admin plane use it: the file (redb), every operation on
+/// tokio's blocking pool, since a redb transaction reads and writes (and may sync) the file and
+/// an event loop must never wait on the disk; or Redis, shared by replicas ([`shared`]). One
+/// place that knows this, instead of one per caller.
 #[derive(Clone)]
-pub struct ApprovalStore(Arc<Approvals>);
+pub struct ApprovalStore(Backend);
+
+#[derive(Clone)]
+enum Backend {
+    File(Arc<Approvals>),
+    Redis(Arc<SharedApprovals>),
+}
 
 impl std::fmt::Debug for ApprovalStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
+        match &self.0 {
+            Backend::File(a) => a.fmt(f),
+            Backend::Redis(_) => f.write_str("ApprovalStore(redis)"),
+        }
+    }
+}
+
+impl From<Approvals> for ApprovalStore {
+    fn from(store: Approvals) -> Self {
+        Self::new(store)
     }
 }
 
 impl ApprovalStore {
     pub fn new(store: Approvals) -> Self {
-        Self(Arc::new(store))
+        Self(Backend::File(Arc::new(store)))
     }
 
-    async fn run<T: Send + 'static>(&self, op: impl FnOnce(&Approvals) -> T + Send + 'static) -> T {
-        let store = self.0.clone();
+    /// Approvals and pins in Redis, shared by every replica on it; requests valid for `ttl`.
+    pub fn shared(redis: Arc<crate::state::RedisState>, ttl: std::time::Duration) -> Self {
+        Self(Backend::Redis(Arc::new(SharedApprovals { redis, ttl })))
+    }
+
+    async fn run<T: Send + 'static>(store: &Arc<Approvals>, op: impl FnOnce(&Approvals) -> T + Send + 'static) -> T {
+        let store = store.clone();
         tokio::task::spawn_blocking(move || op(&store))
             .await
             .expect("the approval store does not panic")
@@ -321,7 +344,10 @@ impl ApprovalStore {
         hold: HoldRequest,
         now: u64,
     ) -> Result<Result<(Approval, bool), TooMany>, ApprovalError> {
-        self.run(move |s| s.request(hold.as_hold(), now)).await
+        match &self.0 {
+            Backend::File(f) => Self::run(f, move |s| s.request(hold.as_hold(), now)).await,
+            Backend::Redis(r) => r.request(hold.as_hold(), now).await,
+        }
     }
 
     /// [`Approvals::consume`].
@@ -331,17 +357,26 @@ impl ApprovalStore {
         call: HoldRequest,
         now: u64,
     ) -> Result<Result<Approval, Refused>, ApprovalError> {
-        self.run(move |s| s.consume(&id, &call.as_hold(), now)).await
+        match &self.0 {
+            Backend::File(f) => Self::run(f, move |s| s.consume(&id, &call.as_hold(), now)).await,
+            Backend::Redis(r) => r.consume(&id, &call.as_hold(), now).await,
+        }
     }
 
     /// [`Approvals::get`].
     pub async fn get(&self, id: String, now: u64) -> Result<Option<Approval>, ApprovalError> {
-        self.run(move |s| s.get(&id, now)).await
+        match &self.0 {
+            Backend::File(f) => Self::run(f, move |s| s.get(&id, now)).await,
+            Backend::Redis(r) => r.get(&id, now).await,
+        }
     }
 
     /// [`Approvals::list`].
     pub async fn list(&self, status: Option<Status>, now: u64) -> Result<Vec<Approval>, ApprovalError> {
-        self.run(move |s| s.list(status, now)).await
+        match &self.0 {
+            Backend::File(f) => Self::run(f, move |s| s.list(status, now)).await,
+            Backend::Redis(r) => r.list(status, now).await,
+        }
     }
 
     /// [`Approvals::decide`].
@@ -353,26 +388,41 @@ impl ApprovalStore {
         comment: String,
         now: u64,
     ) -> Result<Result<Approval, DecideError>, ApprovalError> {
-        self.run(move |s| s.decide(&id, approve, &by, &comment, now)).await
+        match &self.0 {
+            Backend::File(f) => Self::run(f, move |s| s.decide(&id, approve, &by, &comment, now)).await,
+            Backend::Redis(r) => r.decide(&id, approve, &by, &comment, now).await,
+        }
     }
 
     /// [`Approvals::pin`].
     pub async fn pin(&self, tool: String) -> Result<Option<Pin>, ApprovalError> {
-        self.run(move |s| s.pin(&tool)).await
+        match &self.0 {
+            Backend::File(f) => Self::run(f, move |s| s.pin(&tool)).await,
+            Backend::Redis(r) => r.pin(&tool).await,
+        }
     }
 
     /// [`Approvals::has_pins`].
     pub async fn has_pins(&self, server: String) -> Result<bool, ApprovalError> {
-        self.run(move |s| s.has_pins(&server)).await
+        match &self.0 {
+            Backend::File(f) => Self::run(f, move |s| s.has_pins(&server)).await,
+            Backend::Redis(r) => r.has_pins(&server).await,
+        }
     }
 
     /// [`Approvals::set_pin`].
     pub async fn set_pin(&self, tool: String, pin: Pin) -> Result<(), ApprovalError> {
-        self.run(move |s| s.set_pin(&tool, &pin)).await
+        match &self.0 {
+            Backend::File(f) => Self::run(f, move |s| s.set_pin(&tool, &pin)).await,
+            Backend::Redis(r) => r.set_pin(&tool, &pin).await,
+        }
     }
 
     /// [`Approvals::prune`].
     pub async fn prune(&self, now: u64) -> Result<(), ApprovalError> {
-        self.run(move |s| s.prune(now)).await
+        match &self.0 {
+            Backend::File(f) => Self::run(f, move |s| s.prune(now)).await,
+            Backend::Redis(r) => r.prune(now).await,
+        }
     }
 }

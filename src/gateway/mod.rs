@@ -33,7 +33,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use serde_json::{Map, Value};
 
-use crate::approval::{ApprovalStore, Approvals};
+use crate::approval::ApprovalStore;
 use crate::audit::{AuditError, AuditLog, RecordedArguments, Tokens, ToolCallEvent, UpstreamInfo, recorded};
 use crate::config::ServerConfig;
 use crate::meters::Meters;
@@ -310,7 +310,7 @@ impl Gateway {
         policy: Policy,
         policy_dir: Option<std::path::PathBuf>,
         audit: AuditLog,
-        approvals: Approvals,
+        approvals: impl Into<ApprovalStore>,
     ) -> Self {
         let region = config.aws.as_ref().and_then(|a| a.region.clone());
         Self {
@@ -330,7 +330,7 @@ impl Gateway {
             config,
             audit,
             state: State::default(),
-            approvals: ApprovalStore::new(approvals),
+            approvals: approvals.into(),
             admin_token: None,
             decisions: tokio::sync::Mutex::new(()),
             meters: Meters::default(),

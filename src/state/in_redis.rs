@@ -71,6 +71,7 @@ struct Scripts {
     unlock: Script,
     release: Script,
     session: Script,
+    approval: Script,
 }
 
 pub struct RedisState {
@@ -104,7 +105,7 @@ pub enum ConnectError {
         env: String,
     },
     #[error(
-        "Redis at {0} does not persist writes (`appendonly no`): quarantines would be lost with a Redis \
+        "Redis at {0} does not persist writes (`appendonly no`): quarantines, approvals and tool pins would be lost with a Redis \
          restart. Turn on AOF (`appendonly yes`), or set `redis.require_persistence: false` if that loss is \
          acceptable"
     )]
@@ -157,6 +158,7 @@ impl RedisState {
             unlock: Script::new(include_str!("lua/unlock.lua")),
             release: Script::new(include_str!("lua/release.lua")),
             session: Script::new(include_str!("lua/session.lua")),
+            approval: Script::new(include_str!("lua/approval.lua")),
         };
         let check = async {
             let mut c = client.get_multiplexed_async_connection().await.map_err(unreachable)?;
@@ -197,6 +199,7 @@ impl RedisState {
                 &scripts.unlock,
                 &scripts.release,
                 &scripts.session,
+                &scripts.approval,
             ] {
                 s.load_async(&mut c).await.map_err(unreachable)?;
             }
@@ -471,7 +474,74 @@ impl RedisState {
     }
 }
 
+/// One compare-and-set of an approval (see `lua/approval.lua`).
+pub struct ApprovalWrite<'a> {
+    pub id: &'a str,
+    pub agent: &'a str,
+    /// The approval as read (`None`: it must not exist yet), and as to be written.
+    pub expected: Option<&'a [u8]>,
+    pub new: &'a [u8],
+    pub forget_at_ms: u64,
+    pub call_key: &'a str,
+    /// `Some(previous)`: a new pending request, its call key still pointing at `previous`
+    /// (`""`: none); `None` with `settled`: no longer pending.
+    pub pending: Option<&'a str>,
+    pub settled: bool,
+    pub requested_at: u64,
+}
+
 impl RedisState {
+    /// Every key starts with this (`redis.key_prefix`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// One command under the deadline (for stores kept in Redis, like approvals).
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StateError> {
+        self.run(|mut c| {
+            let cmd = &cmd;
+            async move { cmd.query_async(&mut c).await }
+        })
+        .await
+    }
+
+    /// Writes an approval if it is still as read: false if another replica changed it first.
+    pub async fn write_approval(&self, w: ApprovalWrite<'_>) -> Result<bool, StateError> {
+        let mut inv = self.scripts.approval.prepare_invoke();
+        let op = match (w.pending, w.settled) {
+            (Some(_), _) => "set",
+            (None, true) => "del",
+            (None, false) => "",
+        };
+        inv.key(format!("{}:approval:{{{}}}", self.prefix, w.id))
+            .key(self.key(w.agent, "approvals_pending"))
+            .key(format!("{}:approvals", self.prefix))
+            .arg(w.expected.unwrap_or(b""))
+            .arg(w.new)
+            .arg(w.forget_at_ms)
+            .arg(w.call_key)
+            .arg(op)
+            .arg(w.id)
+            .arg(w.pending.unwrap_or(""))
+            .arg(w.requested_at);
+        let n: i64 = self
+            .run(|mut c| {
+                let inv = &inv;
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// The key of approval `id`, and of `agent`'s pending requests.
+    pub fn approval_key(&self, id: &str) -> String {
+        format!("{}:approval:{{{id}}}", self.prefix)
+    }
+
+    pub fn pending_key(&self, agent: &str) -> String {
+        self.key(agent, "approvals_pending")
+    }
+
     /// Records this replica as alive (`replicas`: one hash for the gateway, a field per
     /// replica; a replica silent for [`super::REPLICA_STALE_SECONDS`] is dropped by the next
     /// listing).

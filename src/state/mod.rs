@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-pub use in_redis::{ConnectError, Found, RedisState};
+pub use in_redis::{ApprovalWrite, ConnectError, Found, RedisState};
 pub use memory::{MAX_HISTORY_PER_AGENT, MemoryState};
 
 use crate::policy::history::{History, PastCall, Recorded};
@@ -189,9 +189,9 @@ impl Default for State {
 }
 
 impl State {
-    pub fn redis(shared: RedisState) -> Self {
+    pub fn redis(shared: std::sync::Arc<RedisState>) -> Self {
         State::Redis {
-            shared: std::sync::Arc::new(shared),
+            shared,
             local: MemoryState::default(),
         }
     }

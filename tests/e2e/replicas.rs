@@ -214,7 +214,7 @@ fn policies(dir: &Path, upstream: &str, limits: &str) {
     std::fs::write(
         p.join("replicas.yaml"),
         format!(
-            "agents:\n  replica-bot:\n    credentials: {{ api_key_sha256: [ \"{}\" ] }}\n    tools: [ kb.*, slow.* ]\n    limits: {limits}\n\
+            "agents:\n  replica-bot:\n    credentials: {{ api_key_sha256: [ \"{}\" ] }}\n    tools: [ kb.*, slow.*, billing.refund ]\n    limits: {limits}\n\
              tools:\n  kb.metered:\n    upstream: {{ url: \"{upstream}/kb/search\", max_response_bytes: 100 }}\n\
              \x20 slow.metered:\n    upstream: {{ url: \"{upstream}/slow\", timeout_ms: 2000, max_response_bytes: 100 }}\n",
             sha256_hex(BOT_KEY)
@@ -429,6 +429,79 @@ async fn an_mcp_session_opened_on_one_replica_is_served_by_another() {
     assert_eq!(del.status, 204);
     assert_eq!(mcp(&a, BOT_KEY, Some(&session), call).await.status, 404);
     assert_eq!(upstream.count("/kb/search"), 1);
+}
+
+/// A call held for approval on replica A, approved through A's admin plane, passes once on
+/// replica B; a second use, on either replica, is refused. Listing and polling work anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_granted_on_one_replica_is_used_once_on_any() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    policies(dir.path(), &upstream.url, "{ calls_per_minute: 1000 }");
+    std::fs::write(
+        dir.path().join("policies/rules.cedar"),
+        "@id(\"big-refunds\")\n@approval(\"billing\")\nforbid (principal, action == Action::\"billing.refund\", resource) when { context.input.amount > 100 };\n",
+    )
+    .unwrap();
+    let a = Replica::start(dir.path(), "a", &redis.url());
+    let b = Replica::start(dir.path(), "b", &redis.url());
+    let refund = r#"{"order_id": "O-7", "amount": 500}"#;
+    let held = a.call_as(BOT_KEY, "billing.refund", refund).await;
+    let id = held.assert_error(202, "approval_required")["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The same call again, through B: the same pending request, not a second one.
+    let again = b.call_as(BOT_KEY, "billing.refund", refund).await;
+    assert_eq!(again.assert_error(202, "approval_required")["approval_id"], id.as_str());
+    let pending = b
+        .admin("GET", "/admin/approvals?status=pending", json!({}))
+        .await
+        .json();
+    assert_eq!(pending["approvals"].as_array().unwrap().len(), 1, "{pending}");
+    assert_eq!(pending["approvals"][0]["id"], id.as_str());
+    let ok = a
+        .admin("POST", &format!("/admin/approvals/{id}/approve"), json!({"by": "lee"}))
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.json());
+    // The agent polls B and sees it approved.
+    let poll = send(
+        "GET",
+        &format!("{}/v1/approvals/{id}", b.data),
+        &[("authorization", format!("Bearer {BOT_KEY}"))],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(poll.json()["status"], "approved", "{}", poll.json());
+    let with = |r: &Replica| {
+        let headers = vec![
+            ("authorization", format!("Bearer {BOT_KEY}")),
+            ("x-toolgate-approval", id.clone()),
+        ];
+        let url = format!("{}/v1/tools/billing.refund", r.data);
+        async move { send("POST", &url, &headers, refund.as_bytes().to_vec()).await }
+    };
+    // Both replicas at once: exactly one passes.
+    let (on_a, on_b) = tokio::join!(with(&a), with(&b));
+    let mut statuses = [on_a.status, on_b.status];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 403], "{:?} {:?}", on_a.body, on_b.body);
+    let refused = if on_a.status == 403 { &on_a } else { &on_b };
+    let msg = refused.assert_error(403, "approval_denied")["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(msg.contains("already used"), "{msg}");
+    assert_eq!(upstream.count("/refunds/O-7"), 1);
+    // And again later, on either: refused.
+    with(&b).await.assert_error(403, "approval_denied");
+    assert_eq!(upstream.count("/refunds/O-7"), 1);
+    let used = a
+        .admin("GET", &format!("/admin/approvals/{id}"), json!({}))
+        .await
+        .json();
+    assert_eq!(used["status"], "used", "{used}");
 }
 
 /// Each replica reports itself with the policy version it serves, so an operator sees them
