@@ -160,7 +160,7 @@ impl Gateway {
             output: output_tokens,
         });
         if let Some(r) = reservation {
-            self.state.settle_tokens(r, input_tokens, output_tokens).await;
+            self.state.settle_tokens(r, input_tokens, output_tokens);
         }
         answered
     }

@@ -18,8 +18,8 @@
 //!   fails closed.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 mod history;
@@ -82,10 +82,19 @@ pub struct RedisState {
     prefix: String,
     server: String,
     scripts: Scripts,
+    /// Settles waiting to be sent, one queue per thread.
+    settles: Box<[per_thread::Shard<Mutex<Settles>>]>,
     /// False after a call failed or timed out, until one succeeds: the log says so once per
     /// change, not once per call. (Readiness pings instead: it must find Redis back with no
     /// calls flowing.)
     reachable: AtomicBool,
+}
+
+/// A thread's settles not yet sent, and whether a task is sending them.
+#[derive(Default)]
+struct Settles {
+    items: Vec<(Lease, u64, u64)>,
+    flushing: bool,
 }
 
 /// Why the backend cannot be used at start.
@@ -225,6 +234,7 @@ impl RedisState {
             prefix: config.options.key_prefix.clone(),
             server,
             scripts,
+            settles: per_thread::shards(),
             reachable: AtomicBool::new(true),
         })
     }
@@ -337,6 +347,78 @@ impl RedisState {
             4 => Answer::AgentRate(wait()?),
             other => return Err(StateError::Corrupt(format!("the admission script answered {other}"))),
         })
+    }
+
+    /// Settles a lease after the call's answer went out: queued on this thread and sent with
+    /// the others queued meanwhile, one pipelined round trip for the lot (under load, a call's
+    /// settling costs a fraction of a round trip, and never delays its answer). Until it is
+    /// sent, the lease still holds its reservation, which errs strict; if it cannot be sent,
+    /// the lease ends on its own.
+    pub(super) fn settle_later(self: &Arc<Self>, lease: Lease, input: u64, output: u64) {
+        let shard = per_thread::index();
+        let lead = {
+            let mut q = self.settles[shard].0.lock().unwrap_or_else(|p| p.into_inner());
+            q.items.push((lease, input, output));
+            !std::mem::replace(&mut q.flushing, true)
+        };
+        if lead {
+            let me = self.clone();
+            tokio::spawn(async move {
+                // The calls already runnable on this thread queue theirs first.
+                tokio::task::yield_now().await;
+                me.flush_settles(shard).await;
+            });
+        }
+    }
+
+    async fn flush_settles(&self, shard: usize) {
+        loop {
+            let items = {
+                let mut q = self.settles[shard].0.lock().unwrap_or_else(|p| p.into_inner());
+                if q.items.is_empty() {
+                    q.flushing = false;
+                    return;
+                }
+                std::mem::take(&mut q.items)
+            };
+            let mut pipe = redis::pipe();
+            for (lease, input, output) in &items {
+                pipe.cmd("EVALSHA")
+                    .arg(self.scripts.settle.get_hash())
+                    .arg(2)
+                    .arg(self.key(&lease.agent, "budget"))
+                    .arg(self.key(&lease.agent, "leases"))
+                    .arg(&lease.member)
+                    .arg(lease.tokens)
+                    .arg(input)
+                    .arg(output)
+                    .ignore();
+            }
+            let send = || {
+                self.run(|mut c| {
+                    let pipe = &pipe;
+                    async move { pipe.query_async::<()>(&mut c).await }
+                })
+            };
+            let mut sent = send().await;
+            if let Err(StateError::Redis(e)) = &sent
+                && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+            {
+                // Redis forgot the script (a restart): loaded again, and the batch sent again.
+                let loaded = self
+                    .run(|mut c| async move { self.scripts.settle.load_async(&mut c).await })
+                    .await;
+                if loaded.is_ok() {
+                    sent = send().await;
+                }
+            }
+            if let Err(e) = sent {
+                tracing::error!(
+                    settles = items.len(),
+                    "budget reservations could not be settled (their leases will end on their own): {e}"
+                );
+            }
+        }
     }
 
     /// Settles a lease (`input`, `output`: what flowed) or gives it back (both 0).

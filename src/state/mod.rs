@@ -282,16 +282,13 @@ impl State {
         }
     }
 
-    /// Settles a reservation with what flowed (see [`MemoryState::settle_tokens`]). With Redis,
-    /// a failure is logged: the call already happened, and its lease ends on its own.
-    pub async fn settle_tokens(&self, r: Reservation, input: u64, output: u64) {
+    /// Settles a reservation with what flowed (see [`MemoryState::settle_tokens`]). With Redis
+    /// it is sent after the answer, batched with the thread's others; a failure is logged: the
+    /// call already happened, and its lease ends on its own.
+    pub fn settle_tokens(&self, r: Reservation, input: u64, output: u64) {
         match (self, r) {
             (State::Memory(m), Reservation::Memory(r)) => m.settle_tokens(r, input, output),
-            (State::Redis { shared, .. }, Reservation::Redis(lease)) => {
-                if let Err(e) = shared.settle(&lease, input, output).await {
-                    tracing::error!("a budget reservation could not be settled (its lease will end on its own): {e}");
-                }
-            }
+            (State::Redis { shared, .. }, Reservation::Redis(lease)) => shared.settle_later(lease, input, output),
             _ => {}
         }
     }
