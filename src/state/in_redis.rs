@@ -283,6 +283,11 @@ impl RedisState {
         result
     }
 
+    /// Runs one script invocation under the deadline.
+    async fn invoke<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> Result<T, StateError> {
+        self.run(|mut c| async move { inv.invoke_async(&mut c).await }).await
+    }
+
     fn key(&self, agent: &str, rest: &str) -> String {
         format!("{}:{{{agent}}}:{rest}", self.prefix)
     }
@@ -315,12 +320,7 @@ impl RedisState {
             .arg(ask.lease.as_millis() as u64)
             .arg(ask.tool_rate)
             .arg(ask.agent_rate);
-        let reply: Vec<Value> = self
-            .run(|mut c| {
-                let inv = &inv;
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?;
+        let reply: Vec<Value> = self.invoke(&inv).await?;
         let int = |i: usize| match reply.get(i) {
             Some(Value::Int(n)) => Ok(*n),
             other => Err(StateError::Corrupt(format!("the admission script answered {other:?}"))),
@@ -430,12 +430,7 @@ impl RedisState {
             .arg(lease.tokens)
             .arg(input)
             .arg(output);
-        self.run(|mut c| {
-            let inv = &inv;
-            async move { inv.invoke_async::<i64>(&mut c).await }
-        })
-        .await
-        .map(drop)
+        self.invoke::<i64>(&inv).await.map(drop)
     }
 
     /// `(used, reserved)` in the current hour.
@@ -472,12 +467,7 @@ impl RedisState {
             .arg(window.as_millis() as u64)
             .arg(threshold)
             .arg(uuid::Uuid::new_v4().simple().to_string());
-        let n: usize = self
-            .run(|mut c| {
-                let inv = &inv;
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?;
+        let n: usize = self.invoke(&inv).await?;
         Ok((n > 0).then_some(n))
     }
 
@@ -519,23 +509,13 @@ impl RedisState {
         inv.key(self.key(agent, "quarantine"))
             .arg(text)
             .arg(q.until.map_or(0, |u| u.saturating_mul(1000)));
-        let n: i64 = self
-            .run(|mut c| {
-                let inv = &inv;
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?;
+        let n: i64 = self.invoke(&inv).await?;
         Ok(n == 1)
     }
 
     pub(super) async fn quarantined(&self, agent: &str) -> Result<Option<Quarantine>, StateError> {
         let key = self.key(agent, "quarantine");
-        let text: Option<Vec<u8>> = self
-            .run(|mut c| {
-                let key = &key;
-                async move { redis::cmd("GET").arg(key).query_async(&mut c).await }
-            })
-            .await?;
+        let text: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key).clone()).await?;
         text.map(|t| parse_quarantine(&t)).transpose()
     }
 
@@ -546,12 +526,7 @@ impl RedisState {
         let mut inv = self.scripts.release.prepare_invoke();
         let text = serde_json::to_string(q).map_err(|e| StateError::Corrupt(e.to_string()))?;
         inv.key(self.key(agent, "quarantine")).arg(text);
-        let n: i64 = self
-            .run(|mut c| {
-                let inv = &inv;
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?;
+        let n: i64 = self.invoke(&inv).await?;
         Ok(n == 1)
     }
 }
@@ -606,12 +581,7 @@ impl RedisState {
             .arg(w.id)
             .arg(w.pending.unwrap_or(""))
             .arg(w.requested_at);
-        let n: i64 = self
-            .run(|mut c| {
-                let inv = &inv;
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?;
+        let n: i64 = self.invoke(&inv).await?;
         Ok(n == 1)
     }
 

@@ -223,6 +223,41 @@ fn policies(dir: &Path, upstream: &str, limits: &str) {
     .unwrap();
 }
 
+/// Two replicas on one Redis in front of one upstream: the fixture policies, `replica-bot`
+/// with `limits`, and `extra` policy files (`(name, text)`, `{{UPSTREAM}}` filled in).
+struct Pair {
+    upstream: TestUpstream,
+    dir: tempfile::TempDir,
+    redis: Redis,
+    a: Replica,
+    b: Replica,
+}
+
+impl Pair {
+    async fn start(limits: &str, extra: &[(&str, String)]) -> Pair {
+        let upstream = TestUpstream::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let redis = Redis::start(dir.path());
+        policies(dir.path(), &upstream.url, limits);
+        for (name, text) in extra {
+            std::fs::write(
+                dir.path().join("policies").join(name),
+                text.replace("{{UPSTREAM}}", &upstream.url),
+            )
+            .unwrap();
+        }
+        let a = Replica::start(dir.path(), "a", &redis.url());
+        let b = Replica::start(dir.path(), "b", &redis.url());
+        Pair {
+            upstream,
+            dir,
+            redis,
+            a,
+            b,
+        }
+    }
+}
+
 /// 64 calls at once, every other one to each replica; the statuses.
 async fn burst(a: &Replica, b: &Replica, tool: &str) -> Vec<u16> {
     let calls = (0..64).map(|i| {
@@ -235,12 +270,13 @@ async fn burst(a: &Replica, b: &Replica, tool: &str) -> Vec<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_holds_across_two_replicas() {
-    let upstream = TestUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(dir.path());
-    policies(dir.path(), &upstream.url, "{ calls_per_minute: 10 }");
-    let a = Replica::start(dir.path(), "a", &redis.url());
-    let b = Replica::start(dir.path(), "b", &redis.url());
+    let Pair {
+        upstream,
+        dir,
+        redis: _redis,
+        a,
+        b,
+    } = Pair::start("{ calls_per_minute: 10 }", &[]).await;
     let statuses = burst(&a, &b, "kb.search").await;
     let passed = statuses.iter().filter(|s| **s == 200).count();
     let limited = statuses.iter().filter(|s| **s == 429).count();
@@ -261,14 +297,15 @@ async fn a_rate_limit_holds_across_two_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_budget_holds_across_two_replicas() {
-    let upstream = TestUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(dir.path());
     // Strict: each call reserves its arguments (4 tokens) and its largest answer (25), and is
     // charged what flowed (4 + 8): 240 tokens are 20 calls at most, whatever the concurrency.
-    policies(dir.path(), &upstream.url, "{ tokens_per_hour: 240, budget: strict }");
-    let a = Replica::start(dir.path(), "a", &redis.url());
-    let b = Replica::start(dir.path(), "b", &redis.url());
+    let Pair {
+        upstream,
+        dir: _dir,
+        redis: _redis,
+        a,
+        b,
+    } = Pair::start("{ tokens_per_hour: 240, budget: strict }", &[]).await;
     let statuses = burst(&a, &b, "kb.metered").await;
     let passed = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(upstream.count("/kb/search"), passed);
@@ -292,12 +329,13 @@ async fn a_token_budget_holds_across_two_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quarantine_on_one_replica_holds_on_the_other() {
-    let upstream = TestUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(dir.path());
-    policies(dir.path(), &upstream.url, "{ calls_per_minute: 1000 }");
-    let a = Replica::start(dir.path(), "a", &redis.url());
-    let b = Replica::start(dir.path(), "b", &redis.url());
+    let Pair {
+        upstream,
+        dir,
+        redis: _redis,
+        a,
+        b,
+    } = Pair::start("{ calls_per_minute: 1000 }", &[]).await;
     assert_eq!(b.call("kb.search", "before").await.unwrap().status, 200);
     let q = a
         .admin(
@@ -341,24 +379,20 @@ async fn a_quarantine_on_one_replica_holds_on_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_history_rule_holds_across_replicas() {
     const OPS_KEY: &str = "ops-key";
-    let upstream = TestUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(dir.path());
-    policies(dir.path(), &upstream.url, "{ calls_per_minute: 1000 }");
     let tools = std::fs::read_to_string(support::fixture("rules/tools.yaml"))
         .unwrap()
-        .replace("{{UPSTREAM}}", &upstream.url)
         .replace("OPS_DIGEST", &sha256_hex(OPS_KEY))
         .replace("FIN_DIGEST", &sha256_hex("fin-key"))
         .replace("LIMITED_DIGEST", &sha256_hex("limited-key"));
-    std::fs::write(dir.path().join("policies/rules-tools.yaml"), tools).unwrap();
-    std::fs::copy(
-        support::fixture("rules/rules.cedar"),
-        dir.path().join("policies/rules.cedar"),
-    )
-    .unwrap();
-    let a = Replica::start(dir.path(), "a", &redis.url());
-    let b = Replica::start(dir.path(), "b", &redis.url());
+    let rules = std::fs::read_to_string(support::fixture("rules/rules.cedar")).unwrap();
+    let extra = [("rules-tools.yaml", tools), ("rules.cedar", rules)];
+    let Pair {
+        upstream,
+        dir: _dir,
+        redis: _redis,
+        a,
+        b,
+    } = Pair::start("{ calls_per_minute: 1000 }", &extra).await;
     let refund = |order: &str| format!(r#"{{"order_id": "{order}", "amount": 5}}"#);
     let r = b.call_as(OPS_KEY, "refund.issue", &refund("O-1")).await;
     assert_eq!(
@@ -396,12 +430,13 @@ async fn a_history_rule_holds_across_replicas() {
 /// its agent, and ended through B it is gone on A too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mcp_session_opened_on_one_replica_is_served_by_another() {
-    let upstream = TestUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(dir.path());
-    policies(dir.path(), &upstream.url, "{ calls_per_minute: 1000 }");
-    let a = Replica::start(dir.path(), "a", &redis.url());
-    let b = Replica::start(dir.path(), "b", &redis.url());
+    let Pair {
+        upstream,
+        dir: _dir,
+        redis: _redis,
+        a,
+        b,
+    } = Pair::start("{ calls_per_minute: 1000 }", &[]).await;
     let mcp = |r: &Replica, key: &str, session: Option<&str>, body: &str| {
         let mut headers = vec![
             ("authorization", format!("Bearer {key}")),
@@ -443,17 +478,15 @@ async fn an_mcp_session_opened_on_one_replica_is_served_by_another() {
 /// replica B; a second use, on either replica, is refused. Listing and polling work anywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approval_granted_on_one_replica_is_used_once_on_any() {
-    let upstream = TestUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(dir.path());
-    policies(dir.path(), &upstream.url, "{ calls_per_minute: 1000 }");
-    std::fs::write(
-        dir.path().join("policies/rules.cedar"),
-        "@id(\"big-refunds\")\n@approval(\"billing\")\nforbid (principal, action == Action::\"billing.refund\", resource) when { context.input.amount > 100 };\n",
-    )
-    .unwrap();
-    let a = Replica::start(dir.path(), "a", &redis.url());
-    let b = Replica::start(dir.path(), "b", &redis.url());
+    let rule = "@id(\"big-refunds\")\n@approval(\"billing\")\nforbid (principal, action == Action::\"billing.refund\", resource) when { context.input.amount > 100 };\n";
+    let extra = [("rules.cedar", rule.to_owned())];
+    let Pair {
+        upstream,
+        dir: _dir,
+        redis: _redis,
+        a,
+        b,
+    } = Pair::start("{ calls_per_minute: 1000 }", &extra).await;
     let refund = r#"{"order_id": "O-7", "amount": 500}"#;
     let held = a.call_as(BOT_KEY, "billing.refund", refund).await;
     let id = held.assert_error(202, "approval_required")["approval_id"]

@@ -41,12 +41,7 @@ impl Drop for Turn {
             rt.spawn(async move {
                 let mut inv = state.scripts.unlock.prepare_invoke();
                 inv.key(&key).arg(&token);
-                let _ = state
-                    .run(|mut c| {
-                        let inv = &inv;
-                        async move { inv.invoke_async::<i64>(&mut c).await }
-                    })
-                    .await;
+                let _ = state.invoke::<i64>(&inv).await;
             });
         }
     }
@@ -128,12 +123,7 @@ impl RedisState {
             .arg(to_member(call))
             .arg(retention.as_millis() as u64)
             .arg(cap);
-        self.run(|mut c| {
-            let inv = &inv;
-            async move { inv.invoke_async::<i64>(&mut c).await }
-        })
-        .await
-        .map(drop)
+        self.invoke::<i64>(&inv).await.map(drop)
     }
 
     /// Takes back a recorded call (its tool failed): the one with its time, tool and session.

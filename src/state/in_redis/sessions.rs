@@ -37,11 +37,7 @@ impl RedisState {
             .arg(idle.as_millis() as u64)
             .arg(version)
             .arg(most);
-        self.run(|mut c| {
-            let inv = &inv;
-            async move { inv.invoke_async::<Value>(&mut c).await }
-        })
-        .await
+        self.invoke::<Value>(&inv).await
     }
 
     /// Opens session `id`; false if the agent already holds `most`.
