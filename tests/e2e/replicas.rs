@@ -545,6 +545,81 @@ async fn an_approval_granted_on_one_replica_is_used_once_on_any() {
     assert_eq!(used["status"], "used", "{used}");
 }
 
+/// Pins of upstream MCP tools are one set for every replica: a replica started after a
+/// server changed a tool finds the change (it does not pin the new definition as first seen),
+/// and an operator approves it once, through any replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_pins_are_one_set_for_every_replica() {
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let trigger = dir.path().join("rug-pull");
+    let crm = crate::mcp::upstream_mcp(&trigger).await;
+    let redis = Redis::start(dir.path());
+    policies(dir.path(), &upstream.url, "{ calls_per_minute: 1000 }");
+    std::fs::write(
+        dir.path().join("policies/crm.yaml"),
+        format!(
+            "mcp_servers:\n  crm: {{ url: \"http://127.0.0.1:{}/mcp\" }}\n",
+            crm.port
+        ),
+    )
+    .unwrap();
+    let tools = |r: &Replica| {
+        let url = format!("{}/admin/tools", r.admin);
+        async move {
+            let headers = vec![("authorization", format!("Bearer {ADMIN_TOKEN}"))];
+            send("GET", &url, &headers, Vec::new()).await.json()
+        }
+    };
+    let state_of = |listed: &Value, name: &str| {
+        listed["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .map(|t| t["state"].as_str().unwrap().to_owned())
+    };
+    let a = Replica::start(dir.path(), "a", &redis.url());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while state_of(&tools(&a).await, "crm.lookup").as_deref() != Some("approved") {
+        assert!(Instant::now() < deadline, "A never pinned crm.lookup");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The server changes a tool's description; then B starts.
+    std::fs::write(&trigger, "now").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = Replica::start(dir.path(), "b", &redis.url());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let listed = loop {
+        let listed = tools(&b).await;
+        if state_of(&listed, "crm.lookup").is_some() {
+            break listed;
+        }
+        assert!(Instant::now() < deadline, "B never listed crm.lookup");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(state_of(&listed, "crm.lookup").as_deref(), Some("changed"), "{listed}");
+    assert_eq!(state_of(&listed, "crm.notes").as_deref(), Some("approved"), "{listed}");
+    // Approved once, through B: A takes the new definition at its next look.
+    let sha = listed["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "crm.lookup")
+        .unwrap()["sha256"]
+        .clone();
+    let ok = b
+        .admin(
+            "POST",
+            "/admin/tools/crm.lookup/approve",
+            json!({"by": "sam", "sha256": sha}),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.json());
+    assert_eq!(a.admin("POST", "/admin/reload", json!({"by": "sam"})).await.status, 200);
+    assert_eq!(state_of(&tools(&a).await, "crm.lookup").as_deref(), Some("approved"));
+}
+
 /// Each replica reports itself with the policy version it serves, so an operator sees them
 /// all from any one, and sees a policy skew between them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
