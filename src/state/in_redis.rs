@@ -90,6 +90,9 @@ pub struct RedisState {
     reachable: AtomicBool,
 }
 
+/// How long a thread's queued settles wait for an admission to carry them.
+const SETTLE_DELAY: Duration = Duration::from_millis(2);
+
 /// A thread's settles not yet sent, and whether a task is sending them.
 #[derive(Default)]
 struct Settles {
@@ -223,7 +226,9 @@ impl RedisState {
             })??;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
+            // No deadline of the client's own per request: `run` puts one around each exchange
+            // (retry included), and a second timer per request costs for nothing.
+            .set_response_timeout(None)
             .set_number_of_retries(2)
             .set_max_delay(timeout);
         Ok(RedisState {
@@ -307,12 +312,15 @@ impl RedisState {
     pub(super) async fn admit(&self, ask: Ask<'_>) -> Result<Answer, StateError> {
         let lease_id = uuid::Uuid::new_v4().simple().to_string();
         let (limit, tokens, answer) = ask.budget.unwrap_or((0, 0, None));
-        let mut inv = self.scripts.admit.prepare_invoke();
-        inv.key(self.key(ask.agent, "quarantine"))
-            .key(self.key(ask.agent, "budget"))
-            .key(self.key(ask.agent, "leases"))
-            .key(self.key(ask.agent, &format!("rate:tool:{}", ask.tool)))
-            .key(self.key(ask.agent, "rate"))
+        let mut admit = redis::cmd("EVALSHA");
+        admit
+            .arg(self.scripts.admit.get_hash())
+            .arg(5)
+            .arg(self.key(ask.agent, "quarantine"))
+            .arg(self.key(ask.agent, "budget"))
+            .arg(self.key(ask.agent, "leases"))
+            .arg(self.key(ask.agent, &format!("rate:tool:{}", ask.tool)))
+            .arg(self.key(ask.agent, "rate"))
             .arg(limit)
             .arg(tokens)
             .arg(answer.map_or(-1, |a| a as i64))
@@ -320,7 +328,39 @@ impl RedisState {
             .arg(ask.lease.as_millis() as u64)
             .arg(ask.tool_rate)
             .arg(ask.agent_rate);
-        let reply: Vec<Value> = self.invoke(&inv).await?;
+        // The settles this thread has queued ride along, ahead of the admission: under load a
+        // call's settling then costs no round trip of its own.
+        let shard = per_thread::index();
+        let settles = std::mem::take(&mut self.settles[shard].0.lock().unwrap_or_else(|p| p.into_inner()).items);
+        let mut pipe = redis::pipe();
+        self.push_settles(&mut pipe, &settles);
+        pipe.add_command(admit);
+        let send = || {
+            self.run(|mut c| {
+                let pipe = &pipe;
+                async move { pipe.query_async::<(Vec<Value>,)>(&mut c).await }
+            })
+        };
+        let reply = match send().await {
+            Err(StateError::Redis(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // Redis forgot the scripts (a restart): loaded again, and sent again.
+                self.reload_scripts().await?;
+                send().await
+            }
+            other => other,
+        };
+        let reply = match reply {
+            Ok((reply,)) => reply,
+            Err(e) => {
+                if !settles.is_empty() {
+                    tracing::error!(
+                        settles = settles.len(),
+                        "budget reservations could not be settled (their leases will end on their own): {e}"
+                    );
+                }
+                return Err(e);
+            }
+        };
         let int = |i: usize| match reply.get(i) {
             Some(Value::Int(n)) => Ok(*n),
             other => Err(StateError::Corrupt(format!("the admission script answered {other:?}"))),
@@ -364,8 +404,9 @@ impl RedisState {
         if lead {
             let me = self.clone();
             tokio::spawn(async move {
-                // The calls already runnable on this thread queue theirs first.
-                tokio::task::yield_now().await;
+                // Under load the next admission on this thread carries the queue long before
+                // this wakes; a quiet thread sends it itself, a moment later.
+                tokio::time::sleep(SETTLE_DELAY).await;
                 me.flush_settles(shard).await;
             });
         }
@@ -382,18 +423,7 @@ impl RedisState {
                 std::mem::take(&mut q.items)
             };
             let mut pipe = redis::pipe();
-            for (lease, input, output) in &items {
-                pipe.cmd("EVALSHA")
-                    .arg(self.scripts.settle.get_hash())
-                    .arg(2)
-                    .arg(self.key(&lease.agent, "budget"))
-                    .arg(self.key(&lease.agent, "leases"))
-                    .arg(&lease.member)
-                    .arg(lease.tokens)
-                    .arg(input)
-                    .arg(output)
-                    .ignore();
-            }
+            self.push_settles(&mut pipe, &items);
             let send = || {
                 self.run(|mut c| {
                     let pipe = &pipe;
@@ -405,10 +435,7 @@ impl RedisState {
                 && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
             {
                 // Redis forgot the script (a restart): loaded again, and the batch sent again.
-                let loaded = self
-                    .run(|mut c| async move { self.scripts.settle.load_async(&mut c).await })
-                    .await;
-                if loaded.is_ok() {
+                if self.reload_scripts().await.is_ok() {
                     sent = send().await;
                 }
             }
@@ -419,6 +446,32 @@ impl RedisState {
                 );
             }
         }
+    }
+
+    /// Adds one `EVALSHA settle` per queued settle to `pipe`, their replies ignored.
+    fn push_settles(&self, pipe: &mut redis::Pipeline, settles: &[(Lease, u64, u64)]) {
+        for (lease, input, output) in settles {
+            pipe.cmd("EVALSHA")
+                .arg(self.scripts.settle.get_hash())
+                .arg(2)
+                .arg(self.key(&lease.agent, "budget"))
+                .arg(self.key(&lease.agent, "leases"))
+                .arg(&lease.member)
+                .arg(lease.tokens)
+                .arg(input)
+                .arg(output)
+                .ignore();
+        }
+    }
+
+    /// Loads the admission and settle scripts again (Redis restarted and forgot them).
+    async fn reload_scripts(&self) -> Result<(), StateError> {
+        self.run(|mut c| async move {
+            self.scripts.admit.load_async(&mut c).await?;
+            self.scripts.settle.load_async(&mut c).await
+        })
+        .await
+        .map(drop)
     }
 
     /// Settles a lease (`input`, `output`: what flowed) or gives it back (both 0).
