@@ -38,7 +38,7 @@ fn pipeline(c: &mut Criterion) {
         b.iter(|| {
             policy
                 .auth
-                .authenticate(black_box(Some("Bearer demo-support-key")))
+                .authenticate(black_box(Some("Bearer demo-support-key")), None)
                 .unwrap()
         })
     });

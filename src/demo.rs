@@ -44,6 +44,8 @@ pub enum DemoError {
         "cannot listen on {addr}: {source} (is another demo running? pick other ports with --listen, --admin-listen and --tools-listen)"
     )]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("{0} (is another demo running? pick other ports with --listen and --admin-listen)")]
+    Start(#[from] server::StartError),
     #[error("{0}")]
     Audit(#[from] crate::audit::AuditError),
     #[error("{0}")]
@@ -183,11 +185,7 @@ async fn start_gateway(opts: &DemoOptions, tools_addr: SocketAddr) -> Result<Run
     config.approvals.store = opts.approvals_file.clone();
     let approvals = Approvals::open_configured(&config.approvals)?;
     let gateway = Arc::new(Gateway::new(config.clone(), policy, None, audit, approvals).with_admin_token(ADMIN_TOKEN));
-    let running = server::start(gateway).await.map_err(|source| DemoError::Bind {
-        addr: config.listen,
-        source,
-    })?;
-    Ok(running)
+    Ok(server::start(gateway).await?)
 }
 
 /// The scripted calls: what each shows, whose key, which tool, the arguments.

@@ -75,6 +75,19 @@ enum Command {
         /// Directory of case files (default: `tests/` inside the policy directory).
         dir: Option<PathBuf>,
     },
+    /// Ask this gateway's admin plane whether it is up (`/healthz`) or ready (`/readyz`), for a
+    /// container's HEALTHCHECK: exit 0 on 200, 1 otherwise. Reads the admin address (and
+    /// whether it speaks TLS) from the config; sends no credential.
+    Healthcheck {
+        #[arg(short, long, env = "TOOLGATE_CONFIG", default_value = "config/toolgate.yaml")]
+        config: PathBuf,
+        /// Ask `/readyz` (policy loaded, audit writable, state backend reachable) instead.
+        #[arg(long)]
+        ready: bool,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
     /// Print the decision the proxy would take for a call, as JSON, without calling anything.
     Explain {
         #[arg(short, long, env = "TOOLGATE_CONFIG", default_value = "config/toolgate.yaml")]
@@ -106,6 +119,11 @@ fn main() -> ExitCode {
         } => demo(listen, admin_listen, tools_listen, once),
         Command::Check { config } => return check(&config),
         Command::Test { config, dir } => return test(&config, dir),
+        Command::Healthcheck {
+            config,
+            ready,
+            timeout_ms,
+        } => return healthcheck(&config, ready, timeout_ms),
         Command::Explain {
             config,
             agent,
@@ -183,8 +201,14 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
         let running = toolgate::server::start(gateway)
             .await
             .context("cannot bind the listeners")?;
-        eprintln!("toolgate: data plane listening on http://{}", running.data_addr);
-        eprintln!("toolgate: admin plane listening on http://{}", running.admin_addr);
+        eprintln!(
+            "toolgate: data plane listening on {}://{}",
+            running.data_scheme, running.data_addr
+        );
+        eprintln!(
+            "toolgate: admin plane listening on {}://{}",
+            running.admin_scheme, running.admin_addr
+        );
         tracing::info!(policy_version = %version, "serving");
         shutdown_signal().await;
         tracing::info!("shutting down: finishing calls in flight");
@@ -250,6 +274,9 @@ fn check(config_path: &Path) -> ExitCode {
                     }
                 }
             }
+            for warning in cfg.warnings() {
+                println!("{}: warning: {warning}", config_path.display());
+            }
             println!(
                 "ok: {} and {} (policy version {}: {} agents, {} tools, {} filters)",
                 config_path.display(),
@@ -266,6 +293,35 @@ fn check(config_path: &Path) -> ExitCode {
                 println!("{p}");
             }
             eprintln!("{} error(s)", e.problems.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn healthcheck(config_path: &Path, ready: bool, timeout_ms: u64) -> ExitCode {
+    let config = match ServerConfig::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("toolgate healthcheck: the configuration is invalid:\n{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = toolgate::server::probe::local_address(config.admin.listen);
+    let path = if ready { "/readyz" } else { "/healthz" };
+    let tls = config.admin.tls.is_some();
+    let timeout = std::time::Duration::from_millis(timeout_ms);
+    let status = runtime().map_err(|e| e.to_string()).and_then(|rt| {
+        rt.block_on(toolgate::server::probe::get(addr, path, tls, timeout))
+            .map_err(|e| e.to_string())
+    });
+    match status {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(other) => {
+            eprintln!("toolgate healthcheck: {path} answered {other}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("toolgate healthcheck: {e}");
             ExitCode::FAILURE
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod state;
+pub mod tls;
 pub mod yaml;
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use serde::Deserialize;
 
 pub use error::{ConfigError, Problem, Problems};
 pub use state::{RedisConfig, RedisOptions, StateBackend};
+pub use tls::{ClientCertificates, Scheme, TlsConfig};
 use yaml::{Document, KeyPath};
 
 /// The deepest JSON nesting a config may allow: serde_json refuses deeper input on its own.
@@ -27,6 +29,12 @@ const MAX_WORKERS: usize = 1024;
 struct ServerConfigRaw {
     #[serde(default = "default_listen")]
     listen: SocketAddr,
+    /// TLS on the data plane (default none: plain HTTP, on loopback only unless `allow_plaintext`).
+    #[serde(default)]
+    tls: Option<TlsConfig>,
+    /// Plain HTTP on a data-plane address other than loopback (TLS ended in front of toolgate).
+    #[serde(default)]
+    allow_plaintext: bool,
     #[serde(default)]
     admin: AdminConfig,
     #[serde(default = "default_policies")]
@@ -77,6 +85,12 @@ pub struct AdminConfig {
     /// Alternatively, a file holding the token (first line). The environment variable wins.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// TLS on the admin plane (default none: plain HTTP, on loopback only unless `allow_plaintext`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Plain HTTP on an admin address other than loopback.
+    #[serde(default)]
+    pub allow_plaintext: bool,
 }
 
 fn default_admin_listen() -> SocketAddr {
@@ -92,6 +106,8 @@ impl Default for AdminConfig {
             listen: default_admin_listen(),
             token_env: default_token_env(),
             token_file: None,
+            tls: None,
+            allow_plaintext: false,
         }
     }
 }
@@ -430,6 +446,8 @@ impl McpConfig {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// TLS on the data plane.
+    pub tls: Option<TlsConfig>,
     /// Data-plane threads (`server::workers`): `workers`, else one per available CPU.
     pub workers: usize,
     pub admin: AdminConfig,
@@ -445,6 +463,17 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// What a valid config still deserves a word about (`toolgate check` prints these).
+    pub fn warnings(&self) -> Vec<String> {
+        [
+            tls::plaintext_warning("data", self.listen, self.tls.as_ref()),
+            tls::plaintext_warning("admin", self.admin.listen, self.admin.tls.as_ref()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
@@ -469,6 +498,24 @@ impl ServerConfig {
             ));
         }
         check_approvals(&doc, &raw.approvals, &mut problems);
+        tls::check_listener(
+            &doc,
+            &root,
+            raw.listen,
+            raw.tls.as_ref(),
+            raw.allow_plaintext,
+            true,
+            &mut problems,
+        );
+        tls::check_listener(
+            &doc,
+            &root.key("admin"),
+            raw.admin.listen,
+            raw.admin.tls.as_ref(),
+            raw.admin.allow_plaintext,
+            false,
+            &mut problems,
+        );
         for (key, zero) in [
             ("max_sessions", raw.mcp.max_sessions == 0),
             ("session_idle_seconds", raw.mcp.session_idle_seconds == 0),
@@ -491,6 +538,7 @@ impl ServerConfig {
         problems.finish(ServerConfig {
             trusted_proxies,
             listen: raw.listen,
+            tls: raw.tls,
             workers,
             admin: raw.admin,
             policies: raw.policies,

@@ -37,6 +37,7 @@ use crate::approval::ApprovalStore;
 use crate::audit::{AuditError, AuditLog, RecordedArguments, Tokens, ToolCallEvent, UpstreamInfo, recorded};
 use crate::config::ServerConfig;
 use crate::meters::Meters;
+use crate::policy::identity::ClientCertificate;
 use crate::policy::{Code, ParseLimits, Policy, Reason, Stage, arguments};
 use crate::state::State;
 use crate::upstream::TraceContext;
@@ -70,8 +71,12 @@ pub struct CallRequest {
 /// Who is calling, as the transport knows it.
 #[derive(Debug, Clone)]
 pub enum Caller {
-    /// The `Authorization` header, if any: the call authenticates it.
-    Credentials(Option<HeaderValue>),
+    /// The `Authorization` header, if any, and the client certificate the connection
+    /// presented, if any: the call authenticates them.
+    Credentials {
+        authorization: Option<HeaderValue>,
+        client: Option<Arc<ClientCertificate>>,
+    },
     /// An agent the transport has authenticated already, with this gateway's policy: MCP
     /// checks every message's credentials before it reads the method, so a `tools/call` need
     /// not hash the key (or verify the JWT's signature) a second time. The agent must still be
@@ -452,7 +457,7 @@ impl Gateway {
         // (Only callers that presented credentials: one MCP authenticated already is an agent
         // even if a reload removed it since.)
         let summarized = rec.agent.is_none()
-            && matches!(req.caller, Caller::Credentials(_))
+            && matches!(req.caller, Caller::Credentials { .. })
             && code.is_some_and(|c| c != Code::Unavailable && !self.audit.admit_unknown_caller(req.source, c.as_str()));
         if !summarized && let Err(e) = self.audit.emit(&event).await {
             tracing::error!(request_id = &*req.request_id, "audit write failed: {e}");

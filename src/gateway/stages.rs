@@ -169,9 +169,9 @@ impl Gateway {
     /// session header, quarantine, and the audit log's health.
     fn admit<'p>(&self, policy: &'p Policy, req: &CallRequest, rec: &mut Record<'p>) -> Result<&'p str, Reason> {
         let agent: &'p str = match &req.caller {
-            Caller::Credentials(authorization) => policy
+            Caller::Credentials { authorization, client } => policy
                 .auth
-                .authenticate(authorization.as_ref().and_then(|v| v.to_str().ok()))?,
+                .authenticate(authorization.as_ref().and_then(|v| v.to_str().ok()), client.as_deref())?,
             Caller::Agent(id) => policy
                 .agents
                 .get_key_value(&**id)

@@ -112,7 +112,10 @@ impl Fixture {
 }
 
 fn bot() -> Caller {
-    Caller::Credentials(Some(http::HeaderValue::from_static("Bearer test-key")))
+    Caller::Credentials {
+        authorization: Some(http::HeaderValue::from_static("Bearer test-key")),
+        client: None,
+    }
 }
 
 /// The refusal's code, stage and rule, checked against its decision.
@@ -132,7 +135,15 @@ fn too_large() -> Reason {
 async fn an_unauthenticated_caller_learns_nothing_not_even_the_body_limit() {
     let f = Fixture::new();
     let out = f
-        .call("r1", Caller::Credentials(None), "kb.search", Err(too_large()))
+        .call(
+            "r1",
+            Caller::Credentials {
+                authorization: None,
+                client: None,
+            },
+            "kb.search",
+            Err(too_large()),
+        )
         .await;
     assert_eq!(
         refused(&out),

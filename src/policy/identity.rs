@@ -1,6 +1,7 @@
 //! Who is calling: the agent identity comes only from a verified credential — an API key whose
-//! SHA-256 is in the policy, or a JWT signed by a key in the configured JWKS — never from a header
-//! the caller sets.
+//! SHA-256 is in the policy, a JWT signed by a key in the configured JWKS, or a client
+//! certificate the data plane's TLS verified against its client CAs — never from a header the
+//! caller sets.
 //!
 //! API keys are looked up by their SHA-256 digest and the digest is then compared in constant
 //! time. The lookup's timing depends only on the digest of what the caller sent, which the caller
@@ -139,12 +140,23 @@ fn key_algorithm(jwk: &Jwk) -> Result<Algorithm, String> {
     Ok(alg)
 }
 
+/// What a verified client certificate says about the agent that presented it: the SPIFFE ID
+/// in its URI SAN (`spiffe://trust-domain/path`; at most one, as an X.509-SVID carries) and its
+/// subject's common name. Read by the listener after the handshake (`server::tls`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientCertificate {
+    pub spiffe_id: Option<String>,
+    pub common_name: Option<String>,
+}
+
 /// Maps credentials to agent ids. Built at policy load.
 #[derive(Debug, Default)]
 pub struct Authenticator {
     api_keys: FastMap<[u8; 32], Arc<str>>,
     jwt: Option<JwtVerifier>,
     jwt_subjects: FastMap<String, Arc<str>>,
+    spiffe_ids: FastMap<String, Arc<str>>,
+    common_names: FastMap<String, Arc<str>>,
 }
 
 impl Authenticator {
@@ -168,18 +180,64 @@ impl Authenticator {
         }
     }
 
+    /// Registers a client certificate's SPIFFE ID; `Err` names the agent that already holds it.
+    pub fn add_spiffe_id(&mut self, id: String, agent: Arc<str>) -> Result<(), Arc<str>> {
+        match self.spiffe_ids.insert(id, agent) {
+            Some(prev) => Err(prev),
+            None => Ok(()),
+        }
+    }
+
+    /// Registers a client certificate's subject CN; `Err` names the agent that already holds it.
+    pub fn add_common_name(&mut self, cn: String, agent: Arc<str>) -> Result<(), Arc<str>> {
+        match self.common_names.insert(cn, agent) {
+            Some(prev) => Err(prev),
+            None => Ok(()),
+        }
+    }
+
     pub fn has_jwt(&self) -> bool {
         self.jwt.is_some()
     }
 
-    /// The agent behind an `Authorization` header value, or why not.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<&Arc<str>, Reason> {
+    /// The agent behind a request's credentials — its `Authorization` header value, the client
+    /// certificate its connection presented — or why not. With both, they must name the same
+    /// agent: a certificate is never overridden by a key, nor a key by a certificate.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        client: Option<&ClientCertificate>,
+    ) -> Result<&Arc<str>, Reason> {
         let deny = |m: &str| Reason::new(Code::Unauthenticated, Stage::Authentication, "authentication", m);
+        // The SPIFFE ID first: it names a workload; a CN is whatever the CA put there.
+        let by_certificate = client.and_then(|c| {
+            (c.spiffe_id.as_ref().and_then(|id| self.spiffe_ids.get(id)))
+                .or_else(|| c.common_name.as_ref().and_then(|cn| self.common_names.get(cn)))
+        });
         let Some(value) = authorization else {
-            return Err(deny(
-                "Missing credentials: send `Authorization: Bearer <API key or JWT>`.",
-            ));
+            return match (by_certificate, client) {
+                (Some(agent), _) => Ok(agent),
+                (None, Some(_)) => Err(deny(
+                    "The client certificate does not identify a known agent: neither its SPIFFE ID nor \
+                     its subject CN is an agent's `credentials` in the policy.",
+                )),
+                (None, None) => Err(deny(
+                    "Missing credentials: send `Authorization: Bearer <API key or JWT>`.",
+                )),
+            };
         };
+        let agent = self.by_authorization(value)?;
+        match by_certificate {
+            Some(other) if other != agent => Err(deny(
+                "The client certificate and the Authorization header name different agents.",
+            )),
+            _ => Ok(agent),
+        }
+    }
+
+    /// The agent behind an `Authorization` header value, or why not.
+    fn by_authorization(&self, value: &str) -> Result<&Arc<str>, Reason> {
+        let deny = |m: &str| Reason::new(Code::Unauthenticated, Stage::Authentication, "authentication", m);
         let token = match value.split_once(' ') {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => token.trim(),
             _ => return Err(deny("The Authorization header must be `Bearer <API key or JWT>`.")),
@@ -227,8 +285,8 @@ mod tests {
     #[test]
     fn resolves_a_known_api_key_to_its_agent() {
         let a = auth_with_key("k-123", "support-bot");
-        assert_eq!(&**a.authenticate(Some("Bearer k-123")).unwrap(), "support-bot");
-        assert_eq!(&**a.authenticate(Some("bearer k-123")).unwrap(), "support-bot");
+        assert_eq!(&**a.authenticate(Some("Bearer k-123"), None).unwrap(), "support-bot");
+        assert_eq!(&**a.authenticate(Some("bearer k-123"), None).unwrap(), "support-bot");
     }
 
     #[test]
@@ -241,7 +299,7 @@ mod tests {
             Some("Bearer "),
             Some("Bearer k-124"),
         ] {
-            let r = a.authenticate(h).unwrap_err();
+            let r = a.authenticate(h, None).unwrap_err();
             assert_eq!(r.code, Code::Unauthenticated, "{h:?}");
             assert!(!r.message.contains("k-12"), "message echoes the key: {}", r.message);
         }

@@ -15,11 +15,12 @@ use bytes::Bytes;
 use http_body_util::Full;
 
 use super::request::{
-    HoldsGateway, Refusal, RequestId, Source, authenticate, call_detached, error_body, error_response,
+    Client, HoldsGateway, Refusal, RequestId, Source, authenticate, call_detached, error_body, error_response,
     expects_continue, read_body,
 };
 use crate::gateway::{Answer, Arguments, CallOutcome, CallRequest, Caller, Gateway, ToolName};
 use crate::policy::Code;
+use crate::policy::identity::ClientCertificate;
 use crate::upstream::TraceContext;
 
 const X_TOOLGATE_SESSION: HeaderName = HeaderName::from_static("x-toolgate-session");
@@ -36,7 +37,8 @@ pub fn routes(gateway: Arc<Gateway>, mcp: Arc<super::mcp::Mcp>) -> Router {
             "/v1/tools/{tool}",
             post(|State(gw): State<Arc<Gateway>>, req: Request| async move {
                 let (id, source) = (RequestId::of(&req), Source::of(&req));
-                call_tool(gw, id, None, source, req).await
+                let client = req.extensions().get::<Client>().map(|c| c.0.clone());
+                call_tool(gw, id, None, source, client, req).await
             }),
         )
         .route("/v1/approvals/{id}", get(approval_status))
@@ -98,6 +100,7 @@ pub(super) async fn call_tool<B>(
     id: Arc<str>,
     id_header: Option<&HeaderValue>,
     source: Option<std::net::IpAddr>,
+    client: Option<Arc<ClientCertificate>>,
     req: axum::http::Request<B>,
 ) -> axum::http::Response<Full<Bytes>>
 where
@@ -135,7 +138,7 @@ where
     // A caller waiting to be told to send its body is refused on its headers when they already
     // decide (credentials, quarantine, allowlist): the body is never read, so the client is
     // never asked for it. The gateway decides the call as usual, on an empty body.
-    let refused = |gw| credentials > 1 || refused_on_headers(gw, authorization, tool.as_str());
+    let refused = |gw| credentials > 1 || refused_on_headers(gw, authorization, client.as_deref(), tool.as_str());
     let body = if expects_continue(&parts.headers) && refused(gw) {
         Ok(Bytes::new())
     } else {
@@ -147,7 +150,10 @@ where
         request_id_header: id_header.cloned(),
         source,
         caller: match credentials {
-            0 | 1 => Caller::Credentials(authorization.cloned()),
+            0 | 1 => Caller::Credentials {
+                authorization: authorization.cloned(),
+                client,
+            },
             _ => Caller::Ambiguous,
         },
         tool,
@@ -162,9 +168,17 @@ where
 
 /// Whether a call would be refused before its body counts: unknown credentials, a quarantined
 /// agent, or a tool not on its allowlist.
-fn refused_on_headers(gw: &Gateway, authorization: Option<&HeaderValue>, tool: &str) -> bool {
+fn refused_on_headers(
+    gw: &Gateway,
+    authorization: Option<&HeaderValue>,
+    client: Option<&ClientCertificate>,
+    tool: &str,
+) -> bool {
     let policy = gw.policy_now();
-    match policy.auth.authenticate(authorization.and_then(|v| v.to_str().ok())) {
+    match policy
+        .auth
+        .authenticate(authorization.and_then(|v| v.to_str().ok()), client)
+    {
         Err(_) => true,
         Ok(agent) => gw.state.quarantined_locally(agent).is_some() || !policy.is_allowed(agent, tool),
     }
@@ -206,7 +220,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> Bytes {
 /// The calling agent's own approval. Another agent's, or an unknown id, is the same 404.
 async fn approval_status(State(gw): State<Arc<Gateway>>, Path(approval): Path<String>, req: Request) -> Response {
     let id = RequestId::of(&req);
-    let agent = match authenticate(&gw, req.headers()) {
+    let agent = match authenticate(&gw, req.headers(), Client::of(&req)) {
         Ok(agent) => agent,
         // Audited like any refusal: guessing keys here must leave a trail too.
         Err(reason) => {

@@ -56,31 +56,12 @@ impl Drain {
         }
     }
 
-    /// Runs `conn` to its end; once shutdown begins, it finishes what it is doing and closes.
-    pub fn watch<C: Connection>(&self, conn: C) -> impl Future<Output = C::Output> + use<C> {
-        let stopping = self.stopping.clone();
-        let open = self.open.subscribe();
-        async move {
-            let _open = open;
-            let mut conn = pin!(conn);
-            let mut signal = pin!(stopping.notify.notified());
-            let (mut registered, mut draining) = (false, false);
-            poll_fn(|cx| {
-                if !draining {
-                    // Polled once, the signal keeps this task's waker (a task's waker stays the
-                    // same) and wakes it at shutdown; later polls only read the flag.
-                    if !registered {
-                        registered = true;
-                        let _ = signal.as_mut().poll(cx);
-                    }
-                    if stopping.flag.load(Ordering::Acquire) {
-                        draining = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
-                conn.as_mut().poll(cx)
-            })
-            .await
+    /// A connection's place in the drain, taken when it is accepted (before a TLS handshake,
+    /// so shutdown waits for that too).
+    pub fn watcher(&self) -> Watcher {
+        Watcher {
+            stopping: self.stopping.clone(),
+            open: self.open.subscribe(),
         }
     }
 
@@ -89,6 +70,39 @@ impl Drain {
         self.stopping.flag.store(true, Ordering::Release);
         self.stopping.notify.notify_waiters();
         self.open.closed().await;
+    }
+}
+
+/// One connection's handle on the shutdown signal ([`Drain::watcher`]).
+pub struct Watcher {
+    stopping: Arc<Stopping>,
+    open: watch::Receiver<()>,
+}
+
+impl Watcher {
+    /// Runs `conn` to its end; once shutdown begins, it finishes what it is doing and closes.
+    pub async fn watch<C: Connection>(self, conn: C) -> C::Output {
+        let Watcher { stopping, open } = self;
+        let _open = open;
+        let mut conn = pin!(conn);
+        let mut signal = pin!(stopping.notify.notified());
+        let (mut registered, mut draining) = (false, false);
+        poll_fn(|cx| {
+            if !draining {
+                // Polled once, the signal keeps this task's waker (a task's waker stays the
+                // same) and wakes it at shutdown; later polls only read the flag.
+                if !registered {
+                    registered = true;
+                    let _ = signal.as_mut().poll(cx);
+                }
+                if stopping.flag.load(Ordering::Acquire) {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            conn.as_mut().poll(cx)
+        })
+        .await
     }
 }
 

@@ -9,7 +9,9 @@ pub mod data;
 mod drain;
 pub mod mcp;
 mod policy_watch;
+pub mod probe;
 pub mod request;
+pub mod tls;
 mod workers;
 
 use std::convert::Infallible;
@@ -279,6 +281,7 @@ impl DataPlane {
     pub fn service(
         self,
         source: Option<std::net::IpAddr>,
+        client: Option<Arc<tls::ClientCertificate>>,
     ) -> impl hyper::service::Service<
         axum::http::Request<Incoming>,
         Response = axum::http::Response<DataBody>,
@@ -287,13 +290,14 @@ impl DataPlane {
     > + Clone
     + Send
     + 'static {
-        hyper::service::service_fn(move |req| self.clone().handle(req, source))
+        hyper::service::service_fn(move |req| self.clone().handle(req, source, client.clone()))
     }
 
     async fn handle(
         self,
         req: axum::http::Request<Incoming>,
         source: Option<std::net::IpAddr>,
+        client: Option<Arc<tls::ClientCertificate>>,
     ) -> Result<axum::http::Response<DataBody>, Infallible> {
         let plane = self.0;
         let (id, id_header, from) = request_id_of(&req);
@@ -316,7 +320,7 @@ impl DataPlane {
         };
         let routed = async {
             if data::is_tool_call(&req) {
-                data::call_tool(in_flight, id.clone(), Some(&id_header), source, req)
+                data::call_tool(in_flight, id.clone(), Some(&id_header), source, client, req)
                     .await
                     .map(Either::Left)
             } else if req.method() == axum::http::Method::POST && req.uri().path() == "/mcp" {
@@ -325,12 +329,18 @@ impl DataPlane {
                 if let Some(ip) = source {
                     req.extensions_mut().insert(Source(ip));
                 }
+                if let Some(client) = client {
+                    req.extensions_mut().insert(request::Client(client));
+                }
                 mcp::post(&plane.mcp, in_flight, req).await.map(Either::Right)
             } else {
                 let mut req = req.map(Body::new);
                 req.extensions_mut().insert(RequestId(id.clone()));
                 if let Some(ip) = source {
                     req.extensions_mut().insert(Source(ip));
+                }
+                if let Some(client) = client {
+                    req.extensions_mut().insert(request::Client(client));
                 }
                 let Ok(res) = plane.router.clone().oneshot(req).await;
                 drop(in_flight);
@@ -357,10 +367,26 @@ pub fn admin_plane(gateway: Arc<Gateway>) -> Plane {
     BoxCloneSyncService::new(svc)
 }
 
+/// Why the gateway could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({plane} plane): {source}")]
+    Bind {
+        plane: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the {plane} plane's TLS: {source}")]
+    Tls { plane: &'static str, source: tls::TlsError },
+}
+
 /// A running gateway: its addresses, and a handle to stop it.
 pub struct Running {
     pub data_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// `http` or `https`, for each plane.
+    pub data_scheme: &'static str,
+    pub admin_scheme: &'static str,
     pub gateway: Arc<Gateway>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -386,10 +412,25 @@ impl Running {
 /// Binds both listeners and starts serving — the data plane on its own threads (one event loop
 /// per core, [`workers`]), the admin plane, policy watcher and metrics upkeep on the caller's
 /// runtime.
-pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
-    let data = workers::bind(gateway.config.listen, gateway.config.workers)?;
-    let admin = TcpListener::bind(gateway.config.admin.listen).await?;
-    let (data_addr, admin_addr) = (data[0].local_addr()?, admin.local_addr()?);
+pub async fn start(gateway: Arc<Gateway>) -> Result<Running, StartError> {
+    let config = &gateway.config;
+    let tls = |plane: &'static str, files: Option<&crate::config::TlsConfig>| {
+        files
+            .map(|f| tls::Tls::load(f).map(Arc::new))
+            .transpose()
+            .map_err(|source| StartError::Tls { plane, source })
+    };
+    let (data_tls, admin_tls) = (
+        tls("data", config.tls.as_ref())?,
+        tls("admin", config.admin.tls.as_ref())?,
+    );
+    let bind = |plane, addr| move |source| StartError::Bind { plane, addr, source };
+    let data = workers::bind(config.listen, config.workers).map_err(bind("data", config.listen))?;
+    let admin = TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(bind("admin", config.admin.listen))?;
+    let data_addr = data[0].local_addr().map_err(bind("data", config.listen))?;
+    let admin_addr = admin.local_addr().map_err(bind("admin", config.admin.listen))?;
     let (stop, stopped) = watch::channel(false);
     let limits = &gateway.config.limits;
     let timeouts = Timeouts {
@@ -403,18 +444,28 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
             gateway.config.workers,
             data_plane(gateway.clone()),
             timeouts,
+            data_tls.clone(),
             stopped.clone(),
-        )?,
+        )
+        .map_err(bind("data", config.listen))?,
         tokio::spawn(serve(
             admin,
             {
                 let plane = TowerToHyperService::new(admin_plane(gateway.clone()));
-                move |_| plane.clone()
+                move |_, _| plane.clone()
             },
             timeouts,
+            admin_tls.clone(),
             wait(stopped.clone()),
         )),
     ];
+    let scheme = |tls: &Option<Arc<tls::Tls>>| if tls.is_some() { "https" } else { "http" };
+    let (data_scheme, admin_scheme) = (scheme(&data_tls), scheme(&admin_tls));
+    // Certificates are reloaded when their files change.
+    let certificates: Vec<_> = [("data", data_tls), ("admin", admin_tls)]
+        .into_iter()
+        .filter_map(|(plane, tls)| Some((plane, tls?)))
+        .collect();
     // The CloudWatch Logs sink follows the audit file.
     if let (Some(cw), Some(file)) = (
         gateway.config.audit.cloudwatch.clone(),
@@ -433,10 +484,17 @@ pub async fn start(gateway: Arc<Gateway>) -> std::io::Result<Running> {
     tasks.push(tokio::spawn(write_summaries(gateway.clone(), stopped.clone())));
     // Upstream MCP servers: their tools at once, then every `mcp.refresh_seconds`.
     tasks.push(tokio::spawn(refresh_mcp(gateway.clone(), stopped.clone())));
-    tasks.push(tokio::spawn(upkeep(gateway.clone(), metrics, stopped.clone())));
+    tasks.push(tokio::spawn(upkeep(
+        gateway.clone(),
+        metrics,
+        certificates,
+        stopped.clone(),
+    )));
     Ok(Running {
         data_addr,
         admin_addr,
+        data_scheme,
+        admin_scheme,
         gateway,
         stop,
         tasks,
@@ -473,6 +531,7 @@ async fn refresh_mcp(gateway: Arc<Gateway>, mut stopped: watch::Receiver<bool>) 
 async fn upkeep(
     gateway: Arc<Gateway>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    certificates: Vec<(&'static str, Arc<tls::Tls>)>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut policy = policy_watch::PolicyWatch::default();
@@ -494,6 +553,19 @@ async fn upkeep(
             tracing::error!("pruning the approval store failed: {e}");
         }
         policy.poll(&gateway, ticks).await;
+        for (plane, tls) in &certificates {
+            match tls.poll() {
+                Some(Ok(())) => tracing::info!(plane, "TLS certificate reloaded"),
+                Some(Err(e)) => {
+                    metrics::counter!("toolgate_tls_reload_failures_total").increment(1);
+                    tracing::error!(
+                        plane,
+                        "TLS files changed but do not load; the last good ones still serve: {e}"
+                    );
+                }
+                None => {}
+            }
+        }
     }
 }
 
@@ -522,8 +594,9 @@ struct Timeouts {
 
 async fn serve<S, B>(
     listener: TcpListener,
-    app: impl Fn(SocketAddr) -> S,
+    app: impl Fn(SocketAddr, Option<Arc<tls::ClientCertificate>>) -> S + Send + Sync + 'static,
     timeouts: Timeouts,
+    tls: Option<Arc<tls::Tls>>,
     shutdown: impl Future<Output = ()>,
 ) where
     S: hyper::service::Service<axum::http::Request<Incoming>, Response = axum::http::Response<B>, Error = Infallible>
@@ -542,6 +615,7 @@ async fn serve<S, B>(
     http.timer(crate::timer::HyperTimer(crate::timer::Timers::new()))
         .header_read_timeout(timeouts.read)
         .max_buf_size(64 * 1024);
+    let app = Arc::new(app);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -559,10 +633,26 @@ async fn serve<S, B>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = http.serve_connection(TokioIo::new(conn::Conn::new(stream, timeouts.write)), app(peer));
-                let conn = drain.watch(conn);
+                let io = conn::Conn::new(stream, timeouts.write);
+                let watcher = drain.watcher();
+                let Some(tls) = &tls else {
+                    let conn = watcher.watch(http.serve_connection(TokioIo::new(io), app(peer, None)));
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    continue;
+                };
+                // The handshake on the connection's own task, within the time allowed for a
+                // request's headers: a client that never finishes it holds nothing else.
+                let (acceptor, http, app) = (tls.acceptor(), http.clone(), app.clone());
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    let stream = match tokio::time::timeout(timeouts.read, acceptor.accept(io)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => return tls::handshake_failed(peer, &e.to_string()),
+                        Err(_) => return tls::handshake_failed(peer, "not finished in time"),
+                    };
+                    let client = tls::client_certificate(stream.get_ref().1);
+                    let _ = watcher.watch(http.serve_connection(TokioIo::new(stream), app(peer, client))).await;
                 });
             }
             _ = &mut shutdown => break,

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use crate::audit::RequestRefused;
 use crate::gateway::{CallOutcome, CallRequest, Gateway};
+use crate::policy::identity::ClientCertificate;
 use crate::policy::{Code, Reason, Stage};
 use crate::upstream::X_REQUEST_ID;
 
@@ -36,6 +37,17 @@ impl RequestId {
 /// is written as IPv4). Set on requests the router handles; recorded as the events' `source`.
 #[derive(Clone, Copy, Debug)]
 pub struct Source(pub std::net::IpAddr);
+
+/// The client certificate the request's connection presented (data plane with client CAs),
+/// a request extension for the handlers behind the router.
+#[derive(Debug, Clone)]
+pub struct Client(pub Arc<ClientCertificate>);
+
+impl Client {
+    pub fn of<B>(req: &axum::http::Request<B>) -> Option<&ClientCertificate> {
+        req.extensions().get::<Client>().map(|c| &*c.0)
+    }
+}
 
 impl Source {
     pub fn of<B>(req: &axum::http::Request<B>) -> Option<std::net::IpAddr> {
@@ -172,16 +184,20 @@ pub(super) fn client_address(
     client
 }
 
-/// The agent whose credentials the `Authorization` header carries, in the policy in force. A
-/// request with more than one is refused.
-pub(super) fn authenticate(gw: &Gateway, headers: &HeaderMap) -> Result<Arc<str>, Reason> {
+/// The agent whose credentials the `Authorization` header and the connection's client
+/// certificate carry, in the policy in force. A request with more than one header is refused.
+pub(super) fn authenticate(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    client: Option<&ClientCertificate>,
+) -> Result<Arc<str>, Reason> {
     let mut all = headers.get_all(header::AUTHORIZATION).iter();
     let authorization = all.next();
     if all.next().is_some() {
         return Err(crate::gateway::two_credentials());
     }
     let authorization = authorization.and_then(|v| v.to_str().ok());
-    gw.policy_now().auth.authenticate(authorization).cloned()
+    gw.policy_now().auth.authenticate(authorization, client).cloned()
 }
 
 /// Whether the client waits for `100 Continue` before it sends its body (`Expect:

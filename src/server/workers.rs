@@ -73,22 +73,24 @@ pub(super) fn spawn(
     threads: usize,
     plane: DataPlane,
     timeouts: Timeouts,
+    tls: Option<std::sync::Arc<super::tls::Tls>>,
     stopped: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let mut done = Vec::with_capacity(threads);
     for i in 0..threads {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let listener = listeners[i % listeners.len()].try_clone()?;
-        let (plane, stopped) = (plane.for_thread(), stopped.clone());
-        // Each connection's service knows its peer (IPv4 mapped into IPv6 written as IPv4).
-        let app = move |peer: SocketAddr| plane.clone().service(Some(peer.ip().to_canonical()));
+        let (plane, stopped, tls) = (plane.for_thread(), stopped.clone(), tls.clone());
+        // Each connection's service knows its peer (IPv4 mapped into IPv6 written as IPv4) and
+        // the client certificate it presented.
+        let app = move |peer: SocketAddr, client| plane.clone().service(Some(peer.ip().to_canonical()), client);
         let (finished, on_finish) = oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("toolgate-data-{i}"))
             .spawn(move || {
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
-                        Ok(listener) => serve(listener, app, timeouts, wait(stopped)).await,
+                        Ok(listener) => serve(listener, app, timeouts, tls, wait(stopped)).await,
                         Err(e) => tracing::error!("data-plane thread {i} cannot listen: {e}"),
                     }
                 });

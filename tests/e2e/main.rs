@@ -14,6 +14,7 @@ mod content;
 mod gateway;
 mod hardening;
 mod jwt;
+mod kubernetes;
 mod limits;
 mod mcp;
 mod replicas;

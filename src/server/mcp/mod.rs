@@ -30,9 +30,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use super::request::{HoldsGateway, Refusal, RequestId, Source, authenticate, expects_continue, read_body};
+use super::request::{Client, HoldsGateway, Refusal, RequestId, Source, authenticate, expects_continue, read_body};
 use crate::gateway::Gateway;
 use crate::policy::Code;
+use crate::policy::identity::ClientCertificate;
 use reply::{INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR, Reply, UNSUPPORTED_VERSION};
 use sessions::{SessionError, Sessions};
 
@@ -95,8 +96,9 @@ pub async fn post(mcp: &Mcp, owner: impl HoldsGateway, req: Request) -> Response
         ..Refusal::of(&req, RequestId::of(&req), Source::of(&req))
     };
     let (parts, body) = req.into_parts();
-    let headers = parts.headers;
-    let reply = dispatch(mcp, owner, &headers, body, &mut refusal).await;
+    let client = parts.extensions.get::<Client>().map(|c| &*c.0);
+    let headers = &parts.headers;
+    let reply = dispatch(mcp, owner, headers, client, body, &mut refusal).await;
     // Refused at the protocol level (tool calls the policy blocks answer 200 with a JSON-RPC
     // error and have their own `tool_call` event): a `request_refused` event, so probing with
     // batches, foreign origins, stolen sessions or bad credentials leaves a trail too.
@@ -106,7 +108,7 @@ pub async fn post(mcp: &Mcp, owner: impl HoldsGateway, req: Request) -> Response
         let status = reply.status.as_u16();
         refusal.audit(&mcp.gateway, status, code, reply.error_message()).await;
     }
-    reply.into_response(&headers)
+    reply.into_response(headers)
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -140,18 +142,23 @@ async fn end_session(State(mcp): State<Arc<Mcp>>, req: Request) -> Response {
         endpoint: "/mcp",
         ..Refusal::of(&req, RequestId::of(&req), Source::of(&req))
     };
-    match end(&mcp, req.headers(), &mut refusal).await {
+    match end(&mcp, req.headers(), Client::of(&req), &mut refusal).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err((code, message)) => refusal.refuse(&mcp.gateway, code, &message).await,
     }
 }
 
-async fn end(mcp: &Mcp, headers: &HeaderMap, refusal: &mut Refusal) -> Result<(), (Code, String)> {
+async fn end(
+    mcp: &Mcp,
+    headers: &HeaderMap,
+    client: Option<&ClientCertificate>,
+    refusal: &mut Refusal,
+) -> Result<(), (Code, String)> {
     let refuse = |code: Code, message: &str| Err((code, message.to_owned()));
     if !origin_allowed(mcp, headers) {
         return refuse(Code::ToolNotAllowed, "This Origin may not use the MCP endpoint.");
     }
-    let agent = authenticate(&mcp.gateway, headers).map_err(|r| (r.code, r.message))?;
+    let agent = authenticate(&mcp.gateway, headers, client).map_err(|r| (r.code, r.message))?;
     refusal.agent = Some(agent.clone());
     let Some(id) = header_str(headers, "mcp-session-id") else {
         return refuse(Code::InvalidRequest, "DELETE /mcp needs the Mcp-Session-Id header.");
@@ -198,6 +205,7 @@ async fn dispatch(
     mcp: &Mcp,
     owner: impl HoldsGateway,
     headers: &HeaderMap,
+    client: Option<&ClientCertificate>,
     body: Body,
     refusal: &mut Refusal,
 ) -> Reply {
@@ -217,7 +225,7 @@ async fn dispatch(
     // A client waiting for `100 Continue` is refused on its credentials before it is asked for
     // its body (see `request::expects_continue`).
     if expects_continue(headers)
-        && let Err(reason) = authenticate(&mcp.gateway, headers)
+        && let Err(reason) = authenticate(&mcp.gateway, headers, client)
     {
         let why = (reason.code, reason.message.as_str());
         return Reply::refused(
@@ -256,7 +264,7 @@ async fn dispatch(
         _ => Map::new(),
     };
     // Who is asking: every request authenticates, in both revisions.
-    let agent = match authenticate(&mcp.gateway, headers) {
+    let agent = match authenticate(&mcp.gateway, headers, client) {
         Ok(a) => a,
         Err(reason) => {
             let (id, why) = (id.as_ref().unwrap_or(&null), (reason.code, reason.message.as_str()));
