@@ -560,6 +560,45 @@ fn register_credentials(
             checks.push(doc.problem(&at, format!("this subject is already agent `{other}`'s")));
         }
     }
+    if let Some(id) = &config.credentials.spiffe_id {
+        let at = creds.key("spiffe_id");
+        if !is_spiffe_id(id) {
+            checks.push(doc.problem(
+                &at,
+                "must be a SPIFFE ID: `spiffe://trust-domain/path` (lower-case trust domain, a path)",
+            ));
+        } else if let Err(other) = auth.add_spiffe_id(id.clone(), agent_id.clone()) {
+            checks.push(doc.problem(&at, format!("this SPIFFE ID is already agent `{other}`'s")));
+        }
+    }
+    if let Some(cn) = &config.credentials.certificate_cn {
+        let at = creds.key("certificate_cn");
+        if cn.trim().is_empty() || cn.trim() != cn {
+            checks.push(doc.problem(&at, "must be a certificate's subject CN, without surrounding spaces"));
+        } else if let Err(other) = auth.add_common_name(cn.clone(), agent_id.clone()) {
+            checks.push(doc.problem(&at, format!("this certificate CN is already agent `{other}`'s")));
+        }
+    }
+}
+
+/// `spiffe://trust-domain/path`, as the SPIFFE ID standard spells it: a trust domain of
+/// lower-case letters, digits, `.`, `-` and `_`, and a non-empty path with no empty, `.` or
+/// `..` segment. (Certificates are matched exactly, so a malformed ID would match nothing.)
+fn is_spiffe_id(id: &str) -> bool {
+    let Some((domain, path)) = id.strip_prefix("spiffe://").and_then(|r| r.split_once('/')) else {
+        return false;
+    };
+    let domain_ok = !domain.is_empty()
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-_".contains(&b));
+    let path_ok = path.split('/').all(|seg| {
+        !seg.is_empty()
+            && seg != "."
+            && seg != ".."
+            && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
+    });
+    domain_ok && path_ok
 }
 
 /// `anomaly:` (one file at most).
@@ -646,4 +685,27 @@ fn check_history(
         }
     }
     (recorded, retention)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_spiffe_id;
+
+    #[test]
+    fn spiffe_ids_are_checked_as_the_standard_spells_them() {
+        for ok in ["spiffe://example.org/ns/agents/sa/bot", "spiffe://prod-1.example_org/a"] {
+            assert!(is_spiffe_id(ok), "{ok}");
+        }
+        for bad in [
+            "spiffe://example.org",
+            "spiffe://example.org/",
+            "spiffe://Example.org/a",
+            "spiffe://example.org/a//b",
+            "spiffe://example.org/a/../b",
+            "https://example.org/a",
+            "spiffe:///a",
+        ] {
+            assert!(!is_spiffe_id(bad), "{bad}");
+        }
+    }
 }

@@ -64,6 +64,13 @@ pub struct CredentialsConfig {
     /// The JWT `sub` that identifies this agent (with `auth.jwt`).
     #[serde(default)]
     pub jwt_subject: Option<String>,
+    /// The SPIFFE ID (URI SAN) of the client certificate that identifies this agent, verified
+    /// by the data plane's `tls.client_ca_file`.
+    #[serde(default)]
+    pub spiffe_id: Option<String>,
+    /// The subject common name of the client certificate that identifies this agent.
+    #[serde(default)]
+    pub certificate_cn: Option<String>,
 }
 
 /// A compiled agent.

@@ -19,5 +19,6 @@ mod limits;
 mod mcp;
 mod replicas;
 mod rules;
+mod tls_listeners;
 mod tls_upstream;
 mod upstream_pool;

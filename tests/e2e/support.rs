@@ -231,6 +231,12 @@ impl Harness {
     /// Starts with extra config lines and extra policy files (`{{DIR}}` is the temp dir,
     /// `{{UPSTREAM}}` the test upstream's URL).
     pub async fn start_full(extra_config: &str, extra_policies: &[(&str, &str)]) -> Self {
+        Self::start_admin(extra_config, extra_policies, "").await
+    }
+
+    /// As [`Harness::start_full`], with `admin_extra` added to the `admin:` map (e.g.
+    /// `, tls: { … }`).
+    pub async fn start_admin(extra_config: &str, extra_policies: &[(&str, &str)], admin_extra: &str) -> Self {
         let upstream = TestUpstream::start().await;
         let dir = tempfile::tempdir().unwrap();
         let policy_dir = dir.path().join("policies");
@@ -281,7 +287,7 @@ impl Harness {
             ),
         };
         let config_text = format!(
-            "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0, token_env: TOOLGATE_TEST_UNSET_TOKEN, token_file: {} }}\npolicies: {}\n{audit}{limits}{approvals}{extra_config}",
+            "listen: 127.0.0.1:0\nadmin: {{ listen: 127.0.0.1:0, token_env: TOOLGATE_TEST_UNSET_TOKEN, token_file: {}{admin_extra} }}\npolicies: {}\n{audit}{limits}{approvals}{extra_config}",
             token_file.display(),
             policy_dir.display(),
             approvals = if extra_config.contains("approvals:") {
