@@ -390,6 +390,19 @@ impl Gateway {
         self.policy.load()
     }
 
+    /// Fetches the identity provider's keys first when a request's bearer token needs keys
+    /// the cache lacks (none fetched yet, or not its key id: the provider rotated its keys),
+    /// at most once per `auth.jwt.min_refetch_seconds`. Nothing to do for API keys, or keys from
+    /// a file. Authentication then decides as usual (503 while no keys were ever fetched).
+    pub async fn fetch_keys_for(&self, authorization: Option<&str>) {
+        let Some(remote) = self.policy_now().auth.keys_to_fetch(authorization).cloned() else {
+            return;
+        };
+        if let Err(e) = remote.refresh(remote.min_refetch).await {
+            tracing::error!(source = ?remote.source, "cannot fetch the identity provider's keys: {e}");
+        }
+    }
+
     pub fn parse_limits(&self) -> ParseLimits {
         ParseLimits {
             max_json_depth: self.config.limits.max_json_depth,

@@ -146,6 +146,8 @@ impl Gateway {
             metrics::counter!("toolgate_policy_reloads_total", "result" => "unrecorded").increment(1);
             return Err(ReloadError::Unrecorded { version, source });
         }
+        let mut policy = policy;
+        policy.auth.keep_keys_of(&previous.auth);
         self.policy.store(Arc::new(policy));
         tracing::info!(version = %version, previous = %previous.version, trigger, "policy reloaded");
         metrics::counter!("toolgate_policy_reloads_total", "result" => "ok").increment(1);

@@ -16,6 +16,7 @@ use super::allowlist::{Allowlist, ToolPattern, is_valid_tool_name};
 use super::arguments::ArgumentSchema;
 use super::content::{Filter, FilterConfig};
 use super::identity::{Authenticator, JwtConfig, JwtVerifier, parse_key_digest};
+use super::jwks::KeySource;
 use super::limits::AnomalyConfig;
 use super::rules::Rules;
 use super::tool::{
@@ -437,18 +438,43 @@ fn compile_auth(
         let Ok(auth) = doc.decode::<AuthConfig>(&path, auth).map_err(|p| checks.push(p)) else {
             continue;
         };
-        if let Some(cfg) = auth.jwt {
-            let at = path.key("jwt").key("jwks_file");
-            jwks_file = Some(cfg.jwks_file.clone());
-            match read(&cfg.jwks_file) {
-                Ok(text) => {
-                    hasher.update(text.as_bytes());
-                    match JwtVerifier::new(&cfg, &text) {
-                        Ok(v) => jwt = Some(v),
-                        Err(e) => checks.push(doc.problem(&at, e)),
+        let Some(cfg) = auth.jwt else { continue };
+        let at = path.key("jwt");
+        if cfg.refresh_seconds == 0 || cfg.min_refetch_seconds == 0 || cfg.min_refetch_seconds > cfg.refresh_seconds {
+            let why =
+                "`refresh_seconds` and `min_refetch_seconds` must be greater than 0, and the second at most the first";
+            checks.push(doc.problem(&at, why));
+        }
+        match (&cfg.jwks_file, &cfg.jwks_url) {
+            (Some(_), Some(_)) => checks.push(doc.problem(&at, "give `jwks_file` or `jwks_url`, not both")),
+            (Some(file), None) => {
+                let at = at.key("jwks_file");
+                jwks_file = Some(file.clone());
+                match read(file) {
+                    Ok(text) => {
+                        hasher.update(text.as_bytes());
+                        match JwtVerifier::new(&cfg, &text) {
+                            Ok(v) => jwt = Some(v),
+                            Err(e) => checks.push(doc.problem(&at, e)),
+                        }
                     }
+                    Err(e) => checks.push(doc.problem(&at, format!("cannot read {}: {e}", file.display()))),
                 }
-                Err(e) => checks.push(doc.problem(&at, format!("cannot read {}: {e}", cfg.jwks_file.display()))),
+            }
+            // Keys fetched over the network: only over https, where they cannot be swapped on
+            // the way.
+            (None, Some(url)) if !is_https_url(url) => {
+                checks.push(doc.problem(&at.key("jwks_url"), "must be an https:// URL"))
+            }
+            (None, Some(url)) => jwt = Some(JwtVerifier::remote(&cfg, KeySource::Url(url.clone()))),
+            (None, None) if !is_https_url(&cfg.issuer) => checks.push(doc.problem(
+                &at.key("issuer"),
+                "with neither `jwks_file` nor `jwks_url`, the keys are found by OpenID Connect discovery \
+                 at the issuer, which must then be an https:// URL",
+            )),
+            (None, None) => {
+                let issuer = cfg.issuer.clone();
+                jwt = Some(JwtVerifier::remote(&cfg, KeySource::Discovery { issuer }));
             }
         }
     }
@@ -579,6 +605,11 @@ fn register_credentials(
             checks.push(doc.problem(&at, format!("this certificate CN is already agent `{other}`'s")));
         }
     }
+}
+
+fn is_https_url(url: &str) -> bool {
+    url.strip_prefix("https://")
+        .is_some_and(|rest| !rest.is_empty() && url.parse::<http::Uri>().is_ok_and(|u| u.host().is_some()))
 }
 
 /// `spiffe://trust-domain/path`, as the SPIFFE ID standard spells it: a trust domain of

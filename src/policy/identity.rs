@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::decision::{Code, Reason, Stage};
+use super::jwks::{Key, KeySource, RemoteKeys};
 use crate::FastMap;
 
 /// Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
@@ -25,66 +26,127 @@ const JWT_LEEWAY_SECS: u64 = 30;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
-    /// Required `iss` claim.
+    /// Required `iss` claim; with neither `jwks_file` nor `jwks_url`, also where the keys are
+    /// found (OpenID Connect discovery: `ISSUER/.well-known/openid-configuration`).
     pub issuer: String,
     /// Required `aud` claim.
     pub audience: String,
-    /// JSON Web Key Set with the issuer's public keys (RSA or EC; symmetric keys are refused).
-    pub jwks_file: std::path::PathBuf,
+    /// JSON Web Key Set with the issuer's public keys (RSA or EC; symmetric keys are refused),
+    /// read with the policy.
+    #[serde(default)]
+    pub jwks_file: Option<std::path::PathBuf>,
+    /// Or the key set's `https://` URL, fetched and cached (`policy::jwks`).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Fetched keys are fetched again this often (default 300).
+    #[serde(default = "default_refresh_seconds")]
+    pub refresh_seconds: u64,
+    /// The least time between two fetches asked for by tokens with an unknown key id, or while
+    /// no keys were ever fetched (default 10).
+    #[serde(default = "default_min_refetch_seconds")]
+    pub min_refetch_seconds: u64,
 }
 
-/// Verifies JWTs against a fixed set of public keys.
+fn default_refresh_seconds() -> u64 {
+    super::jwks::REFRESH_EVERY
+}
+fn default_min_refetch_seconds() -> u64 {
+    super::jwks::MIN_REFETCH
+}
+
+/// Where a verifier's keys are.
+enum Keys {
+    /// Read from `jwks_file` with the policy.
+    Fixed(Arc<Vec<Key>>),
+    /// Fetched from the provider, shared with the policies before and after a reload.
+    Remote(Arc<RemoteKeys>),
+}
+
+/// Verifies JWTs against the provider's public keys.
 pub struct JwtVerifier {
-    keys: Vec<(Option<String>, Algorithm, DecodingKey)>,
+    keys: Keys,
     issuer: String,
     audience: String,
 }
 
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys = match &self.keys {
+            Keys::Fixed(k) => format!("{} from a file", k.len()),
+            Keys::Remote(r) => format!("{r:?}"),
+        };
         f.debug_struct("JwtVerifier")
             .field("issuer", &self.issuer)
-            .field("keys", &self.keys.len())
+            .field("keys", &keys)
             .finish()
     }
 }
 
+/// The keys of a JWKS document. Every key must be RSA or EC with a usable algorithm.
+pub fn parse_jwks(jwks_json: &str) -> Result<Vec<Key>, String> {
+    let set: JwkSet = serde_json::from_str(jwks_json).map_err(|e| format!("not a valid JWK set: {e}"))?;
+    let mut keys = Vec::new();
+    for (i, jwk) in set.keys.iter().enumerate() {
+        let alg = key_algorithm(jwk).map_err(|e| format!("key {i}: {e}"))?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {i}: {e}"))?;
+        keys.push((jwk.common.key_id.clone(), alg, key));
+    }
+    if keys.is_empty() {
+        return Err("the key set holds no keys".to_owned());
+    }
+    Ok(keys)
+}
+
 impl JwtVerifier {
-    /// Builds a verifier from a JWKS document. Every key must be RSA or EC with a usable algorithm.
+    /// A verifier with the keys of a JWKS file's text.
     pub fn new(config: &JwtConfig, jwks_json: &str) -> Result<Self, String> {
-        let set: JwkSet =
-            serde_json::from_str(jwks_json).map_err(|e| format!("the JWKS file is not a valid JWK set: {e}"))?;
-        let mut keys = Vec::new();
-        for (i, jwk) in set.keys.iter().enumerate() {
-            let alg = key_algorithm(jwk).map_err(|e| format!("key {i} in the JWKS file: {e}"))?;
-            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {i} in the JWKS file: {e}"))?;
-            keys.push((jwk.common.key_id.clone(), alg, key));
-        }
-        if keys.is_empty() {
-            return Err("the JWKS file holds no keys".to_owned());
-        }
+        let keys = parse_jwks(jwks_json).map_err(|e| format!("the JWKS file: {e}"))?;
         Ok(Self {
-            keys,
+            keys: Keys::Fixed(Arc::new(keys)),
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
         })
     }
 
+    /// A verifier whose keys are fetched from `source` (nothing is fetched here).
+    pub fn remote(config: &JwtConfig, source: KeySource) -> Self {
+        Self {
+            keys: Keys::Remote(Arc::new(RemoteKeys::new(
+                source,
+                std::time::Duration::from_secs(config.refresh_seconds),
+                std::time::Duration::from_secs(config.min_refetch_seconds),
+            ))),
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+        }
+    }
+
     /// Verifies a token and returns its subject.
-    fn verify(&self, token: &str) -> Result<String, &'static str> {
+    fn verify(&self, token: &str) -> Result<String, Reason> {
+        let deny = |m: &str| Reason::new(Code::Unauthenticated, Stage::Authentication, "authentication", m);
         let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| "The token is malformed or uses an unsupported algorithm.")?;
+            .map_err(|_| deny("The token is malformed or uses an unsupported algorithm."))?;
+        let keys = match &self.keys {
+            Keys::Fixed(keys) => keys.clone(),
+            Keys::Remote(remote) => remote.keys().ok_or_else(|| {
+                Reason::new(
+                    Code::Unavailable,
+                    Stage::Authentication,
+                    "authentication",
+                    "The identity provider's keys have not been fetched yet, so no token can be verified. Try again later.",
+                )
+            })?,
+        };
         // Only the algorithm bound to the key is accepted: a token cannot choose HS256 and have an
         // RSA public key used as an HMAC secret, and `none` never parses.
-        let candidates: Vec<_> = self
-            .keys
+        let candidates: Vec<_> = keys
             .iter()
             .filter(|(kid, alg, _)| {
                 *alg == header.alg && (header.kid.is_none() || kid.as_deref() == header.kid.as_deref())
             })
             .collect();
         let [(_, alg, key)] = candidates.as_slice() else {
-            return Err("The token was not signed by a key this gateway trusts.");
+            return Err(deny("The token was not signed by a key this gateway trusts."));
         };
         let mut v = Validation::new(*alg);
         v.leeway = JWT_LEEWAY_SECS;
@@ -100,13 +162,13 @@ impl JwtVerifier {
         }
         let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as E;
-            match e.kind() {
+            deny(match e.kind() {
                 E::ExpiredSignature => "The token has expired.",
                 E::ImmatureSignature => "The token is not valid yet.",
                 E::InvalidIssuer | E::InvalidAudience => "The token was not issued for this gateway.",
                 E::MissingRequiredClaim(_) => "The token lacks a required claim (exp, sub, iss, aud).",
                 _ => "The token could not be verified.",
-            }
+            })
         })?;
         // Issued in the future (beyond the skew allowed): minted with a wrong clock, or ahead of
         // its time to outlive a revocation. jsonwebtoken does not check `iat`.
@@ -114,7 +176,7 @@ impl JwtVerifier {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         if data.claims.iat.is_some_and(|iat| iat > now + JWT_LEEWAY_SECS) {
-            return Err("The token was issued in the future.");
+            return Err(deny("The token was issued in the future."));
         }
         Ok(data.claims.sub)
     }
@@ -200,6 +262,37 @@ impl Authenticator {
         self.jwt.is_some()
     }
 
+    /// The provider's cached keys, when they are fetched rather than read from a file.
+    pub fn remote_keys(&self) -> Option<&Arc<RemoteKeys>> {
+        match &self.jwt.as_ref()?.keys {
+            Keys::Remote(remote) => Some(remote),
+            Keys::Fixed(_) => None,
+        }
+    }
+
+    /// The cached keys a bearer value needs fetched first: it is a JWT, the keys are fetched,
+    /// and none are cached yet or none with its key id (the provider rotated its keys).
+    pub fn keys_to_fetch(&self, authorization: Option<&str>) -> Option<&Arc<RemoteKeys>> {
+        let remote = self.remote_keys()?;
+        let token = authorization?.split_once(' ')?.1.trim();
+        if !looks_like_jwt(token) {
+            return None;
+        }
+        let kid = jsonwebtoken::decode_header(token).ok()?.kid;
+        remote.lacks(kid.as_deref()).then_some(remote)
+    }
+
+    /// Takes over `previous`'s cached keys when both fetch them from the same place, so a
+    /// policy reload does not empty the cache (and refuse every JWT until the next fetch).
+    pub fn keep_keys_of(&mut self, previous: &Authenticator) {
+        if let (Some(jwt), Some(old)) = (self.jwt.as_mut(), previous.remote_keys())
+            && let Keys::Remote(new) = &jwt.keys
+            && new.same_as(old)
+        {
+            jwt.keys = Keys::Remote(old.clone());
+        }
+    }
+
     /// The agent behind a request's credentials — its `Authorization` header value, the client
     /// certificate its connection presented — or why not. With both, they must name the same
     /// agent: a certificate is never overridden by a key, nor a key by a certificate.
@@ -245,7 +338,7 @@ impl Authenticator {
         if let Some(jwt) = &self.jwt
             && looks_like_jwt(token)
         {
-            let subject = jwt.verify(token).map_err(deny)?;
+            let subject = jwt.verify(token)?;
             return self
                 .jwt_subjects
                 .get(&subject)

@@ -12,6 +12,7 @@ pub mod decision;
 mod evaluate;
 pub mod history;
 pub mod identity;
+pub mod jwks;
 pub mod limits;
 pub mod output;
 pub mod rules;

@@ -138,6 +138,7 @@ where
     // A caller waiting to be told to send its body is refused on its headers when they already
     // decide (credentials, quarantine, allowlist): the body is never read, so the client is
     // never asked for it. The gateway decides the call as usual, on an empty body.
+    gw.fetch_keys_for(authorization.and_then(|v| v.to_str().ok())).await;
     let refused = |gw| credentials > 1 || refused_on_headers(gw, authorization, client.as_deref(), tool.as_str());
     let body = if expects_continue(&parts.headers) && refused(gw) {
         Ok(Bytes::new())
@@ -220,7 +221,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> Bytes {
 /// The calling agent's own approval. Another agent's, or an unknown id, is the same 404.
 async fn approval_status(State(gw): State<Arc<Gateway>>, Path(approval): Path<String>, req: Request) -> Response {
     let id = RequestId::of(&req);
-    let agent = match authenticate(&gw, req.headers(), Client::of(&req)) {
+    let agent = match authenticate(&gw, req.headers(), Client::of(&req)).await {
         Ok(agent) => agent,
         // Audited like any refusal: guessing keys here must leave a trail too.
         Err(reason) => {

@@ -553,6 +553,10 @@ async fn upkeep(
             tracing::error!("pruning the approval store failed: {e}");
         }
         policy.poll(&gateway, ticks).await;
+        // The identity provider's keys, fetched off this loop (a fetch may take seconds).
+        if let Some(keys) = gateway.policy_now().auth.remote_keys().cloned() {
+            tokio::spawn(async move { keys.upkeep().await });
+        }
         for (plane, tls) in &certificates {
             match tls.poll() {
                 Some(Ok(())) => tracing::info!(plane, "TLS certificate reloaded"),

@@ -186,7 +186,7 @@ pub(super) fn client_address(
 
 /// The agent whose credentials the `Authorization` header and the connection's client
 /// certificate carry, in the policy in force. A request with more than one header is refused.
-pub(super) fn authenticate(
+pub(super) async fn authenticate(
     gw: &Gateway,
     headers: &HeaderMap,
     client: Option<&ClientCertificate>,
@@ -197,6 +197,7 @@ pub(super) fn authenticate(
         return Err(crate::gateway::two_credentials());
     }
     let authorization = authorization.and_then(|v| v.to_str().ok());
+    gw.fetch_keys_for(authorization).await;
     gw.policy_now().auth.authenticate(authorization, client).cloned()
 }
 

@@ -208,7 +208,7 @@ pub(crate) fn connector() -> hyper_rustls::HttpsConnector<HttpConnector> {
 /// store — `SSL_CERT_FILE` / `SSL_CERT_DIR` replace it, as for OpenSSL (a private CA's bundle).
 /// A trust store that cannot be read leaves no roots: every https call then fails with a
 /// certificate error (a 502 naming it), never unverified.
-fn tls_config() -> rustls::ClientConfig {
+pub(crate) fn tls_config() -> rustls::ClientConfig {
     let found = rustls_native_certs::load_native_certs();
     for e in &found.errors {
         tracing::warn!("cannot read a trusted certificate for https tools: {e}");

@@ -17,6 +17,7 @@ mod jwt;
 mod kubernetes;
 mod limits;
 mod mcp;
+mod oidc;
 mod replicas;
 mod rules;
 mod tls_listeners;

@@ -158,7 +158,9 @@ async fn end(
     if !origin_allowed(mcp, headers) {
         return refuse(Code::ToolNotAllowed, "This Origin may not use the MCP endpoint.");
     }
-    let agent = authenticate(&mcp.gateway, headers, client).map_err(|r| (r.code, r.message))?;
+    let agent = authenticate(&mcp.gateway, headers, client)
+        .await
+        .map_err(|r| (r.code, r.message))?;
     refusal.agent = Some(agent.clone());
     let Some(id) = header_str(headers, "mcp-session-id") else {
         return refuse(Code::InvalidRequest, "DELETE /mcp needs the Mcp-Session-Id header.");
@@ -225,7 +227,7 @@ async fn dispatch(
     // A client waiting for `100 Continue` is refused on its credentials before it is asked for
     // its body (see `request::expects_continue`).
     if expects_continue(headers)
-        && let Err(reason) = authenticate(&mcp.gateway, headers, client)
+        && let Err(reason) = authenticate(&mcp.gateway, headers, client).await
     {
         let why = (reason.code, reason.message.as_str());
         return Reply::refused(
@@ -264,7 +266,7 @@ async fn dispatch(
         _ => Map::new(),
     };
     // Who is asking: every request authenticates, in both revisions.
-    let agent = match authenticate(&mcp.gateway, headers, client) {
+    let agent = match authenticate(&mcp.gateway, headers, client).await {
         Ok(a) => a,
         Err(reason) => {
             let (id, why) = (id.as_ref().unwrap_or(&null), (reason.code, reason.message.as_str()));
