@@ -24,6 +24,8 @@
 #                                       # commit's), against the same bare proxy and upstream
 #   REDIS=1 scripts/loadtest.sh         # also a second toolgate with `state: redis://` (a local
 #                                       # redis-server), against the memory one in the same run
+#   TLS=1 scripts/loadtest.sh           # also a toolgate with TLS on its data plane (the test
+#                                       # fixture certificate), against the plaintext one
 #
 # Needs wrk (apt-get install wrk). Traffic stays on 127.0.0.1; every run is bounded in time.
 set -euo pipefail
@@ -96,12 +98,20 @@ if [ -n "$REDIS" ]; then
   printf 'state: redis://127.0.0.1:19105/0\nredis: { timeout_ms: 5000 }\napprovals: { store: %s }\n' "$work/approvals-redis.redb" >> "$work/toolgate-redis.yaml"
   RUST_LOG=warn "${wrap[@]}" "$TOOLGATE" serve -c "$work/toolgate-redis.yaml" 2>"$work/toolgate-redis.log" & pids+=($!); tgr_pid=$!
 fi
+TLS=${TLS:-}
+if [ -n "$TLS" ]; then
+  sed -e 's#127.0.0.1:19102#127.0.0.1:19108#' -e 's#127.0.0.1:19103#127.0.0.1:19109#' -e "s#audit.jsonl#audit-tls.jsonl#" \
+    "$work/toolgate.yaml" > "$work/toolgate-tls.yaml"
+  printf 'tls: { cert_file: %s, key_file: %s }\n' "$PWD/tests/fixtures/tls/tool.pem" "$PWD/tests/fixtures/tls/tool.key" >> "$work/toolgate-tls.yaml"
+  RUST_LOG=warn "${wrap[@]}" "$TOOLGATE" serve -c "$work/toolgate-tls.yaml" 2>"$work/toolgate-tls.log" & pids+=($!); tgt_pid=$!
+fi
 "${wrap[@]}" "$bin/examples/bare_proxy" 127.0.0.1:19101 http://127.0.0.1:19100 2>"$work/bare.log" & pids+=($!); bare_pid=$!
 BARE_RUNTIME=work-stealing "$bin/examples/bare_proxy" 127.0.0.1:19104 http://127.0.0.1:19100 2>"$work/bare_ws.log" & pids+=($!); ws_pid=$!
 RUST_LOG=warn "${wrap[@]}" "$TOOLGATE" serve -c "$work/toolgate.yaml" 2>"$work/toolgate.log" & pids+=($!); tg_pid=$!
 for _ in $(seq 1 60); do
   curl -s -o /dev/null http://127.0.0.1:19101/ && curl -s -o /dev/null http://127.0.0.1:19104/ && curl -s -o /dev/null http://127.0.0.1:19103/healthz \
-    && { [ -z "$REDIS" ] || curl -s -o /dev/null http://127.0.0.1:19107/healthz; } && break
+    && { [ -z "$REDIS" ] || curl -s -o /dev/null http://127.0.0.1:19107/healthz; } \
+    && { [ -z "$TLS" ] || curl -s -o /dev/null http://127.0.0.1:19109/healthz; } && break
   sleep 0.5
 done
 
@@ -148,6 +158,10 @@ if [ -n "$INSTRUCTIONS" ]; then
     r=$(instructions redis "$tgr_pid" "http://127.0.0.1:19106/v1/tools/kb.search")
     printf 'toolgate, state: redis %24s (%.2fx the memory state)\n' "$r" "$(awk -v r="$r" -v t="$t" 'BEGIN { print r / t }')"
   fi
+  if [ -n "$TLS" ]; then
+    s=$(instructions tls "$tgt_pid" "https://127.0.0.1:19108/v1/tools/kb.search")
+    printf 'toolgate, TLS data plane %22s (%.2fx plaintext)\n' "$s" "$(awk -v s="$s" -v t="$t" 'BEGIN { print s / t }')"
+  fi
   printf '\n%-28s %24s\n' "proxy (callgrind, $CONNS conns)" "instructions / request"
   printf '%-28s %24s\n' "bare hyper pass-through" "$b" "toolgate (full pipeline)" "$t" "toolgate, MCP tools/call" "$m" \
     "toolgate, every filter" "$f"
@@ -164,6 +178,7 @@ targets=("bare $bare_pid http://127.0.0.1:19101/v1/tools/kb.search $work/post.lu
   "mcp $tg_pid http://127.0.0.1:19102/mcp $work/mcp.lua"
   "screened $tg_pid http://127.0.0.1:19102/v1/tools/kb.screened $work/post.lua")
 [ -n "$REDIS" ] && targets+=("redis $tgr_pid http://127.0.0.1:19106/v1/tools/kb.search $work/post.lua")
+[ -n "$TLS" ] && targets+=("tls $tgt_pid https://127.0.0.1:19108/v1/tools/kb.search $work/post.lua")
 
 # slice NAME PID URL SCRIPT SECONDS: one wrk run against one target; appends
 # "cpu_ticks requests seconds p50_ms p99_ms" to NAME.acc.
@@ -243,6 +258,13 @@ round() {
       printf "state: redis against memory: CPU per call %.2fx, throughput %.0f%%, p99 %+.2f ms; redis-server %.1f us CPU per call besides\n", rc / tc, 100 * rr / tr, r99 - t99, rs / clk * 1e6 / n
       printf "%.4f %.4f %.3f\n", rc / tc, rr / tr, r99 - t99 >> "'"$work/redis_ratios"'" }'
   fi
+  if [ -n "$TLS" ]; then
+    read -r s_rps s_p50 s_p99 s_cpu < <(figures tls)
+    printf '%-28s %10s %9s %9s %14s\n' "toolgate, TLS data plane" "$s_rps" "$s_p50" "$s_p99" "$s_cpu"
+    awk -v sc="$s_cpu" -v tc="$t_cpu" -v sr="$s_rps" -v tr="$t_rps" -v s99="$s_p99" -v t99="$t_p99" 'BEGIN {
+      printf "TLS against plaintext (kept-alive connections): CPU per call %.2fx, throughput %.0f%%, p99 %+.2f ms\n", sc / tc, 100 * sr / tr, s99 - t99
+      printf "%.4f %.4f %.3f\n", sc / tc, sr / tr, s99 - t99 >> "'"$work/tls_ratios"'" }'
+  fi
 }
 
 median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -268,6 +290,13 @@ if [ "$ROUNDS" -gt 1 ]; then
     rp=$(awk '{ print $3 }' "$work/redis_ratios" | median)
     awk -v c="$rc" -v t="$rt" -v p="$rp" -v n="$ROUNDS" 'BEGIN {
       printf "state: redis against memory, median over %d rounds: CPU per call %.2fx, throughput %.0f%%, p99 %+.2f ms\n", n, c, 100 * t, p }'
+  fi
+  if [ -n "$TLS" ]; then
+    sc=$(awk '{ print $1 }' "$work/tls_ratios" | median)
+    st=$(awk '{ print $2 }' "$work/tls_ratios" | median)
+    sp=$(awk '{ print $3 }' "$work/tls_ratios" | median)
+    awk -v c="$sc" -v t="$st" -v p="$sp" -v n="$ROUNDS" 'BEGIN {
+      printf "TLS against plaintext, median over %d rounds: CPU per call %.2fx, throughput %.0f%%, p99 %+.2f ms\n", n, c, 100 * t, p }'
   fi
 fi
 events=$( [ -f "$work/audit.jsonl" ] && wc -l < "$work/audit.jsonl" || echo 0)
