@@ -405,6 +405,10 @@ fn server_config_in_the_config_map_matches_the_pod() {
     let key = str_at(mount, &["subPath"]).expect("the config file is mounted with subPath");
     let config_map = config_map_of_volume(&objects, pod, str_at(mount, &["name"]).unwrap_or_default());
     let text = str_at(config_map, &["data", key]).unwrap_or_else(|| panic!("the config ConfigMap holds {key}"));
+    // toolgate's own parser takes it (listeners, TLS rules, state URL, limits).
+    if let Err(e) = toolgate::config::ServerConfig::parse(key, text) {
+        panic!("toolgate does not accept the ConfigMap's {key}:\n{e}");
+    }
     let docs = YamlOwned::load_from_str(text).unwrap_or_else(|e| panic!("{key} in the ConfigMap is not YAML: {e}"));
     let config = docs.first().expect("the server config is one YAML document");
 
@@ -575,4 +579,29 @@ fn network_policy_admits_agents_to_the_data_port_and_keeps_them_off_the_admin_po
             .any(|r| rule_admits_port(r, toolgate, ADMIN_PORT) && rule_admits_pods(r, OPERATOR)),
         "a NetworkPolicy rule admits the operators (toolgate.io/role: operator) to the admin port {ADMIN_PORT}"
     );
+}
+
+#[test]
+fn the_bases_policies_are_the_bundled_ones() {
+    // kustomize reads files only under its own directory, so the base carries a copy of
+    // `policies/`: it must not drift from what the demo, the tests and the image ship.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let copy = root.join("deploy/kubernetes/policies");
+    let mut names: Vec<_> = std::fs::read_dir(root.join("policies"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    names.sort();
+    assert!(!names.is_empty());
+    for original in names {
+        let name = original.file_name().unwrap();
+        let copied = std::fs::read(copy.join(name))
+            .unwrap_or_else(|e| panic!("deploy/kubernetes/policies/{} is missing: {e}", name.to_string_lossy()));
+        assert!(
+            copied == std::fs::read(&original).unwrap(),
+            "deploy/kubernetes/policies/{} differs from policies/: copy it again",
+            name.to_string_lossy()
+        );
+    }
 }
