@@ -16,6 +16,7 @@
 mod approvals;
 mod catalog;
 mod forward;
+mod keys;
 mod operator;
 mod reload;
 mod stages;
@@ -302,6 +303,8 @@ pub struct Gateway {
     /// recorded and carried out, so two decisions on the same thing cannot both be recorded,
     /// nor one undo another between its record and its effect.
     decisions: tokio::sync::Mutex<()>,
+    /// One fetch of the identity provider's keys at a time (`keys`).
+    key_fetch: tokio::sync::Mutex<()>,
     /// Handles of the metrics every call updates.
     meters: Meters,
     /// This replica's id (`TOOLGATE_REPLICA_ID`, else the host name and a random suffix) and
@@ -338,6 +341,7 @@ impl Gateway {
             approvals: approvals.into(),
             admin_token: None,
             decisions: tokio::sync::Mutex::new(()),
+            key_fetch: tokio::sync::Mutex::new(()),
             meters: Meters::default(),
             replica: (replica_id(), crate::state::unix_now()),
         }
@@ -398,7 +402,18 @@ impl Gateway {
         let Some(remote) = self.policy_now().auth.keys_to_fetch(authorization).cloned() else {
             return;
         };
-        if let Err(e) = remote.refresh(remote.min_refetch).await {
+        if let Err(e) = keys::refresh(&remote, &self.key_fetch, remote.min_refetch).await {
+            tracing::error!(source = ?remote.source, "cannot fetch the identity provider's keys: {e}");
+        }
+    }
+
+    /// The periodic fetch of the identity provider's keys, if the policy fetches them: every
+    /// `auth.jwt.refresh_seconds`, every `min_refetch_seconds` while none were ever fetched.
+    pub async fn refresh_keys(&self) {
+        let Some(remote) = self.policy_now().auth.remote_keys().cloned() else {
+            return;
+        };
+        if let Err(e) = keys::refresh(&remote, &self.key_fetch, remote.upkeep_interval()).await {
             tracing::error!(source = ?remote.source, "cannot fetch the identity provider's keys: {e}");
         }
     }

@@ -554,8 +554,9 @@ async fn upkeep(
         }
         policy.poll(&gateway, ticks).await;
         // The identity provider's keys, fetched off this loop (a fetch may take seconds).
-        if let Some(keys) = gateway.policy_now().auth.remote_keys().cloned() {
-            tokio::spawn(async move { keys.upkeep().await });
+        if gateway.policy_now().auth.remote_keys().is_some() {
+            let gateway = gateway.clone();
+            tokio::spawn(async move { gateway.refresh_keys().await });
         }
         for (plane, tls) in &certificates {
             match tls.poll() {
