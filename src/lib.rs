@@ -30,6 +30,7 @@ pub mod policy;
 pub mod read_mostly;
 pub mod server;
 pub mod state;
+pub mod telemetry;
 pub mod timer;
 pub mod upstream;
 

@@ -17,6 +17,7 @@ use serde::Deserialize;
 pub use error::{ConfigError, Problem, Problems};
 pub use state::{RedisConfig, RedisOptions, StateBackend};
 pub use tls::{ClientCertificates, Scheme, TlsConfig};
+
 use yaml::{Document, KeyPath};
 
 /// The deepest JSON nesting a config may allow: serde_json refuses deeper input on its own.
@@ -60,6 +61,37 @@ struct ServerConfigRaw {
     /// Proxies whose `X-Forwarded-For` is believed (addresses or CIDR blocks; default none).
     #[serde(default)]
     trusted_proxies: Vec<String>,
+    /// OpenTelemetry traces over OTLP/HTTP (default: off).
+    #[serde(default)]
+    telemetry: Option<TelemetryConfig>,
+}
+
+/// `telemetry:`: where the traces of tool calls go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The collector's OTLP/HTTP traces endpoint, used as given (e.g.
+    /// `http://otel-collector:4318/v1/traces`); protobuf.
+    pub otlp_endpoint: String,
+    /// `service.name` of the spans (default `toolgate`).
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// One export's deadline (default 5000).
+    #[serde(default = "default_telemetry_timeout")]
+    pub timeout_ms: u64,
+    /// Calls' traces waiting to be exported; beyond, new ones are dropped and counted (default 4096).
+    #[serde(default = "default_telemetry_queue")]
+    pub max_queue: usize,
+}
+
+fn default_service_name() -> String {
+    "toolgate".to_owned()
+}
+fn default_telemetry_timeout() -> u64 {
+    5000
+}
+fn default_telemetry_queue() -> usize {
+    4096
 }
 
 fn default_listen() -> SocketAddr {
@@ -460,6 +492,8 @@ pub struct ServerConfig {
     pub mcp: McpConfig,
     /// Proxies in front of toolgate whose `X-Forwarded-For` names the caller (`trusted_proxies`).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Traces of tool calls, exported over OTLP.
+    pub telemetry: Option<TelemetryConfig>,
 }
 
 impl ServerConfig {
@@ -535,8 +569,25 @@ impl ServerConfig {
             problems.push(doc.problem(&root.key("admin").key("token_env"), "must name an environment variable"));
         }
         let trusted_proxies = parse_trusted_proxies(&doc, &raw.trusted_proxies, &mut problems);
+        if let Some(t) = &raw.telemetry {
+            let at = root.key("telemetry");
+            let url_ok = t
+                .otlp_endpoint
+                .parse::<http::Uri>()
+                .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+            if !url_ok {
+                problems.push(doc.problem(&at.key("otlp_endpoint"), "must be an http:// or https:// URL"));
+            }
+            if t.timeout_ms == 0 {
+                problems.push(doc.problem(&at.key("timeout_ms"), "must be greater than 0"));
+            }
+            if !(1..=1_000_000).contains(&t.max_queue) {
+                problems.push(doc.problem(&at.key("max_queue"), "must be between 1 and 1000000"));
+            }
+        }
         problems.finish(ServerConfig {
             trusted_proxies,
+            telemetry: raw.telemetry,
             listen: raw.listen,
             tls: raw.tls,
             workers,

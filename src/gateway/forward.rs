@@ -60,6 +60,7 @@ impl Gateway {
             region,
             service,
         });
+        let since = rec.clock();
         let started = Instant::now();
         let result = match &tool.target {
             Target::Http { method, url: template } => {
@@ -107,6 +108,7 @@ impl Gateway {
             }
         };
         let elapsed = started.elapsed();
+        rec.ran("upstream", since);
         self.meters.upstream_duration(&tool.name, elapsed.as_secs_f64());
         rec.upstream = Some(UpstreamInfo {
             status: result.as_ref().ok().map(Answer::status),
@@ -120,8 +122,14 @@ impl Gateway {
         if let Some((credentials, _, _)) = &signing_parts {
             answer = scrub_credentials(answer, credentials, &mut rec.notes);
         }
-        let answer = self.filter_output(policy, tool, answer, &mut rec.notes)?;
-        self.output_guardrails(policy, tool, answer, rec).await
+        let since = rec.clock();
+        let answer = self.filter_output(policy, tool, answer, &mut rec.notes);
+        let answer = match answer {
+            Ok(answer) => self.output_guardrails(policy, tool, answer, rec).await,
+            Err(reason) => Err(reason),
+        };
+        rec.ran("output", since);
+        answer
     }
 
     /// The tool's AWS role credentials, region and signing service, if it has a role. Without

@@ -265,6 +265,22 @@ struct Record<'p> {
     /// The approval this call created (held) or used (passed).
     approval_id: Option<String>,
     would_deny: Vec<String>,
+    /// The stages that ran and when, when the call is traced (`telemetry`).
+    stages: Option<Vec<crate::telemetry::Stage>>,
+}
+
+impl Record<'_> {
+    /// Now, if the call is traced: the start of a stage.
+    fn clock(&self) -> Option<Instant> {
+        self.stages.as_ref().map(|_| Instant::now())
+    }
+
+    /// A stage that began at `since` (from [`Record::clock`]) has ended.
+    fn ran(&mut self, stage: &'static str, since: Option<Instant>) {
+        if let (Some(stages), Some(since)) = (self.stages.as_mut(), since) {
+            stages.push((stage, since, Instant::now()));
+        }
+    }
 }
 
 /// This replica's id: `TOOLGATE_REPLICA_ID` if set (a pod name), else the host name and a
@@ -305,6 +321,8 @@ pub struct Gateway {
     decisions: tokio::sync::Mutex<()>,
     /// One fetch of the identity provider's keys at a time (`keys`).
     key_fetch: tokio::sync::Mutex<()>,
+    /// Calls' traces, when `telemetry:` is configured.
+    pub telemetry: Option<crate::telemetry::Telemetry>,
     /// Handles of the metrics every call updates.
     meters: Meters,
     /// This replica's id (`TOOLGATE_REPLICA_ID`, else the host name and a random suffix) and
@@ -335,6 +353,7 @@ impl Gateway {
                 guardrails: Guardrails::new(region),
             },
             webhook: config.approvals.webhook.as_ref().map(approvals::Webhook::new),
+            telemetry: config.telemetry.as_ref().map(crate::telemetry::Telemetry::new),
             config,
             audit,
             state: State::default(),
@@ -432,11 +451,20 @@ impl Gateway {
     /// per-request work).
     pub async fn call(&self, mut req: CallRequest) -> CallOutcome {
         let started = Instant::now();
+        // Traced: the tool receives this call's span as its parent, in the caller's trace.
+        let traced = self.telemetry.as_ref().map(|_| {
+            let ids = crate::telemetry::Ids::continuing(req.trace.traceparent());
+            req.trace = req.trace.with_parent(ids.outbound());
+            (ids, std::time::SystemTime::now())
+        });
         // A guard, not an `Arc` clone: the clone and its drop are two writes per call to the
         // policy's reference count, which every core's calls share. The guard borrows one of
         // this thread's debt slots instead (arc-swap falls back to a clone when they run out).
         let policy = self.policy.load();
-        let mut rec = Record::default();
+        let mut rec = Record {
+            stages: traced.as_ref().map(|_| Vec::with_capacity(8)),
+            ..Record::default()
+        };
         let arguments = std::mem::replace(&mut req.arguments, Ok(Arguments::Body(Bytes::new())));
         let result = self.process(&policy, &req, arguments, &mut rec).await;
         let outcome = match result {
@@ -502,6 +530,22 @@ impl Gateway {
         );
         if let Some(at) = rec.decided_at {
             self.meters.decision_duration(at.duration_since(started).as_secs_f64());
+        }
+        if let (Some(telemetry), Some((ids, started_at))) = (&self.telemetry, traced) {
+            telemetry.record(crate::telemetry::CallTrace {
+                ids,
+                started_at,
+                started,
+                ended: Instant::now(),
+                stages: rec.stages.take().unwrap_or_default(),
+                // The name the event records: a tool the policy does not define only as a hash.
+                tool: tool.into_owned(),
+                agent: rec.agent.map(str::to_owned),
+                mcp: matches!(req.caller, Caller::Agent(_)),
+                decision: outcome.decision(),
+                code: code.map(Code::as_str),
+                upstream_status: rec.upstream.as_ref().and_then(|u| u.status),
+            });
         }
         outcome
     }

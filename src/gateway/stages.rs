@@ -86,7 +86,10 @@ impl Gateway {
         rec: &mut Record<'p>,
     ) -> Result<Answer, Reason> {
         // 1–2. Who, and whether anything may be decided for them now.
-        let agent = match self.admit(policy, req, rec) {
+        let since = rec.clock();
+        let admitted = self.admit(policy, req, rec);
+        rec.ran("authentication", since);
+        let agent = match admitted {
             Ok(agent) => agent,
             Err(reason) => {
                 if let Ok(a) = &arguments {
@@ -117,14 +120,19 @@ impl Gateway {
         let history = history_turn
             .as_ref()
             .map_or(&self.state as &dyn History, |t| t.history(&self.state));
+        let since = rec.clock();
         let decided = self.evaluate(policy, agent, req, arguments, history, rec);
+        rec.ran("policy", since);
         // 6. Approval.
         let mut call = self.hold_or_pass(agent, req, decided, rec).await?;
         // 7. Guardrails on the arguments.
         self.guard_input(policy, &mut call, rec).await?;
         // 8. Budget and rate limits.
         let input_tokens = estimate_tokens(call.body.len());
-        let reservation = self.take_limits(policy, &call, input_tokens).await?;
+        let since = rec.clock();
+        let reservation = self.take_limits(policy, &call, input_tokens).await;
+        rec.ran("limits", since);
+        let reservation = reservation?;
         // 9. The approval, spent.
         if let Some((held, id)) = call.approval.take()
             && let Err(reason) = Box::pin(self.use_approval(held, &id, rec)).await
@@ -133,7 +141,10 @@ impl Gateway {
             return Err(reason);
         }
         // 10. Written ahead.
-        if let Err(reason) = self.write_ahead(policy, req, &call, rec).await {
+        let since = rec.clock();
+        let written = self.write_ahead(policy, req, &call, rec).await;
+        rec.ran("audit", since);
+        if let Err(reason) = written {
             self.give_back(reservation).await;
             return Err(reason);
         }

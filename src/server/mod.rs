@@ -480,6 +480,15 @@ pub async fn start(gateway: Arc<Gateway>) -> Result<Running, StartError> {
                 .await;
         }));
     }
+    // Calls' traces, to the collector (`telemetry`).
+    if gateway.telemetry.is_some() {
+        let (gateway, stopped) = (gateway.clone(), stopped.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Some(t) = &gateway.telemetry {
+                t.export(stopped).await;
+            }
+        }));
+    }
     // Refusals of unknown callers counted beyond their allowance: one event per source.
     tasks.push(tokio::spawn(write_summaries(gateway.clone(), stopped.clone())));
     // Upstream MCP servers: their tools at once, then every `mcp.refresh_seconds`.

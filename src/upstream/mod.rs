@@ -83,6 +83,19 @@ pub struct TraceContext {
 }
 
 impl TraceContext {
+    /// The caller's `traceparent`, as checked.
+    pub fn traceparent(&self) -> Option<&HeaderValue> {
+        self.traceparent.as_ref()
+    }
+
+    /// The same trace state under a new parent (toolgate's own span, when it traces calls).
+    pub fn with_parent(&self, traceparent: HeaderValue) -> Self {
+        Self {
+            traceparent: Some(traceparent),
+            tracestate: self.tracestate.clone(),
+        }
+    }
+
     pub fn new(traceparent: Option<&HeaderValue>, tracestate: Option<&HeaderValue>) -> Self {
         Self {
             traceparent: traceparent.filter(|v| is_traceparent(v)).cloned(),

@@ -20,6 +20,7 @@ mod mcp;
 mod oidc;
 mod replicas;
 mod rules;
+mod telemetry;
 mod tls_listeners;
 mod tls_upstream;
 mod upstream_pool;
