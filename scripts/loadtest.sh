@@ -26,6 +26,8 @@
 #                                       # redis-server), against the memory one in the same run
 #   TLS=1 scripts/loadtest.sh           # also a toolgate with TLS on its data plane (the test
 #                                       # fixture certificate), against the plaintext one
+#   TRACING=1 scripts/loadtest.sh       # also a toolgate exporting OTLP traces (to the bench
+#                                       # upstream, which accepts anything), against one without
 #
 # Needs wrk (apt-get install wrk). Traffic stays on 127.0.0.1; every run is bounded in time.
 set -euo pipefail
@@ -105,13 +107,21 @@ if [ -n "$TLS" ]; then
   printf 'tls: { cert_file: %s, key_file: %s }\n' "$PWD/tests/fixtures/tls/tool.pem" "$PWD/tests/fixtures/tls/tool.key" >> "$work/toolgate-tls.yaml"
   RUST_LOG=warn "${wrap[@]}" "$TOOLGATE" serve -c "$work/toolgate-tls.yaml" 2>"$work/toolgate-tls.log" & pids+=($!); tgt_pid=$!
 fi
+TRACING=${TRACING:-}
+if [ -n "$TRACING" ]; then
+  sed -e 's#127.0.0.1:19102#127.0.0.1:19110#' -e 's#127.0.0.1:19103#127.0.0.1:19111#' -e "s#audit.jsonl#audit-traced.jsonl#" \
+    "$work/toolgate.yaml" > "$work/toolgate-traced.yaml"
+  printf 'telemetry: { otlp_endpoint: "http://127.0.0.1:19100/v1/traces" }\n' >> "$work/toolgate-traced.yaml"
+  RUST_LOG=error "${wrap[@]}" "$TOOLGATE" serve -c "$work/toolgate-traced.yaml" 2>"$work/toolgate-traced.log" & pids+=($!); tgo_pid=$!
+fi
 "${wrap[@]}" "$bin/examples/bare_proxy" 127.0.0.1:19101 http://127.0.0.1:19100 2>"$work/bare.log" & pids+=($!); bare_pid=$!
 BARE_RUNTIME=work-stealing "$bin/examples/bare_proxy" 127.0.0.1:19104 http://127.0.0.1:19100 2>"$work/bare_ws.log" & pids+=($!); ws_pid=$!
 RUST_LOG=warn "${wrap[@]}" "$TOOLGATE" serve -c "$work/toolgate.yaml" 2>"$work/toolgate.log" & pids+=($!); tg_pid=$!
 for _ in $(seq 1 60); do
   curl -s -o /dev/null http://127.0.0.1:19101/ && curl -s -o /dev/null http://127.0.0.1:19104/ && curl -s -o /dev/null http://127.0.0.1:19103/healthz \
     && { [ -z "$REDIS" ] || curl -s -o /dev/null http://127.0.0.1:19107/healthz; } \
-    && { [ -z "$TLS" ] || curl -s -o /dev/null http://127.0.0.1:19109/healthz; } && break
+    && { [ -z "$TLS" ] || curl -s -o /dev/null http://127.0.0.1:19109/healthz; } \
+    && { [ -z "$TRACING" ] || curl -s -o /dev/null http://127.0.0.1:19111/healthz; } && break
   sleep 0.5
 done
 
@@ -162,6 +172,10 @@ if [ -n "$INSTRUCTIONS" ]; then
     s=$(instructions tls "$tgt_pid" "https://127.0.0.1:19108/v1/tools/kb.search")
     printf 'toolgate, TLS data plane %22s (%.2fx plaintext)\n' "$s" "$(awk -v s="$s" -v t="$t" 'BEGIN { print s / t }')"
   fi
+  if [ -n "$TRACING" ]; then
+    o=$(instructions traced "$tgo_pid" "http://127.0.0.1:19110/v1/tools/kb.search")
+    printf 'toolgate, traces exported %21s (%.2fx untraced)\n' "$o" "$(awk -v o="$o" -v t="$t" 'BEGIN { print o / t }')"
+  fi
   printf '\n%-28s %24s\n' "proxy (callgrind, $CONNS conns)" "instructions / request"
   printf '%-28s %24s\n' "bare hyper pass-through" "$b" "toolgate (full pipeline)" "$t" "toolgate, MCP tools/call" "$m" \
     "toolgate, every filter" "$f"
@@ -179,6 +193,7 @@ targets=("bare $bare_pid http://127.0.0.1:19101/v1/tools/kb.search $work/post.lu
   "screened $tg_pid http://127.0.0.1:19102/v1/tools/kb.screened $work/post.lua")
 [ -n "$REDIS" ] && targets+=("redis $tgr_pid http://127.0.0.1:19106/v1/tools/kb.search $work/post.lua")
 [ -n "$TLS" ] && targets+=("tls $tgt_pid https://127.0.0.1:19108/v1/tools/kb.search $work/post.lua")
+[ -n "$TRACING" ] && targets+=("traced $tgo_pid http://127.0.0.1:19110/v1/tools/kb.search $work/post.lua")
 
 # slice NAME PID URL SCRIPT SECONDS: one wrk run against one target; appends
 # "cpu_ticks requests seconds p50_ms p99_ms" to NAME.acc.
@@ -265,6 +280,13 @@ round() {
       printf "TLS against plaintext (kept-alive connections): CPU per call %.2fx, throughput %.0f%%, p99 %+.2f ms\n", sc / tc, 100 * sr / tr, s99 - t99
       printf "%.4f %.4f %.3f\n", sc / tc, sr / tr, s99 - t99 >> "'"$work/tls_ratios"'" }'
   fi
+  if [ -n "$TRACING" ]; then
+    read -r o_rps o_p50 o_p99 o_cpu < <(figures traced)
+    printf '%-28s %10s %9s %9s %14s\n' "toolgate, traces exported" "$o_rps" "$o_p50" "$o_p99" "$o_cpu"
+    awk -v oc="$o_cpu" -v tc="$t_cpu" -v or="$o_rps" -v tr="$t_rps" -v o99="$o_p99" -v t99="$t_p99" 'BEGIN {
+      printf "traces on against off: CPU per call %.2fx, throughput %.0f%%, p99 %+.2f ms\n", oc / tc, 100 * or / tr, o99 - t99
+      printf "%.4f %.4f %.3f\n", oc / tc, or / tr, o99 - t99 >> "'"$work/traced_ratios"'" }'
+  fi
 }
 
 median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -297,6 +319,13 @@ if [ "$ROUNDS" -gt 1 ]; then
     sp=$(awk '{ print $3 }' "$work/tls_ratios" | median)
     awk -v c="$sc" -v t="$st" -v p="$sp" -v n="$ROUNDS" 'BEGIN {
       printf "TLS against plaintext, median over %d rounds: CPU per call %.2fx, throughput %.0f%%, p99 %+.2f ms\n", n, c, 100 * t, p }'
+  fi
+  if [ -n "$TRACING" ]; then
+    oc=$(awk '{ print $1 }' "$work/traced_ratios" | median)
+    ot=$(awk '{ print $2 }' "$work/traced_ratios" | median)
+    op=$(awk '{ print $3 }' "$work/traced_ratios" | median)
+    awk -v c="$oc" -v t="$ot" -v p="$op" -v n="$ROUNDS" 'BEGIN {
+      printf "traces on against off, median over %d rounds: CPU per call %.2fx, throughput %.0f%%, p99 %+.2f ms\n", n, c, 100 * t, p }'
   fi
 fi
 events=$( [ -f "$work/audit.jsonl" ] && wc -l < "$work/audit.jsonl" || echo 0)
