@@ -50,7 +50,7 @@ bin=target/release
 TOOLGATE=${TOOLGATE:-$bin/toolgate}
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
 trap cleanup EXIT
 
 mkdir -p "$work/policies"
@@ -104,14 +104,16 @@ TLS=${TLS:-}
 if [ -n "$TLS" ]; then
   sed -e 's#127.0.0.1:19102#127.0.0.1:19108#' -e 's#127.0.0.1:19103#127.0.0.1:19109#' -e "s#audit.jsonl#audit-tls.jsonl#" \
     "$work/toolgate.yaml" > "$work/toolgate-tls.yaml"
-  printf 'tls: { cert_file: %s, key_file: %s }\n' "$PWD/tests/fixtures/tls/tool.pem" "$PWD/tests/fixtures/tls/tool.key" >> "$work/toolgate-tls.yaml"
+  printf 'tls: { cert_file: %s, key_file: %s }\napprovals: { store: %s }\n' "$PWD/tests/fixtures/tls/tool.pem" \
+    "$PWD/tests/fixtures/tls/tool.key" "$work/approvals-tls.redb" >> "$work/toolgate-tls.yaml"
   RUST_LOG=warn "${wrap[@]}" "$TOOLGATE" serve -c "$work/toolgate-tls.yaml" 2>"$work/toolgate-tls.log" & pids+=($!); tgt_pid=$!
 fi
 TRACING=${TRACING:-}
 if [ -n "$TRACING" ]; then
   sed -e 's#127.0.0.1:19102#127.0.0.1:19110#' -e 's#127.0.0.1:19103#127.0.0.1:19111#' -e "s#audit.jsonl#audit-traced.jsonl#" \
     "$work/toolgate.yaml" > "$work/toolgate-traced.yaml"
-  printf 'telemetry: { otlp_endpoint: "http://127.0.0.1:19100/v1/traces" }\n' >> "$work/toolgate-traced.yaml"
+  printf 'telemetry: { otlp_endpoint: "http://127.0.0.1:19100/v1/traces" }\napprovals: { store: %s }\n' \
+    "$work/approvals-traced.redb" >> "$work/toolgate-traced.yaml"
   RUST_LOG=error "${wrap[@]}" "$TOOLGATE" serve -c "$work/toolgate-traced.yaml" 2>"$work/toolgate-traced.log" & pids+=($!); tgo_pid=$!
 fi
 "${wrap[@]}" "$bin/examples/bare_proxy" 127.0.0.1:19101 http://127.0.0.1:19100 2>"$work/bare.log" & pids+=($!); bare_pid=$!
