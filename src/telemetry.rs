@@ -30,6 +30,8 @@ use crate::config::TelemetryConfig;
 const BATCH: usize = 512;
 /// A batch not full is sent after this long.
 const BATCH_DELAY: Duration = Duration::from_millis(500);
+/// The last export, at shutdown, gets this long.
+const FINAL_EXPORT: Duration = Duration::from_secs(2);
 
 /// The span ids of one call: the trace it belongs to (the caller's, from `traceparent`, or a
 /// new one), the caller's span (its parent), the call's span and the tool's.
@@ -166,7 +168,15 @@ impl Telemetry {
             if !batch.is_empty() {
                 let spans: Vec<SpanData> = batch.drain(..).flat_map(|t| spans(t, &scope)).collect();
                 let n = spans.len() as u64;
-                match exporter.export(spans).await {
+                // At shutdown, one short try: the process is draining within its grace period.
+                let export = exporter.export(spans);
+                let exported = match stopping {
+                    true => tokio::time::timeout(FINAL_EXPORT, export)
+                        .await
+                        .unwrap_or_else(|_| Err(opentelemetry_sdk::error::OTelSdkError::Timeout(FINAL_EXPORT))),
+                    false => export.await,
+                };
+                match exported {
                     Ok(()) => metrics::counter!("toolgate_spans_exported_total").increment(n),
                     Err(e) => {
                         metrics::counter!("toolgate_traces_export_failures_total").increment(1);
