@@ -173,7 +173,7 @@ impl Telemetry {
                 let exported = match stopping {
                     true => tokio::time::timeout(FINAL_EXPORT, export)
                         .await
-                        .unwrap_or_else(|_| Err(opentelemetry_sdk::error::OTelSdkError::Timeout(FINAL_EXPORT))),
+                        .unwrap_or(Err(opentelemetry_sdk::error::OTelSdkError::Timeout(FINAL_EXPORT))),
                     false => export.await,
                 };
                 match exported {
