@@ -14,9 +14,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use tokio_rustls::rustls;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::support::{
     ANALYST_KEY, TestUpstream, fixture, listeners, read_events, refused_url, send, write_fixture_policies,
@@ -45,19 +42,7 @@ fn key_set(kids: &[&str]) -> Value {
 }
 
 async fn provider(kids: &[&str]) -> Provider {
-    let dir = fixture("tls");
-    let certs = CertificateDer::pem_file_iter(dir.join("tool.pem"))
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(dir.join("tool.key")).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = crate::tls_upstream::acceptor();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let issuer = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
     let jwks = Arc::new(Mutex::new(key_set(kids)));

@@ -16,7 +16,7 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 const KEY: &str = "tls-test-key";
 
 /// The fixture certificate for 127.0.0.1, signed by the fixture CA.
-fn acceptor() -> tokio_rustls::TlsAcceptor {
+pub(crate) fn acceptor() -> tokio_rustls::TlsAcceptor {
     let dir = fixture("tls");
     let certs = CertificateDer::pem_file_iter(dir.join("tool.pem"))
         .unwrap()
