@@ -35,6 +35,9 @@ pub const SUPPORT_KEY: &str = "demo-support-key";
 pub const ANALYST_KEY: &str = "demo-analyst-key";
 pub const BATCH_KEY: &str = "demo-batch-key";
 pub const ADMIN_TOKEN: &str = "demo-admin-token";
+/// Dana, a billing lead: an approver of `billing-leads` with her own token (the inbox page's
+/// sign-in, and the demo's approval).
+pub const DANA_TOKEN: &str = "demo-dana-token";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -143,7 +146,7 @@ pub async fn run(opts: DemoOptions) -> Result<Running, DemoError> {
         approve_and_resend(&base, &admin, &id, script.len()).await;
     }
     println!(
-        "\nTry it yourself:\n  curl -s -X POST {base}/v1/tools/kb.search -H 'Authorization: Bearer {SUPPORT_KEY}' -d '{{\"query\":\"2fa\"}}'\n  curl -s http://{admin}/admin/policy -H 'Authorization: Bearer {ADMIN_TOKEN}'\n  curl -s http://{admin}/metrics | grep toolgate_calls_total",
+        "\nTry it yourself:\n  curl -s -X POST {base}/v1/tools/kb.search -H 'Authorization: Bearer {SUPPORT_KEY}' -d '{{\"query\":\"2fa\"}}'\n  curl -s http://{admin}/admin/policy -H 'Authorization: Bearer {ADMIN_TOKEN}'\n  curl -s http://{admin}/metrics | grep toolgate_calls_total\n  the approvals inbox: http://{admin}/ui/ (sign in with {DANA_TOKEN})",
         admin = running.admin_addr
     );
     Ok(running)
@@ -183,6 +186,12 @@ async fn start_gateway(opts: &DemoOptions, tools_addr: SocketAddr) -> Result<Run
     let policy = Policy::compile(&sources, |p| std::fs::read_to_string(p))?;
     let audit = AuditLog::open(&config.audit)?;
     config.approvals.store = opts.approvals_file.clone();
+    config.admin.people.push(crate::config::admin::Person {
+        name: "dana@billing".to_owned(),
+        token_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(DANA_TOKEN.as_bytes())),
+        roles: vec![crate::config::Role::Approver],
+        approver_groups: vec!["billing-leads".to_owned()],
+    });
     let approvals = Approvals::open_configured(&config.approvals)?;
     let gateway = Arc::new(Gateway::new(config.clone(), policy, None, audit, approvals).with_admin_token(ADMIN_TOKEN));
     Ok(server::start(gateway).await?)
@@ -301,12 +310,13 @@ fn script() -> Vec<(&'static str, Option<&'static str>, &'static str, Value)> {
 /// passes), and once more (the approval is spent).
 async fn approve_and_resend(base: &str, admin: &str, id: &str, played: usize) {
     println!(
-        "\nA billing lead approves the held refund:\n  curl -s -X POST {admin}/admin/approvals/{id}/approve -H 'Authorization: Bearer {ADMIN_TOKEN}' -d '{{\"by\": \"dana@billing\", \"comment\": \"customer goodwill\"}}'"
+        "\nDana, a billing lead, approves the held refund with her own token (or in the inbox, {admin}/ui/):\n  curl -s -X POST {admin}/admin/approvals/{id}/approve -H 'Authorization: Bearer {DANA_TOKEN}' -d '{{\"comment\": \"customer goodwill\"}}'"
     );
     let (status, _, _) = admin_post(
         admin,
+        DANA_TOKEN,
         &format!("/admin/approvals/{id}/approve"),
-        &json!({"by": "dana@billing", "comment": "customer goodwill"}),
+        &json!({"comment": "customer goodwill"}),
     )
     .await;
     println!("  -> {status}\n");
@@ -356,11 +366,11 @@ fn print_row(n: usize, what: &str, key: Option<&str>, tool: &str, status: u16, d
     println!("{n:<2}  {what:<40}  {agent:<11}  {tool:<22}  {status:<6}  {verdict:<26}  {detail}");
 }
 
-/// An admin-plane POST with the demo's admin token: (status, decision header, body).
-async fn admin_post(admin: &str, path: &str, body: &Value) -> (u16, String, Bytes) {
+/// An admin-plane POST with `token`: (status, decision header, body).
+async fn admin_post(admin: &str, token: &str, path: &str, body: &Value) -> (u16, String, Bytes) {
     send(
         http::Request::post(format!("{admin}{path}"))
-            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .header("authorization", format!("Bearer {token}"))
             .header("content-type", "application/json"),
         body,
     )

@@ -128,9 +128,55 @@ pub struct Approval {
     pub used_at: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub used_by_request: Option<String>,
+    /// How many different people must approve (`@quorum`; 1 for records from before it).
+    #[serde(default = "one")]
+    pub quorum: u32,
+    /// The approvals given so far, one per person; the approval is approved once there are
+    /// `quorum` of them and every group in `group` is among them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub votes: Vec<Vote>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One person's approval of a held call.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Vote {
+    pub by: String,
+    /// The approval's groups this person belongs to.
+    pub groups: Vec<String>,
+    /// Unix seconds.
+    pub at: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub comment: String,
+}
+
+/// Someone deciding an approval: their name and the approver groups they belong to (`None`:
+/// every group, the legacy shared admin token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approver {
+    pub name: String,
+    pub groups: Option<Vec<String>>,
+}
+
+impl Approver {
+    pub fn in_group(&self, group: &str) -> bool {
+        self.groups.as_ref().is_none_or(|g| g.iter().any(|x| x == group))
+    }
+
+    /// Whether this person may decide `a` at all (belongs to one of its groups).
+    pub fn may_decide(&self, a: &Approval) -> bool {
+        a.groups().any(|g| self.in_group(g))
+    }
 }
 
 impl Approval {
+    /// The approver groups asked (the rules' `@approval` groups, joined by `, ` in `group`).
+    pub fn groups(&self) -> impl Iterator<Item = &str> {
+        self.group.split(", ").filter(|g| !g.is_empty())
+    }
     /// The status as of `now` (pending or approved past expiry reads as expired).
     pub(crate) fn settle(mut self, now: u64) -> Self {
         if matches!(self.status, Status::Pending | Status::Approved) && now >= self.expires_at {
@@ -153,6 +199,7 @@ pub struct Hold<'a> {
     pub arguments_sha256: &'a str,
     pub request_id: &'a str,
     pub session: Option<&'a str>,
+    pub quorum: u32,
 }
 
 /// Decided, used or expired approvals are kept this long after they stopped mattering (for the
@@ -186,18 +233,59 @@ pub(crate) fn new_approval(hold: Hold<'_>, now: u64, ttl: std::time::Duration) -
         comment: None,
         used_at: None,
         used_by_request: None,
+        quorum: hold.quorum.max(1),
+        votes: Vec::new(),
     }
 }
 
-/// Approves or denies `a` (settled as of `now`), if it is pending.
-pub(crate) fn decide(a: &mut Approval, approve: bool, by: &str, comment: &str, now: u64) -> Result<(), DecideError> {
+/// `who` approves or denies `a` (settled as of `now`), if it is pending and `who` may: they
+/// belong to one of its groups, did not make the call, and have not approved it already. A
+/// denial decides at once; an approval decides once `quorum` different people approved and
+/// every group is among them.
+pub(crate) fn decide(
+    a: &mut Approval,
+    approve: bool,
+    who: &Approver,
+    comment: &str,
+    now: u64,
+) -> Result<(), DecideError> {
     if a.status != Status::Pending {
         return Err(DecideError::NotPending(a.status));
     }
-    a.status = if approve { Status::Approved } else { Status::Denied };
-    a.decided_by = Some(by.to_owned());
-    a.decided_at = Some(now);
-    a.comment = (!comment.is_empty()).then(|| comment.to_owned());
+    let groups: Vec<String> = a.groups().filter(|g| who.in_group(g)).map(str::to_owned).collect();
+    if groups.is_empty() {
+        return Err(DecideError::NotInGroup);
+    }
+    if who.name == a.agent {
+        return Err(DecideError::OwnCall);
+    }
+    if a.votes.iter().any(|v| v.by == who.name) {
+        return Err(DecideError::AlreadyApproved);
+    }
+    let comment_or_none = (!comment.is_empty()).then(|| comment.to_owned());
+    if !approve {
+        a.status = Status::Denied;
+        a.decided_by = Some(who.name.clone());
+        a.decided_at = Some(now);
+        a.comment = comment_or_none;
+        return Ok(());
+    }
+    a.votes.push(Vote {
+        by: who.name.clone(),
+        groups,
+        at: now,
+        comment: comment.to_owned(),
+    });
+    let every_group = a
+        .groups()
+        .all(|g| a.votes.iter().any(|v| v.groups.iter().any(|x| x == g)));
+    if a.votes.len() >= a.quorum.max(1) as usize && every_group {
+        a.status = Status::Approved;
+        let names: Vec<&str> = a.votes.iter().map(|v| v.by.as_str()).collect();
+        a.decided_by = Some(names.join(", "));
+        a.decided_at = Some(now);
+        a.comment = comment_or_none;
+    }
     Ok(())
 }
 
@@ -255,6 +343,34 @@ pub enum DecideError {
     NotFound,
     /// Not pending any more: already decided, used or expired.
     NotPending(Status),
+    /// The approver belongs to none of the approval's groups.
+    NotInGroup,
+    /// The approver is the agent whose call is held.
+    OwnCall,
+    /// The approver already approved it (a quorum needs different people).
+    AlreadyApproved,
+}
+
+impl DecideError {
+    /// Why, for the person who asked.
+    pub fn message(&self) -> String {
+        match self {
+            DecideError::NotFound => "No such approval.".to_owned(),
+            DecideError::NotPending(s) => {
+                format!(
+                    "This approval is {}: only a pending approval can be decided.",
+                    s.as_str()
+                )
+            }
+            DecideError::NotInGroup => {
+                "You are not an approver in this approval's group, so you cannot decide it.".to_owned()
+            }
+            DecideError::OwnCall => "Nobody approves a call their own credentials made.".to_owned(),
+            DecideError::AlreadyApproved => {
+                "You already approved this call; its quorum needs another person's approval.".to_owned()
+            }
+        }
+    }
 }
 
 /// Why a presented approval does not let a call through. The message is safe for the agent.
@@ -274,6 +390,8 @@ pub struct HoldRequest {
     pub arguments_sha256: String,
     pub request_id: String,
     pub session: Option<String>,
+    /// Different people who must approve (the largest `@quorum` of the rules).
+    pub quorum: u32,
 }
 
 impl HoldRequest {
@@ -289,6 +407,7 @@ impl HoldRequest {
             arguments_sha256: &self.arguments_sha256,
             request_id: &self.request_id,
             session: self.session.as_deref(),
+            quorum: self.quorum,
         }
     }
 }
@@ -384,13 +503,13 @@ impl ApprovalStore {
         &self,
         id: String,
         approve: bool,
-        by: String,
+        who: Approver,
         comment: String,
         now: u64,
     ) -> Result<Result<Approval, DecideError>, ApprovalError> {
         match &self.0 {
-            Backend::File(f) => Self::run(f, move |s| s.decide(&id, approve, &by, &comment, now)).await,
-            Backend::Redis(r) => r.decide(&id, approve, &by, &comment, now).await,
+            Backend::File(f) => Self::run(f, move |s| s.decide(&id, approve, &who, &comment, now)).await,
+            Backend::Redis(r) => r.decide(&id, approve, &who, &comment, now).await,
         }
     }
 
@@ -424,5 +543,95 @@ impl ApprovalStore {
             Backend::File(f) => Self::run(f, move |s| s.prune(now)).await,
             Backend::Redis(r) => r.prune(now).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(group: &str, quorum: u32) -> Approval {
+        let hold = Hold {
+            agent: "billing-bot",
+            tool: "billing.refund",
+            rule: "r",
+            rules: &[],
+            group,
+            reason: "why",
+            arguments: None,
+            arguments_sha256: "h",
+            request_id: "req",
+            session: None,
+            quorum,
+        };
+        new_approval(hold, 1000, std::time::Duration::from_secs(60))
+    }
+
+    fn person(name: &str, groups: &[&str]) -> Approver {
+        Approver {
+            name: name.to_owned(),
+            groups: Some(groups.iter().map(|g| (*g).to_owned()).collect()),
+        }
+    }
+
+    #[test]
+    fn only_a_member_of_the_group_decides() {
+        let mut a = held("billing-leads", 1);
+        assert_eq!(
+            decide(&mut a, true, &person("bob", &["security"]), "", 1001),
+            Err(DecideError::NotInGroup)
+        );
+        assert_eq!(
+            decide(&mut a, false, &person("bob", &["security"]), "", 1001),
+            Err(DecideError::NotInGroup)
+        );
+        assert_eq!(a.status, Status::Pending);
+        decide(&mut a, true, &person("alice", &["billing-leads"]), "ok", 1001).unwrap();
+        assert_eq!((a.status, a.decided_by.as_deref()), (Status::Approved, Some("alice")));
+        // The legacy shared token is in every group.
+        let mut b = held("billing-leads", 1);
+        let everyone = Approver {
+            name: "admin-token".to_owned(),
+            groups: None,
+        };
+        decide(&mut b, false, &everyone, "", 1001).unwrap();
+        assert_eq!(b.status, Status::Denied);
+    }
+
+    #[test]
+    fn a_quorum_needs_different_people_and_a_denial_decides_at_once() {
+        let mut a = held("billing-leads", 2);
+        let alice = person("alice", &["billing-leads"]);
+        decide(&mut a, true, &alice, "first", 1001).unwrap();
+        assert_eq!(a.status, Status::Pending, "one of two");
+        assert_eq!(
+            decide(&mut a, true, &alice, "again", 1002),
+            Err(DecideError::AlreadyApproved)
+        );
+        assert_eq!(a.status, Status::Pending);
+        decide(&mut a, true, &person("carol", &["billing-leads"]), "second", 1003).unwrap();
+        assert_eq!(a.status, Status::Approved);
+        assert_eq!(a.decided_by.as_deref(), Some("alice, carol"));
+        assert_eq!(a.votes.len(), 2);
+
+        let mut b = held("billing-leads", 2);
+        decide(&mut b, true, &alice, "", 1001).unwrap();
+        decide(&mut b, false, &person("carol", &["billing-leads"]), "no", 1002).unwrap();
+        assert_eq!(b.status, Status::Denied);
+    }
+
+    #[test]
+    fn every_group_asked_must_approve_and_nobody_approves_their_own_call() {
+        let mut a = held("billing-leads, security", 1);
+        decide(&mut a, true, &person("alice", &["billing-leads"]), "", 1001).unwrap();
+        assert_eq!(a.status, Status::Pending, "security has not approved");
+        decide(&mut a, true, &person("sam", &["security"]), "", 1002).unwrap();
+        assert_eq!(a.status, Status::Approved);
+
+        let mut b = held("billing-leads", 1);
+        assert_eq!(
+            decide(&mut b, true, &person("billing-bot", &["billing-leads"]), "", 1001),
+            Err(DecideError::OwnCall)
+        );
     }
 }

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    Approval, ApprovalError, DecideError, Hold, KEEP_FOR_SECS, MAX_PENDING_PER_AGENT, Pin, Refused, Status, TooMany,
-    pending_key,
+    Approval, ApprovalError, Approver, DecideError, Hold, KEEP_FOR_SECS, MAX_PENDING_PER_AGENT, Pin, Refused, Status,
+    TooMany, pending_key,
 };
 use crate::state::{ApprovalWrite, RedisState, StateError};
 
@@ -167,11 +167,11 @@ impl SharedApprovals {
         &self,
         id: &str,
         approve: bool,
-        by: &str,
+        who: &Approver,
         comment: &str,
         now: u64,
     ) -> Result<Result<Approval, DecideError>, ApprovalError> {
-        self.update(id, now, |a| super::decide(a, approve, by, comment, now))
+        self.update(id, now, |a| super::decide(a, approve, who, comment, now))
             .await
             .map(|r| r.map_err(|e| e.unwrap_or(DecideError::NotFound)))
     }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{
-    Approval, ApprovalError, DecideError, Hold, KEEP_FOR_SECS, MAX_PENDING_PER_AGENT, Pin, Refused, Status, TooMany,
-    pending_key,
+    Approval, ApprovalError, Approver, DecideError, Hold, KEEP_FOR_SECS, MAX_PENDING_PER_AGENT, Pin, Refused, Status,
+    TooMany, pending_key,
 };
 
 /// id → approval (JSON).
@@ -170,11 +170,11 @@ impl Approvals {
         &self,
         id: &str,
         approve: bool,
-        by: &str,
+        who: &Approver,
         comment: &str,
         now: u64,
     ) -> Result<Result<Approval, DecideError>, ApprovalError> {
-        self.update(id, now, |a| super::decide(a, approve, by, comment, now))
+        self.update(id, now, |a| super::decide(a, approve, who, comment, now))
             .map(|r| r.map_err(|e| e.unwrap_or(DecideError::NotFound)))
     }
 
@@ -313,6 +313,14 @@ mod tests {
             arguments_sha256: sha,
             request_id: "req",
             session: None,
+            quorum: 1,
+        }
+    }
+
+    fn lead() -> Approver {
+        Approver {
+            name: "lead".to_owned(),
+            groups: Some(vec!["g".to_owned()]),
         }
     }
 
@@ -385,9 +393,9 @@ mod tests {
             consume("h1", "bot", 1002).unwrap_err().0,
             "the approval is still pending: no one has approved it yet"
         );
-        store.decide(&a.id, true, "lead", "ok", 1003).unwrap().unwrap();
+        store.decide(&a.id, true, &lead(), "ok", 1003).unwrap().unwrap();
         assert_eq!(
-            store.decide(&a.id, false, "lead", "", 1003).unwrap().unwrap_err(),
+            store.decide(&a.id, false, &lead(), "", 1003).unwrap().unwrap_err(),
             DecideError::NotPending(Status::Approved)
         );
         assert!(consume("h2", "bot", 1004).is_err(), "other arguments");
@@ -395,7 +403,7 @@ mod tests {
         assert_eq!(consume("h1", "bot", 1004).unwrap().status, Status::Used);
         assert!(consume("h1", "bot", 1005).is_err(), "second use");
         // Expiry: the second request, approved, then read after its ttl.
-        store.decide(&other.id, true, "lead", "", 1006).unwrap().unwrap();
+        store.decide(&other.id, true, &lead(), "", 1006).unwrap().unwrap();
         let expired = store.consume(&other.id, &hold("bot", "h2"), 1001 + 60).unwrap();
         assert_eq!(expired.unwrap_err().0, "the approval has expired");
         assert_eq!(store.get(&other.id, 2000).unwrap().unwrap().status, Status::Expired);

@@ -268,6 +268,32 @@ impl Event for RequestRefused<'_> {
     const NAME: &'static str = "request_refused";
 }
 
+/// Who did an admin action: the authenticated identity's name (`by`), the role it acted in,
+/// and how it signed in (`via`). Flattened into the action's event.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct By<'a> {
+    #[serde(rename = "by")]
+    pub name: &'a str,
+    /// `operator`, `approver`, `auditor`; absent for the gateway's own actions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'a str>,
+    /// `token` (a personal token), `admin_token` (the shared `token_env` token), `oidc`,
+    /// `proxy`, or `session` (signed in on the inbox page with one of those).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<&'a str>,
+}
+
+impl<'a> By<'a> {
+    /// The gateway itself (an anomaly's quarantine, a first-seen pin).
+    pub fn gateway(name: &'a str) -> Self {
+        Self {
+            name,
+            role: None,
+            via: None,
+        }
+    }
+}
+
 /// `policy_reloaded`: a new policy is in force. Written before it takes effect.
 #[derive(Debug, Serialize)]
 pub struct PolicyReloaded<'a> {
@@ -275,9 +301,9 @@ pub struct PolicyReloaded<'a> {
     pub previous_version: &'a str,
     /// `file_change`, `admin`, `refresh`, `tool_approved`, `retry`…
     pub trigger: &'a str,
-    /// The operator who asked for the reload (`POST /admin/reload` with `{"by": ...}`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub by: Option<&'a str>,
+    /// The operator who asked for the reload (`POST /admin/reload`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub by: Option<By<'a>>,
 }
 
 impl Event for PolicyReloaded<'_> {
@@ -291,8 +317,8 @@ pub struct PolicyReloadFailed<'a> {
     pub policy_version: &'a str,
     pub errors: &'a [String],
     pub trigger: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub by: Option<&'a str>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub by: Option<By<'a>>,
 }
 
 impl Event for PolicyReloadFailed<'_> {
@@ -323,7 +349,8 @@ impl Event for Anomaly<'_> {
 pub struct AgentQuarantined<'a> {
     pub agent: &'a str,
     /// The operator, or `anomaly`.
-    pub by: &'a str,
+    #[serde(flatten)]
+    pub by: By<'a>,
     pub reason: &'a str,
     /// Unix seconds; `null`: until an operator releases it.
     pub until: Option<u64>,
@@ -337,7 +364,8 @@ impl Event for AgentQuarantined<'_> {
 #[derive(Debug, Serialize)]
 pub struct AgentReleased<'a> {
     pub agent: &'a str,
-    pub by: &'a str,
+    #[serde(flatten)]
+    pub by: By<'a>,
     pub comment: &'a str,
     /// Unix seconds.
     pub quarantined_since: u64,
@@ -406,7 +434,8 @@ pub struct ToolApproved<'a> {
     pub tool: &'a str,
     pub server: &'a str,
     pub sha256: &'a str,
-    pub by: &'a str,
+    #[serde(flatten)]
+    pub by: By<'a>,
     pub comment: &'a str,
 }
 
@@ -415,13 +444,17 @@ impl Event for ToolApproved<'_> {
 }
 
 /// `approval_decided`: an approver approved or denied a held call. Written before the store
-/// records it.
+/// records it. With a quorum, each approver's approval is one event; `status` says where the
+/// approval stands after it (`pending` until the quorum and every group are met).
 #[derive(Debug, Serialize)]
 pub struct ApprovalDecided<'a> {
     pub approval_id: &'a str,
-    /// `approved` or `denied`.
+    /// Where the approval stands after this decision: `approved`, `denied` or `pending`.
     pub status: &'static str,
-    pub by: &'a str,
+    /// What this approver decided: `approve` or `deny`.
+    pub decision: &'static str,
+    #[serde(flatten)]
+    pub by: By<'a>,
     pub comment: &'a str,
     /// Unix seconds.
     pub decided_at: u64,
@@ -429,6 +462,9 @@ pub struct ApprovalDecided<'a> {
     pub tool: &'a str,
     pub rule: &'a str,
     pub group: &'a str,
+    /// Different people who must approve, and how many have (this one included).
+    pub quorum: u32,
+    pub approvals: usize,
     pub arguments_sha256: &'a str,
     /// The held call's request.
     pub request_id: &'a str,
@@ -436,6 +472,25 @@ pub struct ApprovalDecided<'a> {
 
 impl Event for ApprovalDecided<'_> {
     const NAME: &'static str = "approval_decided";
+}
+
+/// `admin_refused`: an authenticated admin caller asked for something its roles or groups do
+/// not allow (an approver outside the approval's group, an auditor asking for a reload), or
+/// a form without its CSRF token. Nothing was done.
+#[derive(Debug, Serialize)]
+pub struct AdminRefused<'a> {
+    #[serde(flatten)]
+    pub by: By<'a>,
+    /// `METHOD /path` as asked.
+    pub action: &'a str,
+    pub reason: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<&'a str>,
+    pub request_id: &'a str,
+}
+
+impl Event for AdminRefused<'_> {
+    const NAME: &'static str = "admin_refused";
 }
 
 /// `action_not_done`: an action whose event was written did not take effect after all (its
@@ -463,8 +518,8 @@ pub struct AuditRotated<'a> {
     pub previous_bytes: u64,
     /// `size` or `admin`.
     pub trigger: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub by: Option<&'a str>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub by: Option<By<'a>>,
 }
 
 impl Event for AuditRotated<'_> {

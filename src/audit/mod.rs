@@ -23,10 +23,10 @@ mod rotation;
 mod unknown;
 
 pub use events::{
-    ActionNotDone, AgentQuarantined, AgentReleased, Anomaly, ApprovalDecided, AuditRotated, CallForwarding, Event,
-    PolicyReloadFailed, PolicyReloaded, RecordedArguments, RefusalsSummarized, RequestRefused, Timestamp, Tokens,
-    ToolApproved, ToolCallEvent, ToolDefinitionChanged, ToolHeld, ToolPinned, UpstreamInfo, format_unix, is_safe_text,
-    millis, now, recorded,
+    ActionNotDone, AdminRefused, AgentQuarantined, AgentReleased, Anomaly, ApprovalDecided, AuditRotated, By,
+    CallForwarding, Event, PolicyReloadFailed, PolicyReloaded, RecordedArguments, RefusalsSummarized, RequestRefused,
+    Timestamp, Tokens, ToolApproved, ToolCallEvent, ToolDefinitionChanged, ToolHeld, ToolPinned, UpstreamInfo,
+    format_unix, is_safe_text, millis, now, recorded,
 };
 pub use rotation::{Rotated, Trigger, rotated_files, rotation_suffix};
 
@@ -153,7 +153,7 @@ impl AuditLog {
 
     /// Rotates the file now (`POST /admin/audit/rotate`), whatever its size: between two
     /// batches, as a size rotation. `Ok(None)` if there is no file.
-    pub fn rotate_now(&self, by: &str) -> std::io::Result<Option<Rotated>> {
+    pub fn rotate_now(&self, by: By<'_>) -> std::io::Result<Option<Rotated>> {
         let Some(sink) = &self.file else { return Ok(None) };
         let mut active = lock(&sink.file);
         sink.try_rotate(&mut active, Trigger::Admin { by }).map(Some)
@@ -438,7 +438,7 @@ mod tests {
         .unwrap();
         let config: AuditConfig = serde_json::from_value(serde_json::json!({ "file": active })).unwrap();
         let log = AuditLog::open(&config).unwrap();
-        let r = log.rotate_now("test").unwrap().unwrap();
+        let r = log.rotate_now(By::gateway("test")).unwrap().unwrap();
         assert_eq!(r.previous_file, "audit.jsonl.29991231T235959.999Z");
     }
 }

@@ -124,7 +124,7 @@ pub enum Trigger<'a> {
     /// The file reached `audit.rotate_bytes`.
     Size,
     /// `POST /admin/audit/rotate`, by this operator.
-    Admin { by: &'a str },
+    Admin { by: super::By<'a> },
 }
 
 /// A rotation done: the file that now holds the events before it.

@@ -4,6 +4,7 @@
 //! Relative paths (policies, audit file) are taken from the working directory, as the contract's
 //! defaults (`config/toolgate.yaml` next to `policies/`) assume.
 
+pub mod admin;
 pub mod error;
 pub mod state;
 pub mod tls;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use admin::{AdminConfig, Role};
 pub use error::{ConfigError, Problem, Problems};
 pub use state::{RedisConfig, RedisOptions, StateBackend};
 pub use tls::{ClientCertificates, Scheme, TlsConfig};
@@ -102,62 +104,6 @@ fn default_policies() -> PathBuf {
 }
 fn default_state() -> String {
     "memory".to_owned()
-}
-
-/// The admin plane: health, metrics, reload. Never served on the data-plane port.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminConfig {
-    /// Where the admin plane listens (default `127.0.0.1:9090`).
-    #[serde(default = "default_admin_listen")]
-    pub listen: SocketAddr,
-    /// Environment variable holding the bearer token for `/admin/*` (default `TOOLGATE_ADMIN_TOKEN`).
-    #[serde(default = "default_token_env")]
-    pub token_env: String,
-    /// Alternatively, a file holding the token (first line). The environment variable wins.
-    #[serde(default)]
-    pub token_file: Option<PathBuf>,
-    /// TLS on the admin plane (default none: plain HTTP, on loopback only unless `allow_plaintext`).
-    #[serde(default)]
-    pub tls: Option<TlsConfig>,
-    /// Plain HTTP on an admin address other than loopback.
-    #[serde(default)]
-    pub allow_plaintext: bool,
-}
-
-fn default_admin_listen() -> SocketAddr {
-    "127.0.0.1:9090".parse().unwrap()
-}
-fn default_token_env() -> String {
-    "TOOLGATE_ADMIN_TOKEN".to_owned()
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        Self {
-            listen: default_admin_listen(),
-            token_env: default_token_env(),
-            token_file: None,
-            tls: None,
-            allow_plaintext: false,
-        }
-    }
-}
-
-impl AdminConfig {
-    /// The admin token, if one is configured. `None` means every `/admin/*` call is refused.
-    pub fn token(&self) -> Option<String> {
-        if let Ok(t) = std::env::var(&self.token_env) {
-            let t = t.trim().to_owned();
-            if !t.is_empty() {
-                return Some(t);
-            }
-        }
-        let file = self.token_file.as_ref()?;
-        let text = std::fs::read_to_string(file).ok()?;
-        let t = text.lines().next()?.trim().to_owned();
-        (!t.is_empty()).then_some(t)
-    }
 }
 
 /// Bounds on everything a caller or a tool can send.
@@ -505,6 +451,7 @@ impl ServerConfig {
         ]
         .into_iter()
         .flatten()
+        .chain(self.admin.warnings())
         .collect()
     }
 
@@ -565,9 +512,7 @@ impl ServerConfig {
         let workers = raw
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        if raw.admin.token_env.is_empty() {
-            problems.push(doc.problem(&root.key("admin").key("token_env"), "must name an environment variable"));
-        }
+        raw.admin.check(&doc, &mut problems);
         let trusted_proxies = parse_trusted_proxies(&doc, &raw.trusted_proxies, &mut problems);
         if let Some(t) = &raw.telemetry {
             let at = root.key("telemetry");
@@ -692,12 +637,9 @@ fn check_approvals(doc: &Document, approvals: &ApprovalsConfig, problems: &mut P
 fn parse_trusted_proxies(doc: &Document, texts: &[String], problems: &mut Problems) -> Vec<ipnet::IpNet> {
     let mut trusted_proxies = Vec::new();
     for (i, text) in texts.iter().enumerate() {
-        match text
-            .parse::<ipnet::IpNet>()
-            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-        {
-            Ok(net) => trusted_proxies.push(net.trunc()),
-            Err(_) => problems.push(doc.problem(
+        match admin::parse_net(text) {
+            Some(net) => trusted_proxies.push(net),
+            None => problems.push(doc.problem(
                 &KeyPath::root().key("trusted_proxies").index(i),
                 format!("`{text}` is not an IP address or a CIDR block like 10.0.0.0/8"),
             )),

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use serde_json::json;
 
 use super::{ActionError, Gateway, Record};
-use crate::approval::{Approval, ApprovalError, DecideError, HoldRequest, Refused, Status, TooMany};
-use crate::audit::{ActionNotDone, ApprovalDecided};
+use crate::approval::{Approval, ApprovalError, Approver, DecideError, HoldRequest, Refused, TooMany};
+use crate::audit::{ActionNotDone, ApprovalDecided, By};
 use crate::policy::{Code, Reason, Stage};
 
 impl Gateway {
@@ -76,12 +76,17 @@ impl Gateway {
     }
 
     /// An approver's decision, audited with who, when and why, then stored. The event is
-    /// written first: if it cannot be, the approval stays pending.
+    /// written first: if it cannot be, the approval stays pending. `who` must be in the
+    /// approval's group and may not decide a call their own credentials made (their name is
+    /// the agent's, or `credential`, the SHA-256 of the token they signed in with, is one of
+    /// the agent's keys); refusals are the caller's to audit (`admin_refused`).
     pub async fn decide_approval(
         &self,
         id: &str,
         approve: bool,
-        by: &str,
+        who: &Approver,
+        credential: Option<[u8; 32]>,
+        by: By<'_>,
         comment: &str,
     ) -> Result<Result<Approval, DecideError>, ActionError> {
         let _one = self.decisions.lock().await;
@@ -91,14 +96,20 @@ impl Gateway {
         let Some(a) = self.approvals.get(id.to_owned(), now).await? else {
             return Ok(Err(DecideError::NotFound));
         };
-        if a.status != Status::Pending {
-            return Ok(Err(DecideError::NotPending(a.status)));
+        if credential.is_some_and(|d| self.policy_now().auth.agent_of_key(&d) == Some(a.agent.as_str())) {
+            return Ok(Err(DecideError::OwnCall));
         }
-        let status = if approve { Status::Approved } else { Status::Denied };
+        // Decided on a copy first: a refusal writes no `approval_decided`, and the event says
+        // where the approval will stand (pending until a quorum is met).
+        let mut after = a.clone();
+        if let Err(e) = crate::approval::decide(&mut after, approve, who, comment, now) {
+            return Ok(Err(e));
+        }
         self.audit
             .emit(&ApprovalDecided {
                 approval_id: &a.id,
-                status: status.as_str(),
+                status: after.status.as_str(),
+                decision: if approve { "approve" } else { "deny" },
                 by,
                 comment,
                 decided_at: now,
@@ -106,13 +117,15 @@ impl Gateway {
                 tool: &a.tool,
                 rule: &a.rule,
                 group: &a.group,
+                quorum: after.quorum,
+                approvals: after.votes.len(),
                 arguments_sha256: &a.arguments_sha256,
                 request_id: &a.request_id,
             })
             .await?;
         let outcome = self
             .approvals
-            .decide(id.to_owned(), approve, by.to_owned(), comment.to_owned(), now)
+            .decide(id.to_owned(), approve, who.clone(), comment.to_owned(), now)
             .await;
         if let Err(e) = &outcome {
             self.not_done(
@@ -128,8 +141,10 @@ impl Gateway {
         }
         let outcome = outcome?;
         if let Ok(a) = &outcome {
-            metrics::counter!("toolgate_approvals_decided_total", "status" => a.status.as_str()).increment(1);
-            tracing::info!(approval = %a.id, status = a.status.as_str(), by, "approval decided");
+            let decision = if approve { "approve" } else { "deny" };
+            metrics::counter!("toolgate_approvals_decided_total", "status" => a.status.as_str(), "decision" => decision)
+                .increment(1);
+            tracing::info!(approval = %a.id, status = a.status.as_str(), by = by.name, "approval decided");
         }
         Ok(outcome)
     }

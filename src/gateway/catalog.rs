@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::{ActionError, Gateway};
 use crate::approval::Pin;
-use crate::audit::{ActionNotDone, ToolApproved, ToolDefinitionChanged, ToolHeld, ToolPinned};
+use crate::audit::{ActionNotDone, By, ToolApproved, ToolDefinitionChanged, ToolHeld, ToolPinned};
 use crate::policy::tool::{DiscoveredTool, McpServer, NewTools};
 use crate::upstream::Signing;
 
@@ -257,7 +257,7 @@ impl Gateway {
         &self,
         name: &str,
         reviewed: &str,
-        by: &str,
+        by: By<'_>,
         comment: &str,
     ) -> Result<Result<DiscoveredTool, Option<String>>, ActionError> {
         let one = self.decisions.lock().await;
@@ -281,7 +281,7 @@ impl Gateway {
             description: tool.description.clone(),
             input_schema: tool.input_schema.clone(),
             pinned_at: crate::state::unix_now(),
-            pinned_by: by.to_owned(),
+            pinned_by: by.name.to_owned(),
         };
         let pinned = self.approvals.set_pin(name.to_owned(), pin).await;
         if let Err(e) = &pinned {

@@ -16,7 +16,7 @@
 mod approvals;
 mod catalog;
 mod forward;
-mod keys;
+pub mod keys;
 mod operator;
 mod reload;
 mod stages;

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use super::{ActionError, Gateway};
-use crate::audit::{AgentQuarantined, AgentReleased, Anomaly};
+use crate::audit::{AgentQuarantined, AgentReleased, Anomaly, By};
 use crate::policy::{Policy, Reason, Stage};
 use crate::state::StateError;
 
@@ -63,7 +63,7 @@ impl Gateway {
         if anomaly.quarantine {
             let duration = (anomaly.quarantine_seconds > 0).then(|| Duration::from_secs(anomaly.quarantine_seconds));
             let why = format!("{count} {kind} denials within {} s", anomaly.window_seconds);
-            if let Err(e) = self.quarantine(agent, duration, "anomaly", &why).await {
+            if let Err(e) = self.quarantine(agent, duration, By::gateway("anomaly"), &why).await {
                 tracing::error!(agent, "the anomaly's quarantine could not be put in force: {e}");
             }
         }
@@ -75,13 +75,13 @@ impl Gateway {
         &self,
         agent: &str,
         duration: Option<Duration>,
-        by: &str,
+        by: By<'_>,
         reason: &str,
     ) -> Result<Quarantined, StateError> {
         // Not while a release is being recorded: it would then remove this quarantine, not
         // the one its event names.
         let _one = self.decisions.lock().await;
-        if !self.state.quarantine(agent, duration, by, reason).await? {
+        if !self.state.quarantine(agent, duration, by.name, reason).await? {
             return Ok(Quarantined {
                 changed: false,
                 audited: true,
@@ -89,7 +89,7 @@ impl Gateway {
         }
         let until = self.state.quarantined(agent).await.ok().flatten().and_then(|q| q.until);
         metrics::gauge!("toolgate_agent_quarantined", "agent" => agent.to_owned()).set(1.0);
-        tracing::warn!(agent, by, reason, "agent quarantined");
+        tracing::warn!(agent, by = by.name, reason, "agent quarantined");
         let event = AgentQuarantined {
             agent,
             by,
@@ -101,7 +101,7 @@ impl Gateway {
             Err(e) => {
                 tracing::error!(
                     agent,
-                    by,
+                    by = by.name,
                     "the quarantine is in force, but its audit event could not be written: {e}"
                 );
                 false
@@ -113,7 +113,7 @@ impl Gateway {
     /// Releases an agent, once its `agent_released` event (with who did it) is written.
     /// `Ok(false)` if it was not quarantined; an error, and no release, if the event could not
     /// be written or the state backend did not answer.
-    pub async fn release(&self, agent: &str, by: &str, comment: &str) -> Result<bool, ActionError> {
+    pub async fn release(&self, agent: &str, by: By<'_>, comment: &str) -> Result<bool, ActionError> {
         let _one = self.decisions.lock().await;
         let Some(q) = self.state.quarantined(agent).await? else {
             return Ok(false);
@@ -129,7 +129,7 @@ impl Gateway {
         // The quarantine the event names, not one another replica put in force since.
         self.state.release(agent, &q).await?;
         metrics::gauge!("toolgate_agent_quarantined", "agent" => agent.to_owned()).set(0.0);
-        tracing::info!(agent, by, "agent released from quarantine");
+        tracing::info!(agent, by = by.name, "agent released from quarantine");
         Ok(true)
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::Gateway;
-use crate::audit::{AuditError, PolicyReloadFailed, PolicyReloaded};
+use crate::audit::{AuditError, By, PolicyReloadFailed, PolicyReloaded};
 use crate::config::ConfigError;
 use crate::policy::Policy;
 
@@ -86,7 +86,7 @@ impl Gateway {
     /// Reloads policies from disk. On failure the last good policy stays in force; either way
     /// the outcome is audited. A new policy takes effect only once its `policy_reloaded` event
     /// is written (`by`: the operator who asked, if one did).
-    pub async fn reload(&self, trigger: &str, by: Option<&str>) -> Result<String, ReloadError> {
+    pub async fn reload(&self, trigger: &str, by: Option<By<'_>>) -> Result<String, ReloadError> {
         let _guard = self.reload.lock.lock().await;
         // This attempt stands for any retry that was due.
         self.reload.retry_due.store(false, Ordering::SeqCst);
@@ -123,7 +123,7 @@ impl Gateway {
         policy: Policy,
         previous: &Policy,
         trigger: &str,
-        by: Option<&str>,
+        by: Option<By<'_>>,
     ) -> Result<String, ReloadError> {
         let version = policy.version.clone();
         let forced = self.reload.force.swap(false, Ordering::SeqCst);

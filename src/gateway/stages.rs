@@ -323,6 +323,7 @@ impl Gateway {
                 arguments_sha256: rec.arguments_sha256.clone(),
                 request_id: req.request_id.to_string(),
                 session: req.session.clone(),
+                quorum: eval.quorum,
             };
             match &req.approval {
                 Some(id) => approval = Some((held, id.clone())),

@@ -179,12 +179,21 @@ async fn a_malformed_session_is_refused_and_never_recorded() {
 #[tokio::test]
 async fn a_quarantined_agent_is_refused_before_anything_else_is_looked_at() {
     let f = Fixture::new();
-    let done = f.gateway.quarantine("bot", None, "alice", "testing").await.unwrap();
+    let done = f
+        .gateway
+        .quarantine("bot", None, crate::audit::By::gateway("alice"), "testing")
+        .await
+        .unwrap();
     assert!(done.changed && done.audited);
     // Its body would be refused too, and its tool is not allowed: quarantine answers first.
     let out = f.call("q1", bot(), "billing.delete", Err(too_large())).await;
     assert_eq!(refused(&out), (Code::AgentQuarantined, Stage::Quarantine, "quarantine"));
-    assert!(f.gateway.release("bot", "alice", "done").await.unwrap());
+    assert!(
+        f.gateway
+            .release("bot", crate::audit::By::gateway("alice"), "done")
+            .await
+            .unwrap()
+    );
     let out = f.call("q2", bot(), "billing.delete", Ok("{}")).await;
     assert_eq!(refused(&out).0, Code::ToolNotAllowed);
 }
@@ -224,7 +233,17 @@ async fn a_held_call_costs_no_rate_allowance_and_its_approval_is_spent_only_past
     assert_eq!(f.event("h2")["approval_id"], id.as_str(), "the same pending approval");
     let decided = f
         .gateway
-        .decide_approval(&id, true, "dana", "ok")
+        .decide_approval(
+            &id,
+            true,
+            &crate::approval::Approver {
+                name: "dana".to_owned(),
+                groups: None,
+            },
+            None,
+            crate::audit::By::gateway("dana"),
+            "ok",
+        )
         .await
         .unwrap()
         .unwrap();

@@ -32,6 +32,8 @@ pub enum Code {
     RequestTimeout,
     /// An admin action on something not in the right state (deciding a decided approval).
     Conflict,
+    /// An authenticated admin caller whose roles or approval groups do not allow the action.
+    Forbidden,
     Internal,
 }
 
@@ -58,6 +60,7 @@ impl Code {
             Code::MethodNotAllowed => "method_not_allowed",
             Code::RequestTimeout => "request_timeout",
             Code::Conflict => "conflict",
+            Code::Forbidden => "forbidden",
             Code::Internal => "internal",
         }
     }
@@ -71,7 +74,8 @@ impl Code {
             | Code::RuleDenied
             | Code::ApprovalDenied
             | Code::AgentQuarantined
-            | Code::ToolChanged => 403,
+            | Code::ToolChanged
+            | Code::Forbidden => 403,
             Code::InvalidArguments => 422,
             Code::ApprovalRequired => 202,
             Code::RateLimited | Code::BudgetExceeded => 429,

@@ -27,6 +27,8 @@ pub struct Evaluation<'p> {
     pub notes: Vec<Reason>,
     /// When the decision is `approval_required`: the approval rules that matched, `(id, group)`.
     pub approvals: Vec<(String, String)>,
+    /// Different people who must approve a held call (the rules' largest `@quorum`).
+    pub quorum: u32,
     /// Shadow-mode rules that would have denied the call.
     pub would_deny: Vec<String>,
     /// The audit redactor would change nothing in `arguments` (the content walk asked it), so
@@ -46,6 +48,7 @@ impl<'p> Evaluation<'p> {
             url: None,
             notes: Vec::new(),
             approvals: Vec::new(),
+            quorum: 1,
             would_deny: Vec::new(),
             audit_clean: false,
         }
@@ -198,6 +201,7 @@ impl Policy {
                 Ok(verdict) => {
                     eval.would_deny = verdict.would_deny;
                     eval.approvals = verdict.approvals;
+                    eval.quorum = verdict.quorum;
                     if let Some(reason) = verdict.blocked {
                         return eval.deny(reason);
                     }

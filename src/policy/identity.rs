@@ -121,8 +121,26 @@ impl JwtVerifier {
         }
     }
 
+    /// The fetched keys' cache, when the keys are fetched rather than read from a file.
+    pub fn remote_keys(&self) -> Option<&Arc<RemoteKeys>> {
+        match &self.keys {
+            Keys::Remote(remote) => Some(remote),
+            Keys::Fixed(_) => None,
+        }
+    }
+
     /// Verifies a token and returns its subject.
     fn verify(&self, token: &str) -> Result<String, Reason> {
+        #[derive(Deserialize)]
+        struct Subject {
+            sub: String,
+        }
+        self.verify_claims::<Subject>(token).map(|c| c.sub)
+    }
+
+    /// Verifies a token (signature, `iss`, `aud`, `exp`, `nbf`, `iat`) and returns its claims
+    /// as `C` (the admin plane reads a name and groups from them).
+    pub fn verify_claims<C: serde::de::DeserializeOwned>(&self, token: &str) -> Result<C, Reason> {
         let deny = |m: &str| Reason::new(Code::Unauthenticated, Stage::Authentication, "authentication", m);
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| deny("The token is malformed or uses an unsupported algorithm."))?;
@@ -155,12 +173,13 @@ impl JwtVerifier {
         v.set_audience(&[&self.audience]);
         v.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
         #[derive(Deserialize)]
-        struct Claims {
-            sub: String,
+        struct Claims<C> {
             #[serde(default)]
             iat: Option<u64>,
+            #[serde(flatten)]
+            rest: C,
         }
-        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| {
+        let data = jsonwebtoken::decode::<Claims<C>>(token, key, &v).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as E;
             deny(match e.kind() {
                 E::ExpiredSignature => "The token has expired.",
@@ -178,7 +197,7 @@ impl JwtVerifier {
         if data.claims.iat.is_some_and(|iat| iat > now + JWT_LEEWAY_SECS) {
             return Err(deny("The token was issued in the future."));
         }
-        Ok(data.claims.sub)
+        Ok(data.claims.rest)
     }
 }
 
@@ -258,16 +277,19 @@ impl Authenticator {
         }
     }
 
+    /// The agent whose API key has this SHA-256 (an admin token that is also an agent's key
+    /// must not approve that agent's calls).
+    pub fn agent_of_key(&self, digest: &[u8; 32]) -> Option<&str> {
+        self.api_keys.get(digest).map(|a| &**a)
+    }
+
     pub fn has_jwt(&self) -> bool {
         self.jwt.is_some()
     }
 
     /// The provider's cached keys, when they are fetched rather than read from a file.
     pub fn remote_keys(&self) -> Option<&Arc<RemoteKeys>> {
-        match &self.jwt.as_ref()?.keys {
-            Keys::Remote(remote) => Some(remote),
-            Keys::Fixed(_) => None,
-        }
+        self.jwt.as_ref()?.remote_keys()
     }
 
     /// The cached keys a bearer value needs fetched first: it is a JWT, the keys are fetched,

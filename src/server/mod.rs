@@ -30,7 +30,6 @@ use futures_util::FutureExt;
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::util::BoxCloneSyncService;
@@ -451,8 +450,17 @@ pub async fn start(gateway: Arc<Gateway>) -> Result<Running, StartError> {
         tokio::spawn(serve(
             admin,
             {
-                let plane = TowerToHyperService::new(admin_plane(gateway.clone()));
-                move |_, _| plane.clone()
+                // Each request knows its connection's peer: the auth proxy's identity headers
+                // are believed from the proxy's addresses only.
+                let plane = admin_plane(gateway.clone());
+                move |peer: SocketAddr, _| {
+                    let plane = plane.clone();
+                    let source = Source(peer.ip().to_canonical());
+                    hyper::service::service_fn(move |mut req: axum::http::Request<Incoming>| {
+                        req.extensions_mut().insert(source);
+                        plane.clone().oneshot(req)
+                    })
+                }
             },
             timeouts,
             admin_tls.clone(),

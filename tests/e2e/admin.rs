@@ -208,10 +208,7 @@ async fn the_audit_file_rotates_by_size_and_on_an_admins_request_and_no_event_is
         "twelve events of a few hundred bytes pass 3000 bytes"
     );
 
-    // By hand: `by` is required, as for every admin action.
-    h.admin("POST", "/admin/audit/rotate", true)
-        .await
-        .assert_error(400, "invalid_request");
+    // By hand: the event names the authenticated caller, not a `by` the body claims.
     let r = h
         .admin_json("POST", "/admin/audit/rotate", &serde_json::json!({"by": "alice"}))
         .await;
@@ -227,7 +224,10 @@ async fn the_audit_file_rotates_by_size_and_on_an_admins_request_and_no_event_is
     let head = &crate::support::read_events(&h.audit_path)[0];
     assert_eq!(head["event"], "audit_rotated");
     assert_eq!(head["trigger"], "admin");
-    assert_eq!(head["by"], "alice");
+    assert_eq!(
+        (&head["by"], &head["role"], &head["via"]),
+        (&json!("admin-token"), &json!("operator"), &json!("admin_token"))
+    );
     assert_eq!(head["previous_file"], answer["previous_file"]);
 
     // Every call's event is in exactly one file.
@@ -294,7 +294,7 @@ async fn an_action_that_lets_agents_do_more_waits_for_its_audit_event() {
         "{message}"
     );
     let status = h.admin("GET", agent_url, true).await.json();
-    assert_eq!(status["quarantine"]["by"], "alice", "{status}");
+    assert_eq!(status["quarantine"]["by"], "admin-token", "{status}");
 
     // An approval: neither approved nor denied without its `approval_decided` event.
     let hold = toolgate::approval::HoldRequest {
@@ -308,6 +308,7 @@ async fn an_action_that_lets_agents_do_more_waits_for_its_audit_event() {
         arguments_sha256: "a".repeat(64),
         request_id: "req-held".to_owned(),
         session: None,
+        quorum: 1,
     };
     let (approval, _) = gw
         .approvals
@@ -355,9 +356,6 @@ async fn an_action_that_lets_agents_do_more_waits_for_its_audit_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_by_hand_names_who_asked() {
     let h = Harness::start().await;
-    h.admin_json("POST", "/admin/reload", &json!({"by": " "}))
-        .await
-        .assert_error(400, "invalid_request");
     let agents = h.policy_dir.join("agents.yaml");
     let text = std::fs::read_to_string(&agents).unwrap();
     std::fs::write(&agents, text.replace("tools: [ kb.* ]", "tools: [ ]")).unwrap();
@@ -370,7 +368,9 @@ async fn a_reload_by_hand_names_who_asked() {
         .filter(|e| e["event"] == "policy_reloaded")
         .collect();
     assert_eq!(reloaded.len(), 1, "{reloaded:?}");
-    assert_eq!(reloaded[0]["by"], "carol");
+    // The caller as authenticated: the body's `by` is ignored.
+    assert_eq!(reloaded[0]["by"], "admin-token");
+    assert_eq!(reloaded[0]["role"], "operator");
     assert_eq!(reloaded[0]["trigger"], "admin");
 }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::support::{self, SUPPORT_KEY, TestUpstream, listeners, send, write_fixture_policies, write_serve_config};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn toolgate() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_toolgate"));
@@ -144,6 +144,10 @@ fn demo_plays_its_script_and_shows_every_kind_of_decision() {
     assert_eq!(decided.len(), 1);
     assert_eq!(decided[0]["approval_id"], id);
     assert_eq!(decided[0]["by"], "dana@billing");
+    assert_eq!(
+        (&decided[0]["role"], &decided[0]["via"]),
+        (&json!("approver"), &json!("token"))
+    );
     assert_eq!(calls[18]["decision"], "allow");
     assert_eq!(calls[18]["approval_id"], id);
     assert_eq!(calls[18]["upstream"]["status"], 200);

@@ -571,7 +571,7 @@ async fn upstream_mcp_tools_are_exposed_filtered_and_pinned_against_rug_pulls() 
         .into_iter()
         .filter(|e| e["event"] == "tool_approved")
         .collect();
-    assert_eq!(approved[0]["by"], "sam");
+    assert_eq!(approved[0]["by"], "admin-token");
 }
 
 /// MCP authenticates each message once, before its method, and hands the agent to the call

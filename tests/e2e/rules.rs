@@ -401,13 +401,11 @@ async fn the_whole_approval_cycle() {
             .contains("pending")
     );
 
-    // Approvers list it, and must say who they are.
+    // Approvers list it; without a credential nobody decides it.
     let list = h.admin("GET", "/admin/approvals?status=pending", true).await;
     assert_eq!(list.json()["approvals"][0]["id"], id.as_str());
-    let anon = h
-        .admin_json("POST", &format!("/admin/approvals/{id}/approve"), &json!({}))
-        .await;
-    anon.assert_error(400, "invalid_request");
+    let anon = h.admin("POST", &format!("/admin/approvals/{id}/approve"), false).await;
+    anon.assert_error(401, "unauthenticated");
     let ok = h
         .admin_json(
             "POST",
@@ -427,7 +425,7 @@ async fn the_whole_approval_cycle() {
         .filter(|e| e["event"] == "approval_decided")
         .collect();
     assert_eq!(decided.len(), 1);
-    assert_eq!(decided[0]["by"], "lee");
+    assert_eq!(decided[0]["by"], "admin-token");
     assert_eq!(decided[0]["comment"], "known vendor");
     assert_eq!(decided[0]["status"], "approved");
 

@@ -37,6 +37,8 @@ pub struct RuleMeta {
     pub id: String,
     pub reason: Option<String>,
     pub approval: Option<String>,
+    /// `@quorum("2")` on an approval rule: different people who must approve (default 1).
+    pub quorum: u32,
     pub shadow: bool,
     pub file: String,
 }
@@ -81,6 +83,8 @@ pub struct Verdict {
     /// When `blocked` is `approval_required`: every approval rule that matched, `(id, group)`,
     /// sorted. One approval must cover all of them.
     pub approvals: Vec<(String, String)>,
+    /// The largest `@quorum` of those rules (1 when none says).
+    pub quorum: u32,
     /// Shadow rules that would have denied.
     pub would_deny: Vec<String>,
 }
@@ -243,6 +247,12 @@ impl Rules {
                     .iter()
                     .filter_map(|r| r.approval.as_ref().map(|g| (r.id.clone(), g.clone())))
                     .collect();
+                verdict.quorum = fired
+                    .iter()
+                    .filter(|r| r.approval.is_some())
+                    .map(|r| r.quorum)
+                    .max()
+                    .unwrap_or(1);
                 Reason::new(
                     Code::ApprovalRequired,
                     Stage::Rules,
@@ -472,10 +482,28 @@ fn parse_rules(
                 here("@approval needs the approver group, e.g. @approval(\"billing-leads\")".to_owned());
                 continue;
             }
+            if approval.as_deref().is_some_and(|g| g.contains(',') || g.trim() != g) {
+                here("@approval names one approver group, without commas or surrounding spaces".to_owned());
+                continue;
+            }
+            let quorum = match p.annotation("quorum") {
+                None => 1,
+                Some(_) if approval.is_none() => {
+                    here("@quorum applies to an @approval rule only".to_owned());
+                    continue;
+                }
+                Some(q) => match q.parse::<u32>() {
+                    Ok(n @ 1..=10) => n,
+                    _ => {
+                        here(format!("@quorum must be a number of people from 1 to 10, not \"{q}\""));
+                        continue;
+                    }
+                },
+            };
             for (key, _) in p.annotations() {
-                if !matches!(key, "id" | "reason" | "approval" | "mode") {
+                if !matches!(key, "id" | "reason" | "approval" | "mode" | "quorum") {
                     here(format!(
-                        "unknown annotation `@{key}` (known: @id, @reason, @approval, @mode)"
+                        "unknown annotation `@{key}` (known: @id, @reason, @approval, @quorum, @mode)"
                     ));
                 }
             }
@@ -486,6 +514,7 @@ fn parse_rules(
                     id: id.to_owned(),
                     reason: p.annotation("reason").map(str::to_owned),
                     approval,
+                    quorum,
                     shadow,
                     file: file.clone(),
                 },

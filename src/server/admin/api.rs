@@ -1,119 +1,31 @@
-//! The admin plane, on its own listener: health, readiness and metrics without a token;
-//! `/admin/*` (reload, policy summary, agents, approvals) behind a bearer token compared in
-//! constant time.
+//! The admin plane's JSON API (`/admin/*`), and its health, readiness and metrics. Who may call
+//! which route is decided before a handler runs (`super::require`); a handler reads the
+//! caller from the request ([`caller`]) and records them as `by`. A `by` in a body is ignored.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
-use super::request::{RequestId, error_response};
+use super::who::Admin;
+use super::{metrics_handle, request_id};
 use crate::approval::{DecideError, Status};
+use crate::config::Role;
 use crate::gateway::{ActionError, Gateway, ReloadError};
 use crate::policy::Code;
+use crate::server::request::error_response;
 
-/// The process-wide Prometheus recorder, installed on first use.
-pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let buckets = [
-                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                2.5, 5.0, 10.0,
-            ];
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("duration_seconds".to_owned()), &buckets)
-                .expect("bucket list is not empty")
-                .build_recorder();
-            let handle = recorder.handle();
-            // Another recorder may already be installed (tests, embedding): then ours only renders.
-            let _ = metrics::set_global_recorder(recorder);
-            metrics::describe_counter!("toolgate_calls_total", "Tool calls by agent, tool, decision and code.");
-            metrics::describe_histogram!(
-                "toolgate_decision_duration_seconds",
-                "Time to decide a call, before forwarding."
-            );
-            metrics::describe_histogram!(
-                "toolgate_upstream_duration_seconds",
-                "Time the tool took to answer, by tool."
-            );
-            metrics::describe_counter!("toolgate_policy_reloads_total", "Policy reloads by result.");
-            metrics::describe_counter!(
-                "toolgate_audit_write_failures_total",
-                "Audit events that could not be written."
-            );
-            handle
-        })
-        .clone()
+/// The authenticated caller, put there by `super::require`.
+pub(super) fn caller(req: &Request) -> Admin {
+    req.extensions()
+        .get::<Admin>()
+        .cloned()
+        .expect("admin routes are behind `require`")
 }
 
-pub fn routes(gateway: Arc<Gateway>) -> Router {
-    let token: Option<[u8; 32]> = gateway.admin_token().map(|t| Sha256::digest(t.as_bytes()).into());
-    let protected = Router::new()
-        .route("/admin/reload", post(reload))
-        .route("/admin/audit/rotate", post(rotate_audit))
-        .route("/admin/policy", get(policy))
-        .route("/admin/replicas", get(replicas))
-        .route("/admin/agents/{id}", get(agent_status))
-        .route("/admin/agents/{id}/quarantine", post(quarantine).delete(release))
-        .route("/admin/tools", get(list_mcp_tools))
-        .route("/admin/tools/{name}/approve", post(approve_tool))
-        .route("/admin/approvals", get(list_approvals))
-        .route("/admin/approvals/{id}", get(get_approval))
-        .route("/admin/approvals/{id}/approve", post(approve))
-        .route("/admin/approvals/{id}/deny", post(deny))
-        .route_layer(middleware::from_fn(move |req: Request, next: Next| {
-            let token = token;
-            async move { check_token(token.as_ref().map(|t| &t[..]), req, next).await }
-        }));
-    Router::new()
-        .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(render_metrics))
-        .merge(protected)
-        .fallback(
-            |req: Request| async move { error_response(Code::NotFound, "No such admin endpoint.", &request_id(&req)) },
-        )
-        .with_state(gateway)
-}
-
-fn request_id(req: &Request) -> Arc<str> {
-    RequestId::of(req)
-}
-
-async fn check_token(expected: Option<&[u8]>, req: Request, next: Next) -> Response {
-    let id = request_id(&req);
-    let Some(expected) = expected else {
-        return error_response(
-            Code::Unauthenticated,
-            "No admin token is configured: set the variable named by `admin.token_env`.",
-            &id,
-        );
-    };
-    // One Authorization header: with two, neither is taken for the one that counts.
-    let mut all = req.headers().get_all(header::AUTHORIZATION).iter();
-    let presented = all
-        .next()
-        .filter(|_| all.next().is_none())
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() });
-    // Digests, not tokens, are compared, so neither the length nor the content leaks by timing.
-    match presented {
-        Some(p) if bool::from(p[..].ct_eq(expected)) => next.run(req).await,
-        _ => error_response(Code::Unauthenticated, "A valid admin bearer token is required.", &id),
-    }
-}
-
-async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
+pub(super) async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     let audit_ok = gw.audit.is_healthy();
     // Asked on every probe: a replica found not ready gets no traffic, so only the probe can
     // find the state backend back.
@@ -134,7 +46,7 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn render_metrics(State(gw): State<Arc<Gateway>>) -> Response {
+pub(super) async fn render_metrics(State(gw): State<Arc<Gateway>>) -> Response {
     gw.report_budgets().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -143,20 +55,18 @@ async fn render_metrics(State(gw): State<Arc<Gateway>>) -> Response {
         .into_response()
 }
 
-/// Reloads the policy now. The body is optional: `{"by": "alice"}` names who asked, in the
-/// `policy_reloaded` event.
-async fn reload(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+/// Reloads the policy now; the `policy_reloaded` event names the caller.
+pub(super) async fn reload(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let id = request_id(&req);
-    let by = match read_action(req).await {
-        Ok(a) if names_who_acts(&a, false) => a.by,
-        Ok(_) => return who_acts_missing(&id),
-        Err(r) => return r,
-    };
+    let admin = caller(&req);
+    if let Err(r) = read_action(req).await {
+        return r;
+    }
     let before = gw.policy().version.clone();
     let reloaded = {
         let gw = gw.clone();
         to_the_end(async move {
-            let reloaded = gw.reload("admin", by.as_deref()).await;
+            let reloaded = gw.reload("admin", Some(admin.by(Role::Operator))).await;
             // Upstream MCP servers are asked again too (their tools are part of the policy).
             gw.refresh_mcp("admin").await;
             reloaded
@@ -200,13 +110,13 @@ async fn reload(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
 }
 
 /// Starts a new audit file now (for rotation by time: a daily cron, or before an archive run).
-async fn rotate_audit(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+pub(super) async fn rotate_audit(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let id = request_id(&req);
-    let a = match action(req).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
-    match gw.audit.rotate_now(&a.by.unwrap_or_default()) {
+    let admin = caller(&req);
+    if let Err(r) = read_action(req).await {
+        return r;
+    }
+    match gw.audit.rotate_now(admin.by(Role::Operator)) {
         Ok(Some(r)) => axum::Json(json!({
             "rotated": true,
             "previous_file": r.previous_file,
@@ -229,7 +139,7 @@ async fn rotate_audit(State(gw): State<Arc<Gateway>>, req: Request) -> Response 
     }
 }
 
-async fn policy(State(gw): State<Arc<Gateway>>) -> Response {
+pub(super) async fn policy(State(gw): State<Arc<Gateway>>) -> Response {
     let p = gw.policy();
     let mut agents: Vec<Value> = p
         .agents
@@ -261,26 +171,18 @@ async fn policy(State(gw): State<Arc<Gateway>>) -> Response {
     axum::Json(json!({"version": p.version, "files": p.files, "agents": agents, "tools": tools, "filters": p.filters.iter().map(|f| &f.name).collect::<Vec<_>>(), "rules": rules})).into_response()
 }
 
-/// `{"by": "...", "comment": "...", "duration_seconds": N}`: who acts, why, and for how long.
+/// `{"comment": "...", "duration_seconds": N}`: why, and for how long. Who acts is the
+/// authenticated caller; a `by` field (from before identities) is accepted and ignored.
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct AdminAction {
-    by: Option<String>,
+    #[serde(rename = "by")]
+    _by: Option<serde::de::IgnoredAny>,
     /// For `POST /admin/tools/{name}/approve`: the definition hash the operator reviewed.
     sha256: Option<String>,
     #[serde(alias = "reason")]
     comment: Option<String>,
     duration_seconds: Option<u64>,
-}
-
-/// Reads an admin action body; `by` is required so every quarantine and release names a person.
-async fn action(req: Request) -> Result<AdminAction, Response> {
-    let id = request_id(&req);
-    let action = read_action(req).await?;
-    if !names_who_acts(&action, true) {
-        return Err(who_acts_missing(&id));
-    }
-    Ok(action)
 }
 
 /// Reads an admin action body (an empty one is an action with no fields).
@@ -295,23 +197,15 @@ async fn read_action(req: Request) -> Result<AdminAction, Response> {
     serde_json::from_slice(&bytes).map_err(|e| {
         error_response(
             Code::InvalidRequest,
-            format!("The body must be JSON like {{\"by\": \"alice\", \"comment\": \"why\"}}: {e}"),
+            format!("The body must be JSON like {{\"comment\": \"why\"}}: {e}"),
             &id,
         )
     })
 }
 
-/// Whether `by`, if given (or if `required`), names someone in 1 to 128 characters.
-fn names_who_acts(action: &AdminAction, required: bool) -> bool {
-    match &action.by {
-        Some(by) => !by.trim().is_empty() && by.len() <= 128,
-        None => !required,
-    }
-}
-
 /// The replicas sharing this gateway's state, and whether they serve the same policy: a skew
 /// means a reload reached some replicas and not others.
-async fn replicas(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+pub(super) async fn replicas(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let rid = request_id(&req);
     let me = gw.replica();
     let id = me.id.clone();
@@ -333,19 +227,11 @@ async fn replicas(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     }
 }
 
-fn who_acts_missing(rid: &str) -> Response {
-    error_response(
-        Code::InvalidRequest,
-        "Say who acts: the body needs `by` (1 to 128 characters).",
-        rid,
-    )
-}
-
 fn unknown_agent(id: &str, rid: &str) -> Response {
     error_response(Code::NotFound, format!("No agent '{id}' in the policy in force."), rid)
 }
 
-async fn agent_status(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+pub(super) async fn agent_status(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
     let p = gw.policy();
     let Some(agent) = p.agents.get(&id) else {
         return unknown_agent(&id, &request_id(&req));
@@ -400,21 +286,21 @@ async fn agent_action(gw: &Gateway, id: &str, req: Request) -> Result<AdminActio
     if !gw.policy().agents.contains_key(id) {
         return Err(unknown_agent(id, &request_id(&req)));
     }
-    action(req).await
+    read_action(req).await
 }
 
-async fn quarantine(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+pub(super) async fn quarantine(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
     let rid = request_id(&req);
+    let admin = caller(&req);
     let a = match agent_action(&gw, &id, req).await {
         Ok(a) => a,
         Err(r) => return r,
     };
-    let by = a.by.unwrap_or_default();
     let comment = a.comment.unwrap_or_else(|| "quarantined by an operator".to_owned());
     let duration = a.duration_seconds.map(std::time::Duration::from_secs);
     let done = {
         let (gw, id) = (gw.clone(), id.clone());
-        to_the_end(async move { gw.quarantine(&id, duration, &by, &comment).await }).await
+        to_the_end(async move { gw.quarantine(&id, duration, admin.by(Role::Operator), &comment).await }).await
     };
     let done = match done {
         Ok(done) => done,
@@ -434,16 +320,17 @@ async fn quarantine(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req:
     .into_response()
 }
 
-async fn release(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+pub(super) async fn release(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
     let rid = request_id(&req);
+    let admin = caller(&req);
     let a = match agent_action(&gw, &id, req).await {
         Ok(a) => a,
         Err(r) => return r,
     };
     let released = {
         let (gw, id) = (gw.clone(), id.clone());
-        let (by, comment) = (a.by.unwrap_or_default(), a.comment.unwrap_or_default());
-        to_the_end(async move { gw.release(&id, &by, &comment).await }).await
+        let comment = a.comment.unwrap_or_default();
+        to_the_end(async move { gw.release(&id, admin.by(Role::Operator), &comment).await }).await
     };
     match released {
         Ok(changed) => axum::Json(json!({"agent": id, "quarantined": false, "changed": changed})).into_response(),
@@ -453,12 +340,12 @@ async fn release(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Re
 
 /// Runs an action to its end even if the admin's connection drops meanwhile (hyper then
 /// drops the handler): once its event is written, what the event records must happen.
-async fn to_the_end<T: Send + 'static>(action: impl Future<Output = T> + Send + 'static) -> T {
+pub(super) async fn to_the_end<T: Send + 'static>(action: impl Future<Output = T> + Send + 'static) -> T {
     tokio::spawn(action).await.expect("admin actions do not panic")
 }
 
 /// The answer for an action that was not carried out: `what` says what did not happen.
-fn not_done(e: ActionError, what: &str, rid: &str) -> Response {
+pub(super) fn not_done(e: ActionError, what: &str, rid: &str) -> Response {
     match e {
         ActionError::Store(e) => {
             tracing::error!(request_id = rid, "approval store failed: {e}");
@@ -491,11 +378,11 @@ fn not_done(e: ActionError, what: &str, rid: &str) -> Response {
 }
 
 #[derive(serde::Deserialize)]
-struct ListQuery {
+pub(super) struct ListQuery {
     status: Option<String>,
 }
 
-async fn list_approvals(
+pub(super) async fn list_approvals(
     State(gw): State<Arc<Gateway>>,
     axum::extract::Query(q): axum::extract::Query<ListQuery>,
     req: Request,
@@ -514,54 +401,100 @@ async fn list_approvals(
             }
         },
     };
+    let admin = caller(&req);
     match gw.approvals.list(status, crate::state::unix_now()).await {
-        Ok(list) => axum::Json(json!({"approvals": list})).into_response(),
+        Ok(mut list) => {
+            // An approver who is neither operator nor auditor sees their groups' approvals only.
+            if !(admin.has(Role::Operator) || admin.has(Role::Auditor)) {
+                let me = admin.approver();
+                list.retain(|a| me.may_decide(a));
+            }
+            axum::Json(json!({"approvals": list})).into_response()
+        }
         Err(e) => not_done(e.into(), "The approvals could not be listed", &rid),
     }
 }
 
-async fn get_approval(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+pub(super) async fn get_approval(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
     let rid = request_id(&req);
+    let admin = caller(&req);
+    let sees_all = admin.has(Role::Operator) || admin.has(Role::Auditor);
     match gw.approvals.get(id, crate::state::unix_now()).await {
-        Ok(Some(a)) => axum::Json(a).into_response(),
+        Ok(Some(a)) if sees_all || admin.approver().may_decide(&a) => axum::Json(a).into_response(),
+        Ok(Some(_)) => error_response(Code::NotFound, "No such approval.", &rid),
         Ok(None) => error_response(Code::NotFound, "No such approval.", &rid),
         Err(e) => not_done(e.into(), "The approval could not be read", &rid),
     }
 }
 
-async fn approve(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
-    decide(gw, id, true, req).await
+pub(super) async fn approve(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+    decide_by_api(gw, id, true, req).await
 }
 
-async fn deny(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
-    decide(gw, id, false, req).await
+pub(super) async fn deny(State(gw): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Response {
+    decide_by_api(gw, id, false, req).await
 }
 
-/// `{"by": "...", "comment": "..."}`: `by` is required; the decision is audited.
-async fn decide(gw: Arc<Gateway>, id: String, approve: bool, req: Request) -> Response {
+/// `{"comment": "..."}`: the caller decides, as themselves; the decision is audited.
+async fn decide_by_api(gw: Arc<Gateway>, id: String, approve: bool, req: Request) -> Response {
     let rid = request_id(&req);
-    let a = match action(req).await {
+    let admin = caller(&req);
+    let action = format!("{} {}", req.method(), req.uri().path());
+    let a = match read_action(req).await {
         Ok(a) => a,
         Err(r) => return r,
     };
-    let (by, comment) = (a.by.unwrap_or_default(), a.comment.unwrap_or_default());
-    match to_the_end(async move { gw.decide_approval(&id, approve, &by, &comment).await }).await {
-        Ok(Ok(approval)) => axum::Json(approval).into_response(),
-        Ok(Err(DecideError::NotFound)) => error_response(Code::NotFound, "No such approval.", &rid),
-        Ok(Err(DecideError::NotPending(status))) => error_response(
-            Code::Conflict,
-            format!(
-                "This approval is {}: only a pending approval can be decided.",
-                status.as_str()
-            ),
-            &rid,
-        ),
-        Err(e) => not_done(e, "The approval was not decided", &rid),
+    let comment = a.comment.unwrap_or_default();
+    match decide(&gw, &admin, &id, approve, &comment, &action, &rid).await {
+        Ok(approval) => axum::Json(approval).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// One approver's decision, from the API or the page: the approval as it stands after it, or
+/// the answer that says why not (403 `forbidden` with an `admin_refused` event when the
+/// caller may not decide it).
+pub(super) async fn decide(
+    gw: &Arc<Gateway>,
+    admin: &Admin,
+    id: &str,
+    approve: bool,
+    comment: &str,
+    action: &str,
+    rid: &str,
+) -> Result<crate::approval::Approval, Response> {
+    if comment.len() > 2000 {
+        return Err(error_response(
+            Code::InvalidRequest,
+            "The comment must be at most 2000 bytes.",
+            rid,
+        ));
+    }
+    let outcome = {
+        let (gw, id, who, admin, comment) = (
+            gw.clone(),
+            id.to_owned(),
+            admin.approver(),
+            admin.clone(),
+            comment.to_owned(),
+        );
+        to_the_end(async move {
+            gw.decide_approval(&id, approve, &who, admin.credential, admin.by(Role::Approver), &comment)
+                .await
+        })
+        .await
+    };
+    match outcome {
+        Ok(Ok(approval)) => Ok(approval),
+        Ok(Err(DecideError::NotFound)) => Err(error_response(Code::NotFound, "No such approval.", rid)),
+        Ok(Err(e @ DecideError::NotPending(_))) => Err(error_response(Code::Conflict, e.message(), rid)),
+        Ok(Err(e)) => Err(super::refuse(gw, admin, Role::Approver, action, &e.message(), Some(id), rid).await),
+        Err(e) => Err(not_done(e, "The approval was not decided", rid)),
     }
 }
 
 /// The tools upstream MCP servers listed, and whether each matches its pinned definition.
-async fn list_mcp_tools(State(gw): State<Arc<Gateway>>) -> Response {
+pub(super) async fn list_mcp_tools(State(gw): State<Arc<Gateway>>) -> Response {
     let tools: Vec<Value> = gw
         .discovered_tools()
         .iter()
@@ -580,10 +513,11 @@ async fn list_mcp_tools(State(gw): State<Arc<Gateway>>) -> Response {
     axum::Json(json!({"tools": tools})).into_response()
 }
 
-/// Approves an upstream MCP tool's definition: `{"by": "...", "sha256": "<reviewed>", "comment": "..."}`.
-async fn approve_tool(State(gw): State<Arc<Gateway>>, Path(name): Path<String>, req: Request) -> Response {
+/// Approves an upstream MCP tool's definition: `{"sha256": "<reviewed>", "comment": "..."}`.
+pub(super) async fn approve_tool(State(gw): State<Arc<Gateway>>, Path(name): Path<String>, req: Request) -> Response {
     let rid = request_id(&req);
-    let a = match action(req).await {
+    let admin = caller(&req);
+    let a = match read_action(req).await {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -594,8 +528,8 @@ async fn approve_tool(State(gw): State<Arc<Gateway>>, Path(name): Path<String>, 
             &rid,
         );
     };
-    let (by, comment) = (a.by.unwrap_or_default(), a.comment.unwrap_or_default());
-    match to_the_end(async move { gw.approve_tool(&name, &sha, &by, &comment).await }).await {
+    let comment = a.comment.unwrap_or_default();
+    match to_the_end(async move { gw.approve_tool(&name, &sha, admin.by(Role::Operator), &comment).await }).await {
         Ok(Ok(t)) => {
             axum::Json(json!({"name": t.exposed_name(), "sha256": t.definition_sha256(), "state": "approved"}))
                 .into_response()
