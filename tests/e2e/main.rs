@@ -8,6 +8,7 @@
 mod support;
 
 mod admin;
+mod approvers;
 mod aws;
 mod cli;
 mod content;

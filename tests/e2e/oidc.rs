@@ -205,3 +205,105 @@ async fn a_provider_never_reached_refuses_jwt_callers_with_503_and_api_keys_stil
     drop(child);
     assert_eq!(upstream.count("/"), 1, "only the API-key call reached the tool");
 }
+
+/// An admin token from the identity provider: its `email` names the person, its `groups` give
+/// the approval groups and, through `admin.roles`, the operator role.
+fn admin_token(issuer: &str, email: &str, groups: &[&str]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({"sub": format!("u-{email}"), "email": email, "groups": groups, "iss": issuer,
+        "aud": "toolgate-admin", "exp": now + 300, "iat": now});
+    let key = EncodingKey::from_rsa_pem(&std::fs::read(fixture("jwt/rsa.pem")).unwrap()).unwrap();
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("rsa-1".to_owned());
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_callers_sign_in_with_the_identity_provider() {
+    let idp = provider(&["rsa-1"]).await;
+    let upstream = TestUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    write_fixture_policies(&policies, &upstream.url);
+    std::fs::write(
+        policies.join("refunds.cedar"),
+        "@id(\"big-refunds\")\n@approval(\"billing-leads\")\nforbid (principal, action == Action::\"billing.refund\", resource) when { context.input.amount > 100 };\n",
+    )
+    .unwrap();
+    let d = dir.path().display();
+    let cfg = dir.path().join("toolgate.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\n  token_env: TOOLGATE_TEST_UNSET_TOKEN\n  oidc: {{ issuer: \"{}\", audience: toolgate-admin }}\n  roles: {{ operator: [ platform-admins ] }}\npolicies: {d}/policies\naudit: {{ file: {d}/audit.jsonl }}\napprovals: {{ store: {d}/approvals.redb }}\n",
+            idp.issuer
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_toolgate"))
+        .args(["serve", "-c"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .env("SSL_CERT_FILE", fixture("tls").join("ca.pem"))
+        .env_remove("SSL_CERT_DIR")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (data, admin, log) = listeners(&mut child);
+    let _child = Serving(child);
+    std::thread::spawn(move || log.map_while(Result::ok).for_each(|line| eprintln!("toolgate: {line}")));
+
+    let held = send(
+        "POST",
+        &format!("{data}/v1/tools/billing.refund"),
+        &[("authorization", format!("Bearer {}", crate::support::SUPPORT_KEY))],
+        br#"{"order_id": "O-1", "amount": 250}"#.to_vec(),
+    )
+    .await;
+    let id = held.assert_error(202, "approval_required")["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let as_ = |token: String| vec![("authorization", format!("Bearer {token}"))];
+    let approve = format!("{admin}/admin/approvals/{id}/approve");
+    // A platform admin operates, but is not in billing-leads.
+    let ops = admin_token(&idp.issuer, "pia@example.com", &["platform-admins"]);
+    let r = send("POST", &format!("{admin}/admin/reload"), &as_(ops.clone()), Vec::new()).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    send("POST", &approve, &as_(ops), Vec::new())
+        .await
+        .assert_error(403, "forbidden");
+    // A token for another audience, or signed by a key the provider does not publish: nobody.
+    let mut wrong = admin_token(&idp.issuer, "eve@example.com", &["billing-leads"]);
+    wrong.pop();
+    send("POST", &approve, &as_(wrong), Vec::new())
+        .await
+        .assert_error(401, "unauthenticated");
+    // A billing lead approves, as themselves.
+    let lead = admin_token(&idp.issuer, "lou@example.com", &["billing-leads"]);
+    let r = send("POST", &approve, &as_(lead.clone()), Vec::new()).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // …but may not reload.
+    send("POST", &format!("{admin}/admin/reload"), &as_(lead), Vec::new())
+        .await
+        .assert_error(403, "forbidden");
+    let events = read_events(&dir.path().join("audit.jsonl"));
+    let decided: Vec<&Value> = events.iter().filter(|e| e["event"] == "approval_decided").collect();
+    assert_eq!(decided.len(), 1);
+    assert_eq!(
+        (&decided[0]["by"], &decided[0]["via"]),
+        (&json!("lou@example.com"), &json!("oidc"))
+    );
+    let reloaded = events.iter().find(|e| e["event"] == "policy_reloaded");
+    // The reload found nothing new (no event), so the refusals tell who was who.
+    assert!(reloaded.is_none());
+    let refused: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "admin_refused")
+        .map(|e| e["by"].as_str().unwrap())
+        .collect();
+    assert_eq!(refused, ["pia@example.com", "lou@example.com"]);
+}

@@ -4,11 +4,11 @@
 use crate::support::{Harness, Resp, TestUpstream, fixture, send, sha256_hex};
 use serde_json::{Value, json};
 
-const OPS_KEY: &str = "ops-key";
+pub(crate) const OPS_KEY: &str = "ops-key";
 const FIN_KEY: &str = "fin-key";
 const LIMITED_KEY: &str = "limited-key";
 
-fn rule_files(upstream: &str) -> Vec<(&'static str, String)> {
+pub(crate) fn rule_files(upstream: &str) -> Vec<(&'static str, String)> {
     let tools = std::fs::read_to_string(fixture("rules/tools.yaml"))
         .unwrap()
         .replace("{{UPSTREAM}}", upstream)
