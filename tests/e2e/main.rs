@@ -14,6 +14,7 @@ mod cli;
 mod content;
 mod gateway;
 mod hardening;
+mod inbox;
 mod jwt;
 mod kubernetes;
 mod limits;
