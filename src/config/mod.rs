@@ -341,15 +341,59 @@ pub struct ApprovalsConfig {
     pub webhook: Option<WebhookConfig>,
 }
 
-/// `approvals.webhook`: a JSON POST per approval request, with the call summary (redacted).
+/// `approvals.webhook`: a POST per approval request, with the call summary (redacted), signed.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
-    /// `http://…` endpoint (chat bridge, ticketing, paging).
+    /// `https://…` endpoint (chat, ticketing, paging); `http://` only to a local relay.
     pub url: String,
-    /// Per attempt (default 2000). A failed notification is logged; the approval stands.
+    /// Environment variable holding the signing secret: each POST carries
+    /// `X-Toolgate-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// `toolgate` (the default: the approval as JSON) or `slack` (an incoming-webhook message
+    /// with a link to the inbox entry).
+    #[serde(default)]
+    pub format: WebhookFormat,
+    /// Per attempt (default 2000).
     #[serde(default = "default_webhook_timeout")]
     pub timeout_ms: u64,
+    /// Attempts in all, for a notification that failed (a connection error, a timeout, 429 or
+    /// 5xx) before it is logged and dropped; the approval stands either way (default 5).
+    #[serde(default = "default_webhook_attempts")]
+    pub max_attempts: u32,
+    /// The wait before the first retry, doubled for each next one up to 60 s (default 1000).
+    #[serde(default = "default_webhook_backoff")]
+    pub backoff_ms: u64,
+}
+
+impl WebhookConfig {
+    /// What `check` says about a webhook that is plain HTTP or unsigned.
+    fn warning(&self) -> Option<String> {
+        let mut said = Vec::new();
+        if self.url.starts_with("http://") {
+            said.push("is plain http (the arguments it carries cross the network in clear)");
+        }
+        if self.secret_env.is_none() {
+            said.push("is not signed (set `secret_env`, so the receiver can tell it came from toolgate)");
+        }
+        (!said.is_empty()).then(|| format!("approvals.webhook {}", said.join(" and ")))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFormat {
+    #[default]
+    Toolgate,
+    Slack,
+}
+
+fn default_webhook_attempts() -> u32 {
+    5
+}
+fn default_webhook_backoff() -> u64 {
+    1000
 }
 
 fn default_approvals_store() -> PathBuf {
@@ -448,6 +492,7 @@ impl ServerConfig {
         [
             tls::plaintext_warning("data", self.listen, self.tls.as_ref()),
             tls::plaintext_warning("admin", self.admin.listen, self.admin.tls.as_ref()),
+            self.approvals.webhook.as_ref().and_then(WebhookConfig::warning),
         ]
         .into_iter()
         .flatten()
@@ -622,14 +667,25 @@ fn check_approvals(doc: &Document, approvals: &ApprovalsConfig, problems: &mut P
         problems.push(doc.problem(&at.key("ttl_seconds"), "must be greater than 0"));
     }
     if let Some(w) = &approvals.webhook {
-        if !w.url.starts_with("http://") {
-            problems.push(doc.problem(
-                &at.key("webhook").key("url"),
-                "must be an http:// URL (https is not supported by this build)",
-            ));
+        let at = at.key("webhook");
+        let url_ok = w
+            .url
+            .parse::<http::Uri>()
+            .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+        if !url_ok {
+            problems.push(doc.problem(&at.key("url"), "must be an https:// (or http://) URL"));
+        }
+        if w.secret_env.as_deref().is_some_and(str::is_empty) {
+            problems.push(doc.problem(&at.key("secret_env"), "must name an environment variable"));
         }
         if w.timeout_ms == 0 {
-            problems.push(doc.problem(&at.key("webhook").key("timeout_ms"), "must be greater than 0"));
+            problems.push(doc.problem(&at.key("timeout_ms"), "must be greater than 0"));
+        }
+        if !(1..=20).contains(&w.max_attempts) {
+            problems.push(doc.problem(&at.key("max_attempts"), "must be between 1 and 20"));
+        }
+        if w.backoff_ms == 0 || w.backoff_ms > 60_000 {
+            problems.push(doc.problem(&at.key("backoff_ms"), "must be between 1 and 60000"));
         }
     }
 }

@@ -2,12 +2,6 @@
 //! by webhook), spending an approval on the exact call it was granted for (stage 9), and an
 //! approver's decision, recorded before it takes effect.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use bytes::Bytes;
-use serde_json::json;
-
 use super::{ActionError, Gateway, Record};
 use crate::approval::{Approval, ApprovalError, Approver, DecideError, HoldRequest, Refused, TooMany};
 use crate::audit::{ActionNotDone, ApprovalDecided, By};
@@ -169,63 +163,4 @@ fn store_failed(request_id: &str, e: ApprovalError) -> Reason {
         "approval",
         "The approval store is unavailable, so the call was refused. Try again later.",
     )
-}
-
-/// Tells approvers about new approval requests: one JSON POST each, fire and forget, at most
-/// [`Webhook::MAX_IN_FLIGHT`] at once (beyond that a notification is dropped and logged; the
-/// approval itself stands and is listed on the admin plane).
-pub(super) struct Webhook {
-    url: String,
-    timeout: Duration,
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<Bytes>,
-    >,
-    in_flight: Arc<tokio::sync::Semaphore>,
-}
-
-impl Webhook {
-    const MAX_IN_FLIGHT: usize = 64;
-
-    pub(super) fn new(c: &crate::config::WebhookConfig) -> Self {
-        Self {
-            url: c.url.clone(),
-            timeout: Duration::from_millis(c.timeout_ms),
-            client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
-            in_flight: Arc::new(tokio::sync::Semaphore::new(Self::MAX_IN_FLIGHT)),
-        }
-    }
-
-    fn notify(&self, a: &Approval) {
-        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-            tracing::warn!(approval = %a.id, "approval webhook: too many notifications in flight, dropped this one");
-            return;
-        };
-        let body = json!({
-            "event": "approval_requested", "approval_id": a.id, "agent": a.agent, "tool": a.tool,
-            "rule": a.rule, "group": a.group, "reason": a.reason, "arguments": a.arguments,
-            "arguments_sha256": a.arguments_sha256, "request_id": a.request_id,
-            "requested_at": crate::audit::format_unix(a.requested_at), "expires_at": crate::audit::format_unix(a.expires_at),
-            "approve": format!("POST /admin/approvals/{}/approve", a.id), "deny": format!("POST /admin/approvals/{}/deny", a.id),
-        });
-        let request = http::Request::post(&self.url)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(http_body_util::Full::new(Bytes::from(body.to_string())));
-        let Ok(request) = request else {
-            tracing::warn!("approval webhook: the configured URL is not usable");
-            return;
-        };
-        let (client, timeout, id) = (self.client.clone(), self.timeout, a.id.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tokio::time::timeout(timeout, client.request(request)).await {
-                Ok(Ok(r)) if r.status().is_success() => {}
-                Ok(Ok(r)) => {
-                    tracing::warn!(approval = %id, status = r.status().as_u16(), "approval webhook refused the notification")
-                }
-                Ok(Err(e)) => tracing::warn!(approval = %id, "approval webhook failed: {e}"),
-                Err(_) => tracing::warn!(approval = %id, "approval webhook timed out"),
-            }
-        });
-    }
 }

@@ -17,6 +17,7 @@ mod approvals;
 mod catalog;
 mod forward;
 pub mod keys;
+mod notify;
 mod operator;
 mod reload;
 mod stages;
@@ -314,7 +315,7 @@ pub struct Gateway {
     reload: reload::Reloader,
     catalog: Catalog,
     forwarder: forward::Forwarder,
-    webhook: Option<approvals::Webhook>,
+    webhook: Option<notify::Webhook>,
     /// Held while a decision (an approval, a tool approval, a quarantine or a release) is
     /// recorded and carried out, so two decisions on the same thing cannot both be recorded,
     /// nor one undo another between its record and its effect.
@@ -352,7 +353,11 @@ impl Gateway {
                 roles: Roles::new(region.clone()),
                 guardrails: Guardrails::new(region),
             },
-            webhook: config.approvals.webhook.as_ref().map(approvals::Webhook::new),
+            webhook: config
+                .approvals
+                .webhook
+                .as_ref()
+                .map(|w| notify::Webhook::new(w, config.admin.public_url.as_deref())),
             telemetry: config.telemetry.as_ref().map(crate::telemetry::Telemetry::new),
             config,
             audit,

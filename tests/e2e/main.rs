@@ -26,3 +26,4 @@ mod telemetry;
 mod tls_listeners;
 mod tls_upstream;
 mod upstream_pool;
+mod webhooks;
