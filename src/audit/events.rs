@@ -474,6 +474,20 @@ impl Event for ApprovalDecided<'_> {
     const NAME: &'static str = "approval_decided";
 }
 
+/// `admin_signed_in`: someone signed in on the inbox page with a token (a session began).
+#[derive(Debug, Serialize)]
+pub struct AdminSignedIn<'a> {
+    #[serde(flatten)]
+    pub by: By<'a>,
+    pub roles: &'a [&'a str],
+    /// Unix seconds.
+    pub expires_at: u64,
+}
+
+impl Event for AdminSignedIn<'_> {
+    const NAME: &'static str = "admin_signed_in";
+}
+
 /// `admin_refused`: an authenticated admin caller asked for something its roles or groups do
 /// not allow (an approver outside the approval's group, an auditor asking for a reload), or
 /// a form without its CSRF token. Nothing was done.

@@ -23,10 +23,10 @@ mod rotation;
 mod unknown;
 
 pub use events::{
-    ActionNotDone, AdminRefused, AgentQuarantined, AgentReleased, Anomaly, ApprovalDecided, AuditRotated, By,
-    CallForwarding, Event, PolicyReloadFailed, PolicyReloaded, RecordedArguments, RefusalsSummarized, RequestRefused,
-    Timestamp, Tokens, ToolApproved, ToolCallEvent, ToolDefinitionChanged, ToolHeld, ToolPinned, UpstreamInfo,
-    format_unix, is_safe_text, millis, now, recorded,
+    ActionNotDone, AdminRefused, AdminSignedIn, AgentQuarantined, AgentReleased, Anomaly, ApprovalDecided,
+    AuditRotated, By, CallForwarding, Event, PolicyReloadFailed, PolicyReloaded, RecordedArguments, RefusalsSummarized,
+    RequestRefused, Timestamp, Tokens, ToolApproved, ToolCallEvent, ToolDefinitionChanged, ToolHeld, ToolPinned,
+    UpstreamInfo, format_unix, is_safe_text, millis, now, recorded,
 };
 pub use rotation::{Rotated, Trigger, rotated_files, rotation_suffix};
 

@@ -284,3 +284,64 @@ async fn identity_headers_count_only_from_the_auth_proxy() {
     assert_eq!(status.json()["status"], "pending");
     assert!(events(&h, "approval_decided").is_empty());
 }
+
+#[test]
+fn check_says_what_the_shared_token_does_and_refuses_an_approver_without_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::support::write_fixture_policies(&dir.path().join("policies"), &crate::support::refused_url());
+    let check = |approvals: &str, token: Option<&str>| {
+        let config = crate::support::write_serve_config(dir.path(), "");
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace(
+                "admin: { listen: 127.0.0.1:0 }",
+                &format!(
+                    "admin: {{ listen: 127.0.0.1:0, token_env: TOOLGATE_CHECK_TOKEN{} }}",
+                    people()
+                ),
+            )
+            .replace("approvals: { store:", &format!("approvals: {{ {approvals}store:"));
+        std::fs::write(&config, text).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_toolgate"));
+        cmd.args(["check", "--config"])
+            .arg(&config)
+            .env_remove("TOOLGATE_CHECK_TOKEN");
+        if let Some(t) = token {
+            cmd.env("TOOLGATE_CHECK_TOKEN", t);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (ok, out) = check("", Some("shared-secret"));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning") && out.contains("operator in every approval group") && out.contains("admin-token"),
+        "{out}"
+    );
+    let (ok, out) = check("", None);
+    assert!(ok && !out.contains("admin-token"), "{out}");
+    // An unsigned, plain-http webhook is worth a word too.
+    let (ok, out) = check("webhook: { url: \"http://10.0.0.9/hook\" }, ", None);
+    assert!(ok && out.contains("plain http") && out.contains("not signed"), "{out}");
+
+    let config = crate::support::write_serve_config(dir.path(), "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "admin: { listen: 127.0.0.1:0 }",
+        &format!(
+            "admin: {{ listen: 127.0.0.1:0, people: [ {{ name: zed, token_sha256: {}, roles: [approver] }} ] }}",
+            sha256_hex("z")
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_toolgate"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        said.contains("admin.people[0].approver_groups") && said.contains("approval groups"),
+        "{said}"
+    );
+}

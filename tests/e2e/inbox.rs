@@ -103,6 +103,19 @@ async fn an_approver_decides_in_the_browser_and_the_page_runs_no_injected_script
             &json!("refund checked against the ticket")
         )
     );
+    // Both sign-ins are on the trail, with the token kind and roles.
+    let signed_in: Vec<(&Value, &Value)> = events
+        .iter()
+        .filter(|e| e["event"] == "admin_signed_in")
+        .map(|e| (&e["by"], &e["roles"]))
+        .collect();
+    assert_eq!(
+        signed_in,
+        [
+            (&json!("alice"), &json!(["approver"])),
+            (&json!("bob"), &json!(["approver"]))
+        ]
+    );
     // alice's POST with a forged CSRF token, bob's forged and token-less ones: refused and on
     // the trail.
     let refused: Vec<&Value> = events.iter().filter(|e| e["event"] == "admin_refused").collect();

@@ -22,6 +22,7 @@ use super::session::{COOKIE, cookie_of};
 use super::who::Admin;
 use super::{AdminPlane, request_id};
 use crate::approval::{Approval, Status};
+use crate::audit::{AdminSignedIn, By};
 use crate::config::Role;
 use crate::server::request::Source;
 
@@ -300,6 +301,21 @@ async fn login(State(plane): State<Arc<AdminPlane>>, req: Request) -> Response {
         return login_form(StatusCode::UNAUTHORIZED, Some("That token is not valid."));
     };
     tracing::info!(by = %admin.name, "signed in on the inbox page");
+    let roles: Vec<&str> = admin.roles.iter().map(|r| r.as_str()).collect();
+    let ttl = plane.sessions.ttl().as_secs();
+    plane
+        .gw
+        .audit
+        .emit_or_log(&AdminSignedIn {
+            by: By {
+                name: &admin.name,
+                role: None,
+                via: Some(admin.via),
+            },
+            roles: &roles,
+            expires_at: crate::state::unix_now() + ttl,
+        })
+        .await;
     let cookie = plane.sessions.start(admin);
     let mut res = Redirect::to("/ui/").into_response();
     let set = format!(
