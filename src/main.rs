@@ -88,6 +88,11 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
+    /// Work with audit files.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Print the decision the proxy would take for a call, as JSON, without calling anything.
     Explain {
         #[arg(short, long, env = "TOOLGATE_CONFIG", default_value = "config/toolgate.yaml")]
@@ -104,6 +109,30 @@ enum Command {
         #[arg(long)]
         session: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check that the audit trail is whole: every line's `prev` is the hash of the line before
+    /// it, across rotated files, and (with --key) every checkpoint's signature. Reports the
+    /// first broken line; exit 0 when whole, 1 when broken, 2 when the files cannot be read.
+    Verify {
+        /// The files: the current one and its rotated predecessors (`audit.jsonl*`), any order.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The checkpoint key (`audit.checkpoint_key_file`), to check checkpoint signatures.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// `text` or `json`.
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -124,6 +153,9 @@ fn main() -> ExitCode {
             ready,
             timeout_ms,
         } => return healthcheck(&config, ready, timeout_ms),
+        Command::Audit {
+            command: AuditCommand::Verify { files, key, format },
+        } => return audit_verify(files, key.as_deref(), format),
         Command::Explain {
             config,
             agent,
@@ -415,4 +447,60 @@ fn explain(config_path: &Path, agent: &str, tool: &str, args: &str, session: Opt
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// `toolgate audit verify`.
+fn audit_verify(files: Vec<PathBuf>, key: Option<&Path>, format: OutputFormat) -> ExitCode {
+    use toolgate::audit::chain;
+    let key = match key.map(chain::CheckpointKey::read).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("toolgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let files = chain::in_written_order(files);
+    let report = match chain::verify(&files, key.as_ref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("toolgate: cannot read the audit files: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if format == OutputFormat::Json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("serializable"));
+    } else {
+        match &report.broken {
+            Some(b) => println!("BROKEN at {}:{}: {}", b.file, b.line, b.reason),
+            None => println!(
+                "ok: {} lines in {} file(s), the chain is whole{}",
+                report.lines,
+                report.files.len(),
+                if report.unchained > 0 {
+                    format!(" (the first {} lines predate the chain)", report.unchained)
+                } else {
+                    String::new()
+                }
+            ),
+        }
+        let signed = if key.is_some() {
+            format!("{} verified with the key", report.checkpoints_verified)
+        } else {
+            "not checked: pass --key".to_owned()
+        };
+        println!("checkpoints: {} ({signed})", report.checkpoints);
+        if report.broken.is_none() && !report.ends_with_checkpoint {
+            println!(
+                "note: the trail does not end with a checkpoint: it is still being written, the process stopped without shutting down, or lines after the last checkpoint were removed"
+            );
+        }
+        if let Some(t) = &report.torn_tail {
+            println!("note: {t}");
+        }
+    }
+    if report.broken.is_some() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

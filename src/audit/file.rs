@@ -5,13 +5,14 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use super::AuditError;
+use super::chain::{self, Chain, CheckpointKey};
 use crate::config::AuditConfig;
 use crate::per_thread;
 
@@ -97,6 +98,8 @@ pub(super) struct FileSink {
     pub(super) sync: bool,
     /// Rotate once the file holds this many bytes (0: never).
     pub(super) rotate_bytes: u64,
+    /// Signs checkpoints (`audit.checkpoint_key_file`); none: no checkpoints.
+    pub(super) checkpoint_key: Option<CheckpointKey>,
 }
 
 /// The file being appended to, and what rotation needs to know of it.
@@ -110,6 +113,36 @@ pub(super) struct Active {
     /// The newest rotated file's suffix: a new one must sort after it (looked up at the first
     /// rotation).
     pub(super) newest: Option<String>,
+    /// The hash of the last line written (`chain`).
+    pub(super) chain: Chain,
+    /// The batch with each line's `prev`, reused from batch to batch.
+    linked: Vec<u8>,
+}
+
+impl Active {
+    /// Writes whole `lines`, chained, and counts them in `len`. After a failed write the
+    /// chain and the length are read again from the file, whatever part of it was written.
+    pub(super) fn write_chained(&mut self, lines: &[u8]) -> std::io::Result<()> {
+        let mut linked = std::mem::take(&mut self.linked);
+        linked.clear();
+        let before = self.chain;
+        self.chain.link(lines, &mut linked);
+        let written = self.file.write_all(&linked);
+        match &written {
+            Ok(()) => self.len += linked.len() as u64,
+            Err(_) => {
+                self.chain = before;
+                if let Ok((chain, _)) = chain::resume(&mut self.file) {
+                    self.chain = chain;
+                }
+                self.len = self.file.metadata().map_or(self.len, |m| m.len());
+            }
+        }
+        if linked.capacity() <= SPARE_KEPT {
+            self.linked = linked;
+        }
+        written
+    }
 }
 
 /// The writer's duty for one buffer, done when dropped: after yielding, or if cancelled while
@@ -132,12 +165,42 @@ impl FileSink {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(open_error)?;
         }
-        let f = OpenOptions::new()
+        // Read too (to resume the chain), unless it is a pipe or a device: a pipe opened for
+        // reading by its writer would never report a reader gone.
+        let regular = std::fs::metadata(path).map_or(true, |m| m.is_file());
+        let mut f = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(regular)
             .open(path)
             .map_err(open_error)?;
+        // The chain goes on from the file's last whole line; a line torn by a crash while it
+        // was written (never acknowledged to anyone) is cut off first.
+        let (mut chain, torn) = chain::resume(&mut f).map_err(open_error)?;
+        // An empty file after a rotation (a crash between the rename and its first line): the
+        // chain goes on from the newest rotated file.
+        if chain.head == chain::GENESIS
+            && let Some(newest) = super::rotated_files(path).ok().and_then(|mut all| all.pop())
+            && let Ok(mut previous) = File::open(&newest)
+        {
+            let len = previous.metadata().map_or(0, |m| m.len());
+            let ends_whole = len > 0
+                && previous.seek(std::io::SeekFrom::End(-1)).is_ok()
+                && std::io::Read::bytes(&mut previous).next().and_then(Result::ok) == Some(b'\n');
+            if ends_whole && let Ok((found, _)) = chain::resume(&mut previous) {
+                chain = found;
+            }
+        }
+        if torn > 0 {
+            tracing::warn!(path = %path.display(), bytes = torn, "the audit file ended with an incomplete line (a write cut short); it was removed");
+        }
         let len = f.metadata().map_err(open_error)?.len();
+        let checkpoint_key = config
+            .checkpoint_key_file
+            .as_ref()
+            .map(|p| CheckpointKey::read(p))
+            .transpose()
+            .map_err(|e| open_error(std::io::Error::other(e)))?;
         Ok(FileSink {
             path: path.clone(),
             file: Mutex::new(Active {
@@ -145,10 +208,13 @@ impl FileSink {
                 len,
                 rotate_at: config.rotate_bytes,
                 newest: None,
+                chain,
+                linked: Vec::new(),
             }),
             pending: per_thread::shards(),
             sync: config.fsync,
             rotate_bytes: config.rotate_bytes,
+            checkpoint_key,
         })
     }
 
@@ -203,13 +269,7 @@ impl FileSink {
             };
             let write = || {
                 let mut active = lock(&self.file);
-                let written = active.file.write_all(&batch);
-                // A failed write may have written part of the batch: the length is read again.
-                active.len = match written {
-                    Ok(()) => active.len + batch.len() as u64,
-                    Err(_) => active.file.metadata().map_or(active.len, |m| m.len()),
-                };
-                written?;
+                active.write_chained(&batch)?;
                 if self.sync {
                     active.file.sync_data()?;
                 }
@@ -255,5 +315,30 @@ impl FileSink {
                 p.spare = batch;
             }
         }
+    }
+}
+
+impl FileSink {
+    /// Writes an `audit_checkpoint`: the chain's head, signed, if a key is configured. Under
+    /// the file's lock, so the head is the line just before it.
+    pub(super) fn checkpoint(&self, trigger: &str) -> std::io::Result<bool> {
+        let Some(key) = &self.checkpoint_key else {
+            return Ok(false);
+        };
+        let mut active = lock(&self.file);
+        let at = crate::state::unix_now_ms();
+        let head = hex::encode(active.chain.head);
+        let line = super::Event::to_line(&chain::Checkpoint {
+            signed_at_ms: at,
+            head: &head,
+            key_id: &key.id,
+            signature: &key.sign(&active.chain.head, at),
+            trigger,
+        });
+        active.write_chained(&line)?;
+        if self.sync {
+            active.file.sync_data()?;
+        }
+        Ok(true)
     }
 }

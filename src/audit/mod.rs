@@ -15,6 +15,7 @@
 //! `write`, so batches from different threads interleave in the file but never tear a line
 //! (the kernel serialises appends to one file the same way).
 
+pub mod chain;
 pub mod cloudwatch;
 mod events;
 mod file;
@@ -159,6 +160,15 @@ impl AuditLog {
         sink.try_rotate(&mut active, Trigger::Admin { by }).map(Some)
     }
 
+    /// Writes a signed `audit_checkpoint` of the chain's head (`interval` or `shutdown`), if
+    /// `audit.checkpoint_key_file` is set. `Ok(false)`: no key, nothing written.
+    pub fn checkpoint(&self, trigger: &str) -> std::io::Result<bool> {
+        match &self.file {
+            Some(sink) => sink.checkpoint(trigger),
+            None => Ok(false),
+        }
+    }
+
     /// For events whose writer cannot refuse anything (reloads, anomalies, admin actions): a
     /// failure is logged as an error with the event kind, never dropped silently.
     pub async fn emit_or_log<E: Event>(&self, event: &E) {
@@ -177,6 +187,17 @@ mod tests {
     use serde_json::Value;
     use std::path::Path;
     use std::time::Duration;
+
+    /// The lines without their chain (`prev`), as they were emitted.
+    fn unchained(text: &str) -> String {
+        let mut out = String::new();
+        for line in text.lines() {
+            let cut = line.find(",\"prev\":\"").unwrap_or(line.len() - 1);
+            out.push_str(&line[..cut]);
+            out.push_str("}\n");
+        }
+        out
+    }
 
     fn log_in(dir: &std::path::Path) -> AuditLog {
         let config: AuditConfig =
@@ -197,7 +218,7 @@ mod tests {
             .await
             .expect("the next event is written, not stuck behind a writer that left")
             .unwrap();
-        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let text = unchained(&std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap());
         assert_eq!(
             text, "{\"n\":1}\n{\"n\":2}\n",
             "the dropped caller's line is written too"
@@ -232,11 +253,11 @@ mod tests {
         })
         .join()
         .unwrap();
-        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let text = unchained(&std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap());
         assert_eq!(text, "{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n");
         // The stalled writer finishes its own buffer when it runs.
         runtime().block_on(stalled).unwrap();
-        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let text = unchained(&std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap());
         assert!(text.ends_with("{\"n\":0}\n"), "{text}");
     }
 
@@ -357,7 +378,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let active = dir.path().join("audit.jsonl");
         let config: AuditConfig =
-            serde_json::from_value(serde_json::json!({ "file": active, "rotate_bytes": 300 })).unwrap();
+            serde_json::from_value(serde_json::json!({ "file": active, "rotate_bytes": 1000 })).unwrap();
         let log = Arc::new(AuditLog::open(&config).unwrap());
         for t in emit_concurrently(&log, 400) {
             t.await.unwrap().unwrap();
@@ -380,7 +401,7 @@ mod tests {
             seen.extend(lines.map(|v| v["n"].as_u64().unwrap()));
             let len = text.len() as u64;
             if f != &active {
-                assert!(len >= 300, "{} rotated at {len} bytes", f.display());
+                assert!(len >= 1000, "{} rotated at {len} bytes", f.display());
             }
             previous = Some((f.file_name().unwrap().to_string_lossy().into_owned(), len));
         }
@@ -398,7 +419,7 @@ mod tests {
         }
         let after = rotated_files(&active).unwrap();
         assert!(after.len() > files.len() - 1 && after.last().unwrap() > &newest);
-        assert!(size_before < 300);
+        assert!(size_before < 1000);
     }
 
     #[tokio::test]
@@ -408,7 +429,7 @@ mod tests {
         // The new file cannot be created: a directory has its name.
         std::fs::create_dir(with_suffix(&active, "rotating")).unwrap();
         let config: AuditConfig =
-            serde_json::from_value(serde_json::json!({ "file": active, "rotate_bytes": 80 })).unwrap();
+            serde_json::from_value(serde_json::json!({ "file": active, "rotate_bytes": 800 })).unwrap();
         let log = AuditLog::open(&config).unwrap();
         for i in 0..30 {
             log.emit_line(format!("{{\"n\":{i}}}\n").as_bytes()).await.unwrap();
@@ -417,12 +438,20 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&active).unwrap().lines().count(), 30);
         assert!(log.is_healthy(), "a failed rotation is not a failed write");
         std::fs::remove_dir(with_suffix(&active, "rotating")).unwrap();
-        // Tried again once another eighth of `rotate_bytes` (10 bytes: two lines) is written.
+        // Tried again once another eighth of `rotate_bytes` (100 bytes: two lines) is written.
         log.emit_line(b"{\"n\":30}\n").await.unwrap();
         log.emit_line(b"{\"n\":31}\n").await.unwrap();
         let rotated = rotated_files(&active).unwrap();
         assert_eq!(rotated.len(), 1);
-        assert_eq!(std::fs::read_to_string(&rotated[0]).unwrap().lines().count(), 32);
+        let events = |p: &std::path::Path| {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("{\"n\""))
+                .count()
+        };
+        assert_eq!(events(&rotated[0]) + events(&active), 32, "every event, once");
+        assert!(events(&rotated[0]) >= 31);
     }
 
     #[tokio::test]

@@ -3,7 +3,6 @@
 //! its rotation time, and the new file opens with an `audit_rotated` event naming it.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -39,7 +38,11 @@ impl FileSink {
         // into place.)
         let fresh = with_suffix(&self.path, "rotating");
         let _ = std::fs::remove_file(&fresh);
-        let mut next = OpenOptions::new().create_new(true).append(true).open(&fresh)?;
+        let mut next = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .read(true)
+            .open(&fresh)?;
         if let Err(e) = std::fs::rename(&self.path, &rotated) {
             let _ = std::fs::remove_file(&fresh);
             return Err(e);
@@ -53,7 +56,11 @@ impl FileSink {
                 return Err(e);
             }
             // Neither way round: a new file in place, opened directly.
-            next = OpenOptions::new().create(true).append(true).open(&self.path)?;
+            next = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .read(true)
+                .open(&self.path)?;
         }
         if self.sync
             && let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
@@ -83,15 +90,12 @@ impl FileSink {
         }
         .to_line();
         // The rotation is done either way; a failed first line is the next batch's failure too.
-        let written = active.file.write_all(&line);
+        // Its `prev` is the last line of the full file: the chain runs on across files.
+        let written = active.write_chained(&line);
         let written = written.and_then(|()| if self.sync { active.file.sync_data() } else { Ok(()) });
-        active.len = match written {
-            Ok(()) => line.len() as u64,
-            Err(e) => {
-                tracing::error!(path = %self.path.display(), "audit file rotated, but its first event could not be written: {e}");
-                active.file.metadata().map_or(0, |m| m.len())
-            }
-        };
+        if let Err(e) = written {
+            tracing::error!(path = %self.path.display(), "audit file rotated, but its first event could not be written: {e}");
+        }
         Ok(Rotated {
             previous_file,
             previous_bytes,

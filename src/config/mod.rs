@@ -211,6 +211,13 @@ pub struct AuditConfig {
     /// every built-in PII/secret detector applied) or `shape` (keys and value types only).
     #[serde(default)]
     pub arguments: AuditArguments,
+    /// Signs the chain's head in an `audit_checkpoint` line at intervals and at shutdown: a
+    /// file holding the key (at least 32 bytes; e.g. `openssl rand -hex 32`). Default none.
+    #[serde(default)]
+    pub checkpoint_key_file: Option<PathBuf>,
+    /// How often a checkpoint is written (default 300).
+    #[serde(default = "default_checkpoint_seconds")]
+    pub checkpoint_seconds: u64,
     /// Ship the audit file's events to CloudWatch Logs (the file is the spool).
     #[serde(default)]
     pub cloudwatch: Option<CloudWatchConfig>,
@@ -259,6 +266,10 @@ fn default_audit_file() -> Option<PathBuf> {
     Some(PathBuf::from("var/audit.jsonl"))
 }
 
+fn default_checkpoint_seconds() -> u64 {
+    300
+}
+
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
@@ -269,6 +280,8 @@ impl Default for AuditConfig {
             arguments: AuditArguments::default(),
             unknown_callers: UnknownCallersConfig::default(),
             cloudwatch: None,
+            checkpoint_key_file: None,
+            checkpoint_seconds: default_checkpoint_seconds(),
         }
     }
 }
@@ -628,6 +641,21 @@ fn check_audit(doc: &Document, audit: &AuditConfig, problems: &mut Problems) {
                 "must be between 1 and 3600",
             ),
         );
+    }
+    if let Some(key) = &audit.checkpoint_key_file {
+        let at = KeyPath::root().key("audit").key("checkpoint_key_file");
+        if audit.file.is_none() {
+            problems.push(doc.problem(&at, "needs `audit.file`: checkpoints sign the file's chain"));
+        }
+        if let Err(e) = crate::audit::chain::CheckpointKey::read(key) {
+            problems.push(doc.problem(&at, e));
+        }
+    }
+    if audit.checkpoint_seconds == 0 || audit.checkpoint_seconds > 86_400 {
+        problems.push(doc.problem(
+            &KeyPath::root().key("audit").key("checkpoint_seconds"),
+            "must be between 1 and 86400",
+        ));
     }
     if audit.rotate_bytes > 0 && audit.file.is_none() {
         problems.push(doc.problem(

@@ -405,6 +405,10 @@ impl Running {
                 tracing::error!(event = %event, "refusals_summarized not written to the audit log at shutdown");
             }
         }
+        // The last line: the chain's head, signed, so a verifier knows the trail ends here.
+        if let Err(e) = self.gateway.audit.checkpoint("shutdown") {
+            tracing::error!("the audit checkpoint at shutdown could not be written: {e}");
+        }
     }
 }
 
@@ -499,6 +503,10 @@ pub async fn start(gateway: Arc<Gateway>) -> Result<Running, StartError> {
     }
     // Refusals of unknown callers counted beyond their allowance: one event per source.
     tasks.push(tokio::spawn(write_summaries(gateway.clone(), stopped.clone())));
+    // Signed checkpoints of the audit chain, every `audit.checkpoint_seconds` (with a key).
+    if gateway.config.audit.checkpoint_key_file.is_some() {
+        tasks.push(tokio::spawn(write_checkpoints(gateway.clone(), stopped.clone())));
+    }
     // Upstream MCP servers: their tools at once, then every `mcp.refresh_seconds`.
     tasks.push(tokio::spawn(refresh_mcp(gateway.clone(), stopped.clone())));
     tasks.push(tokio::spawn(upkeep(
@@ -526,6 +534,25 @@ async fn write_summaries(gateway: Arc<Gateway>, mut stopped: watch::Receiver<boo
         tokio::select! {
             _ = tick.tick() => {
                 gateway.audit.write_summaries().await;
+            }
+            _ = stopped.changed() => return,
+        }
+    }
+}
+
+/// Writes an `audit_checkpoint` every `audit.checkpoint_seconds`.
+async fn write_checkpoints(gateway: Arc<Gateway>, mut stopped: watch::Receiver<bool>) {
+    let every = Duration::from_secs(gateway.config.audit.checkpoint_seconds);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let audit = gateway.clone();
+                // Under the file's lock, possibly syncing: off the event loop.
+                let written = tokio::task::spawn_blocking(move || audit.audit.checkpoint("interval")).await;
+                if let Ok(Err(e)) = written {
+                    tracing::error!("the audit checkpoint could not be written: {e}");
+                }
             }
             _ = stopped.changed() => return,
         }

@@ -9,6 +9,7 @@ mod support;
 
 mod admin;
 mod approvers;
+mod audit_chain;
 mod aws;
 mod cli;
 mod content;
