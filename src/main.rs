@@ -203,8 +203,9 @@ fn load(config: &Path) -> Result<(ServerConfig, Policy), ConfigError> {
 fn serve(config_path: &Path) -> anyhow::Result<()> {
     let (config, policy) = load(config_path).map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
     let audit = AuditLog::open(&config.audit)?;
-    if config.admin.token().is_none() {
-        tracing::warn!(env = %config.admin.token_env, "no admin token configured: /admin/* will refuse every request");
+    let admin = &config.admin;
+    if admin.token().is_none() && admin.people.is_empty() && admin.oidc.is_none() && admin.auth_proxy.is_none() {
+        tracing::warn!(env = %admin.token_env, "no admin identity configured (no token in the variable named by admin.token_env, no admin.people, admin.oidc or admin.auth_proxy): /admin/* and /ui/ will refuse every request");
     }
     let dir = config.policies.clone();
     let version = policy.version.clone();

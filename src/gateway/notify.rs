@@ -119,7 +119,10 @@ impl Webhook {
                         metrics::counter!("toolgate_webhook_deliveries_total", "result" => "ok").increment(1);
                         return;
                     }
-                    Ok(Ok(r)) if r.status().is_client_error() && r.status() != http::StatusCode::TOO_MANY_REQUESTS => {
+                    Ok(Ok(r))
+                        if (r.status().is_client_error() && r.status() != http::StatusCode::TOO_MANY_REQUESTS)
+                            || r.status().is_redirection() =>
+                    {
                         // The receiver refuses this notification as such: sending it again
                         // would be refused again.
                         tracing::warn!(approval = %id, status = r.status().as_u16(), "approval webhook refused the notification");
