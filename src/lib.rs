@@ -28,6 +28,7 @@ pub mod meters;
 pub mod per_thread;
 pub mod policy;
 pub mod read_mostly;
+pub mod replay;
 pub mod server;
 pub mod state;
 pub mod telemetry;

@@ -88,6 +88,22 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
+    /// Run the recorded tool calls of audit files through a candidate policy and print the
+    /// calls it would decide differently; exit 1 if any would change between allow, deny and
+    /// held (so a pull request can gate on it), 2 if the policy or files cannot be read.
+    Replay {
+        /// Audit files: the current one and rotated ones (`audit.jsonl*`), any order.
+        #[arg(long = "audit", required = true, num_args = 1..)]
+        audit: Vec<PathBuf>,
+        #[arg(short, long, env = "TOOLGATE_CONFIG", default_value = "config/toolgate.yaml")]
+        config: PathBuf,
+        /// The candidate policy directory (default: the config's `policies`).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        /// `text` or `json`.
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+    },
     /// Work with audit files.
     Audit {
         #[command(subcommand)]
@@ -153,6 +169,12 @@ fn main() -> ExitCode {
             ready,
             timeout_ms,
         } => return healthcheck(&config, ready, timeout_ms),
+        Command::Replay {
+            audit,
+            config,
+            policies,
+            format,
+        } => return replay(audit, &config, policies.as_deref(), format),
         Command::Audit {
             command: AuditCommand::Verify { files, key, format },
         } => return audit_verify(files, key.as_deref(), format),
@@ -503,5 +525,49 @@ fn audit_verify(files: Vec<PathBuf>, key: Option<&Path>, format: OutputFormat) -
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// `toolgate replay`.
+fn replay(files: Vec<PathBuf>, config: &Path, policies: Option<&Path>, format: OutputFormat) -> ExitCode {
+    let cfg = match ServerConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            for p in &e.problems {
+                eprintln!("{p}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let dir = policies.map_or_else(|| cfg.policies.clone(), Path::to_path_buf);
+    let policy = match Policy::load(&dir) {
+        Ok(p) => p,
+        Err(e) => {
+            for p in &e.problems {
+                eprintln!("{p}");
+            }
+            eprintln!("the candidate policy does not load: {} error(s)", e.problems.len());
+            return ExitCode::from(2);
+        }
+    };
+    let limits = toolgate::policy::ParseLimits {
+        max_json_depth: cfg.limits.max_json_depth,
+    };
+    let files = toolgate::audit::chain::in_written_order(files);
+    let report = match toolgate::replay::replay(&policy, limits, &files) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("toolgate: cannot read the audit files: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report).expect("serializable")),
+        OutputFormat::Text => print!("{}", toolgate::replay::render(&report)),
+    }
+    if report.changed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

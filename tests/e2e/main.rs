@@ -21,6 +21,7 @@ mod kubernetes;
 mod limits;
 mod mcp;
 mod oidc;
+mod replay;
 mod replicas;
 mod rules;
 mod telemetry;
