@@ -332,6 +332,9 @@ fn check(config_path: &Path) -> ExitCode {
             for warning in cfg.warnings() {
                 println!("{}: warning: {warning}", config_path.display());
             }
+            for warning in toolgate::policy::lint::warnings(&policy) {
+                println!("{}: warning: {warning}", cfg.policies.display());
+            }
             println!(
                 "ok: {} and {} (policy version {}: {} agents, {} tools, {} filters)",
                 config_path.display(),

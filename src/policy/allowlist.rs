@@ -19,6 +19,15 @@ pub enum ToolPattern {
     Prefix(String),
 }
 
+impl std::fmt::Display for ToolPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ToolPattern::Exact(name) => f.write_str(name),
+            ToolPattern::Prefix(prefix) => write!(f, "{prefix}*"),
+        }
+    }
+}
+
 impl ToolPattern {
     /// Parses an allowlist entry; the error says what is wrong, for `check`.
     pub fn parse(s: &str) -> Result<Self, String> {
@@ -57,6 +66,11 @@ impl Allowlist {
 
     pub fn allows(&self, tool: &str) -> bool {
         self.0.iter().any(|p| p.matches(tool))
+    }
+
+    /// The entries, as written.
+    pub fn patterns(&self) -> &[ToolPattern] {
+        &self.0
     }
 
     /// Whether an entry names `tool` exactly (not through a glob).

@@ -14,6 +14,7 @@ pub mod history;
 pub mod identity;
 pub mod jwks;
 pub mod limits;
+pub mod lint;
 pub mod output;
 pub mod rules;
 pub mod tool;

@@ -492,3 +492,35 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn check_warns_about_grants_tools_and_rules_that_do_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    write_fixture_policies(&policies, &support::refused_url());
+    std::fs::write(
+        policies.join("lint.yaml"),
+        "agents:\n  idle-bot:\n    credentials: { api_key_sha256: [ \"ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12ab12\" ] }\n    tools: [ nope.* ]\ntools:\n  vault.open:\n    upstream: { url: \"http://127.0.0.1:1/vault\" }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        policies.join("lint.cedar"),
+        "@id(\"vault-after-hours\")\nforbid (principal, action == Action::\"vault.open\", resource);\n",
+    )
+    .unwrap();
+    let cfg = write_serve_config(dir.path(), "");
+    let out = toolgate().arg("check").arg("-c").arg(&cfg).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "warnings do not fail check: {said}");
+    for expected in [
+        "agent `idle-bot` may call no tool",
+        "agent `idle-bot`: `nope.*` grants nothing",
+        "tool `vault.open`: no agent may call it",
+        "rule `vault-after-hours` (",
+        "can never apply",
+        "`kb.*` is broader than the tools that exist",
+    ] {
+        assert!(said.contains(expected), "missing {expected:?} in:\n{said}");
+    }
+    assert!(!said.contains("tool `kb.search`: no agent"), "{said}");
+}

@@ -113,6 +113,13 @@ impl Rules {
         self.meta.values()
     }
 
+    /// Whether the rule `id` can match calls to `tool` (its action scope names the tool).
+    pub fn rule_applies(&self, id: &str, tool: &str) -> bool {
+        self.tools
+            .get(tool)
+            .is_some_and(|t| t.policies.policy(&PolicyId::new(id)).is_some())
+    }
+
     /// Whether calls to `tool` consult rules at all.
     pub fn applies_to(&self, tool: &str) -> bool {
         self.tools.contains_key(tool)
