@@ -104,6 +104,12 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
     },
+    /// Print the JSON Schema of the server config or of a policy file (for editors' YAML
+    /// completion and for CI); the same as docs/schema/.
+    Schema {
+        #[arg(value_enum)]
+        file: SchemaOf,
+    },
     /// Work with audit files.
     Audit {
         #[command(subcommand)]
@@ -146,6 +152,12 @@ enum AuditCommand {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SchemaOf {
+    Config,
+    Policy,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum OutputFormat {
     Text,
     Json,
@@ -169,6 +181,14 @@ fn main() -> ExitCode {
             ready,
             timeout_ms,
         } => return healthcheck(&config, ready, timeout_ms),
+        Command::Schema { file } => {
+            let schema = match file {
+                SchemaOf::Config => toolgate::config::config_schema(),
+                SchemaOf::Policy => toolgate::policy::policy_schema(),
+            };
+            println!("{}", serde_json::to_string_pretty(&schema).expect("JSON"));
+            return ExitCode::SUCCESS;
+        }
         Command::Replay {
             audit,
             config,

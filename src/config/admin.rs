@@ -18,7 +18,7 @@ use super::yaml::{Document, KeyPath};
 
 /// The admin plane: health, metrics, reload, approvals, the inbox page. Never served on the
 /// data-plane port.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Where the admin plane listens (default `127.0.0.1:9090`).
@@ -88,7 +88,7 @@ impl Default for AdminConfig {
 }
 
 /// What an admin caller may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Reload, quarantine and release agents, approve upstream tools, rotate the audit file.
@@ -110,7 +110,7 @@ impl Role {
 }
 
 /// `admin.people[]`: one person or service with a personal token.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Person {
     /// Recorded as `by` in the audit trail (e.g. an email address).
@@ -125,7 +125,7 @@ pub struct Person {
 }
 
 /// `admin.oidc`: bearer JWTs from the identity provider.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminOidc {
     /// Required `iss`; with no `jwks_url`, keys are found by OpenID Connect discovery.
@@ -150,7 +150,7 @@ fn default_groups_claim() -> String {
 }
 
 /// `admin.auth_proxy`: identity headers set by a proxy that authenticated the person.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthProxy {
     /// Addresses or CIDR blocks of the proxy: the headers of anyone else are ignored.
@@ -171,7 +171,7 @@ fn default_groups_header() -> String {
 }
 
 /// `admin.roles`: identity-provider groups that give a role.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RoleGroups {
     #[serde(default)]

@@ -27,7 +27,7 @@ const MAX_JSON_DEPTH_CEILING: usize = 128;
 /// More data-plane threads than this is a typo, not a machine.
 const MAX_WORKERS: usize = 1024;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ServerConfigRaw {
     #[serde(default = "default_listen")]
@@ -68,8 +68,15 @@ struct ServerConfigRaw {
     telemetry: Option<TelemetryConfig>,
 }
 
+/// The JSON Schema of the server config (`config/toolgate.yaml`), for editors and CI.
+pub fn config_schema() -> serde_json::Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(ServerConfigRaw)).expect("a schema is JSON");
+    schema["title"] = "toolgate server config".into();
+    schema
+}
+
 /// `telemetry:`: where the traces of tool calls go.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetryConfig {
     /// The collector's OTLP/HTTP traces endpoint, used as given (e.g.
@@ -107,7 +114,7 @@ fn default_state() -> String {
 }
 
 /// Bounds on everything a caller or a tool can send.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Largest request body accepted (default 1 MiB); larger gets 413 `payload_too_large`.
@@ -188,7 +195,7 @@ impl Default for Limits {
 }
 
 /// Where audit events go. The file is the durable record; stdout is a convenience copy.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// Also print every event to stdout (default false).
@@ -228,7 +235,7 @@ pub struct AuditConfig {
 }
 
 /// `audit.unknown_callers`: the allowance of individual events for refusals that name no agent.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UnknownCallersConfig {
     /// Per source address (default 600, with bursts as large; 0: no per-source limit).
@@ -287,7 +294,7 @@ impl Default for AuditConfig {
 }
 
 /// `audit.cloudwatch`: where the shipper puts the events.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CloudWatchConfig {
     /// Created if missing.
@@ -324,7 +331,7 @@ fn default_cw_flush() -> u64 {
     1000
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AuditArguments {
     #[default]
@@ -333,14 +340,14 @@ pub enum AuditArguments {
 }
 
 /// AWS settings; endpoints come from the standard AWS environment.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AwsConfig {
     pub region: Option<String>,
 }
 
 /// Human approval of calls held by an `@approval` rule.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApprovalsConfig {
     /// The embedded approval store (default `var/approvals.redb`); approvals survive restarts.
@@ -355,7 +362,7 @@ pub struct ApprovalsConfig {
 }
 
 /// `approvals.webhook`: a POST per approval request, with the call summary (redacted), signed.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// `https://…` endpoint (chat, ticketing, paging); `http://` only to a local relay.
@@ -394,7 +401,7 @@ impl WebhookConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WebhookFormat {
     #[default]
@@ -430,7 +437,7 @@ impl Default for ApprovalsConfig {
 }
 
 /// The MCP endpoint (`/mcp` on the data plane).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct McpConfig {
     /// `Origin` values allowed to call `/mcp` (browsers send one; agents usually do not).

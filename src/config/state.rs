@@ -32,7 +32,7 @@ pub struct RedisConfig {
 }
 
 /// The `redis` section: how to reach the server named by `state`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisOptions {
     /// Environment variable holding the password (default `TOOLGATE_REDIS_PASSWORD`).

@@ -14,7 +14,7 @@ use super::Problems;
 use super::yaml::{Document, KeyPath};
 
 /// A listener's certificate, key and (data plane only) the CA its clients' certificates chain to.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM: the certificate, then any intermediates.
@@ -32,7 +32,7 @@ pub struct TlsConfig {
     pub client_certificates: ClientCertificates,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientCertificates {
     #[default]

@@ -252,7 +252,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_point_at_the_misspelled_key() {
-        #[derive(serde::Deserialize, Debug)]
+        #[derive(serde::Deserialize, Debug, schemars::JsonSchema)]
         #[serde(deny_unknown_fields)]
         #[allow(dead_code)]
         struct T {

@@ -45,11 +45,42 @@ struct PolicyFileRaw {
     mcp_servers: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct AuthConfig {
     #[serde(default)]
     jwt: Option<JwtConfig>,
+}
+
+/// A toolgate policy file: agents, tools, content filters, identity-provider settings,
+/// anomaly detection and upstream MCP servers. Rules are separate `.cedar` files.
+#[derive(schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // described, never built
+struct PolicyFileSchema {
+    /// Agents by id: who they are (credentials), what they may call, their limits.
+    #[serde(default)]
+    agents: BTreeMap<String, AgentConfig>,
+    /// Tools by name: where each lives, its arguments' JSON Schema, its filters.
+    #[serde(default)]
+    tools: BTreeMap<String, ToolConfig>,
+    /// Content filters by name.
+    #[serde(default)]
+    filters: BTreeMap<String, FilterConfig>,
+    #[serde(default)]
+    auth: Option<AuthConfig>,
+    #[serde(default)]
+    anomaly: Option<AnomalyConfig>,
+    /// Upstream MCP servers by name.
+    #[serde(default)]
+    mcp_servers: BTreeMap<String, McpServerConfig>,
+}
+
+/// The JSON Schema of a policy file (YAML), for editors and CI.
+pub fn policy_schema() -> serde_json::Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(PolicyFileSchema)).expect("a schema is JSON");
+    schema["title"] = "toolgate policy file".into();
+    schema
 }
 
 /// The decoded files, in order.

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A stable reason code (the contract's error table). The string form never changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Code {
     Unauthenticated,

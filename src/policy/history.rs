@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 pub const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// `tools.<name>.history.<fact>` as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FactConfig {
     /// The earlier call: an exact tool name.
@@ -47,7 +47,7 @@ pub struct FactConfig {
     pub value: FactValue,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
     #[default]
@@ -55,7 +55,7 @@ pub enum Scope {
     Session,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FactValue {
     #[default]

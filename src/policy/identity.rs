@@ -23,7 +23,7 @@ use crate::FastMap;
 const JWT_LEEWAY_SECS: u64 = 30;
 
 /// `auth.jwt` in a policy file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
     /// Required `iss` claim; with neither `jwks_file` nor `jwks_url`, also where the keys are
@@ -131,7 +131,7 @@ impl JwtVerifier {
 
     /// Verifies a token and returns its subject.
     fn verify(&self, token: &str) -> Result<String, Reason> {
-        #[derive(Deserialize)]
+        #[derive(Deserialize, schemars::JsonSchema)]
         struct Subject {
             sub: String,
         }
@@ -172,7 +172,7 @@ impl JwtVerifier {
         v.set_issuer(&[&self.issuer]);
         v.set_audience(&[&self.audience]);
         v.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
-        #[derive(Deserialize)]
+        #[derive(Deserialize, schemars::JsonSchema)]
         struct Claims<C> {
             #[serde(default)]
             iat: Option<u64>,

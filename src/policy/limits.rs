@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// `agents.<id>.limits`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentLimits {
     /// Calls forwarded per minute (GCRA: a burst of this many, then one every 60/N s).
@@ -27,7 +27,7 @@ pub struct AgentLimits {
 }
 
 /// How the hourly token budget reserves a call's answer before the tool has given it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetMode {
     /// The answer the agent's recent answers suggest (a moving average), reserved while other
@@ -42,7 +42,7 @@ pub enum BudgetMode {
     Strict,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ToolLimits {
     pub calls_per_minute: NonZeroU32,
@@ -58,7 +58,7 @@ pub fn estimate_tokens(bytes: usize) -> u64 {
 
 /// The `anomaly:` section: per-agent counts of denied calls in a sliding window, and what
 /// crossing a threshold does. Defaults apply when the section is absent.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AnomalyConfig {
     /// The sliding window, in seconds (default 300).
@@ -75,7 +75,7 @@ pub struct AnomalyConfig {
 }
 
 /// Denials of each kind within the window that count as anomalous.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Thresholds {
     /// Attempts on tools not on the allowlist (default 10).

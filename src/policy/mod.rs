@@ -14,6 +14,7 @@ pub mod history;
 pub mod identity;
 pub mod jwks;
 pub mod limits;
+pub use compile::policy_schema;
 pub mod lint;
 pub mod output;
 pub mod rules;
@@ -39,7 +40,7 @@ use rules::Rules;
 use tool::{McpServer, Tool};
 
 /// `agents.<id>` in a policy file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     #[serde(default)]
@@ -57,7 +58,7 @@ pub struct AgentConfig {
     pub attributes: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialsConfig {
     /// SHA-256 (hex) of each API key the agent may present. The key itself is never stored.

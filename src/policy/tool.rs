@@ -16,7 +16,7 @@ use crate::config::Problems;
 use crate::config::yaml::{Document, KeyPath};
 
 /// `tools.<name>` in a policy file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ToolConfig {
     /// Shown to agents (MCP `tools/list`) and in `explain`.
@@ -38,7 +38,7 @@ pub struct ToolConfig {
 }
 
 /// `tools.<name>.aws_role` as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AwsRoleConfig {
     /// `arn:aws:iam::<account>:role/<name>`.
@@ -91,13 +91,14 @@ impl AwsRoleConfig {
 }
 
 /// `tools.<name>.upstream`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// `http://host:port/path/{placeholder}`; placeholders only in the path, filled from arguments.
     pub url: String,
     /// HTTP method (default POST).
     #[serde(default = "default_method")]
+    #[schemars(schema_with = "http_method")]
     pub method: String,
     /// Overrides `limits.upstream_timeout_ms` for this tool.
     #[serde(default)]
@@ -115,6 +116,14 @@ pub struct UpstreamConfig {
     /// `Authorization`, `Host`, hop-by-hop headers or what toolgate or SigV4 sets itself.
     #[serde(default)]
     pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// The methods a tool may be called with (what `check` accepts), for the schema.
+fn http_method(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "HTTP method (default POST).",
+        "enum": ["GET", "POST", "PUT", "PATCH", "DELETE"],
+    })
 }
 
 /// Whether a fixed upstream header may be configured.
@@ -150,7 +159,7 @@ fn default_method() -> String {
 }
 
 /// `tools.<name>.filters`: names from the `filters:` section.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FilterRefs {
     #[serde(default)]
@@ -407,7 +416,7 @@ impl Target {
 
 /// `mcp_servers.<name>` in a policy file: an upstream MCP server whose tools are exposed as
 /// `<name>.<tool>`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct McpServerConfig {
     /// Its Streamable HTTP endpoint, `http://host:port/mcp`.
@@ -431,7 +440,7 @@ pub struct McpServerConfig {
 }
 
 /// What becomes of a tool an upstream MCP server adds after toolgate first listed it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NewTools {
     #[default]

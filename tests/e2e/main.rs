@@ -24,6 +24,7 @@ mod oidc;
 mod replay;
 mod replicas;
 mod rules;
+mod schema;
 mod telemetry;
 mod tls_listeners;
 mod tls_upstream;

@@ -9,7 +9,7 @@ use regex::{Regex, RegexSet};
 use serde::Deserialize;
 
 /// A built-in PII or secret detector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Detector {
     Email,

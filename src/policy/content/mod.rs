@@ -22,7 +22,7 @@ pub use normalize::{has_invisible, normalize};
 use terms::Terms;
 
 /// `filters.<name>.bedrock_guardrail`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GuardrailConfig {
     /// The guardrail's id or ARN.
@@ -39,7 +39,7 @@ fn default_timeout() -> u64 {
 }
 
 /// `filters.<name>` in a policy file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
     /// Literal phrases, matched after normalisation.
@@ -60,7 +60,7 @@ pub struct FilterConfig {
     pub bedrock_guardrail: Option<GuardrailConfig>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// Refuse the call with `content_blocked`.
