@@ -256,3 +256,84 @@ fn run_case(
     }
     Ok(failures)
 }
+
+/// An earlier call of an agent: when (Unix ms), the tool, its arguments, its session.
+type Earlier = (u64, String, Value, Option<String>);
+
+/// `toolgate test --record`: the audit events with the given request ids as test cases, each
+/// the call as recorded (its arguments as the audit kept them, redacted), the agent's earlier
+/// calls that went through within the policy's history retention, and the decision it got.
+/// Returns the cases, in the order of the trail, and the ids not found.
+pub fn record(policy: &Policy, audit: &[PathBuf], ids: &[String]) -> std::io::Result<(Vec<Value>, Vec<String>)> {
+    use serde_json::json;
+    let retention = policy.history_retention.as_millis() as u64;
+    // Per agent: (at_ms, tool, arguments, session) of the calls that went through.
+    let mut earlier: std::collections::HashMap<String, Vec<Earlier>> = std::collections::HashMap::new();
+    let mut cases = Vec::new();
+    let mut found = std::collections::HashSet::new();
+    for path in audit {
+        crate::replay::tool_calls(path, |_, e| {
+            let (Some(agent), Some(tool), Some(verdict)) = (e.agent.clone(), e.tool.clone(), e.verdict()) else {
+                return;
+            };
+            let at = e.at_ms();
+            let args = e
+                .arguments
+                .clone()
+                .filter(Value::is_object)
+                .unwrap_or_else(|| json!({}));
+            let past = earlier.entry(agent.clone()).or_default();
+            past.retain(|(t, ..)| at.saturating_sub(*t) <= retention);
+            if ids.contains(&e.request_id) && found.insert(e.request_id.clone()) {
+                let history: Vec<Value> = past
+                    .iter()
+                    .map(|(t, tool, args, session)| {
+                        json!({"tool": tool, "args": args, "ago": format!("{}ms", at.saturating_sub(*t).max(1)), "session": session})
+                    })
+                    .collect();
+                let mut expect = json!({"decision": verdict.decision});
+                if let Some(code) = &verdict.code {
+                    expect["code"] = json!(code);
+                }
+                if let Some(rule) = verdict.rule.as_ref().filter(|r| !r.is_empty()) {
+                    expect["rule"] = json!(rule);
+                }
+                let mut case = json!({
+                    "name": format!("recorded: {tool} by {agent} at {} (request {})", e.ts, e.request_id),
+                    "agent": agent, "tool": tool, "args": args, "expect": expect,
+                });
+                if let Some(s) = &e.session {
+                    case["session"] = json!(s);
+                }
+                if !history.is_empty() {
+                    case["history"] = json!(history);
+                }
+                cases.push(case);
+            }
+            let went_through = verdict.decision == "allow" || (e.approval_id.is_some() && e.decision == "allow");
+            if went_through {
+                past.push((at, tool, args, e.session.clone()));
+            }
+        })?;
+    }
+    let missing = ids.iter().filter(|id| !found.contains(*id)).cloned().collect();
+    Ok((cases, missing))
+}
+
+/// Appends `cases` to the case file `path` (created with its header if missing). Each case is
+/// one line of JSON, which is YAML too.
+pub fn append_cases(path: &Path, cases: &[Value]) -> std::io::Result<()> {
+    use std::io::Write;
+    let exists = path.exists();
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    if !exists {
+        writeln!(
+            f,
+            "# Recorded from the audit trail by `toolgate test --record`: real calls and the decisions\n# they got (arguments as the audit kept them, redacted). Edit `expect` to the decision you want.\ncases:"
+        )?;
+    }
+    for case in cases {
+        writeln!(f, "  - {case}")?;
+    }
+    Ok(())
+}

@@ -74,6 +74,16 @@ enum Command {
         config: PathBuf,
         /// Directory of case files (default: `tests/` inside the policy directory).
         dir: Option<PathBuf>,
+        /// Instead of running the cases, add the audit events named by `--request-id` to this
+        /// case file as cases (the call, its earlier calls, the decision it got).
+        #[arg(long, requires_all = ["audit", "request_id"])]
+        record: Option<PathBuf>,
+        /// With --record: the audit files to read.
+        #[arg(long, num_args = 1..)]
+        audit: Vec<PathBuf>,
+        /// With --record: the request ids of the events to record.
+        #[arg(long = "request-id", num_args = 1..)]
+        request_id: Vec<String>,
     },
     /// Ask this gateway's admin plane whether it is up (`/healthz`) or ready (`/readyz`), for a
     /// container's HEALTHCHECK: exit 0 on 200, 1 otherwise. Reads the admin address (and
@@ -175,7 +185,14 @@ fn main() -> ExitCode {
             once,
         } => demo(listen, admin_listen, tools_listen, once),
         Command::Check { config } => return check(&config),
-        Command::Test { config, dir } => return test(&config, dir),
+        Command::Test {
+            config,
+            record: Some(file),
+            audit,
+            request_id,
+            ..
+        } => return record_cases(&config, &file, audit, &request_id),
+        Command::Test { config, dir, .. } => return test(&config, dir),
         Command::Healthcheck {
             config,
             ready,
@@ -592,5 +609,38 @@ fn replay(files: Vec<PathBuf>, config: &Path, policies: Option<&Path>, format: O
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// `toolgate test --record`.
+fn record_cases(config: &Path, file: &Path, audit: Vec<PathBuf>, ids: &[String]) -> ExitCode {
+    let (_, policy) = match load(config) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            for p in &e.problems {
+                println!("{p}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let files = toolgate::audit::chain::in_written_order(audit);
+    let recorded = toolgate::cases::record(&policy, &files, ids)
+        .and_then(|(cases, missing)| toolgate::cases::append_cases(file, &cases).map(|()| (cases.len(), missing)));
+    match recorded {
+        Ok((n, missing)) => {
+            println!("recorded {n} case(s) to {}", file.display());
+            for id in &missing {
+                println!("not found (no tool_call event with this request id, or not a policy decision): {id}");
+            }
+            if missing.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("toolgate: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

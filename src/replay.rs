@@ -115,30 +115,30 @@ impl Replayed {
     }
 }
 
-/// The fields of a `tool_call` event replay reads.
+/// The fields of a `tool_call` event that replay and `test --record` read.
 #[derive(Deserialize)]
-struct Event {
+pub(crate) struct Event {
     event: String,
     #[serde(default)]
-    ts: String,
+    pub ts: String,
     #[serde(default)]
-    request_id: String,
+    pub request_id: String,
     #[serde(default)]
-    agent: Option<String>,
+    pub agent: Option<String>,
     #[serde(default)]
-    tool: Option<String>,
+    pub tool: Option<String>,
     #[serde(default)]
-    session: Option<String>,
+    pub session: Option<String>,
     #[serde(default)]
-    decision: String,
+    pub decision: String,
     #[serde(default)]
-    code: Option<String>,
+    pub code: Option<String>,
     #[serde(default)]
     reasons: Vec<RecordedReason>,
     #[serde(default)]
-    arguments: Option<Value>,
+    pub arguments: Option<Value>,
     #[serde(default)]
-    approval_id: Option<String>,
+    pub approval_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -147,6 +147,35 @@ struct RecordedReason {
     stage: Option<String>,
     #[serde(default)]
     rule: Option<String>,
+}
+
+impl Event {
+    /// The policy's verdict as recorded, or `None` when the event is not a policy decision.
+    pub(crate) fn verdict(&self) -> Option<Verdict> {
+        recorded(self)
+    }
+
+    /// When the call was made, Unix milliseconds.
+    pub(crate) fn at_ms(&self) -> u64 {
+        unix_ms(&self.ts).unwrap_or(0)
+    }
+}
+
+/// Calls `each` with every `tool_call` event of `path` and its line number (1-based).
+pub(crate) fn tool_calls(path: &Path, mut each: impl FnMut(u64, Event)) -> std::io::Result<()> {
+    let text = std::fs::read(path)?;
+    for (n, line) in text.split(|b| *b == b'\n').enumerate() {
+        // Cheap first look: most lines of a busy trail are tool calls, but not all.
+        if line.is_empty() || !contains(line, b"\"event\":\"tool_call\"") {
+            continue;
+        }
+        if let Ok(e) = serde_json::from_slice::<Event>(line)
+            && e.event == "tool_call"
+        {
+            each(n as u64 + 1, e);
+        }
+    }
+    Ok(())
 }
 
 /// The codes the policy itself gives; any other refusal came after the policy allowed the call.
@@ -246,22 +275,23 @@ fn replay_file(
     history: &mut Replayed,
     report: &mut Report,
 ) -> std::io::Result<()> {
-    let text = std::fs::read(path)?;
     let name = path.display().to_string();
-    for (n, line) in text.split(|b| *b == b'\n').enumerate() {
-        // Cheap first look: most lines of a busy trail are tool calls, but not all.
-        if line.is_empty() || !contains(line, b"\"event\":\"tool_call\"") {
-            continue;
-        }
-        let Ok(e) = serde_json::from_slice::<Event>(line) else {
-            continue;
-        };
-        if e.event != "tool_call" {
-            continue;
-        }
+    tool_calls(path, |n, e| replay_one(policy, limits, &name, n, e, history, report))
+}
+
+fn replay_one(
+    policy: &Policy,
+    limits: ParseLimits,
+    name: &str,
+    n: u64,
+    e: Event,
+    history: &mut Replayed,
+    report: &mut Report,
+) {
+    {
         let (Some(agent), Some(tool), Some(before)) = (e.agent.as_deref(), e.tool.as_deref(), recorded(&e)) else {
             report.skipped += 1;
-            continue;
+            return;
         };
         report.replayed += 1;
         let at_ms = unix_ms(&e.ts).unwrap_or(0);
@@ -303,7 +333,7 @@ fn replay_file(
             && after.code == before.code
             && (before.rule.is_none() || after.rule == before.rule);
         if same {
-            continue;
+            return;
         }
         // The candidate's decision rests on the arguments unless it refused before reading
         // them (the allowlist): only then can redacted or missing arguments leave it in doubt.
@@ -316,8 +346,8 @@ fn replay_file(
         };
         let kind_changed = after.decision != before.decision;
         let change = Change {
-            file: name.clone(),
-            line: n as u64 + 1,
+            file: name.to_owned(),
+            line: n,
             ts: e.ts.clone(),
             request_id: e.request_id.clone(),
             agent: agent.to_owned(),
@@ -343,7 +373,6 @@ fn replay_file(
             report.reason_changed.push(change);
         }
     }
-    Ok(())
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

@@ -181,3 +181,72 @@ async fn replay_lists_exactly_the_calls_a_candidate_decides_differently() {
     assert_eq!(report["by_agent"], serde_json::json!({"fin-bot": 4, "ops-bot": 1}));
     assert_eq!(report["by_rule"]["payments-over-100-need-finance"], 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_events_become_regression_cases() {
+    let h = Harness::start().await;
+    for (name, text) in rule_files(&h.upstream.url) {
+        std::fs::write(h.policy_dir.join(name), text).unwrap();
+    }
+    assert_eq!(h.admin("POST", "/admin/reload", true).await.status, 200);
+    let checked = h.call("fraud.check", Some(OPS_KEY), r#"{"order_id": "O-1"}"#).await;
+    assert_eq!(checked.status, 200);
+    let passed = h
+        .call("refund.issue", Some(OPS_KEY), r#"{"order_id": "O-1", "amount": 5}"#)
+        .await;
+    assert_eq!(passed.status, 200);
+    let refused = h
+        .call("refund.issue", Some(OPS_KEY), r#"{"order_id": "O-2", "amount": 5}"#)
+        .await;
+    refused.assert_error(403, "rule_denied");
+    let held = h
+        .call(
+            "pay.send",
+            Some(OPS_KEY),
+            r#"{"to": "acme", "amount": 500, "note": "for ada@example.com"}"#,
+        )
+        .await;
+    assert_eq!(held.status, 202);
+
+    let cases = h.policy_dir.join("tests/recorded.yaml");
+    std::fs::create_dir_all(cases.parent().unwrap()).unwrap();
+    let cfg = h.dir.path().join("toolgate.yaml");
+    let toolgate = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_toolgate"));
+        c.arg("test").arg("-c").arg(&cfg);
+        c
+    };
+    let out = toolgate()
+        .arg("--record")
+        .arg(&cases)
+        .arg("--audit")
+        .arg(&h.audit_path)
+        .arg("--request-id")
+        .args([passed.request_id(), refused.request_id(), held.request_id()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("recorded 3 case(s)"), "{said}");
+    let text = std::fs::read_to_string(&cases).unwrap();
+    assert!(
+        text.contains("fraud.check"),
+        "the refund's earlier fraud check is its history: {text}"
+    );
+    assert!(
+        !text.contains("ada@example.com") && text.contains("[REDACTED:email]"),
+        "{text}"
+    );
+
+    // The cases pass on the policy that decided them…
+    let out = toolgate().output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("3 passed, 0 failed"), "{said}");
+    // …and catch a change that would decide one differently.
+    let rules = h.policy_dir.join("rules.cedar");
+    let text = std::fs::read_to_string(&rules).unwrap();
+    std::fs::write(&rules, text.replace("unless { context.history.fraud_checked }", "")).unwrap();
+    let out = toolgate().output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && said.contains("2 passed, 1 failed"), "{said}");
+    assert!(said.contains(&format!("FAIL  {}", cases.display())), "{said}");
+}
