@@ -256,6 +256,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn load(config: &Path) -> Result<(ServerConfig, Policy), ConfigError> {
     let cfg = ServerConfig::load(config)?;
     let policy = Policy::load(&cfg.policies)?;
+    // A shadow policy must load too: one that does not would decide nothing, silently.
+    if let Some(dir) = &cfg.shadow_policies {
+        Policy::load(dir)?;
+    }
     Ok((cfg, policy))
 }
 

@@ -209,6 +209,10 @@ pub struct ToolCallEvent<'a> {
     /// Shadow-mode rules that would have denied this call (not enforced).
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub would_deny: &'a [String],
+    /// What the shadow policy (`shadow_policies`) decided, when it differs from the enforced
+    /// decision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<&'a ShadowVerdict>,
     pub duration_ms: f64,
     pub policy_version: &'a str,
 }
@@ -236,6 +240,17 @@ impl Event for ToolCallEvent<'_> {
     fn to_line(&self) -> Vec<u8> {
         self.write_line()
     }
+}
+
+/// The shadow policy's decision on a call, when it differs from the one enforced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShadowVerdict {
+    /// `allow`, `deny` or `approval_required`.
+    pub decision: &'static str,
+    pub code: Option<&'static str>,
+    pub rule: Option<String>,
+    /// The shadow policy's version.
+    pub policy_version: String,
 }
 
 /// `call_forwarding`: a call every check admitted, recorded before it is sent to its tool. Its
@@ -304,6 +319,9 @@ pub struct PolicyReloaded<'a> {
     /// The operator who asked for the reload (`POST /admin/reload`).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub by: Option<By<'a>>,
+    /// The shadow policy (`shadow_policies`), decided beside the enforced one, was reloaded.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
 }
 
 impl Event for PolicyReloaded<'_> {
@@ -319,6 +337,9 @@ pub struct PolicyReloadFailed<'a> {
     pub trigger: &'a str,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub by: Option<By<'a>>,
+    /// The shadow policy failed to load (the last good shadow policy is still decided beside).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
 }
 
 impl Event for PolicyReloadFailed<'_> {

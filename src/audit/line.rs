@@ -151,6 +151,9 @@ impl ToolCallEvent<'_> {
         if !self.would_deny.is_empty() {
             line.serde(k!("would_deny"), self.would_deny);
         }
+        if let Some(shadow) = self.shadow {
+            line.serde(k!("shadow"), shadow);
+        }
         line.serde(k!("duration_ms"), &self.duration_ms);
         line.str(k!("policy_version"), self.policy_version);
         line.finish()
@@ -218,6 +221,7 @@ mod tests {
             tokens: Some(Tokens { input: 54, output: 14 }),
             approval_id: None,
             would_deny: &[],
+            shadow: None,
             duration_ms: 3.5,
             policy_version: "78f3",
         };
@@ -258,6 +262,7 @@ mod tests {
             tokens: None,
             approval_id: Some("ap-1"),
             would_deny: &would_deny,
+            shadow: None,
             duration_ms: 12.345,
             policy_version: "v",
         };
@@ -284,6 +289,7 @@ mod tests {
             tokens: None,
             approval_id: None,
             would_deny: &[],
+            shadow: None,
             duration_ms: 0.25,
             policy_version: "v",
         };

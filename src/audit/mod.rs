@@ -26,8 +26,8 @@ mod unknown;
 pub use events::{
     ActionNotDone, AdminRefused, AdminSignedIn, AgentQuarantined, AgentReleased, Anomaly, ApprovalDecided,
     AuditRotated, By, CallForwarding, Event, PolicyReloadFailed, PolicyReloaded, RecordedArguments, RefusalsSummarized,
-    RequestRefused, Timestamp, Tokens, ToolApproved, ToolCallEvent, ToolDefinitionChanged, ToolHeld, ToolPinned,
-    UpstreamInfo, format_unix, is_safe_text, millis, now, recorded,
+    RequestRefused, ShadowVerdict, Timestamp, Tokens, ToolApproved, ToolCallEvent, ToolDefinitionChanged, ToolHeld,
+    ToolPinned, UpstreamInfo, format_unix, is_safe_text, millis, now, recorded,
 };
 pub use rotation::{Rotated, Trigger, rotated_files, rotation_suffix};
 

@@ -42,6 +42,11 @@ struct ServerConfigRaw {
     admin: AdminConfig,
     #[serde(default = "default_policies")]
     policies: PathBuf,
+    /// A candidate policy directory decided beside the enforced one: every call is decided by
+    /// both, the enforced decision applies, and a difference is on the call's audit event and
+    /// in `/metrics` (default none).
+    #[serde(default)]
+    shadow_policies: Option<PathBuf>,
     #[serde(default)]
     limits: Limits,
     #[serde(default = "default_state")]
@@ -494,6 +499,8 @@ pub struct ServerConfig {
     pub workers: usize,
     pub admin: AdminConfig,
     pub policies: PathBuf,
+    /// A candidate policy decided beside the enforced one, never enforced.
+    pub shadow_policies: Option<PathBuf>,
     pub limits: Limits,
     pub state: StateBackend,
     pub audit: AuditConfig,
@@ -603,6 +610,7 @@ impl ServerConfig {
             workers,
             admin: raw.admin,
             policies: raw.policies,
+            shadow_policies: raw.shadow_policies,
             limits: raw.limits,
             state,
             audit: raw.audit,

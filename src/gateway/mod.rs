@@ -266,6 +266,8 @@ struct Record<'p> {
     /// The approval this call created (held) or used (passed).
     approval_id: Option<String>,
     would_deny: Vec<String>,
+    /// The shadow policy's decision, when it differs.
+    shadow: Option<crate::audit::ShadowVerdict>,
     /// The stages that ran and when, when the call is traced (`telemetry`).
     stages: Option<Vec<crate::telemetry::Stage>>,
 }
@@ -304,6 +306,8 @@ fn replica_id() -> String {
 /// Shared state of a running gateway.
 pub struct Gateway {
     policy: ArcSwap<Policy>,
+    /// `shadow_policies`: decided beside `policy` on every call, never enforced.
+    shadow: arc_swap::ArcSwapOption<Policy>,
     pub config: ServerConfig,
     pub audit: AuditLog,
     /// Rate limits, budgets, denial counts, quarantines, session history.
@@ -340,8 +344,18 @@ impl Gateway {
         approvals: impl Into<ApprovalStore>,
     ) -> Self {
         let region = config.aws.as_ref().and_then(|a| a.region.clone());
+        // `serve` and `check` refuse a shadow policy that does not load; embedded, a broken one
+        // is logged and the next reload tries again.
+        let shadow = config.shadow_policies.as_ref().and_then(|dir| match Policy::load(dir) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(e) => {
+                tracing::error!("the shadow policy does not load:\n{e}");
+                None
+            }
+        });
         Self {
             policy: ArcSwap::from_pointee(policy),
+            shadow: arc_swap::ArcSwapOption::new(shadow),
             reload: reload::Reloader::new(policy_dir),
             catalog: Catalog::new(),
             forwarder: forward::Forwarder {
@@ -394,6 +408,17 @@ impl Gateway {
     pub fn with_state(mut self, state: State) -> Self {
         self.state = state;
         self
+    }
+
+    /// Decides every call by `shadow` too (`shadow_policies`), without enforcing it.
+    pub fn with_shadow(self, shadow: Policy) -> Self {
+        self.shadow.store(Some(Arc::new(shadow)));
+        self
+    }
+
+    /// The shadow policy, if one is configured.
+    pub fn shadow_policy(&self) -> Option<Arc<Policy>> {
+        self.shadow.load_full()
     }
 
     /// Uses a fixed admin token (the demo's), instead of the configured source.
@@ -510,6 +535,7 @@ impl Gateway {
             tokens: rec.tokens,
             approval_id: rec.approval_id.as_deref(),
             would_deny: &rec.would_deny,
+            shadow: rec.shadow.as_ref(),
             duration_ms: crate::audit::millis(started.elapsed()),
             policy_version: &policy.version,
         };

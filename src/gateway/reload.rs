@@ -74,7 +74,62 @@ impl Gateway {
         if let Some(jwks) = &self.policy_now().jwks_file {
             out.push((jwks.clone().into_os_string(), stamp(jwks)));
         }
+        if let Some(shadow) = &self.config.shadow_policies {
+            let mut files: Vec<_> = std::fs::read_dir(shadow)
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| crate::policy::is_policy_file(p))
+                .map(|p| (p.into_os_string(), None))
+                .collect();
+            for (p, s) in &mut files {
+                *s = stamp(std::path::Path::new(p));
+            }
+            files.sort();
+            out.extend(files);
+        }
         out
+    }
+
+    /// Loads `shadow_policies` again; in force at once if it loads (a shadow decides nothing),
+    /// audited either way when it changed.
+    async fn reload_shadow(&self, trigger: &str, by: Option<By<'_>>) {
+        let Some(dir) = self.config.shadow_policies.clone() else {
+            return;
+        };
+        let loaded = tokio::task::spawn_blocking(move || Policy::load(&dir))
+            .await
+            .expect("policy loading does not panic");
+        let previous = self.shadow.load_full();
+        let previous_version = previous.as_ref().map_or("", |p| p.version.as_str());
+        match loaded {
+            Ok(policy) if policy.version == previous_version => {}
+            Ok(policy) => {
+                let event = PolicyReloaded {
+                    policy_version: &policy.version,
+                    previous_version,
+                    trigger,
+                    by,
+                    shadow: true,
+                };
+                self.audit.emit_or_log(&event).await;
+                tracing::info!(version = %policy.version, "shadow policy reloaded");
+                self.shadow.store(Some(Arc::new(policy)));
+            }
+            Err(err) => {
+                let errors: Vec<String> = err.problems.iter().map(ToString::to_string).collect();
+                tracing::error!("shadow policy reload failed, keeping the last good one:\n{err}");
+                let event = PolicyReloadFailed {
+                    policy_version: previous_version,
+                    errors: &errors,
+                    trigger,
+                    by,
+                    shadow: true,
+                };
+                self.audit.emit_or_log(&event).await;
+            }
+        }
     }
 
     /// Whether a reload is due again because the last one could not be recorded (and from
@@ -98,6 +153,9 @@ impl Gateway {
             .await
             .expect("policy loading does not panic");
         let previous = self.policy();
+        // The shadow policy goes with every reload: a bad one keeps the last good one (and is
+        // audited), and never stands in the way of the enforced policy.
+        self.reload_shadow(trigger, by).await;
         match loaded {
             Ok(policy) => self.put_in_force(policy, &previous, trigger, by).await,
             Err(err) => {
@@ -109,6 +167,7 @@ impl Gateway {
                     errors: &errors,
                     trigger,
                     by,
+                    shadow: false,
                 };
                 self.audit.emit_or_log(&event).await;
                 Err(err.into())
@@ -135,6 +194,7 @@ impl Gateway {
             previous_version: &previous.version,
             trigger,
             by,
+            shadow: false,
         };
         if let Err(source) = self.audit.emit(&event).await {
             // Asked again later (the watcher retries; a forced rebuild stays due).

@@ -262,10 +262,24 @@ impl Gateway {
             session: req.session.as_deref(),
             now: std::time::SystemTime::now(),
         };
+        // A shadow policy decides the same call beside (its arguments cloned first when the
+        // transport parsed them). Without one, this is one load of an empty pointer.
+        let shadow = self.shadow.load();
+        let shadow_args = match (shadow.as_ref(), &parsed) {
+            (Some(_), Some(args)) => Some(args.clone()),
+            _ => None,
+        };
         let mut eval = match parsed {
             None => policy.evaluate(&call, self.parse_limits(), history),
             Some(args) => policy.evaluate_parsed(&call, args, self.parse_limits(), history),
         };
+        if let Some(candidate) = shadow.as_ref() {
+            let theirs = match shadow_args {
+                None => candidate.evaluate(&call, self.parse_limits(), history),
+                Some(args) => candidate.evaluate_parsed(&call, args, self.parse_limits(), history),
+            };
+            rec.shadow = shadow_difference(&eval.decision, &theirs.decision, &candidate.version);
+        }
         rec.decided_at = Some(std::time::Instant::now());
         rec.known_tool = eval.tool.is_some();
         rec.arguments_sha256 = std::mem::take(&mut eval.arguments_sha256);
@@ -567,4 +581,28 @@ fn redacted(eval: &Evaluation<'_>) -> Option<Value> {
         content::apply(&[&content::AUDIT_REDACTOR], a);
     }
     args
+}
+
+/// The shadow policy's decision, when it differs from the enforced one (counted per rule).
+fn shadow_difference(enforced: &Decision, shadow: &Decision, version: &str) -> Option<crate::audit::ShadowVerdict> {
+    let kind = |d: &Decision| match d {
+        Decision::Allow => ("allow", None, None),
+        Decision::Deny(r) if r.code == Code::ApprovalRequired => {
+            ("approval_required", Some(r.code.as_str()), Some(r.rule.clone()))
+        }
+        Decision::Deny(r) => ("deny", Some(r.code.as_str()), Some(r.rule.clone())),
+    };
+    let (ours, theirs) = (kind(enforced), kind(shadow));
+    if ours == theirs {
+        return None;
+    }
+    let rule = theirs.2.clone().or_else(|| ours.2.clone()).unwrap_or_default();
+    metrics::counter!("toolgate_shadow_differences_total", "rule" => rule, "enforced" => ours.0, "shadow" => theirs.0)
+        .increment(1);
+    Some(crate::audit::ShadowVerdict {
+        decision: theirs.0,
+        code: theirs.1,
+        rule: theirs.2,
+        policy_version: version.to_owned(),
+    })
 }

@@ -25,6 +25,7 @@ mod replay;
 mod replicas;
 mod rules;
 mod schema;
+mod shadow;
 mod telemetry;
 mod tls_listeners;
 mod tls_upstream;

@@ -1,0 +1,75 @@
+//! A whole candidate policy decided beside the enforced one (`shadow_policies`): the enforced
+//! decisions do not change, the audit events and `/metrics` name the calls the candidate would
+//! have decided otherwise, and the candidate is reloaded (a broken one keeps the last good).
+
+use serde_json::Value;
+
+use crate::support::{ANALYST_KEY, Harness, SUPPORT_KEY};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_policy_is_decided_beside_and_never_enforced() {
+    let h = Harness::start_with("shadow_policies: {{DIR}}/shadow\n").await;
+    // The candidate: the policy in force, but support-bot may no longer read tickets.
+    let shadow = h.dir.path().join("shadow");
+    std::fs::create_dir_all(&shadow).unwrap();
+    for e in std::fs::read_dir(&h.policy_dir).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), shadow.join(e.file_name())).unwrap();
+    }
+    let agents = std::fs::read_to_string(shadow.join("agents.yaml")).unwrap();
+    let narrowed = agents.replacen("tools: [ tickets.read, tickets.reply,", "tools: [ tickets.reply,", 1);
+    assert_ne!(narrowed, agents);
+    std::fs::write(shadow.join("agents.yaml"), narrowed).unwrap();
+    assert_eq!(h.admin("POST", "/admin/reload", true).await.status, 200);
+    let loaded: Vec<Value> = h
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "policy_reloaded" && e["shadow"] == true)
+        .collect();
+    assert_eq!(loaded.len(), 1, "the candidate's load is on the trail");
+
+    // Enforced: allowed, and it reached the tool. The candidate would have refused it.
+    let r = h
+        .call("tickets.read", Some(SUPPORT_KEY), r#"{"ticket_id": "T-1"}"#)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let e = h.event_for(&r);
+    assert_eq!(e["decision"], "allow");
+    assert_eq!(
+        (&e["shadow"]["decision"], &e["shadow"]["code"]),
+        (&"deny".into(), &"tool_not_allowed".into())
+    );
+    assert_eq!(e["shadow"]["policy_version"], loaded[0]["policy_version"]);
+    assert_eq!(h.upstream.count("/tickets"), 1);
+    // Where both agree, the event says nothing of the shadow.
+    let same = h.call("kb.search", Some(ANALYST_KEY), r#"{"query": "q"}"#).await;
+    assert_eq!(same.status, 200);
+    assert!(h.event_for(&same).get("shadow").is_none());
+    let metrics = String::from_utf8(h.admin("GET", "/metrics", false).await.body.to_vec()).unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("toolgate_shadow_differences_total{"))
+        .unwrap_or_else(|| panic!("no shadow metric in:\n{metrics}"));
+    assert!(
+        line.contains("rule=\"allowlist\"") && line.contains("enforced=\"allow\"") && line.contains("shadow=\"deny\""),
+        "{line}"
+    );
+
+    // A broken candidate: refused, audited, and the last good one still decides beside.
+    std::fs::write(shadow.join("broken.yaml"), "agents: { x: { tols: [] } }\n").unwrap();
+    assert_eq!(
+        h.admin("POST", "/admin/reload", true).await.status,
+        200,
+        "the enforced policy is unaffected"
+    );
+    assert!(
+        h.audit()
+            .iter()
+            .any(|e| e["event"] == "policy_reload_failed" && e["shadow"] == true)
+    );
+    let r = h
+        .call("tickets.read", Some(SUPPORT_KEY), r#"{"ticket_id": "T-2"}"#)
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(h.event_for(&r)["shadow"]["decision"], "deny");
+}
