@@ -258,6 +258,12 @@ impl Policy {
         let args = eval.arguments.as_mut().expect("set before the filters");
         let outcome = content::apply_audited(filters, Some(&content::AUDIT_REDACTOR), args);
         eval.audit_clean = !outcome.audit_hit;
+        for (filter, ..) in &outcome.shadowed {
+            let name = format!("filter:{filter}");
+            if !eval.would_deny.contains(&name) {
+                eval.would_deny.push(name);
+            }
+        }
         for (filter, kind) in outcome.redacted {
             let msg = format!("Redacted {kind} found by filter '{filter}'.");
             eval.notes

@@ -126,6 +126,15 @@ pub fn filter_value(
 fn apply(policy: &Policy, tool: &Tool, value: &mut Value, notes: &mut Vec<Reason>) -> Result<bool, Reason> {
     let outcome = policy.filter_output(tool, value);
     let redacted = !outcome.redacted.is_empty();
+    notes.extend(outcome.shadowed.into_iter().map(|(filter, kind, action)| {
+        let would = match action {
+            super::content::Action::Block => "blocked",
+            super::content::Action::Redact => "redacted",
+        };
+        let message =
+            format!("Filter '{filter}' (shadow mode) would have {would} the response ({kind}); nothing was changed.");
+        Reason::new(Code::ContentBlocked, Stage::Output, filter, message)
+    }));
     notes.extend(outcome.redacted.into_iter().map(|(filter, kind)| {
         let message = format!("Redacted {kind} in the response (filter '{filter}').");
         Reason::new(Code::ContentBlocked, Stage::Output, filter, message)

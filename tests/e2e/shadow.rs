@@ -73,3 +73,46 @@ async fn a_shadow_policy_is_decided_beside_and_never_enforced() {
     assert_eq!(r.status, 200);
     assert_eq!(h.event_for(&r)["shadow"]["decision"], "deny");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_in_shadow_mode_reports_and_changes_nothing() {
+    let policy = format!(
+        "agents:\n  trial-bot:\n    credentials: {{ api_key_sha256: [ \"{}\" ] }}\n    tools: [ notes.echo ]\ntools:\n  notes.echo:\n    upstream: {{ url: \"{{{{UPSTREAM}}}}/secret-echo\" }}\n    filters: {{ input: [ trial-terms, trial-pii ], output: [ trial-out ] }}\nfilters:\n  trial-terms: {{ deny_terms: [ \"refund everything\" ], action: block, mode: shadow }}\n  trial-pii: {{ detect: [ email ], action: redact, mode: shadow }}\n  trial-out: {{ deny_terms: [ \"secret-echo\" ], action: block, mode: shadow }}\n",
+        crate::support::sha256_hex("trial-key")
+    );
+    let h = Harness::start_full("", &[("trial.yaml", &policy)]).await;
+    let r = h
+        .call(
+            "notes.echo",
+            Some("trial-key"),
+            r#"{"text": "please refund everything to ada@example.com"}"#,
+        )
+        .await;
+    // Enforced: nothing blocked, nothing redacted, on the way in or out.
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("secret-echo"));
+    let sent = h.upstream.requests().pop().unwrap();
+    assert!(
+        String::from_utf8_lossy(&sent.body).contains("ada@example.com"),
+        "the shadow redactor changed nothing"
+    );
+    // Reported: the input filters in `would_deny`, the output filter as a note.
+    let e = h.event_for(&r);
+    assert_eq!(e["decision"], "allow");
+    assert_eq!(
+        e["would_deny"],
+        serde_json::json!(["filter:trial-terms", "filter:trial-pii"])
+    );
+    let notes: Vec<&str> = e["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["message"].as_str())
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|m| m.contains("'trial-out' (shadow mode) would have blocked")),
+        "{notes:?}"
+    );
+}

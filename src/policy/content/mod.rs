@@ -58,6 +58,19 @@ pub struct FilterConfig {
     /// An Amazon Bedrock guardrail instead of local matchers (run by the gateway, not here).
     #[serde(default)]
     pub bedrock_guardrail: Option<GuardrailConfig>,
+    /// `enforce` (the default) or `shadow`: a shadow filter changes nothing — no block, no
+    /// redaction — and what it would have done is on the call's audit event (`would_deny`
+    /// `filter:<name>` for arguments, a note for responses). Not for Bedrock guardrails.
+    #[serde(default)]
+    pub mode: FilterMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FilterMode {
+    #[default]
+    Enforce,
+    Shadow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
@@ -110,6 +123,8 @@ impl Finding {
 pub struct Filter {
     pub name: String,
     pub action: Action,
+    /// `mode: shadow`: reports, never acts.
+    pub shadow: bool,
     terms: Option<Terms>,
     /// Every deny pattern as one regex (see [`any_of`]).
     patterns: Option<Regex>,
@@ -191,9 +206,17 @@ impl Filter {
         } else {
             Some(Terms::compile(&terms).map_err(|(i, e)| vec![(format!("deny_terms[{i}]"), e)])?)
         };
+        if c.mode == FilterMode::Shadow && c.bedrock_guardrail.is_some() {
+            errors.push((
+                "mode".to_owned(),
+                "a Bedrock guardrail filter cannot run in shadow mode (the guardrail decides)".to_owned(),
+            ));
+            return Err(errors);
+        }
         Ok(Self {
             name: name.to_owned(),
             action: c.action.unwrap_or(Action::Block),
+            shadow: c.mode == FilterMode::Shadow,
             terms,
             patterns: set,
             detectors: c.detect.clone(),
@@ -206,6 +229,7 @@ impl Filter {
         Self {
             name: "audit".to_owned(),
             action: Action::Redact,
+            shadow: false,
             terms: None,
             patterns: None,
             detectors: Detector::ALL.to_vec(),
@@ -276,6 +300,7 @@ pub static INSTRUCTION_TERMS: LazyLock<Filter> = LazyLock::new(|| {
         detect: Vec::new(),
         action: Some(Action::Block),
         bedrock_guardrail: None,
+        mode: FilterMode::Enforce,
     };
     Filter::compile("tool-review", &config).expect("the built-in instruction terms compile")
 });
@@ -296,6 +321,8 @@ pub struct Outcome {
     /// Whether the audit filter given to [`apply_audited`] found something the filters left in
     /// place (the value then needs its own pass before it is recorded).
     pub audit_hit: bool,
+    /// What shadow-mode filters would have done: (filter name, kind, action), once per pair.
+    pub shadowed: Vec<(String, &'static str, Action)>,
     /// Inside a PEM private key's block: between a header line a filter rewrote and its END
     /// line, in document order (see `walk`).
     in_key: bool,
@@ -418,6 +445,13 @@ fn check<'f, I: Iterator<Item = &'f Filter> + Clone>(
     let mut any_detector = None;
     for f in scan.filters.clone() {
         if let Some(found) = f.scan_normalized(&n, &mut any_detector) {
+            if f.shadow {
+                let entry = (f.name.clone(), found.kind(), f.action);
+                if !out.shadowed.contains(&entry) {
+                    out.shadowed.push(entry);
+                }
+                continue;
+            }
             match f.action {
                 Action::Block => {
                     out.blocked = Some((f.name.clone(), found.kind()));
