@@ -297,16 +297,18 @@ fn replay_one(
         let at_ms = unix_ms(&e.ts).unwrap_or(0);
         let now = SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms);
         let arguments = e.arguments.as_ref().filter(|a| a.is_object());
-        let body = match arguments {
-            Some(a) => serde_json::to_vec(a).expect("JSON serialises"),
-            None => b"{}".to_vec(),
-        };
         let call = ToolCall {
             session: e.session.as_deref(),
             now,
-            ..ToolCall::new(agent, tool, &body)
+            ..ToolCall::new(agent, tool, b"")
         };
-        let after = verdict(&policy.evaluate(&call, limits, history).decision);
+        // Already parsed: decided as the same arguments sent as a body would be, without
+        // writing them out and reading them again.
+        let args = match arguments {
+            Some(Value::Object(m)) => m.clone(),
+            _ => serde_json::Map::new(),
+        };
+        let after = verdict(&policy.evaluate_parsed(&call, args, limits, history).decision);
         // What went through in the recording is what later rules look back at.
         if before.decision == "allow" || e.approval_id.is_some() && e.decision == "allow" {
             let fields = policy.recorded.get(tool).cloned().unwrap_or_default();

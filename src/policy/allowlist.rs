@@ -55,28 +55,41 @@ impl ToolPattern {
     }
 }
 
-/// An agent's allowlist.
+/// An agent's allowlist: its enforced entries, and the entries in shadow mode (still
+/// allowing; reported).
 #[derive(Debug, Clone, Default)]
-pub struct Allowlist(Vec<ToolPattern>);
+pub struct Allowlist(Vec<ToolPattern>, Vec<ToolPattern>);
 
 impl Allowlist {
     pub fn new(patterns: Vec<ToolPattern>) -> Self {
-        Self(patterns)
+        Self(patterns, Vec::new())
+    }
+
+    /// With entries in shadow mode besides.
+    pub fn with_shadow(patterns: Vec<ToolPattern>, shadow: Vec<ToolPattern>) -> Self {
+        Self(patterns, shadow)
     }
 
     pub fn allows(&self, tool: &str) -> bool {
-        self.0.iter().any(|p| p.matches(tool))
+        self.0.iter().any(|p| p.matches(tool)) || self.1.iter().any(|p| p.matches(tool))
     }
 
-    /// The entries, as written.
-    pub fn patterns(&self) -> &[ToolPattern] {
-        &self.0
+    /// The shadow entry that alone allows `tool`, if no enforced entry does.
+    pub fn only_shadow(&self, tool: &str) -> Option<&ToolPattern> {
+        if self.1.is_empty() || self.0.iter().any(|p| p.matches(tool)) {
+            return None;
+        }
+        self.1.iter().find(|p| p.matches(tool))
+    }
+
+    /// Every entry, as written (enforced, then shadow).
+    pub fn patterns(&self) -> impl Iterator<Item = &ToolPattern> {
+        self.0.iter().chain(&self.1)
     }
 
     /// Whether an entry names `tool` exactly (not through a glob).
     pub fn names(&self, tool: &str) -> bool {
-        self.0
-            .iter()
+        self.patterns()
             .any(|p| matches!(p, ToolPattern::Exact(name) if name == tool))
     }
 }

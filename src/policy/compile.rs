@@ -534,14 +534,14 @@ fn compile_agents(
                 continue;
             };
             let agent_id: Arc<str> = id.as_str().into();
-            let patterns = allowlist_of(&config, raw_files, defined_tools, doc, &path, checks);
+            let (patterns, shadow) = allowlist_of(&config, raw_files, defined_tools, doc, &path, checks);
             register_credentials(&config, &agent_id, auth, doc, &path, checks);
             agents.insert(
                 id.clone(),
                 Agent {
                     id: agent_id,
                     description: config.description,
-                    allowlist: Allowlist::new(patterns),
+                    allowlist: Allowlist::with_shadow(patterns, shadow),
                     limits: config.limits,
                     attributes: config.attributes,
                 },
@@ -560,10 +560,12 @@ fn allowlist_of(
     doc: &Document,
     path: &KeyPath,
     checks: &mut Checks,
-) -> Vec<ToolPattern> {
+) -> (Vec<ToolPattern>, Vec<ToolPattern>) {
     let mut patterns = Vec::new();
-    for (i, entry) in config.tools.iter().enumerate() {
+    let mut shadow = Vec::new();
+    for (i, grant) in config.tools.iter().enumerate() {
         let at = path.key("tools").index(i);
+        let entry = grant.entry();
         match ToolPattern::parse(entry) {
             Ok(ToolPattern::Exact(name))
                 if !defined_tools.contains(name.as_str())
@@ -573,6 +575,7 @@ fn allowlist_of(
             {
                 checks.push(doc.problem(&at, format!("no tool named `{name}` is defined")));
             }
+            Ok(p) if grant.shadow() => shadow.push(p),
             Ok(p) => patterns.push(p),
             Err(e) => checks.push(doc.problem(&at, e)),
         }
@@ -581,11 +584,11 @@ fn allowlist_of(
         let at = path.key("limits").key("tools").key(tool);
         if !defined_tools.contains(tool.as_str()) {
             checks.push(doc.problem(&at, format!("no tool named `{tool}` is defined")));
-        } else if !patterns.iter().any(|p| p.matches(tool)) {
+        } else if !patterns.iter().chain(&shadow).any(|p| p.matches(tool)) {
             checks.push(doc.problem(&at, format!("`{tool}` is not on this agent's allowlist")));
         }
     }
-    patterns
+    (patterns, shadow)
 }
 
 /// An agent's API key digests and JWT subject, each owned by one agent only.

@@ -129,6 +129,14 @@ impl Policy {
             }
         };
         eval.tool = Some(tool);
+        // A grant in shadow mode that alone lets this call through: reported, not enforced.
+        if let Some(grant) = self
+            .agents
+            .get(call.agent)
+            .and_then(|a| a.allowlist.only_shadow(call.tool))
+        {
+            eval.would_deny.push(format!("grant:{grant}"));
+        }
         if tool.unreviewed
             && !self
                 .agents
@@ -199,7 +207,8 @@ impl Policy {
                 .evaluate(call.agent, &tool.name, call.session, call.now, eval.object(), history);
             match verdict {
                 Ok(verdict) => {
-                    eval.would_deny = verdict.would_deny;
+                    // After the shadow filters' and grants' entries.
+                    eval.would_deny.extend(verdict.would_deny);
                     eval.approvals = verdict.approvals;
                     eval.quorum = verdict.quorum;
                     if let Some(reason) = verdict.blocked {

@@ -47,15 +47,60 @@ pub struct AgentConfig {
     pub description: String,
     #[serde(default)]
     pub credentials: CredentialsConfig,
-    /// Exact tool names or trailing `.*` globs. Empty: the agent may call nothing.
+    /// Exact tool names or trailing `.*` globs; or `{ tool: NAME, mode: shadow }` for a grant
+    /// on its way out (still allowed, every call it allows reported). Empty: the agent may
+    /// call nothing.
     #[serde(default)]
-    pub tools: Vec<String>,
+    pub tools: Vec<ToolGrant>,
     /// Rate limits and token budget.
     #[serde(default)]
     pub limits: AgentLimits,
     /// Free-form string attributes rules can test (`principal.getTag("team")`).
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
+}
+
+/// One entry of an agent's `tools`.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum ToolGrant {
+    /// A tool name or a `prefix.*` glob, enforced.
+    Tool(String),
+    /// A grant with a mode: `{ tool: tickets.reply, mode: shadow }`.
+    Mode {
+        tool: String,
+        #[serde(default)]
+        mode: GrantMode,
+    },
+}
+
+/// `enforce` (the default) or `shadow`: a shadow grant still allows its tools, and every call
+/// that only it allows carries `would_deny: ["grant:<entry>"]` on its audit event, so you can
+/// see who still relies on a grant before removing it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantMode {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+impl ToolGrant {
+    pub fn entry(&self) -> &str {
+        match self {
+            ToolGrant::Tool(t) | ToolGrant::Mode { tool: t, .. } => t,
+        }
+    }
+
+    pub fn shadow(&self) -> bool {
+        matches!(
+            self,
+            ToolGrant::Mode {
+                mode: GrantMode::Shadow,
+                ..
+            }
+        )
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]

@@ -116,3 +116,32 @@ async fn a_filter_in_shadow_mode_reports_and_changes_nothing() {
         "{notes:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_in_shadow_mode_still_allows_and_says_who_relies_on_it() {
+    let policy = format!(
+        "agents:\n  narrowing-bot:\n    credentials: {{ api_key_sha256: [ \"{}\" ] }}\n    tools: [ kb.search, {{ tool: tickets.*, mode: shadow }} ]\n",
+        crate::support::sha256_hex("narrowing-key")
+    );
+    let h = Harness::start_full("", &[("narrowing.yaml", &policy)]).await;
+    // A call only the shadow grant allows: it passes, and the event names the grant.
+    let r = h
+        .call("tickets.read", Some("narrowing-key"), r#"{"ticket_id": "T-9"}"#)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let e = h.event_for(&r);
+    assert_eq!(e["would_deny"], serde_json::json!(["grant:tickets.*"]));
+    assert_eq!(h.upstream.count("/tickets"), 1);
+    // A call an enforced grant allows: nothing to report.
+    let r = h.call("kb.search", Some("narrowing-key"), r#"{"query": "q"}"#).await;
+    assert_eq!(r.status, 200);
+    assert!(h.event_for(&r).get("would_deny").is_none());
+    // And what no grant allows is still refused.
+    h.call(
+        "billing.refund",
+        Some("narrowing-key"),
+        r#"{"order_id": "O-1", "amount": 1}"#,
+    )
+    .await
+    .assert_error(403, "tool_not_allowed");
+}
