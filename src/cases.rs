@@ -310,8 +310,10 @@ pub fn record(policy: &Policy, audit: &[PathBuf], ids: &[String]) -> std::io::Re
                 }
                 cases.push(case);
             }
+            // As the gateway keeps history: the calls that went through, of the tools some rule
+            // looks back at.
             let went_through = verdict.decision == "allow" || (e.approval_id.is_some() && e.decision == "allow");
-            if went_through {
+            if went_through && policy.recorded.contains_key(&tool) {
                 past.push((at, tool, args, e.session.clone()));
             }
         })?;

@@ -309,9 +309,10 @@ fn replay_one(
             _ => serde_json::Map::new(),
         };
         let after = verdict(&policy.evaluate_parsed(&call, args, limits, history).decision);
-        // What went through in the recording is what later rules look back at.
-        if before.decision == "allow" || e.approval_id.is_some() && e.decision == "allow" {
-            let fields = policy.recorded.get(tool).cloned().unwrap_or_default();
+        // What went through in the recording is what later rules look back at — of the tools
+        // some rule looks back at, as the gateway keeps it.
+        let went_through = before.decision == "allow" || e.approval_id.is_some() && e.decision == "allow";
+        if let Some(fields) = policy.recorded.get(tool).filter(|_| went_through) {
             let values = match arguments {
                 Some(Value::Object(m)) => fields
                     .iter()
