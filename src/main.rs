@@ -158,6 +158,10 @@ enum AuditCommand {
         /// `text` or `json`.
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
+        /// The lines of one file in any order (events exported from CloudWatch Logs, which
+        /// orders them by time): the chain is followed from line to line by `prev`.
+        #[arg(long)]
+        any_order: bool,
     },
 }
 
@@ -213,8 +217,14 @@ fn main() -> ExitCode {
             format,
         } => return replay(audit, &config, policies.as_deref(), format),
         Command::Audit {
-            command: AuditCommand::Verify { files, key, format },
-        } => return audit_verify(files, key.as_deref(), format),
+            command:
+                AuditCommand::Verify {
+                    files,
+                    key,
+                    format,
+                    any_order,
+                },
+        } => return audit_verify(files, key.as_deref(), format, any_order),
         Command::Explain {
             config,
             agent,
@@ -517,7 +527,7 @@ fn explain(config_path: &Path, agent: &str, tool: &str, args: &str, session: Opt
 }
 
 /// `toolgate audit verify`.
-fn audit_verify(files: Vec<PathBuf>, key: Option<&Path>, format: OutputFormat) -> ExitCode {
+fn audit_verify(files: Vec<PathBuf>, key: Option<&Path>, format: OutputFormat, any_order: bool) -> ExitCode {
     use toolgate::audit::chain;
     let key = match key.map(chain::CheckpointKey::read).transpose() {
         Ok(k) => k,
@@ -527,7 +537,15 @@ fn audit_verify(files: Vec<PathBuf>, key: Option<&Path>, format: OutputFormat) -
         }
     };
     let files = chain::in_written_order(files);
-    let report = match chain::verify(&files, key.as_ref()) {
+    let verified = match (any_order, files.as_slice()) {
+        (true, [one]) => chain::verify_any_order(one, key.as_ref()),
+        (true, _) => {
+            eprintln!("toolgate: --any-order takes one file (concatenate the exports)");
+            return ExitCode::from(2);
+        }
+        (false, _) => chain::verify(&files, key.as_ref()),
+    };
+    let report = match verified {
         Ok(r) => r,
         Err(e) => {
             eprintln!("toolgate: cannot read the audit files: {e}");

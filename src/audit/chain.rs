@@ -304,6 +304,103 @@ pub fn verify(files: &[PathBuf], key: Option<&CheckpointKey>) -> std::io::Result
     Ok(report)
 }
 
+/// Checks a chain whose lines come in another order than written — events exported from
+/// CloudWatch Logs, which orders them by timestamp — by following each line's `prev` to the
+/// line it names: whole when one chain runs through every line. Reports the first line that
+/// links to nothing (a line missing before it), or a second line claiming the same
+/// predecessor (one of them edited or inserted).
+pub fn verify_any_order(path: &Path, key: Option<&CheckpointKey>) -> std::io::Result<Report> {
+    use std::collections::HashMap;
+    let text = std::fs::read(path)?;
+    let name = path.display().to_string();
+    let mut report = Report {
+        files: vec![name.clone()],
+        ..Report::default()
+    };
+    let mut lines = Vec::new();
+    for (n, line) in text.split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let fail = |reason: String| Break {
+            file: name.clone(),
+            line: n as u64 + 1,
+            reason,
+        };
+        let Ok(event) = serde_json::from_slice::<serde_json::Value>(line) else {
+            report.broken = Some(fail("not a JSON event".to_owned()));
+            return Ok(report);
+        };
+        let Some(prev) = event.get("prev").and_then(|p| p.as_str()).map(str::to_owned) else {
+            report.broken = Some(fail("the line has no `prev`".to_owned()));
+            return Ok(report);
+        };
+        let hash = hex::encode(Sha256::digest(line));
+        lines.push((n as u64 + 1, prev, hash, event));
+    }
+    let hashes: HashMap<&str, usize> = lines.iter().enumerate().map(|(i, l)| (l.2.as_str(), i)).collect();
+    let mut next: HashMap<&str, usize> = HashMap::new();
+    for (i, (n, prev, ..)) in lines.iter().enumerate() {
+        if let Some(other) = next.insert(prev.as_str(), i) {
+            report.broken = Some(Break {
+                file: name.clone(),
+                line: *n,
+                reason: format!(
+                    "this line and line {} both follow the same line: one of them was edited or inserted",
+                    lines[other].0
+                ),
+            });
+            return Ok(report);
+        }
+    }
+    // The first line: the one whose predecessor is not among these lines.
+    let heads: Vec<usize> = (0..lines.len())
+        .filter(|&i| !hashes.contains_key(lines[i].1.as_str()))
+        .collect();
+    let Some(&head) = heads.first() else {
+        return Ok(report);
+    };
+    let mut at = Some(head);
+    let mut last = None;
+    while let Some(i) = at {
+        let (_, prev, hash, event) = &lines[i];
+        if event["event"] == "audit_checkpoint" {
+            report.checkpoints += 1;
+            if let Some(key) = key {
+                let signed = event["key_id"] == key.id.as_str()
+                    && <[u8; 32]>::try_from(hex::decode(prev).unwrap_or_default().as_slice()).is_ok_and(|h| {
+                        event["signature"].as_str()
+                            == Some(
+                                key.sign(&h, event["signed_at_ms"].as_u64().unwrap_or(u64::MAX))
+                                    .as_str(),
+                            )
+                    });
+                if !signed {
+                    report.broken = Some(Break {
+                        file: name.clone(),
+                        line: lines[i].0,
+                        reason: "the checkpoint's signature does not verify with this key".to_owned(),
+                    });
+                    return Ok(report);
+                }
+                report.checkpoints_verified += 1;
+            }
+        }
+        report.lines += 1;
+        last = Some(i);
+        at = next.get(hash.as_str()).copied();
+    }
+    report.ends_with_checkpoint = last.is_some_and(|i| lines[i].3["event"] == "audit_checkpoint");
+    if let Some(&orphan) = heads.get(1) {
+        report.broken = Some(Break {
+            file: name.clone(),
+            line: lines[orphan].0,
+            reason: "this line does not follow any line here: a line before it was removed or edited".to_owned(),
+        });
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
