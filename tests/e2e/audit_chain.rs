@@ -7,17 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::support::{SUPPORT_KEY, TestUpstream, listeners, try_send, write_fixture_policies};
-
-/// A spawned gateway, killed when the test ends.
-struct Serving(std::process::Child);
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::support::{SUPPORT_KEY, Serving, TestUpstream, listeners, try_send, write_fixture_policies};
 
 const KEY: &str = "0123456789abcdef0123456789abcdef-checkpoint-key";
 

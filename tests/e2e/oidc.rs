@@ -16,7 +16,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
 use crate::support::{
-    ANALYST_KEY, TestUpstream, fixture, listeners, read_events, refused_url, send, write_fixture_policies,
+    ANALYST_KEY, Serving, TestUpstream, fixture, listeners, read_events, refused_url, send, write_fixture_policies,
     write_serve_config,
 };
 
@@ -101,17 +101,6 @@ fn token(issuer: &str, alg: Algorithm, kid: &str) -> String {
 
 /// `toolgate serve` with the fixture agents, `oidc-bot` identified by JWTs from `issuer`
 /// (discovery), trusting the fixture CA.
-/// A spawned gateway, killed when the test ends (passed or failed: a failed assertion must not
-/// leave it running, holding the test harness's output open).
-struct Serving(std::process::Child);
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn serve(dir: &std::path::Path, issuer: &str, upstream: &str) -> (Serving, String) {
     let policies = dir.join("policies");
     write_fixture_policies(&policies, upstream);

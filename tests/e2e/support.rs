@@ -200,6 +200,17 @@ pub fn listeners(
     )
 }
 
+/// A spawned `toolgate serve`, killed when the test ends, passed or failed (a failed assertion
+/// must not leave it running, holding the test harness's output open).
+pub struct Serving(pub std::process::Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::support::{SUPPORT_KEY, TestUpstream, fixture, listeners, send, write_fixture_policies};
+use crate::support::{SUPPORT_KEY, Serving, TestUpstream, fixture, listeners, send, write_fixture_policies};
 
 const SECRET: &str = "whsec-test-0f9e8d7c";
 
@@ -136,16 +136,6 @@ fn https_client() -> hyper_util::client::legacy::Client<
         .enable_http1()
         .build();
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
-}
-
-/// A spawned gateway, killed when the test ends.
-struct Serving(std::process::Child);
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// `toolgate serve` whose refunds over 100 are held, notifying `webhook` (config lines).
