@@ -566,39 +566,26 @@ async fn audit_events_reach_cloudwatch_exactly_once_across_a_kill_9_and_rotation
     // The chain is checkable from the shipped events alone: CloudWatch orders them by time,
     // not as written, and `--any-order` follows the chain from line to line.
     let from_cloudwatch = dir.path().join("from-cloudwatch.jsonl");
-    std::fs::write(
-        &from_cloudwatch,
-        shipped.iter().map(|l| format!("{l}\n")).collect::<String>(),
-    )
-    .unwrap();
-    let verified = std::process::Command::new(env!("CARGO_BIN_EXE_toolgate"))
-        .args(["audit", "verify", "--any-order"])
-        .arg(&from_cloudwatch)
-        .output()
+    let verify = |lines: &[String]| {
+        std::fs::write(
+            &from_cloudwatch,
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
         .unwrap();
-    let said = String::from_utf8_lossy(&verified.stdout);
-    assert!(
-        verified.status.success() && said.contains("the chain is whole"),
-        "{said}"
-    );
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_toolgate"))
+            .args(["audit", "verify", "--any-order"])
+            .arg(&from_cloudwatch)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (ok, said) = verify(&shipped);
+    assert!(ok && said.contains("the chain is whole"), "{said}");
     // One shipped event removed: found.
     let mut gap = shipped.clone();
     gap.remove(gap.len() / 2);
-    std::fs::write(
-        &from_cloudwatch,
-        gap.iter().map(|l| format!("{l}\n")).collect::<String>(),
-    )
-    .unwrap();
-    let verified = std::process::Command::new(env!("CARGO_BIN_EXE_toolgate"))
-        .args(["audit", "verify", "--any-order"])
-        .arg(&from_cloudwatch)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&verified.stdout);
-    assert!(
-        !verified.status.success() && said.contains("does not follow any line"),
-        "{said}"
-    );
+    let (ok, said) = verify(&gap);
+    assert!(!ok && said.contains("does not follow any line"), "{said}");
     let metrics =
         String::from_utf8_lossy(&send("GET", &format!("{admin}/metrics"), &[], Vec::new()).await.body).into_owned();
     assert!(metrics.contains("toolgate_cloudwatch_backlog_bytes 0"), "{metrics}");

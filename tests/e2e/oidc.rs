@@ -4,7 +4,6 @@
 //! refusing JWT callers with 503 while API keys still work. The provider is a real HTTPS server
 //! (the fixture certificate for 127.0.0.1), trusted by the real binary through `SSL_CERT_FILE`.
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,8 +15,8 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
 use crate::support::{
-    ANALYST_KEY, Serving, TestUpstream, fixture, listeners, read_events, refused_url, send, write_fixture_policies,
-    write_serve_config,
+    ANALYST_KEY, Serving, TestUpstream, fixture, read_events, refused_url, send, serve_trusting_fixture_ca,
+    write_fixture_policies, write_serve_config,
 };
 
 /// The identity provider: its discovery document and its key set (which the test changes),
@@ -109,19 +108,8 @@ fn serve(dir: &std::path::Path, issuer: &str, upstream: &str) -> (Serving, Strin
     );
     std::fs::write(policies.join("oidc.yaml"), auth).unwrap();
     let cfg = write_serve_config(dir, "");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_toolgate"))
-        .arg("serve")
-        .arg("-c")
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .env("SSL_CERT_FILE", fixture("tls").join("ca.pem"))
-        .env_remove("SSL_CERT_DIR")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (data, _, log) = listeners(&mut child);
-    std::thread::spawn(move || log.map_while(Result::ok).for_each(|line| eprintln!("toolgate: {line}")));
-    (Serving(child), data)
+    let (serving, data, _) = serve_trusting_fixture_ca(&cfg, &[]);
+    (serving, data)
 }
 
 async fn call(data: &str, bearer: &str) -> crate::support::Resp {
@@ -232,18 +220,7 @@ async fn admin_callers_sign_in_with_the_identity_provider() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_toolgate"))
-        .args(["serve", "-c"])
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .env("SSL_CERT_FILE", fixture("tls").join("ca.pem"))
-        .env_remove("SSL_CERT_DIR")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (data, admin, log) = listeners(&mut child);
-    let _child = Serving(child);
-    std::thread::spawn(move || log.map_while(Result::ok).for_each(|line| eprintln!("toolgate: {line}")));
+    let (_child, data, admin) = serve_trusting_fixture_ca(&cfg, &[]);
 
     let held = send(
         "POST",

@@ -211,6 +211,25 @@ impl Drop for Serving {
     }
 }
 
+/// `toolgate serve -c cfg` (with `env`), trusting the fixture CA for its outbound HTTPS (an
+/// identity provider, a webhook receiver): the running process, its data and admin URLs. Its
+/// log goes to the test's output.
+pub fn serve_trusting_fixture_ca(cfg: &Path, env: &[(&str, &str)]) -> (Serving, String, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_toolgate"))
+        .args(["serve", "-c"])
+        .arg(cfg)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .env("SSL_CERT_FILE", fixture("tls").join("ca.pem"))
+        .env_remove("SSL_CERT_DIR")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (data, admin, log) = listeners(&mut child);
+    std::thread::spawn(move || log.map_while(Result::ok).for_each(|line| eprintln!("toolgate: {line}")));
+    (Serving(child), data, admin)
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }

@@ -5,7 +5,6 @@
 //! the inbox entry.
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use hmac::{Hmac, Mac};
@@ -15,7 +14,9 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::support::{SUPPORT_KEY, Serving, TestUpstream, fixture, listeners, send, write_fixture_policies};
+use crate::support::{
+    SUPPORT_KEY, Serving, TestUpstream, fixture, send, serve_trusting_fixture_ca, write_fixture_policies,
+};
 
 const SECRET: &str = "whsec-test-0f9e8d7c";
 
@@ -156,19 +157,8 @@ fn serve(dir: &std::path::Path, upstream: &str, webhook: &str) -> (Serving, Stri
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_toolgate"))
-        .args(["serve", "-c"])
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .env("HOOK_SECRET", SECRET)
-        .env("SSL_CERT_FILE", fixture("tls").join("ca.pem"))
-        .env_remove("SSL_CERT_DIR")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (data, _, log) = listeners(&mut child);
-    std::thread::spawn(move || log.map_while(Result::ok).for_each(|line| eprintln!("toolgate: {line}")));
-    (Serving(child), data)
+    let (serving, data, _) = serve_trusting_fixture_ca(&cfg, &[("HOOK_SECRET", SECRET)]);
+    (serving, data)
 }
 
 async fn hold(data: &str, order: &str) -> String {
