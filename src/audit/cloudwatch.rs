@@ -58,11 +58,7 @@ pub struct Shipper {
 
 impl Shipper {
     pub async fn new(cfg: CloudWatchConfig, file: PathBuf, region: Option<String>) -> Shipper {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(r) = region {
-            loader = loader.region(aws_config::Region::new(r));
-        }
-        let client = Client::new(&loader.load().await);
+        let client = Client::new(&crate::upstream::aws_sdk::sdk_config(region).await);
         let stream = cfg.log_stream.replace("{hostname}", &hostname());
         let checkpoint_path = cfg.checkpoint.clone().unwrap_or_else(|| {
             let mut p = file.clone().into_os_string();

@@ -60,11 +60,7 @@ impl Roles {
     async fn sts(&self) -> &(aws_sdk_sts::Client, Option<String>) {
         self.sts
             .get_or_init(|| async {
-                let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-                if let Some(r) = &self.region {
-                    loader = loader.region(aws_config::Region::new(r.clone()));
-                }
-                let config = loader.load().await;
+                let config = super::aws_sdk::sdk_config(self.region.clone()).await;
                 let region = config.region().map(|r| r.to_string());
                 (aws_sdk_sts::Client::new(&config), region)
             })

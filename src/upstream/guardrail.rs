@@ -52,13 +52,7 @@ impl Guardrails {
 
     async fn client(&self) -> &Client {
         self.client
-            .get_or_init(|| async {
-                let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-                if let Some(r) = &self.region {
-                    loader = loader.region(aws_config::Region::new(r.clone()));
-                }
-                Client::new(&loader.load().await)
-            })
+            .get_or_init(|| async { Client::new(&super::aws_sdk::sdk_config(self.region.clone()).await) })
             .await
     }
 

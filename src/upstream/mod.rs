@@ -6,6 +6,7 @@
 //! was sent, so nothing can have happened twice.
 
 pub mod aws;
+pub(crate) mod aws_sdk;
 pub mod guardrail;
 pub mod mcp;
 pub mod pool;
@@ -206,9 +207,14 @@ impl Upstream {
 /// How toolgate reaches tools and upstream MCP servers: `http://` as it is, `https://` over
 /// [`tls_config`]; `TCP_NODELAY`, a 5 s connect timeout.
 pub(crate) fn connector() -> hyper_rustls::HttpsConnector<HttpConnector> {
+    connector_with(Duration::from_secs(5))
+}
+
+/// [`connector`] with another connect timeout (the AWS SDK's own).
+pub(crate) fn connector_with(connect_timeout: Duration) -> hyper_rustls::HttpsConnector<HttpConnector> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    connector.set_connect_timeout(Some(connect_timeout));
     connector.enforce_http(false);
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls_config())
