@@ -181,7 +181,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Serve { config } => serve(&config),
+        Command::Serve { config } => serve(&config, cli.log_format),
         Command::Demo {
             listen,
             admin_listen,
@@ -236,7 +236,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("toolgate: {e:#}");
+            match cli.log_format {
+                LogFormat::Json => tracing::error!(error = format!("{e:#}"), "toolgate stopped"),
+                LogFormat::Pretty => eprintln!("toolgate: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -273,7 +276,7 @@ fn load(config: &Path) -> Result<(ServerConfig, Policy), ConfigError> {
     Ok((cfg, policy))
 }
 
-fn serve(config_path: &Path) -> anyhow::Result<()> {
+fn serve(config_path: &Path, log_format: LogFormat) -> anyhow::Result<()> {
     let (config, policy) = load(config_path).map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
     let audit = AuditLog::open(&config.audit)?;
     let admin = &config.admin;
@@ -307,14 +310,18 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
         let running = toolgate::server::start(gateway)
             .await
             .context("cannot bind the listeners")?;
-        eprintln!(
-            "toolgate: data plane listening on {}://{}",
-            running.data_scheme, running.data_addr
-        );
-        eprintln!(
-            "toolgate: admin plane listening on {}://{}",
-            running.admin_scheme, running.admin_addr
-        );
+        let planes = [
+            ("data", format!("{}://{}", running.data_scheme, running.data_addr)),
+            ("admin", format!("{}://{}", running.admin_scheme, running.admin_addr)),
+        ];
+        for (plane, url) in planes {
+            // A JSON log stays all JSON (a collector parses every line); the text form is the
+            // line scripts wait for.
+            match log_format {
+                LogFormat::Json => tracing::info!(plane, url, "listening"),
+                LogFormat::Pretty => eprintln!("toolgate: {plane} plane listening on {url}"),
+            }
+        }
         tracing::info!(policy_version = %version, "serving");
         shutdown_signal().await;
         tracing::info!("shutting down: finishing calls in flight");

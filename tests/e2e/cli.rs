@@ -540,3 +540,61 @@ fn check_warns_about_grants_tools_and_rules_that_do_nothing() {
     }
     assert!(!said.contains("tool `kb.search`: no agent"), "{said}");
 }
+
+/// `--log-format json` keeps stderr all JSON, the listeners' addresses and a failed start
+/// included: a log collector parses every line (the text lines are for people and scripts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_log_is_json_on_every_line_from_the_listeners_to_a_failed_start() {
+    use std::io::BufRead;
+    let (_upstream, dir, cfg) = serve_fixture("").await;
+    let mut child = support::Serving(
+        toolgate()
+            .args(["--log-format", "json", "serve", "-c"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = std::io::BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let mut urls = std::collections::HashMap::new();
+    for line in lines {
+        let line = line.unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let f = &v["fields"];
+        if f["message"] == "listening" {
+            urls.insert(
+                f["plane"].as_str().unwrap().to_owned(),
+                f["url"].as_str().unwrap().to_owned(),
+            );
+        }
+        if f["message"] == "serving" {
+            break;
+        }
+    }
+    let admin = &urls["admin"];
+    assert!(urls["data"].starts_with("http://127.0.0.1:"), "{urls:?}");
+    assert_eq!(send("GET", &format!("{admin}/healthz"), &[], vec![]).await.status, 200);
+    drop(child);
+
+    // A start that fails (the policy directory is gone) says why, as JSON too.
+    std::fs::remove_dir_all(dir.path().join("policies")).unwrap();
+    let out = toolgate()
+        .args(["--log-format", "json", "serve", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last: Value = stderr
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .last()
+        .expect("a line says why");
+    assert_eq!(last["level"], "ERROR", "{stderr}");
+    assert_eq!(last["fields"]["message"], "toolgate stopped", "{stderr}");
+    assert!(
+        last["fields"]["error"].as_str().unwrap().contains("policies"),
+        "{stderr}"
+    );
+}
