@@ -586,11 +586,11 @@ async fn a_json_log_is_json_on_every_line_from_the_listeners_to_a_failed_start()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let last: Value = stderr
+    let lines: Vec<Value> = stderr
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .last()
-        .expect("a line says why");
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let last = lines.last().expect("a line says why");
     assert_eq!(last["level"], "ERROR", "{stderr}");
     assert_eq!(last["fields"]["message"], "toolgate stopped", "{stderr}");
     assert!(
