@@ -139,8 +139,8 @@ for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$TOOL_PORT) 2>/dev/null && br
 
 pid=$(docker inspect -f '{{.State.Pid}}' "$NAME")
 check "the process runs as uid 65532 (host's view of pid $pid)" test "$(ps -o uid= -p "$pid" | tr -d ' ')" = 65532
-check "logs are JSON (--log-format json): the serving line parses" \
-  python3 -c 'import json, sys; assert any(json.loads(l).get("fields", {}).get("message") == "serving" for l in open(sys.argv[1]) if l.startswith("{"))' "$work/container.log"
+check "logs are JSON (--log-format json): every line parses, the listeners and serving lines among them" \
+  python3 -c 'import json, sys; m = [json.loads(l).get("fields", {}).get("message") for l in open(sys.argv[1])]; assert m.count("listening") == 2 and "serving" in m, m' "$work/container.log"
 
 # call TOOL KEY ARGS: prints "STATUS REQUEST_ID", the body to $work/body.
 call() {
