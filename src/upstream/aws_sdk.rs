@@ -39,6 +39,10 @@ type Hyper = Client<hyper_rustls::HttpsConnector<TcpConnector>, SdkBody>;
 /// Used when the SDK sets no connect timeout (it sets 3.1 s by default).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// An idle connection is closed after this long: before AWS endpoints close theirs (about a
+/// minute), so a request seldom meets one closed under it (the SDK retries it if it does).
+const POOL_IDLE: Duration = Duration::from_secs(30);
+
 /// Hands out a connector per timeout setting; the hyper client (and its connection pool) for a
 /// setting is built once. The SDK asks per request, and uses one or two settings in all.
 #[derive(Debug, Default)]
@@ -54,6 +58,8 @@ impl HttpClient for SdkHttpClient {
             Some((_, a)) => a.clone(),
             None => {
                 let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .pool_idle_timeout(POOL_IDLE)
+                    .pool_timer(hyper_util::rt::TokioTimer::new())
                     .build(super::connector_with(connect.unwrap_or(CONNECT_TIMEOUT)));
                 let a = Adapter {
                     client,
