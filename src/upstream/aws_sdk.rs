@@ -2,8 +2,8 @@
 //!
 //! STS (tool roles), CloudWatch Logs (audit shipping) and Bedrock (guardrails) are reached with
 //! the SDK, which would otherwise bring its own HTTP client: a second hyper client with HTTP/2
-//! (`h2`) and its own rustls set-up, about a megabyte of the container image for requests that
-//! toolgate's client already makes. This adapter hands the SDK the client toolgate reaches tools
+//! (`h2`) and its own rustls set-up, more than a megabyte of the container image for requests
+//! that toolgate's client already makes. This adapter hands the SDK the client toolgate reaches tools
 //! with ([`super::connector`]: the same trust store, `SSL_CERT_FILE` included, TLS 1.2/1.3 with
 //! aws-lc-rs, HTTP/1.1), and applies the SDK's connect and read timeouts as its own client does.
 //! Everything else — the credential chain, endpoints (`AWS_ENDPOINT_URL*`), retries, signing —
